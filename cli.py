@@ -1,0 +1,265 @@
+"""The ``semroute`` command line: registers the commands; each one parses, checks flags, and calls stage code.
+
+Run it installed (``semroute encode-text ...``), from a checkout (``python cli.py encode-text ...``) or on
+many processes (``accelerate launch cli.py encode-text ...``).
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):
+    # Run as a script from a checkout: the repository root *is* the `semroute` package (pyproject's
+    # package-dir), so register it under that name before anything imports `semroute.*`.
+    import importlib.util
+    import pathlib
+    import sys
+
+    _root = pathlib.Path(__file__).resolve().parent
+    _spec = importlib.util.spec_from_file_location(
+        "semroute", _root / "__init__.py", submodule_search_locations=[str(_root)]
+    )
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["semroute"] = _module
+    _spec.loader.exec_module(_module)
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from semroute.shared.errors import SemrouteError
+
+app = typer.Typer(
+    name="semroute",
+    help="Train text-to-image DiTs on many layers of a frozen LLM, fused by semantic-routing gates, from offline caches.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+# -- options shared by several commands ------------------------------------------------------
+DataArg = Annotated[Path, typer.Argument(help="Manifest: a JSON array or JSONL file of records.", show_default=False)]
+TextKey = Annotated[str, typer.Option("--text-key", help="Key of the caption (a string or a list of strings).")]
+ImageKey = Annotated[str, typer.Option("--image-key", help="Key of the image path.")]
+IdKey = Annotated[str, typer.Option("--id-key", help="Key of the optional sample id (else the record's position).")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Leave bad records out (listed in a report) instead of stopping.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run; finished shards are kept.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache.")]
+Estimate = Annotated[bool, typer.Option("--estimate", help="Print the store's size and plan, then stop before any model runs.")]
+Device = Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda, cuda:1, ...")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
+
+
+def _print_json(obj: dict) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command("encode-text")
+def encode_text_cmd(
+    data: DataArg,
+    out: Annotated[str, typer.Option("--out", "-o", help="Text cache to write (folder or fsspec URL), e.g. data.text.zarr")],
+    llm: Annotated[str, typer.Option("--llm", help="Hub id (id@revision), local folder, .gguf file, or smollm2.")] = "smollm2",
+    layers: Annotated[str, typer.Option("--layers", help="all | last:K | every:K | penultimate | i,j,k | a-b (hidden_states numbering).")] = "all",
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per caption, instruction included; longer ones are truncated and counted.")] = 512,
+    instruction: Annotated[str, typer.Option("--instruction", help="Text put before every caption; alone it is the null caption.")] = "Describe this image.",
+    chat_template: Annotated[bool, typer.Option("--chat-template", help="Wrap instruction+caption in the tokenizer's chat template.")] = False,
+    storage: Annotated[str, typer.Option("--storage", help="exact (the model's bits) or fp8 (e4m3 + per token-layer scale).")] = "exact",
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype of the LLM: bfloat16, float16 or float32.")] = "bfloat16",
+    device: Device = "auto",
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward pass (batch size x longest caption).")] = 8192,
+    shard_mb: Annotated[float, typer.Option("--shard-mb", help="Target shard size in MiB (the unit of writing and resuming).")] = 128.0,
+    text_key: TextKey = "text",
+    id_key: IdKey = "id",
+    skip_bad: SkipBad = False,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    estimate: Estimate = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Run the frozen LLM once over every caption and store the selected layers' hidden states.
+
+    Examples:
+
+      semroute encode-text captions.jsonl --llm smollm2 --out data.text.zarr
+
+      semroute encode-text captions.jsonl --llm Qwen/Qwen3-VL-4B-Instruct --layers all --out data.text.zarr --estimate
+
+      accelerate launch --num_processes 8 cli.py encode-text captions.jsonl --llm ./qwen3 --out data.text.zarr --resume
+    """
+    from semroute.stage1_encode.text import EncodeTextConfig, encode_text, format_bytes
+
+    cfg = EncodeTextConfig(
+        data=str(data), out=out, llm=llm, layers=layers, max_length=max_length, instruction=instruction,
+        chat_template=chat_template, storage=storage, dtype=dtype, device=device, batch_tokens=batch_tokens,
+        shard_mb=shard_mb, text_key=text_key, id_key=id_key, skip_bad=skip_bad, resume=resume,
+        overwrite=overwrite, estimate=estimate, progress=not no_progress,
+    )
+    summary = encode_text(cfg)
+    if not summary:
+        return
+    for problem in summary.get("problems", []):
+        typer.secho(f"skipped: {problem}", fg=typer.colors.YELLOW, err=True)
+    if "estimate" in summary:
+        est = summary["estimate"]
+        typer.echo(f"captions           {est['captions']}")
+        typer.echo(f"tokens             {est['tokens']} ({est['truncated']} captions truncated at {max_length})")
+        typer.echo(f"layers             {len(est['layers'])} x D={est['hidden_size']}: {est['layers']}")
+        typer.echo(f"storage            {est['storage']}")
+        typer.echo(f"shards             {est['shards']} of {est['tokens_per_shard']} tokens")
+        for name, n in est["array_bytes"].items():
+            typer.echo(f"{name:<18} {format_bytes(n)} ({n} bytes)")
+        typer.echo(f"bytes/value        {est['bytes_per_token_layer_value']:.4f}")
+        typer.echo(f"padding efficiency {est['padding_efficiency']:.3f} (real / padded tokens per forward pass)")
+        return
+    typer.echo(
+        f"encoded {summary['encoded_captions_this_run']} captions ({summary['encoded_tokens_this_run']} tokens) "
+        f"in {summary['seconds']:.1f}s: {summary['captions_per_s']:.1f} captions/s, {summary['tokens_per_s']:.0f} tokens/s"
+        f" on {summary['world_size']} process(es)"
+    )
+    if summary["shards_done_before"]:
+        typer.echo(f"resumed: {summary['shards_done_before']} of {summary['shards']} shards were already written")
+    typer.echo(f"truncated at --max-length {summary['max_length']}: {summary['truncated']} of {summary['captions']} captions")
+    if summary["bad_records"]:
+        typer.echo(f"bad records left out: {summary['bad_records']} (see {out}/bad_records.jsonl)")
+    typer.echo(f"cache: {out} ({format_bytes(summary['bytes'])}, {summary['captions']} captions, {summary['tokens']} tokens)")
+
+
+@app.command("encode-images")
+def encode_images_cmd(
+    data: DataArg,
+    out: Annotated[str, typer.Option("--out", "-o", help="Latent cache to write (folder or fsspec URL), e.g. data.latents.zarr")],
+    vae: Annotated[str, typer.Option("--vae", help="Diffusers autoencoder (hub id[@revision] or local folder), or 'pixel' (exact space-to-depth codec).", show_default=False)],
+    vae_subfolder: Annotated[Optional[str], typer.Option("--vae-subfolder", help="Subfolder holding the autoencoder, e.g. vae for a pipeline folder.")] = None,
+    resolution: Annotated[int, typer.Option("--resolution", help="Shorter side is resized to this, then center-cropped square (or the pixel count of each bucket).")] = 256,
+    buckets: Annotated[str, typer.Option("--buckets", help="none (square crop) | auto[:MAX_ASPECT] (equal-area buckets) | WxH,WxH,...")] = "none",
+    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder that relative image paths resolve against.")] = None,
+    background: Annotated[str, typer.Option("--background", help="Color that transparent images are composited on: name, #rrggbb or r,g,b.")] = "white",
+    allow_upscale: Annotated[bool, typer.Option("--allow-upscale", help="Upscale images under resolution/4 on a side instead of skipping them.")] = False,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Larger images are skipped as decompression bombs.")] = 89_478_485,
+    resample: Annotated[str, typer.Option("--resample", help="bicubic | bilinear | lanczos | nearest")] = "bicubic",
+    patch_size: Annotated[int, typer.Option("--patch-size", help="Patch of the pixel codec (latent channels 3*p*p).")] = 2,
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute (= stored) dtype of the autoencoder: float32, bfloat16 or float16.")] = "float32",
+    device: Device = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per autoencoder call.")] = 16,
+    workers: Annotated[int, typer.Option("--workers", help="Image decoding processes (-1: one per spare core, at most 8; 0: decode in the main process).")] = -1,
+    shard_mb: Annotated[float, typer.Option("--shard-mb", help="Target shard size in MiB (the unit of writing and resuming).")] = 64.0,
+    image_key: ImageKey = "image",
+    id_key: IdKey = "id",
+    skip_bad: SkipBad = False,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    estimate: Estimate = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Run the frozen autoencoder once over every image and store its posterior (or exact latent).
+
+    Unusable images (missing, empty, not an image, truncated, too small, decompression bombs) are
+    reported in CACHE/skipped.jsonl and on the console, and left out.
+
+    Examples:
+
+      semroute encode-images data.jsonl --vae pixel --resolution 64 --out data.latents.zarr
+
+      semroute encode-images data.jsonl --vae black-forest-labs/FLUX.1-dev --vae-subfolder vae --image-root imgs/ --out data.latents.zarr --estimate
+
+      accelerate launch --num_processes 8 cli.py encode-images data.jsonl --vae ./sd3/vae --buckets auto --out data.latents.zarr --resume
+    """
+    from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
+    from semroute.stage1_encode.text import format_bytes
+
+    if batch_size < 1:
+        raise SemrouteError(f"--batch-size must be at least 1, not {batch_size}")
+    cfg = EncodeImagesConfig(
+        data=str(data), out=out, vae=vae, vae_subfolder=vae_subfolder, patch_size=patch_size, resolution=resolution,
+        buckets=buckets, image_root=str(image_root) if image_root else None, image_key=image_key, id_key=id_key,
+        background=background, allow_upscale=allow_upscale, max_pixels=max_pixels, resample=resample, dtype=dtype,
+        device=device, batch_size=batch_size, workers=workers, shard_mb=shard_mb, skip_bad=skip_bad, resume=resume,
+        overwrite=overwrite, estimate=estimate, progress=not no_progress,
+    )
+    summary = encode_images(cfg)
+    if not summary:
+        return
+    skipped = summary.get("skipped", [])
+    for entry in skipped[:50]:
+        where = entry["path"] if "sample_id" in entry else f"{entry['path']}:{entry['line']}"
+        typer.secho(f"skipped: {where}: {entry.get('status', 'bad record')}: {entry['reason']}", fg=typer.colors.YELLOW, err=True)
+    if len(skipped) > 50:
+        typer.secho(f"... and {len(skipped) - 50} more", fg=typer.colors.YELLOW, err=True)
+    if "estimate" in summary:
+        est = summary["estimate"]
+        typer.echo(f"records            {est['records']}")
+        typer.echo(f"images             {est['images']} (skipped before decoding: {est['skipped_before_decoding'] or 'none'})")
+        typer.echo(f"stores             {est['stores']}")
+        for name, b in est["buckets"].items():
+            typer.echo(f"bucket {name:<11} {b['images']} images, latent {b['latent_shape']}, {b['shards']} shards of {b['images_per_shard']}")
+        typer.echo(f"arrays             {format_bytes(est['bytes_total_arrays'])} ({est['bytes_total_arrays']} bytes)")
+        typer.echo(f"bytes/image        {est['bytes_per_image']:.1f} (raw latent {est['raw_latent_bytes_per_image']:.1f} per array)")
+        return
+    typer.echo(f"encoded {summary['encoded_this_run']} images in {summary['seconds']:.1f}s: "
+               f"{summary['images_per_s']:.1f} images/s on {summary['world_size']} process(es)")
+    if summary["shards_done_before"]:
+        typer.echo(f"resumed: {summary['shards_done_before']} of {summary['shards']} shards were already written")
+    typer.echo(f"images: {summary['n_encoded']} encoded, {summary['n_skipped_images']} skipped"
+               + (f", {summary['n_bad_records']} bad manifest records" if summary["n_bad_records"] else "")
+               + (f" (see {out}/skipped.jsonl)" if skipped else ""))
+    typer.echo(f"cache: {out} ({format_bytes(summary['bytes'])})")
+
+
+@app.command("info")
+def info_cmd(
+    path: Annotated[str, typer.Argument(help="A text or latent cache, or a run folder.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON.")] = False,
+) -> None:
+    """Describe a cache or run: what made it, its size, completeness, and (fp8) its measured error.
+
+    Example:  semroute info data.text.zarr
+    """
+    from semroute.shared.inspect import describe
+
+    info = describe(path)
+    if as_json:
+        _print_json(info)
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            typer.echo(f"{key}:")
+            for k, v in value.items():
+                typer.echo(f"  {k:<26} {v}")
+        else:
+            typer.echo(f"{key:<28} {value}")
+
+
+@app.command("verify")
+def verify_cmd(
+    path: Annotated[str, typer.Argument(help="A text or latent cache.", show_default=False)],
+) -> None:
+    """Check every chunk's crc32c checksum and the cache's bookkeeping; name any bad shard.
+
+    Example:  semroute verify data.text.zarr
+    """
+    from semroute.shared.inspect import verify
+
+    checked, problems = verify(path)
+    for problem in problems:
+        typer.secho(f"BAD  {problem}", fg=typer.colors.RED)
+    if problems:
+        raise SemrouteError(f"{path}: {len(problems)} problem(s) found in {checked} readable chunks")
+    typer.echo(f"OK   {path}: {checked} chunks, all checksums match")
+
+
+def main() -> None:
+    """Entry point: run the app; known errors print one message and exit 1."""
+    try:
+        app()
+    except SemrouteError as err:
+        if os.environ.get("SEMROUTE_TRACEBACK"):
+            raise
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Preset YAML configs for each fusion strategy."""

@@ -1,0 +1,1 @@
+"""What both stages use: manifests, the cache store, model loading, configuration."""

@@ -1,0 +1,128 @@
+"""``info`` and ``verify``: describe and check caches (and run folders) without loading any model.
+
+Each kind of store registers a describer and a verifier here, keyed by its ``kind`` attribute.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from semroute.shared.errors import SemrouteError
+from semroute.shared.store import (
+    TEXT_KIND,
+    DoneFlags,
+    dir_size,
+    is_url,
+    open_group,
+    read_attrs,
+    read_parquet,
+    verify_array,
+)
+
+DESCRIBERS: dict[str, Callable[[str, dict], dict]] = {}
+VERIFIERS: dict[str, Callable[[str, dict], tuple[int, list[str]]]] = {}
+
+
+def describe(path: str) -> dict:
+    """A dict describing whatever ``path`` is: a text cache, a latent cache or a run folder."""
+    run_describer = DESCRIBERS.get("run")
+    if run_describer is not None and not is_url(path) and (Path(path) / "config.yaml").exists():
+        return run_describer(path, {})
+    attrs = read_attrs(path)
+    kind = attrs.get("kind")
+    if kind not in DESCRIBERS:
+        raise SemrouteError(f"{path}: unknown cache kind {kind!r}")
+    return DESCRIBERS[kind](path, attrs)
+
+
+def verify(path: str) -> tuple[int, list[str]]:
+    """Check a cache; returns (chunks checked, problems naming shard files)."""
+    if is_url(path):
+        raise SemrouteError("verify reads shard files directly; copy the cache locally first")
+    attrs = read_attrs(path)
+    kind = attrs.get("kind")
+    if kind not in VERIFIERS:
+        raise SemrouteError(f"{path}: unknown cache kind {kind!r}")
+    return VERIFIERS[kind](path, attrs)
+
+
+def _text_describe(path: str, attrs: dict) -> dict:
+    fp = attrs["fingerprint"]
+    total = attrs["total_tokens"]
+    L = len(attrs["layers"])
+    D = attrs["hidden_size"]
+    group = open_group(path)
+    flags = DoneFlags(group, "features").done()
+    size = dir_size(path)
+    data_bytes = sum(dir_size(Path(path) / n) for n in ("features", "scales")) if not is_url(path) else 0
+    info = {
+        "kind": "text cache",
+        "path": path,
+        "complete": bool(attrs.get("complete")),
+        "shards written": f"{int(flags.sum())} / {len(flags)}",
+        "captions": attrs["n_captions"],
+        "tokens": total,
+        "mean tokens per caption": round(total / max(1, attrs["n_captions"]), 2),
+        "truncated captions": attrs.get("n_truncated"),
+        "layers": f"{L}: {attrs['layers']}",
+        "hidden size": D,
+        "storage": f"{attrs['storage']} ({fp['stored_dtype']})",
+        "size on disk": f"{size / 2**20:.2f} MiB",
+        "bytes per token-layer value": round(data_bytes / max(1, total * L * D), 4) if data_bytes else None,
+        "null caption": f"{attrs.get('null_text')!r} ({attrs.get('null_n_tokens')} tokens)",
+        "fingerprint": {k: v for k, v in fp.items() if k != "layers"},
+    }
+    if attrs["storage"] == "fp8" and "progress/fp8_error" in group:
+        err = np.asarray(group["progress/fp8_error"][:])
+        sq_err, sq_val = float(err[:, 0].sum()), float(err[:, 1].sum())
+        info["fp8 error vs exact"] = {
+            "relative RMS": f"{math.sqrt(sq_err / max(sq_val, 1e-30)):.3e}",
+            "max abs": f"{float(err[:, 2].max()):.3e}",
+            "measured on": f"{int((err[:, 1] > 0).sum())} shards, every value",
+        }
+    return info
+
+
+def _text_verify(path: str, attrs: dict) -> tuple[int, list[str]]:
+    group = open_group(path)
+    problems: list[str] = []
+    checked = 0
+    names = ["features", "scales"] if attrs["storage"] == "fp8" else ["features"]
+    for name in names:
+        done = DoneFlags(group, name).done()
+        n, found = verify_array(path, name, done)
+        checked += n
+        problems += found
+    try:
+        offsets = np.asarray(group["offsets"][:])
+        if offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != attrs["total_tokens"]:
+            problems.append(f"{path}/offsets: not a valid CSR offsets array for {attrs['total_tokens']} tokens")
+        index = read_parquet(path, "index.parquet", columns=["start", "n_tokens"])
+        if index.num_rows != attrs["n_captions"] or not np.array_equal(index.column("start").to_numpy(), offsets[:-1]):
+            problems.append(f"{path}/index.parquet: does not match offsets")
+        checked += 1
+    except Exception as err:  # a corrupt small array or index: report it, keep checking the rest
+        problems.append(f"{path}: offsets/index unreadable: {err}")
+    if "null_features" not in group:
+        problems.append(f"{path}: no null caption (the run did not finish; use --resume)")
+    if not attrs.get("complete"):
+        problems.append(f"{path}: not marked complete")
+    return checked, problems
+
+
+DESCRIBERS[TEXT_KIND] = _text_describe
+VERIFIERS[TEXT_KIND] = _text_verify
+
+# Kinds defined by other modules register on import.
+for _module in ("semroute.shared.latent_store", "semroute.stage2_train.run_info"):
+    try:
+        __import__(_module)
+    except ModuleNotFoundError as _err:
+        if _err.name != _module:
+            raise
+
+__all__ = ["describe", "verify", "DESCRIBERS", "VERIFIERS"]

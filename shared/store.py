@@ -1,0 +1,711 @@
+"""The cache store: sharded Zarr v3 arrays written whole shard by whole shard, with a completion record.
+
+Both stages import this module. It holds the generic machinery (shard layout, whole-shard writes,
+done flags, a fast local reader, checksum verification) and the text cache's writer/reader pair;
+the latent cache builds on the same pieces (``shared/latent_store.py``).
+
+Layout of a text cache (``NAME.text.zarr/``)::
+
+    zarr.json                 group attributes under "semroute": kind, format_version, fingerprint,
+                              layers, hidden size, storage mode, counts, "complete"
+    features/                 [total_tokens, n_layers, D]  token-major, ragged, no padding stored
+                              (bf16 is stored as its uint16 bit pattern: Zarr v3 has no bfloat16)
+    scales/                   [total_tokens, n_layers] float32, fp8 storage only
+    offsets/                  [n_captions + 1] int64, CSR: caption i is rows offsets[i]:offsets[i+1]
+    null_features/ (+ null_scales/)   the null caption (instruction alone)
+    progress/<array>/         one uint8 flag per shard, set only after the shard is fully written
+    progress/fp8_error/       per-shard [sum sq. error, sum sq. value, max abs error] (fp8 only)
+    index.parquet             one row per caption: caption, sample_id, line, text, sha256,
+                              start, n_tokens, n_tokens_full, truncated
+
+Every shard is written whole by exactly one process (zarr-python does not support concurrent partial
+shard writes), then its flag is set. Each inner chunk and each shard index carries a crc32c checksum,
+which ``verify`` and the fast reader check.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semroute.shared.errors import SemrouteError
+
+FORMAT_VERSION = 1
+TEXT_KIND = "semroute.text-cache"
+ATTR_KEY = "semroute"
+
+DEFAULT_SHARD_BYTES = 128 << 20
+DEFAULT_CHUNK_BYTES = 1 << 20
+_INDEX_ENTRY = 16  # uint64 offset + uint64 nbytes per inner chunk
+_CRC = 4
+_EMPTY = np.uint64(2**64 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening stores by path or URL
+# ---------------------------------------------------------------------------------------------
+def is_url(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
+def open_group(location: str | os.PathLike, mode: str = "r"):
+    """Open a Zarr v3 group by local path or fsspec URL (``s3://``, ``gs://``, ``file://`` ...)."""
+    import zarr
+
+    try:
+        return zarr.open_group(str(location), mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        raise SemrouteError(f"no cache at {location}") from None
+
+
+def store_file(location: str | os.PathLike, name: str, mode: str = "rb"):
+    """Open a plain file (e.g. ``index.parquet``) that lives beside the arrays of a store."""
+    if is_url(location):
+        import fsspec
+
+        return fsspec.open(f"{str(location).rstrip('/')}/{name}", mode).open()
+    path = Path(location) / name
+    if "w" in mode:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, mode)
+
+
+def write_parquet(location, name: str, table) -> None:
+    import pyarrow.parquet as pq
+
+    # Written to a temporary name and renamed, so a crash never leaves a half-written index behind.
+    if is_url(location):
+        with store_file(location, name, "wb") as fh:
+            pq.write_table(table, fh, row_group_size=65536)
+        return
+    final = Path(location) / name
+    tmp = final.with_name(f".{name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, row_group_size=65536)
+    os.replace(tmp, final)
+
+
+def read_parquet(location, name: str, columns: list[str] | None = None):
+    import pyarrow.parquet as pq
+
+    try:
+        with store_file(location, name) as fh:
+            return pq.read_table(fh, columns=columns)
+    except FileNotFoundError:
+        raise SemrouteError(f"{location} has no {name}; is it a semroute cache?") from None
+
+
+def read_attrs(location) -> dict:
+    group = open_group(location)
+    attrs = dict(group.attrs).get(ATTR_KEY)
+    if attrs is None:
+        raise SemrouteError(f"{location} is a Zarr group but not a semroute cache (no '{ATTR_KEY}' attributes)")
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SemrouteError(
+            f"{location} has cache format version {version}; this semroute reads version {FORMAT_VERSION}. "
+            "Re-encode the data with this version."
+        )
+    return attrs
+
+
+def update_attrs(group, **changes) -> None:
+    attrs = dict(group.attrs.get(ATTR_KEY, {}))
+    attrs.update(changes)
+    group.attrs.update({ATTR_KEY: attrs})
+
+
+def dir_size(location) -> int:
+    """Bytes on disk under a local store (0 for URLs, where we do not walk the bucket)."""
+    if is_url(location):
+        return 0
+    return sum(p.stat().st_size for p in Path(location).rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard layout
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardLayout:
+    """How ``rows`` rows of ``row_shape`` are cut into shards (the write unit) and inner chunks (the
+    read unit). The last shard may be short; inner chunks past the end of the array are not stored."""
+
+    rows: int
+    rows_per_shard: int
+    rows_per_chunk: int
+
+    @classmethod
+    def plan(cls, rows: int, row_bytes: int, shard_bytes: int = DEFAULT_SHARD_BYTES,
+             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> "ShardLayout":
+        # Inner chunk: the largest power of two of rows that fits chunk_bytes (at least one row),
+        # so reading one caption touches few bytes beyond it; shard: a whole number of chunks.
+        chunk_bytes = min(chunk_bytes, shard_bytes)
+        per_chunk = 1 << max(0, int(math.floor(math.log2(max(1, chunk_bytes // max(1, row_bytes))))))
+        per_chunk = min(per_chunk, 1 << max(0, math.ceil(math.log2(max(1, rows)))))
+        chunks_per_shard = max(1, shard_bytes // (per_chunk * row_bytes))
+        per_shard = per_chunk * chunks_per_shard
+        # Never plan a shard longer than the array (rounded up to whole chunks).
+        per_shard = min(per_shard, per_chunk * math.ceil(rows / per_chunk))
+        return cls(rows=rows, rows_per_shard=per_shard, rows_per_chunk=per_chunk)
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.rows / self.rows_per_shard)
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.rows_per_shard // self.rows_per_chunk
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        start = shard * self.rows_per_shard
+        return start, min(start + self.rows_per_shard, self.rows)
+
+    def shard_of_row(self, row: int) -> int:
+        return row // self.rows_per_shard
+
+    def split(self, rank: int, world_size: int) -> range:
+        """The contiguous range of shards that process ``rank`` of ``world_size`` owns."""
+        n = self.n_shards
+        lo = n * rank // world_size
+        hi = n * (rank + 1) // world_size
+        return range(lo, hi)
+
+    def nbytes(self, row_bytes: int) -> int:
+        """Exact bytes on disk of an array with this layout (data, chunk checksums, shard indexes)."""
+        total = 0
+        for s in range(self.n_shards):
+            a, b = self.shard_rows(s)
+            n_chunks = math.ceil((b - a) / self.rows_per_chunk)
+            total += n_chunks * (self.rows_per_chunk * row_bytes + _CRC)
+            total += self.chunks_per_shard * _INDEX_ENTRY + _CRC
+        return total
+
+
+def create_sharded_array(group, name: str, shape: tuple[int, ...], dtype, layout: ShardLayout, attributes=None):
+    """A Zarr v3 array sharded along its first axis by ``layout``, with crc32c on every chunk."""
+    from zarr.codecs import Crc32cCodec
+
+    rest = tuple(shape[1:])
+    return group.create_array(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=(layout.rows_per_chunk, *rest),
+        shards=(layout.rows_per_shard, *rest),
+        compressors=[Crc32cCodec()],
+        fill_value=0,
+        # Every chunk is stored even if it happens to be all zeros, so sizes and checksums are exact.
+        config={"write_empty_chunks": True},
+        attributes=attributes or {},
+        overwrite=True,
+    )
+
+
+def create_plain_array(group, name: str, data: np.ndarray):
+    """A small array stored as one chunk (offsets, the null caption)."""
+    from zarr.codecs import Crc32cCodec
+
+    arr = group.create_array(
+        name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,), compressors=[Crc32cCodec()],
+        fill_value=0, config={"write_empty_chunks": True}, overwrite=True,
+    )
+    arr[...] = data
+    return arr
+
+
+class DoneFlags:
+    """One uint8 flag per shard, each its own chunk, so processes set their flags without racing.
+
+    A flag is set only after its shard has been written completely; a crash mid-shard leaves it 0 and
+    ``--resume`` rewrites that shard from scratch.
+    """
+
+    def __init__(self, group, name: str, n_shards: int | None = None):
+        key = f"progress/{name}"
+        if n_shards is not None:
+            from zarr.codecs import Crc32cCodec
+
+            self.array = group.create_array(
+                key, shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0,
+                compressors=[Crc32cCodec()], overwrite=True,
+            )
+        else:
+            self.array = group[key]
+
+    def set(self, shard: int) -> None:
+        self.array[shard] = 1
+
+    def done(self) -> np.ndarray:
+        return np.asarray(self.array[:], dtype=bool)
+
+    def pending(self, shards) -> list[int]:
+        flags = self.done()
+        return [s for s in shards if not flags[s]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast local reads and checksum verification (the shard format is zarr's sharding_indexed codec)
+# ---------------------------------------------------------------------------------------------
+class ChecksumError(SemrouteError):
+    pass
+
+
+def _crc32c(data) -> int:
+    import crc32c
+
+    return crc32c.crc32c(data)
+
+
+class ShardedArrayFile:
+    """Reads rows of one sharded array straight from its local shard files.
+
+    zarr-python spends a few milliseconds of Python/async overhead on every small read; a training
+    loader reads thousands of short captions per second, so for local stores we read the shard index
+    once and ``pread`` the inner chunks we need, checking each chunk's crc32c as zarr would. Remote
+    stores (URLs) go through zarr itself.
+    """
+
+    def __init__(self, root: str | Path, name: str, *, check_crc: bool = True, max_open: int = 64):
+        import zarr
+
+        arr = zarr.open_array(str(Path(root) / name), mode="r")
+        meta = arr.metadata
+        codecs = meta.to_dict()["codecs"]
+        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+            raise SemrouteError(f"{root}/{name} is not a sharded array written by semroute")
+        cfg = codecs[0]["configuration"]
+        self.root = Path(root)
+        self.name = name
+        self.shape = tuple(arr.shape)
+        self.dtype = np.dtype(str(arr.dtype)).newbyteorder("<")
+        self.rows_per_shard = int(meta.chunk_grid.chunk_shape[0])
+        self.rows_per_chunk = int(cfg["chunk_shape"][0])
+        self.chunks_per_shard = self.rows_per_shard // self.rows_per_chunk
+        self.row_shape = self.shape[1:]
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._key = meta.encode_chunk_key
+        self.check_crc = check_crc
+        self._max_open = max_open
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._index: dict[int, np.ndarray] = {}
+
+    def __getstate__(self):
+        # File descriptors do not cross process boundaries (DataLoader workers reopen them).
+        state = dict(self.__dict__)
+        state["_fds"] = OrderedDict()
+        state["_index"] = {}
+        return state
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def shard_path(self, shard: int) -> Path:
+        return self.root / self.name / self._key((shard,) + (0,) * len(self.row_shape))
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            path = self.shard_path(shard)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise SemrouteError(f"shard file {path} is missing; run `semroute verify` on the cache") from None
+            self._fds[shard] = fd
+            if len(self._fds) > self._max_open:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(shard)
+        return fd
+
+    def _shard_index(self, shard: int) -> np.ndarray:
+        index = self._index.get(shard)
+        if index is None:
+            fd = self._fd(shard)
+            size = os.fstat(fd).st_size
+            n = self.chunks_per_shard * _INDEX_ENTRY + _CRC
+            raw = os.pread(fd, n, size - n)
+            if len(raw) != n or struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(raw[:-_CRC]):
+                raise ChecksumError(f"{self.shard_path(shard)}: the shard index is corrupt (checksum mismatch)")
+            index = np.frombuffer(raw[:-_CRC], dtype="<u8").reshape(-1, 2)
+            self._index[shard] = index
+        return index
+
+    def read_chunk(self, chunk: int) -> np.ndarray:
+        """Inner chunk ``chunk`` (global number) as ``[rows_per_chunk, *row_shape]``."""
+        shard, inner = divmod(chunk, self.chunks_per_shard)
+        offset, nbytes = self._shard_index(shard)[inner]
+        if offset == _EMPTY:
+            raise SemrouteError(f"{self.shard_path(shard)}: chunk {inner} was never written")
+        raw = os.pread(self._fd(shard), int(nbytes), int(offset))
+        if len(raw) != nbytes:
+            raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} is truncated")
+        if self.check_crc and struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(memoryview(raw)[:-_CRC]):
+            raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} fails its crc32c checksum")
+        return np.frombuffer(raw, dtype=self.dtype, count=(len(raw) - _CRC) // self.dtype.itemsize).reshape(
+            -1, *self.row_shape
+        )
+
+    def read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` as a new array (or into ``out``)."""
+        if out is None:
+            out = np.empty((stop - start, *self.row_shape), dtype=self.dtype)
+        c = self.rows_per_chunk
+        pos = start
+        while pos < stop:
+            chunk = pos // c
+            data = self.read_chunk(chunk)
+            lo = pos - chunk * c
+            hi = min(stop - chunk * c, c)
+            out[pos - start: pos - start + hi - lo] = data[lo:hi]
+            pos += hi - lo
+        return out
+
+
+def verify_array(root: str | Path, name: str, done: np.ndarray | None = None) -> tuple[int, list[str]]:
+    """Check every chunk checksum of a local sharded array. Returns (chunks checked, problems), each
+    problem naming the shard file and chunk."""
+    reader = ShardedArrayFile(root, name)
+    layout = ShardLayout(reader.shape[0], reader.rows_per_shard, reader.rows_per_chunk)
+    problems: list[str] = []
+    checked = 0
+    for shard in range(layout.n_shards):
+        if done is not None and not done[shard]:
+            problems.append(f"{reader.shard_path(shard)}: shard not completed (resume the encoding run)")
+            continue
+        a, b = layout.shard_rows(shard)
+        first = a // reader.rows_per_chunk
+        last = math.ceil(b / reader.rows_per_chunk)
+        try:
+            reader._shard_index(shard)
+        except SemrouteError as err:
+            problems.append(str(err))
+            continue
+        for chunk in range(first, last):
+            try:
+                reader.read_chunk(chunk)
+                checked += 1
+            except SemrouteError as err:
+                problems.append(str(err))
+    reader.close()
+    return checked, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Text cache: storage codecs
+# ---------------------------------------------------------------------------------------------
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+class TextStorage:
+    """How features of the compute dtype become stored arrays, and back.
+
+    ``exact``: the model's own bits (bf16 as uint16 bit patterns, fp16/fp32 natively), lossless.
+    ``fp8``: float8 e4m3 with one float32 scale per token and layer (absmax / 448), about 1 byte per
+    value; opt-in, its error against exact is measured while encoding and shown by ``info``.
+    """
+
+    def __init__(self, mode: str, compute_dtype: torch.dtype):
+        if mode not in ("exact", "fp8"):
+            raise SemrouteError(f"--storage {mode!r} is not supported; use exact or fp8")
+        self.mode = mode
+        self.compute_dtype = compute_dtype
+
+    @property
+    def feature_dtype(self) -> np.dtype:
+        if self.mode == "fp8":
+            return np.dtype("uint8")
+        return {torch.bfloat16: np.dtype("uint16"), torch.float16: np.dtype("float16"),
+                torch.float32: np.dtype("float32")}[self.compute_dtype]
+
+    @property
+    def stored_dtype_name(self) -> str:
+        return "float8_e4m3fn" if self.mode == "fp8" else str(self.compute_dtype).removeprefix("torch.")
+
+    def row_bytes(self, n_layers: int, hidden: int) -> dict[str, int]:
+        out = {"features": n_layers * hidden * self.feature_dtype.itemsize}
+        if self.mode == "fp8":
+            out["scales"] = n_layers * 4
+        return out
+
+    def encode(self, x: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """``x``: ``[T, L, D]`` in the compute dtype -> arrays to store, and for fp8 the error stats
+        ``[sum squared error, sum squared value, max abs error]``."""
+        if not torch.isfinite(x).all():
+            raise SemrouteError("the LLM produced non-finite hidden states (inf/NaN); with --dtype float16 "
+                                "this is an overflow: use bfloat16 or float32")
+        if self.mode == "exact":
+            x = x.to(self.compute_dtype).contiguous().cpu()
+            if x.dtype == torch.bfloat16:
+                return {"features": x.view(torch.uint16).numpy()}, None
+            return {"features": x.numpy()}, None
+        xf = x.float()
+        amax = xf.abs().amax(dim=-1)  # [T, L]
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        err = q.float() * scale[..., None] - xf
+        stats = np.array([float((err**2).sum()), float((xf**2).sum()), float(err.abs().max()) if err.numel() else 0.0])
+        return {"features": q.view(torch.uint8).cpu().numpy(), "scales": scale.cpu().numpy()}, stats
+
+    def decode(self, features: np.ndarray, scales: np.ndarray | None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        out_dtype = out_dtype or self.compute_dtype
+        t = torch.from_numpy(np.ascontiguousarray(features))
+        if self.mode == "exact":
+            if t.dtype == torch.uint16:
+                t = t.view(torch.bfloat16)
+            return t.to(out_dtype)
+        s = torch.from_numpy(np.ascontiguousarray(scales))
+        return (t.view(torch.float8_e4m3fn).float() * s[..., None]).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text cache writer
+# ---------------------------------------------------------------------------------------------
+class TextCacheWriter:
+    """Creates a text cache and writes it whole shard by whole shard.
+
+    Typical use (one process; several processes each call ``open`` and write their own shards)::
+
+        writer = TextCacheWriter.create(url, offsets=..., index=..., ...)   # before any forward pass
+        for shard in writer.pending(writer.layout.split(rank, world)):
+            writer.write_shard(shard, features_of_rows)                     # [rows, L, D]
+        writer.write_null(null_features)
+        writer.finish()                                                     # checks every flag
+    """
+
+    def __init__(self, location, group, attrs: dict):
+        self.location = location
+        self.group = group
+        self.attrs = attrs
+        self.layout = ShardLayout(**attrs["layout"])
+        self.storage = TextStorage(attrs["storage"], getattr(torch, attrs["fingerprint"]["compute_dtype"]))
+        self.flags = {name: DoneFlags(group, name) for name in self.array_names}
+
+    @property
+    def array_names(self) -> list[str]:
+        return ["features", "scales"] if self.attrs["storage"] == "fp8" else ["features"]
+
+    @classmethod
+    def create(cls, location, *, offsets: np.ndarray, index, fingerprint: dict, n_layers: int, hidden_size: int,
+               storage: str = "exact", shard_bytes: int = DEFAULT_SHARD_BYTES,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, input_sha256: str, extra: dict | None = None
+               ) -> "TextCacheWriter":
+        """Create the store: arrays, offsets, index.parquet and attributes (``complete`` = False)."""
+        compute = getattr(torch, fingerprint["compute_dtype"])
+        codec = TextStorage(storage, compute)
+        total = int(offsets[-1])
+        row_bytes = codec.row_bytes(n_layers, hidden_size)
+        layout = ShardLayout.plan(total, row_bytes["features"], shard_bytes, chunk_bytes)
+        group = open_group(location, mode="w")
+        create_sharded_array(group, "features", (total, n_layers, hidden_size), codec.feature_dtype, layout)
+        if storage == "fp8":
+            create_sharded_array(group, "scales", (total, n_layers), np.float32, layout)
+            from zarr.codecs import Crc32cCodec
+
+            group.create_array("progress/fp8_error", shape=(layout.n_shards, 3), dtype="float64", chunks=(1, 3),
+                               fill_value=0.0, compressors=[Crc32cCodec()], overwrite=True)
+        create_plain_array(group, "offsets", np.asarray(offsets, dtype=np.int64))
+        attrs = {
+            "kind": TEXT_KIND,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": {**fingerprint, "storage": storage, "stored_dtype": codec.stored_dtype_name},
+            "layers": list(fingerprint["layers"]),
+            "hidden_size": hidden_size,
+            "storage": storage,
+            "n_captions": len(offsets) - 1,
+            "total_tokens": total,
+            "layout": {"rows": layout.rows, "rows_per_shard": layout.rows_per_shard,
+                       "rows_per_chunk": layout.rows_per_chunk},
+            "input_sha256": input_sha256,
+            "complete": False,
+            **(extra or {}),
+        }
+        group.attrs.update({ATTR_KEY: attrs})
+        for name in (["features", "scales"] if storage == "fp8" else ["features"]):
+            DoneFlags(group, name, layout.n_shards)
+        write_parquet(location, "index.parquet", index)
+        return cls(location, group, attrs)
+
+    @classmethod
+    def open(cls, location) -> "TextCacheWriter":
+        group = open_group(location, mode="r+")
+        attrs = dict(group.attrs).get(ATTR_KEY)
+        if not attrs or attrs.get("kind") != TEXT_KIND:
+            raise SemrouteError(f"{location} exists but is not a semroute text cache")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise SemrouteError(f"{location} has format version {attrs.get('format_version')}, this semroute "
+                                f"writes {FORMAT_VERSION}; start a new cache")
+        return cls(location, group, attrs)
+
+    def pending(self, shards) -> list[int]:
+        done = np.ones(self.layout.n_shards, dtype=bool)
+        for flags in self.flags.values():
+            done &= flags.done()
+        return [s for s in shards if not done[s]]
+
+    def write_shard(self, shard: int, rows: torch.Tensor) -> None:
+        """Write shard ``shard`` whole from ``rows``: ``[rows_in_shard, L, D]`` in the compute dtype."""
+        a, b = self.layout.shard_rows(shard)
+        if rows.shape[0] != b - a:
+            raise ValueError(f"shard {shard} has {b - a} rows, got {rows.shape[0]}")
+        arrays, stats = self.storage.encode(rows)
+        for name, data in arrays.items():
+            self.group[name][a:b] = data
+        if stats is not None:
+            self.group["progress/fp8_error"][shard] = stats
+        # Flags last: a shard only counts once every one of its arrays is on disk.
+        for name in arrays:
+            self.flags[name].set(shard)
+
+    def write_null(self, features: torch.Tensor, text: str) -> None:
+        arrays, _ = self.storage.encode(features)
+        for name, data in arrays.items():
+            create_plain_array(self.group, f"null_{name}", data)
+        update_attrs(self.group, null_text=text, null_n_tokens=int(features.shape[0]))
+        self.attrs = dict(self.group.attrs)[ATTR_KEY]
+
+    def finish(self, **summary) -> None:
+        missing = self.pending(range(self.layout.n_shards))
+        if missing:
+            raise SemrouteError(f"{len(missing)} shards of {self.location} are not written yet "
+                                f"(first: {missing[:5]}); run again with --resume")
+        if "null_features" not in self.group:
+            raise SemrouteError(f"{self.location} has no null caption yet; run again with --resume")
+        update_attrs(self.group, complete=True, **summary)
+        self.attrs = dict(self.group.attrs)[ATTR_KEY]
+
+
+# ---------------------------------------------------------------------------------------------
+# Text cache reader
+# ---------------------------------------------------------------------------------------------
+class TextCacheReader:
+    """Random access to a finished text cache.
+
+    ``caption(i)`` -> ``[n_tokens, n_layers, D]``; ``batch(indices)`` -> right-padded
+    ``[B, T, n_layers, D]`` features and a ``[B, T]`` bool mask. ``layers`` selects a subset of the stored
+    layers (hidden_states indices); asking for a layer the cache lacks is an error naming it.
+    Safe to pickle into DataLoader workers: each process reopens the files itself.
+    """
+
+    def __init__(self, location, *, layers: list[int] | None = None, out_dtype: torch.dtype | None = None,
+                 allow_incomplete: bool = False):
+        self.location = str(location)
+        self.attrs = read_attrs(location)
+        if self.attrs.get("kind") != TEXT_KIND:
+            raise SemrouteError(f"{location} is a {self.attrs.get('kind')}, not a text cache")
+        if not self.attrs.get("complete") and not allow_incomplete:
+            raise SemrouteError(f"{location} is not complete (the encoding run stopped early); "
+                                "finish it with `semroute encode-text ... --resume`")
+        self.stored_layers: list[int] = list(self.attrs["layers"])
+        if layers is None:
+            layers = self.stored_layers
+        missing = [i for i in layers if i not in self.stored_layers]
+        if missing:
+            raise SemrouteError(f"{location} stores layers {self.stored_layers} but {missing} were asked for; "
+                                "re-encode with --layers covering them")
+        self.layers = list(layers)
+        self._pick = None if self.layers == self.stored_layers else [self.stored_layers.index(i) for i in self.layers]
+        compute = getattr(torch, self.attrs["fingerprint"]["compute_dtype"])
+        self.storage = TextStorage(self.attrs["storage"], compute)
+        self.out_dtype = out_dtype or compute
+        self.hidden_size = int(self.attrs["hidden_size"])
+        self.n_captions = int(self.attrs["n_captions"])
+        self._offsets: np.ndarray | None = None
+        self._files: dict[str, object] | None = None
+        self._index = None
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.attrs["fingerprint"]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            self._offsets = np.asarray(open_group(self.location)["offsets"][:], dtype=np.int64)
+        return self._offsets
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def index(self):
+        """The caption index as a pyarrow Table (caption, sample_id, text, n_tokens, truncated, ...)."""
+        if self._index is None:
+            self._index = read_parquet(self.location, "index.parquet")
+        return self._index
+
+    def __len__(self) -> int:
+        return self.n_captions
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = None
+        state["_index"] = None
+        return state
+
+    def _arrays(self) -> dict:
+        if self._files is None:
+            names = ["features", "scales"] if self.attrs["storage"] == "fp8" else ["features"]
+            if is_url(self.location):
+                group = open_group(self.location)
+                self._files = {n: group[n] for n in names}
+            else:
+                self._files = {n: ShardedArrayFile(self.location, n) for n in names}
+        return self._files
+
+    def _rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        out = []
+        for name, arr in self._arrays().items():
+            out.append(arr.read_rows(start, stop) if isinstance(arr, ShardedArrayFile) else arr[start:stop])
+        return out[0], (out[1] if len(out) > 1 else None)
+
+    def _decode(self, features: np.ndarray, scales: np.ndarray | None) -> torch.Tensor:
+        if self._pick is not None:
+            features = features[:, self._pick]
+            scales = scales[:, self._pick] if scales is not None else None
+        return self.storage.decode(features, scales, self.out_dtype)
+
+    def caption(self, i: int) -> torch.Tensor:
+        """Caption ``i``'s features ``[n_tokens, n_layers, D]``."""
+        if not 0 <= i < self.n_captions:
+            raise IndexError(f"caption {i} out of range 0..{self.n_captions - 1}")
+        o = self.offsets
+        return self._decode(*self._rows(int(o[i]), int(o[i + 1])))
+
+    def null(self) -> torch.Tensor:
+        """The null caption's features ``[n_tokens, n_layers, D]``."""
+        group = open_group(self.location)
+        scales = group["null_scales"][:] if self.attrs["storage"] == "fp8" else None
+        return self._decode(group["null_features"][:], scales)
+
+    def batch(self, indices, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions ``indices`` right-padded (zeros) to the longest: ``[B, T, L, D]`` and mask ``[B, T]``."""
+        return pad_batch([self.caption(int(i)) for i in indices], pad_to=pad_to)
+
+
+def pad_batch(items: list[torch.Tensor], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ``[n_i, ...]`` tensors with zeros to ``[B, T, ...]`` plus a ``[B, T]`` bool mask."""
+    t_max = max(x.shape[0] for x in items)
+    if pad_to is not None:
+        t_max = max(t_max, pad_to)
+    first = items[0]
+    out = first.new_zeros((len(items), t_max, *first.shape[1:]))
+    mask = torch.zeros((len(items), t_max), dtype=torch.bool)
+    for row, x in enumerate(items):
+        out[row, : x.shape[0]] = x
+        mask[row, : x.shape[0]] = True
+    return out, mask

@@ -1,0 +1,51 @@
+"""Which process this is, when several run under ``accelerate launch`` (or torchrun)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ProcessInfo:
+    rank: int
+    world_size: int
+    device: torch.device
+    _state: object | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self._state is not None and self.world_size > 1:
+            self._state.wait_for_everyone()
+
+    def broadcast(self, obj):
+        """``obj`` from rank 0 on every rank (e.g. rank 0's 'ok' or its error, so no rank waits forever)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_object(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+
+def process_info() -> ProcessInfo:
+    """Use accelerate's process group when launched on several processes; else a plain single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        # On a machine without GPUs, `accelerate launch --multi_gpu` still starts N processes, but
+        # PartialState only joins them into one (gloo) group when told to run on the CPU.
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return ProcessInfo(state.process_index, state.num_processes, state.device, state)
+    return ProcessInfo(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

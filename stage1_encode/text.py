@@ -1,0 +1,484 @@
+"""``encode-text``: run the frozen LLM once over every caption and write the ragged text cache.
+
+The run, in order:
+  1. Tokenize every caption (cheap next to a forward pass). Lengths give the offsets, hence the shard
+     plan and the exact store size, before the first forward pass (``--estimate`` stops here).
+  2. Create the store (or reopen it with ``--resume``, refusing a different model, prompt format or
+     manifest). Encode the null caption.
+  3. Each process takes a contiguous range of shards. Per shard: captions sorted by length into
+     batches under a padded-token budget, forward passes, rows copied into a shard buffer, the buffer
+     handed to a writer thread so disk writes overlap the next forward passes.
+  4. Once every shard's flag is set, the store is marked complete.
+
+A caption that crosses a shard boundary is encoded alone (a batch of one, no padding). Which
+captions are batched together is thus a function of the shard alone, so any split of shards over
+processes, and any resume point, writes the same bits as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semroute.shared.errors import SemrouteError
+from semroute.shared.fingerprint import require_match, sha256_text
+from semroute.shared.layers import parse_layers
+from semroute.shared.llm import LoadedLLM, load_llm
+from semroute.shared.manifest import read_manifest, write_problem_report
+from semroute.shared.store import (
+    DEFAULT_CHUNK_BYTES,
+    ShardLayout,
+    TextCacheWriter,
+    TextStorage,
+    dir_size,
+    is_url,
+)
+from semroute.shared.text_encoder import DEFAULT_INSTRUCTION, PromptFormat, TextEncoder
+from semroute.stage1_encode.distributed import ProcessInfo, process_info
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeTextConfig:
+    data: str
+    out: str
+    llm: str = "smollm2"
+    layers: str = "all"
+    max_length: int = 512
+    instruction: str = DEFAULT_INSTRUCTION
+    chat_template: bool = False
+    storage: str = "exact"
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    batch_tokens: int = 8192  # padded tokens per forward pass (batch size x longest caption)
+    max_batch: int = 256
+    shard_mb: float = 128.0
+    chunk_kb: float = DEFAULT_CHUNK_BYTES / 1024
+    text_key: str = "text"
+    id_key: str = "id"
+    skip_bad: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    estimate: bool = False
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CaptionPlan:
+    offsets: np.ndarray  # [n_captions + 1] int64
+    index: object  # pyarrow Table, one row per caption
+    n_truncated: int
+    input_sha256: str
+    problems: list = field(default_factory=list)
+
+
+def build_plan(cfg: EncodeTextConfig, encoder: TextEncoder, progress: bool = True) -> CaptionPlan:
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    manifest = read_manifest(cfg.data, text_key=cfg.text_key, id_key=cfg.id_key, need_text=True,
+                             skip_bad=cfg.skip_bad)
+    sample_ids, lines, texts = [], [], []
+    for rec in manifest.records:
+        for text in rec.texts:
+            sample_ids.append(rec.sample_id)
+            lines.append(rec.line)
+            texts.append(text)
+    n = len(texts)
+    lengths = np.empty(n, dtype=np.int64)
+    full = np.empty(n, dtype=np.int64)
+    step = 2048
+    with tqdm(total=n, desc="tokenizing", unit="cap", disable=not progress, leave=False) as bar:
+        for i in range(0, n, step):
+            for j, tok in enumerate(encoder.tokenize(texts[i:i + step])):
+                lengths[i + j] = len(tok.ids)
+                full[i + j] = tok.n_full
+            bar.update(min(step, n - i))
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    shas = [sha256_text(t) for t in texts]
+    truncated = full > lengths
+    index = pa.table({
+        "caption": pa.array(np.arange(n, dtype=np.int64)),
+        "sample_id": pa.array(sample_ids, pa.string()),
+        "line": pa.array(lines, pa.int64()),
+        "text": pa.array(texts, pa.string()),
+        "sha256": pa.array(shas, pa.string()),
+        "start": pa.array(offsets[:-1]),
+        "n_tokens": pa.array(lengths.astype(np.int32)),
+        "n_tokens_full": pa.array(full.astype(np.int32)),
+        "truncated": pa.array(truncated),
+    })
+    input_sha = sha256_text("\n".join(f"{s}\t{h}\t{k}" for s, h, k in zip(sample_ids, shas, lengths.tolist())))
+    return CaptionPlan(offsets, index, int(truncated.sum()), input_sha, manifest.problems)
+
+
+def plan_batches(captions: np.ndarray, lengths: np.ndarray, batch_tokens: int, max_batch: int,
+                 min_efficiency: float = 0.95) -> list[list[int]]:
+    """Group captions into batches of similar length.
+
+    Captions are sorted by length; a batch is closed when adding the next caption would exceed
+    ``batch_tokens`` padded tokens (count x longest) or ``max_batch`` captions, or would drop the
+    batch's share of real tokens below ``min_efficiency``. Deterministic in its inputs.
+    """
+    order = sorted(captions.tolist(), key=lambda c: (int(lengths[c]), c))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for c in order:
+        n = int(lengths[c])  # ascending, so the newcomer is the longest
+        if current and (
+            (len(current) + 1) * n > batch_tokens
+            or len(current) >= max_batch
+            or (real + n) < min_efficiency * (len(current) + 1) * n
+        ):
+            batches.append(current)
+            current, real = [], 0
+        current.append(c)
+        real += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class ShardWork:
+    shard: int
+    rows: tuple[int, int]
+    batches: list[list[int]]  # captions that start and end inside this shard
+    alone: list[int]  # captions crossing a boundary of this shard, encoded one at a time
+
+
+def shard_work(shard: int, layout: ShardLayout, offsets: np.ndarray, cfg: EncodeTextConfig) -> ShardWork:
+    a, b = layout.shard_rows(shard)
+    starts, ends = offsets[:-1], offsets[1:]
+    lengths = ends - starts
+    first = int(np.searchsorted(ends, a, side="right"))  # first caption that ends after row a
+    last = int(np.searchsorted(starts, b, side="left"))  # captions [first, last) touch [a, b)
+    touching = np.arange(first, last)
+    crossing = (starts[touching] < a) | (ends[touching] > b)
+    inside = touching[~crossing]
+    batches = plan_batches(inside, lengths, cfg.batch_tokens, cfg.max_batch)
+    return ShardWork(shard, (a, b), batches, touching[crossing].tolist())
+
+
+def padding_efficiency(layout: ShardLayout, offsets: np.ndarray, cfg: EncodeTextConfig) -> float:
+    lengths = np.diff(offsets)
+    real = padded = 0
+    for s in range(layout.n_shards):
+        work = shard_work(s, layout, offsets, cfg)
+        for batch in work.batches:
+            real += int(lengths[batch].sum())
+            padded += len(batch) * int(lengths[batch].max())
+        for c in work.alone:
+            real += int(lengths[c])
+            padded += int(lengths[c])
+    return real / max(padded, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing in the background
+# ---------------------------------------------------------------------------------------------
+class ShardWriterThread:
+    """Writes finished shards on a background thread so the next forward passes do not wait for disk.
+
+    At most ``depth`` shards wait in the queue (bounding memory); an error on the thread is re-raised
+    in the caller at the next ``put`` or at ``close``.
+    """
+
+    def __init__(self, writer: TextCacheWriter, depth: int = 2):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.written: list[int] = []
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure
+            shard, rows = item
+            try:
+                self.writer.write_shard(shard, rows)
+                self.written.append(shard)
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                self.error = err
+
+    def put(self, shard: int, rows: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((shard, rows))
+
+    def close(self, raise_error: bool = True) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if raise_error and self.error is not None:
+            raise self.error
+
+
+class IndexTexts:
+    """Caption texts by index range, read from ``index.parquet`` one row group at a time, so a
+    process never holds every caption of a large dataset in memory."""
+
+    def __init__(self, location: str):
+        import pyarrow.parquet as pq
+
+        from semroute.shared.store import store_file
+
+        self._file = pq.ParquetFile(store_file(location, "index.parquet"))
+        meta = self._file.metadata
+        self._starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self._cache: tuple[int, list[str]] | None = None
+
+    def get(self, captions: list[int]) -> list[str]:
+        out = []
+        for c in captions:
+            group = int(np.searchsorted(self._starts, c, side="right") - 1)
+            if self._cache is None or self._cache[0] != group:
+                self._cache = (group, self._file.read_row_group(group, columns=["text"]).column(0).to_pylist())
+            out.append(self._cache[1][c - int(self._starts[group])])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def _store_exists(location: str) -> bool:
+    if is_url(location):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(location)
+        return fs.exists(f"{path}/zarr.json")
+    return (Path(location) / "zarr.json").exists()
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def estimate_text(plan: CaptionPlan, encoder: TextEncoder, cfg: EncodeTextConfig) -> dict:
+    """Exact sizes of the arrays the run will write, known from token counts alone."""
+    L, D = len(encoder.layers), encoder.llm.hidden_size
+    storage = TextStorage(cfg.storage, encoder.llm.dtype)
+    row_bytes = storage.row_bytes(L, D)
+    total = int(plan.offsets[-1])
+    layout = ShardLayout.plan(total, row_bytes["features"], int(cfg.shard_mb * 2**20), int(cfg.chunk_kb * 1024))
+    arrays = {name: layout.nbytes(rb) for name, rb in row_bytes.items()}
+    payload = sum(arrays.values())
+    return {
+        "captions": len(plan.offsets) - 1,
+        "tokens": total,
+        "truncated": plan.n_truncated,
+        "layers": encoder.layers,
+        "hidden_size": D,
+        "storage": cfg.storage,
+        "shards": layout.n_shards,
+        "tokens_per_shard": layout.rows_per_shard,
+        "array_bytes": arrays,
+        "bytes_total_arrays": payload,
+        "bytes_per_token_layer_value": payload / max(1, total * L * D),
+        "padding_efficiency": padding_efficiency(layout, plan.offsets, cfg),
+    }
+
+
+def encode_text(cfg: EncodeTextConfig, *, proc: ProcessInfo | None = None, llm: LoadedLLM | None = None) -> dict:
+    """Run ``encode-text``; returns a summary dict (also printed by the CLI).
+
+    ``llm`` may be passed already loaded (tests, notebooks); otherwise ``cfg.llm`` is loaded.
+    """
+    proc = proc or process_info()
+    if llm is None:
+        device = cfg.device
+        if device in ("auto", None) and proc.world_size > 1:
+            device = str(proc.device)  # one GPU per process under accelerate
+        llm = load_llm(cfg.llm, device=device, dtype=cfg.dtype)
+    layers = parse_layers(cfg.layers, llm.num_hidden_layers)
+    fmt = PromptFormat(instruction=cfg.instruction, chat_template=cfg.chat_template, max_length=cfg.max_length)
+    encoder = TextEncoder(llm, fmt, layers)
+    show = cfg.progress and proc.is_main
+
+    # 1-2. Plan and create (rank 0), then tell every rank whether that worked.
+    status: object = "ok"
+    plan = None
+    if proc.is_main:
+        try:
+            plan = build_plan(cfg, encoder, progress=show)
+            if cfg.estimate:
+                return {"estimate": estimate_text(plan, encoder, cfg), "problems": [str(p) for p in plan.problems]}
+            _create_or_reopen(cfg, encoder, plan)
+        except BaseException as err:
+            status = err
+    status = proc.broadcast(status if proc.is_main else None)
+    if isinstance(status, BaseException):
+        if proc.is_main:
+            raise status
+        raise SemrouteError(f"rank 0 failed: {status}")
+    if cfg.estimate:
+        return {}
+
+    # 3. Encode this process's shards.
+    writer = TextCacheWriter.open(cfg.out)
+    offsets = np.asarray(writer.group["offsets"][:], dtype=np.int64)
+    mine = writer.layout.split(proc.rank, proc.world_size)
+    pending = writer.pending(mine)
+    t0 = time.perf_counter()
+    stats = _encode_shards(writer, encoder, offsets, pending, cfg, show=show, rank=proc.rank)
+    elapsed = time.perf_counter() - t0
+    all_stats = proc.gather_object(stats)
+    proc.barrier()
+
+    # 4. Finish (rank 0): every flag set, null caption present.
+    summary: dict = {}
+    if proc.is_main:
+        writer = TextCacheWriter.open(cfg.out)
+        captions = sum(s["captions"] for s in all_stats)
+        tokens = sum(s["tokens"] for s in all_stats)
+        writer.finish(world_size=proc.world_size, encode_seconds=round(elapsed, 3))
+        attrs = writer.attrs
+        summary = {
+            "store": cfg.out,
+            "captions": attrs["n_captions"],
+            "tokens": attrs["total_tokens"],
+            "truncated": attrs["n_truncated"],
+            "max_length": cfg.max_length,
+            "encoded_captions_this_run": captions,
+            "encoded_tokens_this_run": tokens,
+            "shards": writer.layout.n_shards,
+            "shards_done_before": writer.layout.n_shards - sum(len(s["shards"]) for s in all_stats),
+            "seconds": round(elapsed, 2),
+            "captions_per_s": captions / elapsed if elapsed > 0 else 0.0,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "world_size": proc.world_size,
+            "bytes": dir_size(cfg.out),
+            "bad_records": attrs.get("n_bad_records", 0),
+            "problems": [str(p) for p in plan.problems] if plan is not None else [],
+        }
+    return summary
+
+
+def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: CaptionPlan) -> None:
+    exists = _store_exists(cfg.out)
+    fingerprint = encoder.fingerprint()
+    if exists and cfg.resume and not cfg.overwrite:
+        writer = TextCacheWriter.open(cfg.out)
+        have = writer.attrs["fingerprint"]
+        want = {**fingerprint, "storage": cfg.storage}
+        require_match(have, want, sorted(want), f"cannot resume {cfg.out}: the existing cache")
+        if writer.attrs["input_sha256"] != plan.input_sha256:
+            raise SemrouteError(f"cannot resume {cfg.out}: it was made from other captions than {cfg.data} now "
+                                "holds (the manifest changed). Start a new cache or pass --overwrite.")
+    elif exists and not cfg.overwrite:
+        raise SemrouteError(f"{cfg.out} already exists. Pass --resume to continue it, or --overwrite to replace it.")
+    else:
+        extra = {"n_truncated": plan.n_truncated, "n_bad_records": len(plan.problems), "source": str(cfg.data)}
+        writer = TextCacheWriter.create(
+            cfg.out, offsets=plan.offsets, index=plan.index, fingerprint=fingerprint,
+            n_layers=len(encoder.layers), hidden_size=encoder.llm.hidden_size, storage=cfg.storage,
+            shard_bytes=int(cfg.shard_mb * 2**20), chunk_bytes=int(cfg.chunk_kb * 1024),
+            input_sha256=plan.input_sha256, extra=extra,
+        )
+        if plan.problems and not is_url(cfg.out):
+            write_problem_report(plan.problems, Path(cfg.out) / "bad_records.jsonl")
+    if "null_features" not in writer.group:
+        null = encoder.null_caption()
+        features, _ = encoder.forward([null.ids])
+        writer.write_null(features[0].cpu(), text=encoder.fmt.render("", encoder.llm.tokenizer))
+
+
+def _encode_shards(writer: TextCacheWriter, encoder: TextEncoder, offsets: np.ndarray, shards: list[int],
+                   cfg: EncodeTextConfig, *, show: bool, rank: int) -> dict:
+    from tqdm.auto import tqdm
+
+    layout = writer.layout
+    L, D = len(encoder.layers), encoder.llm.hidden_size
+    lengths = np.diff(offsets)
+    texts = IndexTexts(cfg.out)
+    total_rows = sum(b - a for a, b in (layout.shard_rows(s) for s in shards))
+    bar = tqdm(total=total_rows, unit="tok", unit_scale=True, desc=f"encode-text[{rank}]", disable=not show,
+               smoothing=0.05)
+    carried: dict[int, torch.Tensor] = {}  # captions encoded alone, kept for the next shard
+    n_captions = n_tokens = 0
+    t_start = time.perf_counter()
+    background = ShardWriterThread(writer)
+    try:
+        for shard in shards:
+            work = shard_work(shard, layout, offsets, cfg)
+            a, b = work.rows
+            rows = torch.empty((b - a, L, D), dtype=encoder.llm.dtype)
+            filled = 0
+
+            def place(caption: int, feats: torch.Tensor) -> int:
+                s, e = int(offsets[caption]), int(offsets[caption + 1])
+                lo, hi = max(s, a), min(e, b)
+                rows[lo - a: hi - a] = feats[lo - s: hi - s]
+                return hi - lo
+
+            for batch in work.batches:
+                feats = _run(encoder, batch, texts, lengths)
+                for j, c in enumerate(batch):
+                    filled += place(c, feats[j])
+                n_captions += len(batch)
+                n_tokens += int(lengths[batch].sum())
+                bar.update(int(lengths[batch].sum()))
+                _postfix(bar, n_captions, n_tokens, t_start)
+            for c in work.alone:
+                feats = carried.pop(c, None)
+                if feats is None:
+                    feats = _run(encoder, [c], texts, lengths)[0]
+                    n_captions += 1
+                    n_tokens += int(lengths[c])
+                got = place(c, feats)
+                filled += got
+                bar.update(got)
+                if int(offsets[c + 1]) > b:
+                    carried[c] = feats
+            if filled != b - a:
+                raise RuntimeError(f"shard {shard}: filled {filled} of {b - a} rows (plan bug)")
+            background.put(shard, rows)
+    except BaseException:
+        background.close(raise_error=False)  # shards already queued still land; their flags are set
+        raise
+    finally:
+        bar.close()
+    background.close()
+    return {"captions": n_captions, "tokens": n_tokens, "shards": list(shards), "rank": rank}
+
+
+def _run(encoder: TextEncoder, captions: list[int], texts: IndexTexts, lengths: np.ndarray) -> torch.Tensor:
+    """Forward one batch; returns ``[B, T, L, D]`` on the CPU. Checks the plan's lengths and finiteness."""
+    tokenized = encoder.tokenize(texts.get(captions))
+    for c, tok in zip(captions, tokenized):
+        if len(tok.ids) != int(lengths[c]):
+            raise SemrouteError(f"caption {c} now tokenizes to {len(tok.ids)} tokens, the plan says "
+                                f"{int(lengths[c])}: the tokenizer changed since the cache was created")
+    feats, mask = encoder.forward([t.ids for t in tokenized])
+    if not torch.isfinite(feats[mask]).all():
+        bad = [c for j, c in enumerate(captions) if not torch.isfinite(feats[j][mask[j]]).all()]
+        raise SemrouteError(f"the LLM produced inf/NaN hidden states for captions {bad[:10]} (an fp16 overflow "
+                            "if --dtype float16: use bfloat16 or float32). Nothing was written for their shard.")
+    return feats.cpu()
+
+
+def _postfix(bar, n_captions: int, n_tokens: int, t_start: float) -> None:
+    dt = max(time.perf_counter() - t_start, 1e-9)
+    bar.set_postfix_str(f"{n_captions / dt:.1f} cap/s", refresh=False)

@@ -1,0 +1,101 @@
+"""Test kit: tiny random LLMs with a real (trained-on-the-spot) byte-level BPE tokenizer, saved to a folder and
+loaded back through the same ``from_pretrained`` path a user's model takes; manifest writers; a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "a an the one two three four red green blue yellow purple orange black white circle square triangle "
+    "star cross ring big small large tiny left right above below next to of on in and with photo image "
+    "describe this picture showing dog cat car tree house sky"
+).split()
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = REPO / "cli.py"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer(vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|end|>", "<|assistant|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] + ["Describe this image."] * 5
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_llm(folder: Path, arch: str = "llama", *, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """A tiny random causal LM (``llama`` or ``qwen3``, the latter with q/k norms) plus tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    tok = make_tokenizer()
+    common = dict(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=hidden // 4, **common))
+    else:
+        raise ValueError(arch)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_manifest(path: Path, records: list[dict], fmt: str = "jsonl") -> Path:
+    if fmt == "json":
+        path.write_text(json.dumps(records, indent=1))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def random_captions(n: int, seed: int = 0, max_words: int = 24) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        texts = [" " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words)))
+                 for _ in range(rng.choice([1, 1, 2]))]
+        out.append({"image": f"img/{i}.png", "text": texts if len(texts) > 1 else texts[0]})
+    return out
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600):
+    """Run ``python cli.py ARGS`` in a subprocess (the way a user from a checkout would)."""
+    import subprocess
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cli {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
