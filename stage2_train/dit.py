@@ -1,0 +1,358 @@
+"""The DiT of the reference study with its text-fusion gates (DESIGN.md §1), as a diffusers model.
+
+    latents [B, C, H, W] --patchify(2)--> image tokens [B, N, hidden]
+    text [B, T, L, D_llm] --LN per layer (once)--> fusion --context_embedder--> per-block K/V
+    24 x DiTBlock: x += SelfAttn(RMSNorm(x)); x += CrossAttn(x, text); x += SwiGLU(RMSNorm(x))
+    final RMSNorm --zero-init Linear--> unpatchify --> velocity [B, C, H, W]
+
+``SemrouteDiT.prepare_text`` turns cached text features into a ``TextContext``; for strategies whose
+weights do not depend on the noise level it already holds every block's text keys/values, so a sampler
+pays for the fusion, the context embedder and the K/V projections once per prompt, not once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import FeedForward
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import RMSNorm
+from torch import nn
+
+from semroute.shared.errors import SemrouteError
+from semroute.shared.layers import parse_layers
+from semroute.stage2_train.attention import CrossAttention, SelfAttention, rope_2d
+from semroute.stage2_train.fusion import FUSIONS, build_fusion, gather_positions, layer_norm_layers, resolve_layer_indices
+from semroute.stage2_train.presets import PRESETS
+
+
+@dataclass
+class TextContext:
+    """A batch of text conditions ready for the DiT; build with ``SemrouteDiT.prepare_text``.
+
+    Attributes:
+        mask: ``[B, T]`` bool, True for real tokens.
+        attn_mask: ``[B, 1, 1, T]`` bool key mask for cross-attention. A row with no real token attends
+            to all (zeroed) values instead, which gives a zero output rather than NaN.
+        hidden_ln: ``[B, T, L, D_llm]`` fp32 layer-normed features; kept only when the fusion weights
+            depend on sigma (``time``/``joint``), so the mixture can be redone at each call.
+        kv: per DiT block ``(key, value)``, each ``[B, num_kv_heads, T, head_dim]``; present only when
+            the fusion weights do not depend on sigma.
+    """
+
+    mask: torch.Tensor
+    attn_mask: torch.Tensor
+    hidden_ln: torch.Tensor | None = None
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+
+
+class DiTBlock(nn.Module):
+    """Self-attention over image tokens, cross-attention to text, SwiGLU MLP (pre-norm residuals).
+
+    With ``adaln`` the two pre-norms lose their affine weights and are modulated by the timestep
+    embedding instead (shift, scale and a zero-initialised residual gate each, as in DiT's adaLN-Zero).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, mlp_hidden_size: int,
+                 eps: float = 1e-6, adaln: bool = False):
+        super().__init__()
+        self.norm1 = RMSNorm(dim, eps=eps, elementwise_affine=not adaln)
+        self.attn = SelfAttention(dim, num_heads, num_kv_heads, head_dim, eps)
+        self.cross_attn = CrossAttention(dim, num_heads, num_kv_heads, head_dim, eps)
+        self.norm2 = RMSNorm(dim, eps=eps, elementwise_affine=not adaln)
+        self.mlp = FeedForward(dim, inner_dim=mlp_hidden_size, activation_fn="swiglu", bias=False)
+        self.modulation = nn.Linear(dim, 6 * dim) if adaln else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text_key: torch.Tensor,
+                text_value: torch.Tensor, text_attn_mask: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: ``[B, N, dim]``; text K/V ``[B, nkv, T, hd]``; ``temb``: ``[B, dim]`` (adaLN only). Returns ``[B, N, dim]``."""
+        if self.modulation is not None:
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(temb)[:, None].chunk(6, dim=-1)  # [B, 1, dim] each
+        # 1. Self-attention
+        h = self.norm1(x)
+        if self.modulation is not None:
+            h = h * (1 + scale1) + shift1
+        h = self.attn(h, rope)
+        x = x + (gate1 * h if self.modulation is not None else h)
+        # 2. Cross-attention; the query comes from the un-normalised residual, as in the reference.
+        x = x + self.cross_attn(x, text_key, text_value, text_attn_mask)
+        # 3. SwiGLU MLP
+        h = self.norm2(x)
+        if self.modulation is not None:
+            h = h * (1 + scale2) + shift2
+        h = self.mlp(h)
+        return x + (gate2 * h if self.modulation is not None else h)
+
+
+class SemrouteDiT(ModelMixin, ConfigMixin):
+    """DiT conditioned on many LLM layers fused by a routing strategy (``fusion``, see ``fusion.FUSIONS``).
+
+    Args:
+        in_channels: latent channels (16 FLUX VAE, 4 SD VAE, 3*p*p pixel codec); also the output channels.
+        patch_size: side of the square patches that become tokens; H and W must be multiples of it.
+        num_blocks, hidden_size: DiT depth and width.
+        num_heads, num_kv_heads, head_dim: grouped-query attention shape (query heads share KV heads).
+        mlp_hidden_size: SwiGLU inner width.
+        text_dim: the LLM's hidden size D_llm.
+        llm_num_layers: the LLM's ``num_hidden_layers`` N (its ``hidden_states`` has N + 1 entries).
+        text_layers: transformers ``hidden_states`` indices the model reads, in the order the text input's
+            layer axis carries them, or a spec string as ``encode-text --layers`` takes (``all``, ``last:K``,
+            ...). Default: every decoder layer ``1..N``; for ``penultimate`` just ``[N-1]``
+            (= ``hidden_states[-2]``). Negative indices are resolved against N; the config stores the list.
+        fusion: one of ``penultimate, uniform, static, time, depth, joint``.
+        gate_embed_dim, gate_hidden_dim: sizes of the sigma gates of ``time``/``joint`` (128 and 512 as the paper).
+        rope_theta: RoPE base. norm_eps: eps of the RMSNorms.
+        adaln: add adaLN-Zero timestep conditioning (the reference has no timestep input at all).
+
+    Attributes:
+        router: the ``fusion.Fusion`` module (not named ``fusion``: that is the config key of its name).
+        text_layers: the resolved layer list.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+    # The routing logits are tiny; keep them (and their softmax) in fp32 when loading in bf16.
+    _keep_in_fp32_modules = ["router"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        patch_size: int = 2,
+        num_blocks: int = 24,
+        hidden_size: int = 2048,
+        num_heads: int = 32,
+        num_kv_heads: int = 8,
+        head_dim: int = 128,
+        mlp_hidden_size: int = 8192,
+        text_dim: int = 2560,
+        llm_num_layers: int = 36,
+        text_layers: list[int] | str | None = None,
+        fusion: str = "depth",
+        gate_embed_dim: int = 128,
+        gate_hidden_dim: int = 512,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-6,
+        adaln: bool = False,
+    ):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise SemrouteError(f"Unknown fusion {fusion!r}. Choose one of: {', '.join(FUSIONS)}.")
+        penultimate = llm_num_layers - 1  # hidden_states[-2] in transformers' numbering
+        if text_layers is None:
+            text_layers = [penultimate] if fusion == "penultimate" else list(range(1, llm_num_layers + 1))
+        elif isinstance(text_layers, str):
+            text_layers = parse_layers(text_layers, llm_num_layers)
+        self.text_layers = resolve_layer_indices(text_layers, llm_num_layers)
+        self.register_to_config(text_layers=self.text_layers)  # save resolved, non-negative indices
+
+        # 1. Text side: the fusion strategy, then one context embedder shared by all blocks.
+        options = {}
+        if fusion == "penultimate":
+            if penultimate not in self.text_layers:
+                raise SemrouteError(
+                    f"The penultimate fusion reads hidden_states[-2] = index {penultimate} of a {llm_num_layers}-layer LLM, "
+                    f"but text_layers is {self.text_layers}; add {penultimate} or leave text_layers unset."
+                )
+            options["position"] = self.text_layers.index(penultimate)
+        elif FUSIONS[fusion].time_dependent:
+            options.update(embed_dim=gate_embed_dim, hidden_dim=gate_hidden_dim)
+        self.router = build_fusion(fusion, len(self.text_layers), num_blocks, **options)
+        self.context_embedder = nn.Sequential(RMSNorm(text_dim, eps=norm_eps), nn.Linear(text_dim, hidden_size))
+
+        # 2. Image side.
+        patch_dim = in_channels * patch_size * patch_size
+        self.patch_embed = nn.Linear(patch_dim, hidden_size)
+        if adaln:
+            self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+            self.time_embedder = TimestepEmbedding(256, hidden_size)
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, num_kv_heads, head_dim, mlp_hidden_size, norm_eps, adaln)
+            for _ in range(num_blocks)
+        )
+        self.norm_out = RMSNorm(hidden_size, eps=norm_eps, elementwise_affine=not adaln)
+        self.out_modulation = nn.Linear(hidden_size, 2 * hidden_size) if adaln else None
+        self.proj_out = nn.Linear(hidden_size, patch_dim)
+
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    # ----------------------------------------------------------------------------------------------
+    # Construction helpers
+    # ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> SemrouteDiT:
+        """Build a named size from ``presets.PRESETS`` (``tiny``, ``small``, ``base``, ``paper``), any field overridden."""
+        if name not in PRESETS:
+            raise SemrouteError(f"Unknown DiT preset {name!r}. Choose one of: {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def initialize_weights(self) -> None:
+        """Xavier-uniform Linear weights, zero biases; then the zero inits that must win over it.
+
+        Zero: the output projection (the model starts predicting 0), the adaLN modulations, and every
+        routing logit (the time gates' last layer included) so that all gated strategies start uniform.
+        Call this, not a generic ``model.apply(init)``, to re-initialise.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        zero = [self.proj_out, self.out_modulation] + [block.modulation for block in self.blocks]
+        for module in filter(None, zero):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+        self.router.reset_parameters()
+
+    def layer_positions(self, stored_layers: Sequence[int]) -> list[int]:
+        """Positions to gather from a text cache that stores ``stored_layers`` (hidden_states indices).
+
+        ``features[..., positions, :]`` is then the model's ``text_layers`` in order. Raises a
+        ``SemrouteError`` naming the missing layers when the cache lacks some of them.
+        """
+        return gather_positions(self.text_layers, stored_layers, self.config.llm_num_layers)
+
+    # ----------------------------------------------------------------------------------------------
+    # Text side
+    # ----------------------------------------------------------------------------------------------
+
+    def prepare_text(self, text_features: torch.Tensor, text_mask: torch.Tensor | None = None) -> TextContext:
+        """Layer-norm the text once and, when the fusion ignores sigma, project every block's keys/values.
+
+        Args:
+            text_features: ``[B, T, L, D_llm]`` padded cached hidden states of ``text_layers`` (any float dtype).
+            text_mask: ``[B, T]`` bool, True for real tokens; default all True.
+        Returns:
+            A ``TextContext`` to pass as ``forward(..., text_context=...)``, reusable across sampling steps.
+        """
+        if text_features.ndim != 4 or text_features.shape[2:] != (len(self.text_layers), self.config.text_dim):
+            raise SemrouteError(
+                f"text_features must be [batch, tokens, {len(self.text_layers)} layers, {self.config.text_dim}] for this model "
+                f"(layers {self.text_layers}), got {list(text_features.shape)}; gather the cache with `model.layer_positions(...)`."
+            )
+        B, T = text_features.shape[:2]
+        mask = torch.ones(B, T, dtype=torch.bool, device=text_features.device) if text_mask is None else text_mask.bool()
+        if mask.shape != (B, T):
+            raise SemrouteError(f"text_mask must be [batch, tokens] = {[B, T]}, got {list(mask.shape)}")
+        # A row without any real token attends to all positions, whose values are zeroed below -> output 0.
+        attn_mask = (mask | ~mask.any(dim=1, keepdim=True))[:, None, None, :]  # [B, 1, 1, T]
+        hidden_ln = layer_norm_layers(text_features)  # [B, T, L, D] fp32, once per forward
+        context = TextContext(mask=mask, attn_mask=attn_mask, hidden_ln=hidden_ln)
+        if not self.router.time_dependent:
+            context.kv = self._text_kv(hidden_ln, mask, sigma=None)
+            context.hidden_ln = None  # not needed again; free it
+        return context
+
+    def _text_kv(self, hidden_ln: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor | None):
+        """Fuse, embed and project the text for every block: a tuple of ``(key, value)`` ``[B, nkv, T, hd]``."""
+        fused = self.router.fuse(hidden_ln, sigma)  # [B, T, D] or [blocks, B, T, D]
+        embedder_dtype = self.context_embedder[1].weight.dtype
+        context = self.context_embedder(fused.to(embedder_dtype))  # [(blocks,) B, T, hidden]
+        padding = ~mask[:, None, :, None]  # [B, 1, T, 1]
+        kv = []
+        for index, block in enumerate(self.blocks):
+            key, value = block.cross_attn.project_text(context[index] if self.router.per_block else context)
+            kv.append((key, value.masked_fill(padding, 0.0)))
+        return tuple(kv)
+
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float,
+        text_features: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        *,
+        text_context: TextContext | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict the flow velocity ``eps - x0``.
+
+        Args:
+            latents: ``[B, C, H, W]`` noisy latents; H and W multiples of ``patch_size``.
+            timestep: ``[B]`` (or a scalar) ``1000 * sigma``, sigma in [0, 1].
+            text_features, text_mask: as in ``prepare_text``; or pass ``text_context`` from it instead.
+        Returns:
+            ``Transformer2DModelOutput(sample=[B, C, H, W])``, or ``(sample,)`` when ``return_dict=False``.
+        """
+        B, C, H, W = latents.shape
+        p = self.config.patch_size
+        if H % p or W % p:
+            raise SemrouteError(f"latent height and width must be multiples of the patch size {p}, got {H}x{W}")
+        if text_context is None:
+            if text_features is None:
+                raise ValueError("pass either `text_features` (with `text_mask`) or `text_context`")
+            text_context = self.prepare_text(text_features, text_mask)
+        timestep = torch.as_tensor(timestep, device=latents.device, dtype=torch.float32).reshape(-1).expand(B)
+
+        # 1. Text keys/values for every block (recomputed only for sigma-dependent gates).
+        kv = text_context.kv
+        if kv is None:
+            kv = self._text_kv(text_context.hidden_ln, text_context.mask, sigma=timestep / 1000.0)
+
+        # 2. Patchify: [B, C, H, W] -> [B, h*w, C*p*p] (row-major tokens) -> [B, N, hidden].
+        h, w = H // p, W // p
+        x = latents.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
+        x = self.patch_embed(x)
+        rope = rope_2d(h, w, self.config.head_dim, self.config.rope_theta, device=latents.device)
+        temb = None
+        if self.config.adaln:
+            temb = F.silu(self.time_embedder(self.time_proj(timestep).to(x.dtype)))  # [B, hidden]
+
+        # 3. Blocks.
+        for block, (key, value) in zip(self.blocks, kv):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, rope, key, value, text_context.attn_mask, temb)
+            else:
+                x = block(x, rope, key, value, text_context.attn_mask, temb)
+
+        # 4. Final norm, zero-initialised projection, unpatchify back to [B, C, H, W].
+        x = self.norm_out(x)
+        if self.out_modulation is not None:
+            shift, scale = self.out_modulation(temb)[:, None].chunk(2, dim=-1)
+            x = x * (1 + scale) + shift
+        x = self.proj_out(x)
+        sample = x.reshape(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    # ----------------------------------------------------------------------------------------------
+    # Routing inspection
+    # ----------------------------------------------------------------------------------------------
+
+    def routing_weights(self, sigma: torch.Tensor | float | Sequence[float] | None = None) -> torch.Tensor:
+        """Current routing weights over ``text_layers`` (fp32, rows sum to 1).
+
+        Without ``sigma``: ``[L]`` for penultimate (one-hot)/uniform/static, ``[blocks, L]`` for depth;
+        ``time``/``joint`` need ``sigma``. With ``S`` sigmas in [0, 1]: a leading ``[S]`` axis for every
+        strategy (``[S, L]`` time, ``[S, blocks, L]`` joint; repeated for the sigma-free ones).
+        """
+        if sigma is None:
+            return self.router.weights(None)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
+        if self.router.time_dependent:
+            return self.router.weights(sigma)
+        weights = self.router.weights(None)
+        return weights.expand(len(sigma), *weights.shape)
+
+    @torch.no_grad()
+    def routing_summary(self, sigma: float = 0.5) -> dict[str, list]:
+        """Per-block routing for logs: ``weights`` ``[blocks][L]``, ``entropy`` (nats; max ln L) and
+        ``top_layer`` (a hidden_states index) per block. Shared strategies repeat one row for every block;
+        ``sigma`` is used by ``time``/``joint`` only.
+        """
+        weights = self.routing_weights([sigma])[0]  # [L] or [blocks, L]
+        weights = weights.expand(self.config.num_blocks, -1) if weights.ndim == 1 else weights
+        entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
+        top = [self.text_layers[i] for i in weights.argmax(-1).tolist()]
+        return {"weights": weights.tolist(), "entropy": entropy.tolist(), "top_layer": top}
