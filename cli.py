@@ -208,6 +208,88 @@ def encode_images_cmd(
     typer.echo(f"cache: {out} ({format_bytes(summary['bytes'])})")
 
 
+@app.command("train")
+def train_cmd(
+    text_cache: Annotated[Optional[str], typer.Option("--text-cache", help="Text cache from encode-text.")] = None,
+    latent_cache: Annotated[Optional[str], typer.Option("--latent-cache", help="Latent cache from encode-images.")] = None,
+    fusion: Annotated[Optional[str], typer.Option("--fusion", help="penultimate | uniform | static | time | depth | joint | deep.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config (e.g. configs/depth-wise.yaml); flags override it.")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="DiT size: tiny | small | base | paper.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps to train for.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop (with a checkpoint) after this much training time.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Samples per process per micro-step.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate.")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader workers per process.")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.", show_default=False)] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key (YAML value), repeatable: --set ema=true --set model.adaln=true.")] = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train the DiT and its routing gates from the two caches (the LLM never runs).
+
+    Examples:
+
+      semroute train --text-cache data.text.zarr --latent-cache data.latents.zarr --fusion depth --out runs/depth
+
+      semroute train --config configs/joint.yaml --text-cache t.zarr --latent-cache l.zarr --set lr=2e-4 --set ema=true
+
+      semroute train --out runs/depth --resume latest     (continue a run with its saved config)
+
+      accelerate launch --num_processes 8 cli.py train --text-cache t.zarr --latent-cache l.zarr --fusion depth --preset paper
+    """
+    from semroute.stage2_train.config import TrainConfig
+    from semroute.stage2_train.train import train
+
+    flags = dict(text_cache=text_cache, latent_cache=latent_cache, preset=preset, out=out, max_steps=max_steps,
+                 max_minutes=max_minutes, batch_size=batch_size, lr=lr, num_workers=num_workers)
+    config_file = str(config) if config else None
+    if resume and config_file is None and out and (Path(out) / "config.yaml").exists():
+        config_file = str(Path(out) / "config.yaml")  # a resumed run keeps its own config unless told otherwise
+    cfg = TrainConfig.build(config_file=config_file, fusion=fusion, flags=flags, overrides=set_ or [])
+    summary = train(cfg, resume=resume, progress=not no_progress)
+    last = summary["last"]
+    if last:
+        typer.echo(f"step {summary['step']}: loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s, "
+                   f"{summary['train_seconds']:.0f}s of training")
+    typer.echo(f"checkpoint: {summary['checkpoint']}")
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="A training run folder.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the pipeline to.")],
+    ema: Annotated[bool, typer.Option("--ema", help="Export the EMA weights.")] = False,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A specific checkpoint folder (default: the newest).")] = None,
+) -> None:
+    """Write a diffusers-style pipeline folder that `from_pretrained` loads with only the folder and the LLM it names.
+
+    Example:  semroute export runs/depth --out pipelines/depth --ema
+    """
+    from semroute.stage2_train.pipeline import SemroutePipeline
+
+    pipe = SemroutePipeline.from_run(run, ema=ema, checkpoint=str(checkpoint) if checkpoint else None, device="cpu")
+    pipe.save_pretrained(out)
+    typer.echo(f"exported {run} ({'EMA' if ema else 'raw'} weights) to {out}; LLM: {pipe.text_settings['llm_ref']}")
+
+
+@app.command("routing")
+def routing_cmd(
+    run: Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder or an exported pipeline.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for routing.png and routing.csv (default: RUN/routing).")] = None,
+    ema: Annotated[bool, typer.Option("--ema", help="Use the EMA weights.")] = False,
+) -> None:
+    """Plot the routing weights (blocks x LLM layers; over sigma for time-wise/joint gates) and write them as CSV.
+
+    Example:  semroute routing runs/depth
+    """
+    from semroute.stage2_train.routing import load_routed_model, save_routing
+
+    model, where = load_routed_model(run, ema=ema)
+    png, csv_path = save_routing(model, out or (run / "routing" if (run / "run.json").exists() else run), "routing",
+                                 title=f"{model.config.fusion}: {where}")
+    typer.echo(f"wrote {png} and {csv_path}")
+
+
 @app.command("info")
 def info_cmd(
     path: Annotated[str, typer.Argument(help="A text or latent cache, or a run folder.", show_default=False)],

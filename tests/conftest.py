@@ -39,3 +39,21 @@ def smollm2_llm():
     from semroute.shared.llm import load_llm
 
     return load_llm("smollm2", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def square_caches(tmp_path_factory, tiny_llama_dir):
+    """A text cache (tiny Llama, all 4 layers, fp32) and a pixel-codec latent cache (32x32 -> 12x16x16) of
+    96 captioned square images: ``(text_cache, latent_cache, manifest)``."""
+    from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
+    from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+    from testkit import write_manifest, write_square_images
+
+    root = tmp_path_factory.mktemp("squares")
+    manifest = write_manifest(root / "squares.jsonl", write_square_images(root / "img", 96))
+    text, latents = root / "squares.text.zarr", root / "squares.latents.zarr"
+    encode_text(EncodeTextConfig(data=str(manifest), out=str(text), llm=str(tiny_llama_dir), dtype="float32",
+                                 device="cpu", progress=False))
+    encode_images(EncodeImagesConfig(data=str(manifest), out=str(latents), vae="pixel", resolution=32,
+                                     device="cpu", workers=0, progress=False))
+    return str(text), str(latents), manifest

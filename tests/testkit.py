@@ -99,3 +99,31 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: fl
     if check and proc.returncode != 0:
         raise AssertionError(f"cli {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 40, 220), "yellow": (230, 210, 20)}
+
+
+def write_square_images(folder: Path, n: int, size: int = 32, seed: int = 0) -> list[dict]:
+    """``n`` images of one colored square on the left or right, captioned accordingly (with a second
+    wording for every third image), as manifest records."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        color = rng.choice(list(COLORS))
+        left = rng.random() < 0.5
+        img = Image.new("RGB", (size, size), (255, 255, 255))
+        x = size // 8 if left else size // 2 + size // 16
+        y = size // 3
+        ImageDraw.Draw(img).rectangle([x, y, x + size // 3, y + size // 3], fill=COLORS[color])
+        path = folder / f"{i:04d}.png"
+        img.save(path)
+        side = "left" if left else "right"
+        text = f" a {color} square on the {side}"
+        records.append({"image": str(path), "text": [text, f" one {color} square, {side}"] if i % 3 == 0 else text})
+    return records

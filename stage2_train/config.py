@@ -1,0 +1,177 @@
+"""The training configuration: one flat dataclass, filled from defaults, then a YAML file, then
+command-line flags, then ``--set key=value`` overrides. The resolved config is saved in the run folder.
+
+Defaults follow the reference study (DESIGN.md section 1): rectified flow with logit-normal sigma and
+shift 3.0, caption dropout 0.1, AdamW lr 1e-4 / wd 1e-4 (applied to the fusion logits too), grad clip
+1.0, bf16 autocast where the hardware has it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from semroute.shared.errors import SemrouteError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+FUSION_CONFIGS = {  # --fusion name -> preset file in configs/
+    "penultimate": "penultimate.yaml",
+    "uniform": "uniform.yaml",
+    "static": "static.yaml",
+    "time": "time-wise.yaml",
+    "depth": "depth-wise.yaml",
+    "joint": "joint.yaml",
+    "deep": "deep.yaml",
+}
+
+
+@dataclass
+class TrainConfig:
+    # -- data --------------------------------------------------------------------------------
+    text_cache: str = ""
+    """Text cache written by `encode-text` (folder or URL)."""
+    latent_cache: str = ""
+    """Latent cache written by `encode-images`."""
+    out: str = "runs/run"
+    """Run folder: checkpoints, logs, routing plots, resolved config."""
+    expect_text: dict = field(default_factory=dict)
+    """Fingerprint entries the text cache must have, e.g. {llm_weights_sha256: ..., prompt_instruction: ...}."""
+
+    # -- model -------------------------------------------------------------------------------
+    fusion: str = "depth"
+    """penultimate | uniform | static | time | depth | joint | deep."""
+    preset: str = "small"
+    """DiT size: tiny | small | base | paper."""
+    model: dict = field(default_factory=dict)
+    """Overrides of DiT config fields (num_blocks, hidden_size, adaln, ...)."""
+    text_layers: list | str | None = None
+    """LLM layers to read (hidden_states indices or a spec); default: every decoder layer the cache stores
+    (penultimate: hidden_states[-2])."""
+    deep_first_layer: int | None = None
+    """deep fusion: LLM layer paired with DiT block 0 (default: centred pairing)."""
+
+    # -- objective ---------------------------------------------------------------------------
+    shift: float = 3.0
+    """Scheduler shift s: sigma' = s*sigma / (1 + (s-1)*sigma)."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    caption_dropout: float = 0.1
+    """Probability of replacing a caption by the stored null caption."""
+
+    # -- optimization ------------------------------------------------------------------------
+    batch_size: int = 32
+    """Samples per process per micro-step."""
+    grad_accum: int = 1
+    lr: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    decay_fusion_logits: bool = True
+    """Apply weight decay to the routing logits/gates too (the reference does)."""
+    grad_clip: float = 1.0
+    lr_schedule: str = "constant"
+    """constant | warmup (linear warm-up, then constant) | cosine (warm-up, then cosine to 0)."""
+    warmup_steps: int = 0
+    mixed_precision: str = "auto"
+    """auto (bf16 on GPUs that have it, else none) | no | bf16 | fp16."""
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    ema_every: int = 1
+    """Update the EMA every N optimizer steps."""
+
+    # -- run ---------------------------------------------------------------------------------
+    max_steps: int = 10000
+    max_minutes: float | None = None
+    """Stop (with a checkpoint) after this much training time."""
+    seed: int = 0
+    num_workers: int = 2
+    """DataLoader worker processes (each opens the caches itself)."""
+    length_batching: bool = False
+    """Group captions of similar token counts into batches to cut text padding."""
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    tensorboard: bool = True
+    log_samples: bool = False
+    """Debug: record which sample ids each process trains on (logs/samples-rank<r>.jsonl)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        from semroute.stage2_train.fusion import FUSIONS
+        from semroute.stage2_train.presets import PRESETS
+
+        if self.fusion not in FUSIONS and self.fusion != "deep":
+            raise SemrouteError(f"fusion {self.fusion!r} is unknown; choose one of {', '.join([*FUSIONS, 'deep'])}")
+        if self.preset not in PRESETS:
+            raise SemrouteError(f"preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+        if self.lr_schedule not in ("constant", "warmup", "cosine"):
+            raise SemrouteError(f"lr_schedule {self.lr_schedule!r}: use constant, warmup or cosine")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise SemrouteError(f"mixed_precision {self.mixed_precision!r}: use auto, no, bf16 or fp16")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise SemrouteError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "ema_every"):
+            if getattr(self, name) < 1:
+                raise SemrouteError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shift <= 0:
+            raise SemrouteError(f"shift must be > 0, got {self.shift}")
+
+    # -- building ----------------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def build(cls, *, config_file: str | None = None, fusion: str | None = None, flags: dict | None = None,
+              overrides: list[str] | None = None) -> "TrainConfig":
+        """Defaults <- the fusion's preset file (or ``config_file``) <- flags <- ``key=value`` overrides."""
+        values: dict = {}
+        if config_file is None and fusion is not None and fusion in FUSION_CONFIGS:
+            preset_file = CONFIG_DIR / FUSION_CONFIGS[fusion]
+            if preset_file.exists():
+                values.update(load_yaml(preset_file))
+        if config_file is not None:
+            values.update(load_yaml(Path(config_file)))
+        if fusion is not None:
+            values["fusion"] = fusion
+        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        for item in overrides or []:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise SemrouteError(f"--set {item!r}: expected key=value")
+            key, value = key.strip(), yaml.safe_load(raw)
+            head, dot, sub = key.partition(".")
+            if dot:  # model.adaln=true sets one entry of a dict-valued key
+                if head not in ("model", "expect_text"):
+                    raise SemrouteError(f"--set {item!r}: only model.* and expect_text.* take a dotted key")
+                values[head] = {**values.get(head, {}), sub: value}
+            else:
+                values[key] = value
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise SemrouteError(f"unknown config key(s) {unknown}; valid keys: {', '.join(cls.keys())}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise SemrouteError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise SemrouteError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise SemrouteError(f"config file {path} must hold a mapping of keys to values")
+    return data

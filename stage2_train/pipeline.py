@@ -1,0 +1,327 @@
+"""Sampling: a diffusers ``DiffusionPipeline`` holding the frozen LLM (through the same ``TextEncoder``
+that wrote the text cache), the DiT with its gates, the VAE or pixel codec, and a
+``FlowMatchEulerDiscreteScheduler`` with the training shift.
+
+    pipe = SemroutePipeline.from_run("runs/depth")              # or .from_pretrained("exported/")
+    images = pipe(["a red circle left of a blue square"], num_inference_steps=25, guidance_scale=6.0,
+                  generator=torch.Generator().manual_seed(0)).images
+
+Folder written by ``save_pretrained`` / ``semroute export``::
+
+    model_index.json          diffusers' index of the components below
+    transformer/              the DiT (config.json + safetensors)
+    vae/                      the autoencoder, or the pixel codec's config
+    scheduler/                FlowMatchEulerDiscreteScheduler config (shift = training shift)
+    text/semroute_text.json   how prompts are encoded: LLM reference and fingerprint, instruction, chat
+                              template, max length, layers, compute dtype
+    text/null.safetensors     the stored null caption's features (guidance and dropout used these)
+
+The LLM's weights are not copied: the folder names the LLM (hub id, folder, GGUF path or ``smollm2``),
+``from_pretrained`` loads it and refuses one whose weights differ from the text cache's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput
+
+from semroute.shared.errors import SemrouteError
+from semroute.shared.llm import LoadedLLM, load_llm
+from semroute.shared.store import pad_batch
+from semroute.shared.text_encoder import PromptFormat, TextEncoder
+
+TEXT_DIR = "text"
+TEXT_CONFIG = "semroute_text.json"
+NULL_FILE = "null.safetensors"
+
+
+@dataclass
+class SemroutePipelineOutput(BaseOutput):
+    images: list  # PIL images, or a [B, 3, H, W] float tensor in [0, 1] with output_type="pt"
+
+
+def text_settings_from_fingerprint(fp: dict) -> dict:
+    """What the pipeline must reproduce from a text cache's fingerprint."""
+    ref = fp["llm_ref"]
+    if ref not in ("smollm2",) and Path(ref).exists():
+        ref = str(Path(ref).resolve())  # a folder or GGUF named relative to where encode-text ran
+    return {
+        "llm_ref": ref,
+        "llm_weights_sha256": fp["llm_weights_sha256"],
+        "tokenizer_sha256": fp["tokenizer_sha256"],
+        "instruction": fp["prompt_instruction"],
+        "chat_template": fp["prompt_chat_template"],
+        "max_length": fp["prompt_max_length"],
+        "layers": list(fp["layers"]),
+        "compute_dtype": fp["compute_dtype"],
+    }
+
+
+class SemroutePipeline(DiffusionPipeline):
+    """Text-to-image with a semroute DiT. Components: ``transformer``, ``vae``, ``scheduler``; the text
+    side (``text_encoder``: a :class:`TextEncoder`) is attached by ``from_pretrained`` / ``from_run``."""
+
+    model_cpu_offload_seq = "transformer->vae"
+
+    def __init__(self, transformer, vae, scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        self.text_encoder: TextEncoder | None = None
+        self.text_settings: dict = {}
+        self.null_features: torch.Tensor | None = None  # [n, L_stored, D]
+        self.default_size: tuple[int, int] | None = None  # (height, width) in pixels
+
+    # -- text ------------------------------------------------------------------------------------
+    def attach_text(self, settings: dict, null_features: torch.Tensor, llm: LoadedLLM | str | None = None,
+                    device: str | None = "auto") -> None:
+        """Load (or take) the LLM named by ``settings`` and check it is the one the cache was made with."""
+        if not isinstance(llm, LoadedLLM):
+            llm = load_llm(llm or settings["llm_ref"], device=device, dtype=settings["compute_dtype"])
+        ident = llm.identity
+        for key in ("llm_weights_sha256", "tokenizer_sha256"):
+            have = ident[key.removeprefix("llm_")]
+            if have != settings[key]:
+                raise SemrouteError(
+                    f"the LLM {llm.ref!r} is not the one the text cache was encoded with ({key}: {have[:12]}... "
+                    f"vs {settings[key][:12]}...); sampling with it would feed the DiT features it never saw. "
+                    f"Pass the original model (it was {settings['llm_ref']!r})."
+                )
+        fmt = PromptFormat(instruction=settings["instruction"], chat_template=settings["chat_template"],
+                           max_length=settings["max_length"])
+        self.text_encoder = TextEncoder(llm, fmt, list(settings["layers"]))
+        self.text_settings = dict(settings)
+        self.null_features = null_features
+
+    def _model_layers(self) -> list[int]:
+        positions = self.transformer.layer_positions(self.text_settings["layers"])
+        return positions
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Each prompt's ``[n_tokens, L, D]`` features of the layers the DiT reads, exactly as the cache
+        would hold them (same tokenizer, prompt format, layers, compute dtype)."""
+        if self.text_encoder is None:
+            raise SemrouteError("this pipeline has no text encoder attached; load it with from_pretrained/from_run")
+        tokenized = self.text_encoder.tokenize(prompts)
+        feats, _ = self.text_encoder.forward([t.ids for t in tokenized])
+        pick = self._model_layers()
+        return [feats[i, : len(t.ids)][:, pick].cpu() for i, t in enumerate(tokenized)]
+
+    # -- sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = 25, guidance_scale: float = 6.0,
+                 height: int | None = None, width: int | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, num_images_per_prompt: int = 1,
+                 output_type: str = "pil", reuse_text: bool = True, return_dict: bool = True):
+        """Generate images with Euler flow-matching steps and classifier-free guidance
+        ``uncond + w * (cond - uncond)`` against the stored null caption.
+
+        ``generator``: one per image for per-image reproducibility (image i is then independent of its
+        batch-mates), or one for all. ``reuse_text=False`` recomputes the text keys/values at every step
+        (only for measuring what the reuse saves; results are the same).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        n = len(prompts)
+        device = self.transformer.device
+        dtype = self.transformer.dtype
+        height = height or (self.default_size[0] if self.default_size else None)
+        width = width or (self.default_size[1] if self.default_size else None)
+        if height is None or width is None:
+            raise SemrouteError("give height and width (this pipeline has no training resolution recorded)")
+        down = self.vae_downsample
+        if height % down or width % down:
+            raise SemrouteError(f"height and width must be multiples of {down} for this autoencoder, got {width}x{height}")
+        h, w = height // down, width // down
+
+        # 1. Text: conditional prompts and (for guidance) the stored null caption, padded together.
+        cond = self.encode_prompts(prompts)
+        guided = guidance_scale != 1.0
+        items = cond + ([self.null_features[:, self._model_layers()]] * n if guided else [])
+        text, mask = pad_batch(items)
+        text, mask = text.to(device), mask.to(device)
+        context = self.transformer.prepare_text(text, mask) if reuse_text else None
+
+        # 2. Initial noise, one generator per image when given.
+        channels = self.transformer.config.in_channels
+        shape = (channels, h, w)
+        if isinstance(generator, list):
+            if len(generator) != n:
+                raise SemrouteError(f"got {len(generator)} generators for {n} images")
+            latents = torch.stack([torch.randn(shape, generator=g) for g in generator])
+        else:
+            latents = torch.randn((n, *shape), generator=generator)
+        latents = latents.to(device, dtype)
+
+        # 3. Euler steps on the flow ODE from sigma = 1 (noise) to 0.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_in = torch.cat([latents, latents]) if guided else latents
+            timestep = t.expand(model_in.shape[0]).to(device)
+            if reuse_text:
+                velocity = self.transformer(model_in, timestep, text_context=context, return_dict=False)[0]
+            else:
+                velocity = self.transformer(model_in, timestep, text, mask, return_dict=False)[0]
+            if guided:
+                v_cond, v_uncond = velocity.chunk(2)
+                velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
+            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+        # 4. Decode: the DiT's space -> the autoencoder's -> pixels in [0, 1].
+        z = latents / self.vae_scaling + self.vae_shift
+        decoded = self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]
+        images = ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
+        if output_type == "pil":
+            from PIL import Image
+
+            arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+            images = [Image.fromarray(a) for a in arrays]
+        return SemroutePipelineOutput(images=images) if return_dict else (images,)
+
+    # -- autoencoder facts -----------------------------------------------------------------------
+    @property
+    def vae_scaling(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+
+    @property
+    def vae_shift(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", 0.0) or 0.0)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        params = list(self.vae.parameters())
+        return params[0].dtype if params else torch.float32
+
+    @property
+    def vae_downsample(self) -> int:
+        cfg = self.vae.config
+        if hasattr(cfg, "patch_size") and type(self.vae).__name__ == "PixelCodec":
+            return int(cfg.patch_size)
+        if getattr(cfg, "block_out_channels", None):
+            return 2 ** (len(cfg.block_out_channels) - 1)
+        ratio = getattr(cfg, "spatial_compression_ratio", None)
+        if ratio:
+            return int(ratio)
+        raise SemrouteError(f"cannot tell the downsampling factor of {type(self.vae).__name__}")
+
+    # -- saving and loading ----------------------------------------------------------------------
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(out / "transformer")
+        self.vae.save_pretrained(out / "vae")
+        self.scheduler.save_pretrained(out / "scheduler")
+        (out / TEXT_DIR).mkdir(exist_ok=True)
+        settings = {**self.text_settings, "default_size": list(self.default_size) if self.default_size else None}
+        (out / TEXT_DIR / TEXT_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+        save_file({"null": self.null_features.contiguous()}, str(out / TEXT_DIR / NULL_FILE))
+        index = {
+            "_class_name": type(self).__name__,
+            "_diffusers_version": __import__("diffusers").__version__,
+            "transformer": [type(self.transformer).__module__, type(self.transformer).__name__],
+            "vae": [type(self.vae).__module__, type(self.vae).__name__],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+        }
+        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path, *, llm: LoadedLLM | str | None = None, device: str | None = "auto",
+                        **kwargs) -> "SemroutePipeline":
+        """Load an exported folder; ``llm`` overrides where the LLM is loaded from (same weights required)."""
+        import importlib
+
+        from safetensors.torch import load_file
+
+        from semroute.shared.llm import resolve_device
+
+        folder = Path(path)
+        try:
+            index = json.loads((folder / "model_index.json").read_text())
+            settings = json.loads((folder / TEXT_DIR / TEXT_CONFIG).read_text())
+        except FileNotFoundError as err:
+            raise SemrouteError(f"{folder} is not an exported semroute pipeline ({err.filename} missing)") from None
+
+        def load(name: str):
+            module, cls_name = index[name]
+            klass = getattr(importlib.import_module(module), cls_name)
+            return klass.from_pretrained(str(folder / name))
+
+        target = resolve_device(device)
+        pipe = cls(load("transformer"), load("vae"), FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"))
+        pipe.to(target)
+        null = load_file(str(folder / TEXT_DIR / NULL_FILE))["null"]
+        size = settings.pop("default_size", None)
+        pipe.default_size = tuple(size) if size else None
+        pipe.attach_text(settings, null, llm=llm, device=str(target))
+        return pipe
+
+    @classmethod
+    def from_run(cls, run_dir, *, ema: bool = False, checkpoint: str | None = None,
+                 llm: LoadedLLM | str | None = None, device: str | None = "auto") -> "SemroutePipeline":
+        """Build the pipeline from a training run folder: its newest checkpoint (or ``checkpoint``), the
+        caches' fingerprints recorded in run.json, the training shift."""
+        import importlib
+
+        from semroute.shared.llm import resolve_device
+        from semroute.stage2_train.config import TrainConfig
+        from semroute.stage2_train.train import latest_model_dir
+
+        run = Path(run_dir)
+        if not (run / "run.json").exists():
+            raise SemrouteError(f"{run} is not a training run folder (no run.json)")
+        record = json.loads((run / "run.json").read_text())
+        cfg = TrainConfig.build(config_file=str(run / "config.yaml"))
+        model_dir = latest_model_dir(Path(checkpoint) if checkpoint else run, ema=ema)
+        model_cfg = json.loads((model_dir / "config.json").read_text())
+        module = "semroute.stage2_train.deep_fusion" if model_cfg.get("fusion") == "deep" else "semroute.stage2_train.dit"
+        klass = getattr(importlib.import_module(module), model_cfg["_class_name"])
+        transformer = klass.from_pretrained(str(model_dir))
+        vae, size = _vae_from_fingerprint(record["latent_fingerprint"])
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.shift)
+        target = resolve_device(device)
+        pipe = cls(transformer, vae, scheduler)
+        pipe.to(target)
+        pipe.default_size = size
+        settings = text_settings_from_fingerprint(record["text_fingerprint"])
+        null = _null_from_cache(record["text_cache"])
+        pipe.attach_text(settings, null, llm=llm, device=str(target))
+        if null is None:
+            # The text cache has moved: re-encode the null caption with the same code and LLM.
+            tok = pipe.text_encoder.null_caption()
+            feats, _ = pipe.text_encoder.forward([tok.ids])
+            pipe.null_features = feats[0].cpu()
+        return pipe
+
+
+def _null_from_cache(text_cache: str) -> torch.Tensor | None:
+    from semroute.shared.store import TextCacheReader
+
+    try:
+        return TextCacheReader(text_cache).null()
+    except SemrouteError:
+        return None
+
+
+def _vae_from_fingerprint(fp: dict):
+    """The autoencoder a latent cache was made with, and the cache's image size (height, width)."""
+    from semroute.shared.vae import PixelCodec, load_encoder
+
+    size = fp.get("resolution")
+    size = (int(size), int(size)) if isinstance(size, (int, float)) and not fp.get("buckets") else None
+    if fp.get("vae") == "pixel":
+        return PixelCodec(int(fp.get("patch_size", 2))), size
+    dtype = fp.get("stored_dtype", "float32")
+    encoder = load_encoder(fp["vae"], fp.get("subfolder"), device="cpu", dtype=dtype if dtype != "uint8" else "float32")
+    if fp.get("weights_sha256") and encoder.info.identity.get("weights_sha256") != fp["weights_sha256"]:
+        raise SemrouteError(f"the VAE at {fp['vae']} has other weights than the one the latent cache was made with")
+    return encoder.model, size
+
+

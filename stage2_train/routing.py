@@ -1,0 +1,128 @@
+"""Routing weights as numbers (CSV) and pictures (PNG): blocks x LLM layers for depth-wise gates, a
+curve over sigma for time-wise ones, both for joint ones.
+
+Written by the trainer at every checkpoint and by ``semroute routing RUN``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SIGMA_GRID = np.linspace(0.0, 1.0, 21)
+
+
+@torch.no_grad()
+def routing_table(model) -> dict:
+    """Every routing weight of ``model`` as numpy arrays.
+
+    Returns ``{"fusion", "layers", "blocks", "sigmas", "weights"}`` with ``weights`` shaped
+    ``[S, blocks, L]`` over ``sigmas`` (S = 1 and sigma = None for strategies that ignore sigma).
+    """
+    fusion = model.config.fusion
+    layers = list(model.text_layers if hasattr(model, "text_layers") else model.config.text_layers)
+    blocks = int(model.config.num_blocks)
+    time_dependent = bool(getattr(getattr(model, "router", None), "time_dependent", False))
+    sigmas = SIGMA_GRID if time_dependent else np.array([np.nan])
+    w = model.routing_weights(torch.tensor(sigmas, dtype=torch.float32) if time_dependent else None)
+    w = w.float().cpu().numpy()
+    if not time_dependent:
+        w = w[None]
+    if w.ndim == 2:  # [S, L]: one mixture shared by all blocks
+        w = np.repeat(w[:, None, :], blocks, axis=1)
+    return {"fusion": fusion, "layers": layers, "blocks": blocks, "sigmas": sigmas, "weights": w}
+
+
+def write_csv(table: dict, path: Path) -> None:
+    """Long format: one row per (sigma, block, layer) with its weight."""
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["fusion", "sigma", "block", "llm_layer", "weight"])
+        for s, sigma in enumerate(table["sigmas"]):
+            for b in range(table["blocks"]):
+                for l, layer in enumerate(table["layers"]):
+                    out.writerow([table["fusion"], "" if np.isnan(sigma) else f"{sigma:.3f}", b, layer,
+                                  f"{table['weights'][s, b, l]:.6g}"])
+
+
+def plot(table: dict, path: Path, title: str = "") -> None:
+    """A heatmap of blocks x layers (at sigma 0.5 for sigma-dependent gates), plus for time-wise and
+    joint gates a heatmap of sigma x layers (averaged over blocks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w, layers, sigmas = table["weights"], table["layers"], table["sigmas"]
+    timed = not np.isnan(sigmas[0])
+    mid = int(np.argmin(np.abs(sigmas - 0.5))) if timed else 0
+    ncols = 2 if timed else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols + 1, 0.35 * table["blocks"] + 2.5), squeeze=False)
+    ax = axes[0, 0]
+    im = ax.imshow(w[mid], aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+    ax.set_xlabel("LLM layer (hidden_states index)")
+    ax.set_ylabel("DiT block")
+    ax.set_title(f"{table['fusion']} routing" + (f" at sigma={sigmas[mid]:.2f}" if timed else ""))
+    _layer_ticks(ax, layers)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if timed:
+        ax = axes[0, 1]
+        im = ax.imshow(w.mean(axis=1), aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
+                       extent=(-0.5, len(layers) - 0.5, sigmas[-1], sigmas[0]))
+        ax.set_xlabel("LLM layer (hidden_states index)")
+        ax.set_ylabel("sigma (noise level)")
+        ax.set_title("weights over sigma (mean over blocks)")
+        _layer_ticks(ax, layers)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _layer_ticks(ax, layers: list[int]) -> None:
+    step = max(1, len(layers) // 12)
+    ticks = list(range(0, len(layers), step))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(layers[i]) for i in ticks])
+
+
+def save_routing(model, folder: Path, stem: str, title: str = "") -> tuple[Path, Path]:
+    """Write ``<stem>.png`` and ``<stem>.csv`` into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = routing_table(model)
+    png, csv_path = folder / f"{stem}.png", folder / f"{stem}.csv"
+    plot(table, png, title)
+    write_csv(table, csv_path)
+    return png, csv_path
+
+
+def summary(model, sigma: float = 0.5) -> dict:
+    """Per-block entropy (nats) and top layer, for the training log."""
+    s = model.routing_summary(sigma)
+    return {"entropy": [round(float(e), 4) for e in s["entropy"]], "top_layer": s["top_layer"]}
+
+
+def load_routed_model(path: Path, ema: bool = False):
+    """The DiT of a run (newest checkpoint), a checkpoint folder, or an exported pipeline; and a label."""
+    import importlib
+    import json
+
+    from semroute.shared.errors import SemrouteError
+    from semroute.stage2_train.train import latest_model_dir
+
+    path = Path(path)
+    if (path / "transformer" / "config.json").exists():
+        model_dir = path / "transformer"
+    elif (path / "run.json").exists() or (path / "model").is_dir():
+        model_dir = latest_model_dir(path, ema=ema)
+    else:
+        raise SemrouteError(f"{path} is not a run folder, a checkpoint or an exported pipeline")
+    config = json.loads((model_dir / "config.json").read_text())
+    module = "semroute.stage2_train.deep_fusion" if config.get("fusion") == "deep" else "semroute.stage2_train.dit"
+    model = getattr(importlib.import_module(module), config["_class_name"]).from_pretrained(str(model_dir))
+    return model, str(model_dir.parent.name if model_dir.name.startswith("model") else path.name)

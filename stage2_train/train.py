@@ -1,0 +1,380 @@
+"""``semroute train``: the DiT and its routing gates, trained from the text and latent caches only.
+
+Run folder::
+
+    RUN/config.yaml                 the resolved configuration
+    RUN/run.json                    the caches and their fingerprints (a resume must use the same ones)
+    RUN/checkpoints/step-NNNNNNN/   accelerate state (model, optimizer, scheduler, RNG, EMA, data position)
+                                    + model/ (and model_ema/) as diffusers folders for `sample` / `export`
+    RUN/logs/metrics.jsonl          loss, grad norm, lr, samples/s, routing entropy and top layer per block
+    RUN/logs/tensorboard/           the same scalars through accelerate's tracker
+    RUN/routing/step-NNNNNNN.png    routing heatmap (+ .csv) at every checkpoint; latest.png
+
+A checkpoint is written to a temporary folder and renamed when complete, so a crash never leaves a
+half checkpoint that ``--resume`` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from semroute.shared.errors import SemrouteError
+from semroute.shared.fingerprint import require_match
+from semroute.shared.layers import parse_layers
+from semroute.stage2_train import routing
+from semroute.stage2_train.config import TrainConfig
+from semroute.stage2_train.data import BatchLoader, EpochBatches, PairedCaches, _seed
+from semroute.stage2_train.objective import flow_loss
+
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass
+class TrainState:
+    """What, besides weights and optimizer, a resume needs: where the data stream stands."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0  # next batch of the epoch
+    samples: int = 0
+    train_seconds: float = 0.0
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model construction from the caches
+# ---------------------------------------------------------------------------------------------
+def model_text_layers(cfg: TrainConfig, n_llm_layers: int, stored: list[int]) -> list[int]:
+    if cfg.text_layers is not None:
+        return parse_layers(cfg.text_layers, n_llm_layers)
+    if cfg.fusion == "penultimate":
+        return [n_llm_layers - 1]
+    return [i for i in stored if i != 0]
+
+
+def build_model(cfg: TrainConfig, text_fp: dict, stored_layers: list[int], latent_channels: int):
+    """The DiT for this config, sized on the text side by the cache's LLM."""
+    n, d = int(text_fp["llm_num_hidden_layers"]), int(text_fp["llm_hidden_size"])
+    overrides = dict(cfg.model)
+    for key, value in (("text_dim", d), ("llm_num_layers", n)):
+        if key in overrides and overrides[key] != value:
+            raise SemrouteError(f"model.{key}={overrides[key]} but the text cache's LLM has {key}={value}")
+        overrides[key] = value
+    overrides.setdefault("in_channels", latent_channels)
+    if overrides["in_channels"] != latent_channels:
+        raise SemrouteError(f"model.in_channels={overrides['in_channels']} but the latent cache has "
+                            f"{latent_channels} channels")
+    if cfg.fusion == "deep":
+        from semroute.stage2_train.deep_fusion import build_deep_model
+
+        return build_deep_model(cfg, text_fp, stored_layers, overrides)
+    from semroute.stage2_train.dit import SemrouteDiT
+
+    layers = model_text_layers(cfg, n, stored_layers)
+    model = SemrouteDiT.from_preset(cfg.preset, fusion=cfg.fusion, text_layers=layers, **overrides)
+    model.layer_positions(stored_layers)  # a clear error when the cache lacks a layer
+    return model
+
+
+def check_caches(cfg: TrainConfig, dataset: PairedCaches, run_dir: Path, resuming: bool) -> dict:
+    """Refuse caches that do not fit: expected fingerprint entries, and on resume the caches the run
+    started with. Returns the record saved as run.json."""
+    text_fp, latent_fp = dataset.text.fingerprint, dataset.latents.fingerprint
+    if cfg.expect_text:
+        require_match(text_fp, dict(cfg.expect_text), sorted(cfg.expect_text), f"text cache {cfg.text_cache}")
+    record = {"text_cache": cfg.text_cache, "latent_cache": cfg.latent_cache, "text_fingerprint": text_fp,
+              "latent_fingerprint": latent_fp, "text_layers_stored": dataset.text.stored_layers}
+    run_json = run_dir / "run.json"
+    if resuming and run_json.exists():
+        before = json.loads(run_json.read_text())
+        require_match(text_fp, before["text_fingerprint"], None, f"text cache {cfg.text_cache} (run started on "
+                                                                   f"{before['text_cache']})")
+        require_match(latent_fp, before["latent_fingerprint"], None, f"latent cache {cfg.latent_cache} (run "
+                                                                       f"started on {before['latent_cache']})")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """``latest`` -> the newest complete checkpoint of the run (None for a new run); else a path."""
+    if resume in (None, "", "no"):
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "train_state.json").exists():
+        raise SemrouteError(f"--resume {resume}: not a checkpoint folder (expected {run_dir}/checkpoints/step-*)")
+    return path
+
+
+def latest_model_dir(run_or_checkpoint: Path, ema: bool = False) -> Path:
+    """The diffusers model folder of a run's newest checkpoint (or of a given checkpoint)."""
+    path = Path(run_or_checkpoint)
+    if (path / "model").is_dir():
+        ckpt = path
+    else:
+        found = list_checkpoints(path)
+        if not found:
+            raise SemrouteError(f"{path} has no checkpoint yet")
+        ckpt = found[-1]
+    name = "model_ema" if ema else "model"
+    if not (ckpt / name).is_dir():
+        raise SemrouteError(f"{ckpt} has no {name}/ (was the run trained with ema: true?)")
+    return ckpt / name
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+class Trainer:
+    """Builds everything from a :class:`TrainConfig`, then ``train()`` runs the loop."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: str | None = None, progress: bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        if not cfg.text_cache or not cfg.latent_cache:
+            raise SemrouteError("train needs --text-cache and --latent-cache")
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        self.progress = progress
+        mixed = cfg.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=mixed,
+            gradient_accumulation_steps=cfg.grad_accum,
+            log_with="tensorboard" if cfg.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+        )
+        acc = self.accelerator
+        self.resume_from = resolve_resume(self.run_dir, resume)
+        if resume and resume != "latest" and self.resume_from is None:
+            raise SemrouteError(f"--resume {resume}: no checkpoint found")
+
+        # The model's initial weights come from the global RNG: seed it so a run is reproducible.
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+
+        # 1. Data: both caches joined; the model reads only the layers it uses.
+        probe = PairedCaches(cfg.text_cache, cfg.latent_cache, text_layers=None, seed=cfg.seed,
+                             caption_dropout=cfg.caption_dropout)
+        self.model = build_model(cfg, probe.text.fingerprint, probe.text.stored_layers,
+                                 probe.latents.latent_channels)
+        self.dataset = PairedCaches(cfg.text_cache, cfg.latent_cache, text_layers=list(self.model.text_layers),
+                                    seed=cfg.seed, caption_dropout=cfg.caption_dropout)
+        patch = int(self.model.config.patch_size)
+        for bucket in self.dataset.latents.buckets:
+            shape = bucket.latent_shape
+            if shape[-1] % patch or shape[-2] % patch:
+                raise SemrouteError(f"latent bucket {bucket.name} has shape {tuple(shape)}; its height and width "
+                                    f"must be multiples of the DiT patch size {patch}")
+        self.record = check_caches(cfg, self.dataset, self.run_dir, resuming=self.resume_from is not None)
+        self.plan = EpochBatches(self.dataset.bucket_ids(), self.dataset.text_lengths(), cfg.batch_size,
+                                 seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
+                                 length_batching=cfg.length_batching)
+
+        # 2. Optimizer: AdamW over trainable parameters; the routing gates decay or not by config.
+        if cfg.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        router = getattr(self.model, "router", None)
+        router_ids = {id(p) for p in router.parameters()} if router is not None else set()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if id(p) not in router_ids], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in trainable if id(p) in router_ids],
+             "weight_decay": cfg.weight_decay if cfg.decay_fusion_logits else 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        self.scheduler = _lr_schedule(self.optimizer, cfg)
+        self.ema = None
+        if cfg.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_decay, model_cls=type(self.model),
+                                model_config=self.model.config)
+        self.state = TrainState()
+        # The scheduler is not handed to accelerate: its wrapper steps once per process per optimizer
+        # step, which would make warm-up depend on the number of processes. We step it ourselves.
+        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+        if self.ema is not None:
+            self.ema.to(acc.device)
+            acc.register_for_checkpointing(self.ema)
+        acc.register_for_checkpointing(self.state)
+
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "logs").mkdir(exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+            record = {**self.record, "world_size": acc.num_processes,
+                      "model_class": type(acc.unwrap_model(self.model)).__name__}
+            (self.run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+        if self.resume_from is not None:
+            acc.load_state(str(self.resume_from))
+        acc.wait_for_everyone()
+        if cfg.tensorboard:
+            acc.init_trackers("tensorboard", config={k: v for k, v in cfg.to_dict().items()
+                                                     if isinstance(v, (int, float, str, bool))})
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        unwrapped = acc.unwrap_model(self.model)
+        loader = BatchLoader(self.dataset, self.plan, num_workers=cfg.num_workers, start_epoch=state.epoch,
+                             start_index=state.index, pin_memory=acc.device.type == "cuda")
+        bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
+                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
+        metrics_path = self.run_dir / "logs" / "metrics.jsonl"
+        samples_log = (open(self.run_dir / "logs" / f"samples-rank{acc.process_index}.jsonl", "a")
+                       if cfg.log_samples else None)
+        window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+        last = {}
+        started = time.perf_counter()
+        base_seconds = state.train_seconds
+        batches = iter(loader)
+        self.model.train()
+        try:
+            while state.step < cfg.max_steps:
+                step_loss = 0.0
+                grad_norm = None
+                for micro in range(cfg.grad_accum):
+                    batch = next(batches).to(acc.device)
+                    with acc.accumulate(self.model):
+                        g = torch.Generator().manual_seed(_seed(cfg.seed, state.step, acc.process_index, micro))
+                        with acc.autocast():
+                            loss = flow_loss(self.model, batch.latents, batch.text, batch.text_mask,
+                                             shift=cfg.shift, mean=cfg.logit_mean, std=cfg.logit_std, generator=g)
+                        acc.backward(loss)
+                        if acc.sync_gradients:
+                            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                        self.optimizer.step()  # a no-op until gradients sync (accumulation)
+                        if acc.sync_gradients:
+                            self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    step_loss += float(loss.detach()) / cfg.grad_accum
+                    state.epoch, state.index = batch.epoch, batch.index + 1
+                    if samples_log is not None:
+                        samples_log.write(json.dumps({"step": state.step, "micro": micro, "epoch": batch.epoch,
+                                                      "sample_ids": batch.sample_ids}) + "\n")
+                state.step += 1
+                state.samples += cfg.batch_size * cfg.grad_accum * acc.num_processes
+                if self.ema is not None and state.step % cfg.ema_every == 0:
+                    self.ema.step(self.model.parameters())
+                window_loss += step_loss
+                window_n += 1
+                window_samples += cfg.batch_size * cfg.grad_accum * acc.num_processes
+                state.train_seconds = base_seconds + time.perf_counter() - started
+                over_time = cfg.max_minutes is not None and state.train_seconds >= cfg.max_minutes * 60
+                over_time = bool(acc.reduce(torch.tensor(float(over_time), device=acc.device), "max").item())
+                done = state.step >= cfg.max_steps or over_time
+
+                if state.step % cfg.log_every == 0 or done:
+                    dt = time.perf_counter() - window_t0
+                    mean_loss = acc.reduce(torch.tensor(window_loss / window_n, device=acc.device), "mean").item()
+                    route = routing.summary(unwrapped)
+                    last = {"step": state.step, "loss": mean_loss,
+                            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                            "lr": self.scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(dt, 1e-9),
+                            "epoch": state.epoch, "train_seconds": round(state.train_seconds, 2),
+                            "routing_entropy": route["entropy"], "routing_top_layer": route["top_layer"]}
+                    if acc.is_main_process:
+                        with open(metrics_path, "a") as fh:
+                            fh.write(json.dumps(last) + "\n")
+                    scalars = {k: last[k] for k in ("loss", "lr", "samples_per_s") if last[k] is not None}
+                    if last["grad_norm"] is not None:
+                        scalars["grad_norm"] = last["grad_norm"]
+                    scalars["routing_entropy_mean"] = sum(route["entropy"]) / len(route["entropy"])
+                    if cfg.tensorboard:
+                        acc.log(scalars, step=state.step)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{last['samples_per_s']:.1f}", refresh=False)
+                    window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+                bar.update(1)
+                if state.step % cfg.checkpoint_every == 0 or done:
+                    self.save_checkpoint()
+                if over_time:
+                    break
+        finally:
+            bar.close()
+            if samples_log is not None:
+                samples_log.close()
+            if cfg.tensorboard:
+                acc.end_training()
+        return {"step": state.step, "train_seconds": state.train_seconds, "last": last,
+                "checkpoint": str(list_checkpoints(self.run_dir)[-1]) if list_checkpoints(self.run_dir) else None}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        acc, state = self.accelerator, self.state
+        name = f"{CHECKPOINT_PREFIX}{state.step:07d}"
+        final = self.run_dir / "checkpoints" / name
+        tmp = self.run_dir / "checkpoints" / f".{name}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            model.save_pretrained(tmp / "model")
+            if self.ema is not None:
+                self.ema.store(model.parameters())
+                self.ema.copy_to(model.parameters())
+                model.save_pretrained(tmp / "model_ema")
+                self.ema.restore(model.parameters())
+            (tmp / "train_state.json").write_text(json.dumps(state.state_dict()))
+            routing.save_routing(model, tmp, "routing", title=f"{self.cfg.fusion}, step {state.step}")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # only now does the checkpoint exist for --resume
+            folder = self.run_dir / "routing"
+            folder.mkdir(exist_ok=True)
+            for suffix in ("png", "csv"):
+                shutil.copyfile(final / f"routing.{suffix}", folder / f"{name}.{suffix}")
+                shutil.copyfile(final / f"routing.{suffix}", folder / f"latest.{suffix}")
+            with open(self.run_dir / "logs" / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": state.step, "event": "checkpoint", "path": str(final)}) + "\n")
+            for old in list_checkpoints(self.run_dir)[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+
+def _lr_schedule(optimizer, cfg: TrainConfig):
+    from diffusers.optimization import get_scheduler
+
+    name = {"constant": "constant", "warmup": "constant_with_warmup", "cosine": "cosine"}[cfg.lr_schedule]
+    # Counted in optimizer steps (the trainer steps it once per synced update).
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+
+def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True) -> dict:
+    return Trainer(cfg, resume=resume, progress=progress).train()
+
+

@@ -1,0 +1,194 @@
+"""Training from the caches: the loss falls, resume is exact, processes split the data, bad caches are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from semroute.shared.errors import FingerprintMismatch, SemrouteError
+from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+from semroute.stage2_train.config import CONFIG_DIR, FUSION_CONFIGS, TrainConfig
+from semroute.stage2_train.data import EpochBatches, PairedCaches
+from semroute.stage2_train.train import Trainer, train
+from testkit import CLI, run_cli
+
+FAST = ["--preset", "tiny", "--batch-size", "8", "--num-workers", "0", "--no-progress", "--set", "tensorboard=false"]
+
+
+def _cfg(square_caches, tmp_path, **kw) -> TrainConfig:
+    text, latents, _ = square_caches
+    base = dict(text_cache=text, latent_cache=latents, out=str(tmp_path / "run"), preset="tiny", batch_size=8,
+                num_workers=0, tensorboard=False, log_every=1, checkpoint_every=1000)
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "logs" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]  # a resumed run re-logs steps: keep the latest
+    return out
+
+
+def test_loss_falls_clearly_on_the_tiny_preset(square_caches, tmp_path):
+    cfg = _cfg(square_caches, tmp_path, fusion="depth", max_steps=200, lr=1e-3, seed=0)
+    summary = train(cfg, progress=False)
+    losses = _losses(Path(cfg.out))
+    first = np.mean([losses[s] for s in range(1, 11)])
+    last = np.mean([losses[s] for s in range(191, 201)])
+    assert summary["step"] == 200
+    assert last < 0.5 * first, (first, last)
+    run = Path(cfg.out)
+    assert (run / "config.yaml").exists() and (run / "routing" / "latest.png").exists()
+    assert (run / "checkpoints" / "step-0000200" / "model" / "config.json").exists()
+    # the depth gates have moved away from uniform, differently per block
+    rows = [r for r in (run / "routing" / "latest.csv").read_text().splitlines()[1:]]
+    weights = np.array([float(r.split(",")[-1]) for r in rows]).reshape(2, 4)
+    assert np.allclose(weights.sum(1), 1) and not np.allclose(weights, 0.25)
+
+
+def test_resume_after_kill_9_continues_with_the_same_losses(square_caches, tmp_path):
+    text, latents, _ = square_caches
+    common = ["train", "--text-cache", text, "--latent-cache", latents, "--fusion", "static", *FAST,
+              "--set", "log_every=1", "--set", "checkpoint_every=20", "--lr", "1e-3"]
+    ref = tmp_path / "ref"
+    run_cli(*common, "--out", str(ref), "--max-steps", "30")
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(CLI), *common, "--out", str(run), "--max-steps", "100000"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoints" / "step-0000020"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not ckpt.exists():
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "no checkpoint was written before the kill"
+    killed_at = max(_losses(run))
+    assert killed_at < 30, "the run got too far before the kill for this test to mean anything"
+
+    run_cli("train", "--out", str(run), "--resume", "latest", "--max-steps", "30", "--no-progress")
+    a, b = _losses(ref), _losses(run)
+    assert [b[s] for s in range(21, 31)] == [a[s] for s in range(21, 31)]
+    assert [b[s] for s in range(1, 21)] == [a[s] for s in range(1, 21)]
+
+
+def test_two_processes_see_disjoint_samples_and_share_one_step_count(square_caches, tmp_path):
+    text, latents, _ = square_caches
+    run = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(CLI),
+         "train", "--text-cache", text, "--latent-cache", latents, "--fusion", "depth", "--out", str(run),
+         "--max-steps", "8", *FAST, "--set", "log_samples=true", "--set", "log_every=1"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    logs = [[json.loads(l) for l in (run / "logs" / f"samples-rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)]
+    assert [e["step"] for e in logs[0]] == [e["step"] for e in logs[1]] == list(range(8))
+    for epoch in {e["epoch"] for e in logs[0]}:
+        seen = [{s for e in log if e["epoch"] == epoch for s in e["sample_ids"]} for log in logs]
+        assert seen[0] and seen[1] and not (seen[0] & seen[1])
+    assert sorted(_losses(run)) == list(range(1, 9))
+
+
+def test_caption_dropout_uses_the_stored_null_caption(square_caches):
+    text, latents, _ = square_caches
+    ds = PairedCaches(text, latents, text_layers=None, caption_dropout=0.5, seed=3)
+    null = ds.text.null()
+    items = [ds[(i, 0)] for i in range(len(ds))]
+    dropped = [it for it in items if it["caption"] == -1]
+    kept = [it for it in items if it["caption"] != -1]
+    assert 25 < len(dropped) < 71  # 96 draws at p = 0.5
+    assert all(torch.equal(it["text"], null) for it in dropped)
+    assert all(torch.equal(it["text"], ds.text.caption(it["caption"])) for it in kept)
+    # captions picked belong to the item's own sample id
+    ids = ds.text.index.column("sample_id").to_pylist()
+    assert all(ids[it["caption"]] == it["sample_id"] for it in kept)
+    no_drop = PairedCaches(text, latents, text_layers=None, caption_dropout=0.0, seed=3)
+    assert all(no_drop[(i, 0)]["caption"] >= 0 for i in range(len(no_drop)))
+    # the same (sample, epoch) always gives the same draw; another epoch a new latent sample
+    a, b, c = ds[(5, 1)], ds[(5, 1)], ds[(5, 2)]
+    assert torch.equal(a["latent"], b["latent"]) and a["caption"] == b["caption"]
+
+
+def test_refuses_a_cache_with_fewer_layers_or_another_llm(square_caches, tmp_path, tiny_llama_dir, tiny_qwen_dir):
+    text, latents, manifest = square_caches
+    few = tmp_path / "few.text.zarr"
+    encode_text(EncodeTextConfig(data=str(manifest), out=str(few), llm=str(tiny_llama_dir), layers="last:2",
+                                 progress=False, dtype="float32"))
+    with pytest.raises(SemrouteError, match=r"missing.*\[1, 2\]|\[1, 2\].*missing"):
+        Trainer(_cfg(square_caches, tmp_path, text_cache=str(few), text_layers="all"), progress=False)
+    with pytest.raises(FingerprintMismatch, match="llm_weights_sha256: cache has"):
+        Trainer(_cfg(square_caches, tmp_path, expect_text={"llm_weights_sha256": "0" * 64}), progress=False)
+    # a run started on one LLM's cache refuses to resume on another LLM's
+    cfg = _cfg(square_caches, tmp_path, max_steps=2, checkpoint_every=2)
+    train(cfg, progress=False)
+    other = tmp_path / "qwen.text.zarr"
+    encode_text(EncodeTextConfig(data=str(manifest), out=str(other), llm=str(tiny_qwen_dir), progress=False,
+                                 dtype="float32"))
+    with pytest.raises(FingerprintMismatch, match="llm_weights_sha256"):
+        Trainer(_cfg(square_caches, tmp_path, text_cache=str(other), max_steps=4), resume="latest", progress=False)
+
+
+def test_configs_and_overrides(tmp_path):
+    for fusion, name in FUSION_CONFIGS.items():
+        cfg = TrainConfig.build(fusion=fusion)
+        assert cfg.fusion == fusion and (CONFIG_DIR / name).exists()
+        assert cfg.lr == 1e-4 and cfg.weight_decay == 1e-4 and cfg.caption_dropout == 0.1 and cfg.shift == 3.0
+    cfg = TrainConfig.build(config_file=str(CONFIG_DIR / "joint.yaml"), flags={"lr": 3e-4},
+                            overrides=["ema=true", "model.adaln=true", "betas=[0.9, 0.95]"])
+    assert (cfg.fusion, cfg.lr, cfg.ema, cfg.model, cfg.betas) == ("joint", 3e-4, True, {"adaln": True}, [0.9, 0.95])
+    with pytest.raises(SemrouteError, match="unknown config key"):
+        TrainConfig.build(overrides=["learning_rate=1"])
+    with pytest.raises(SemrouteError, match="fusion 'wide' is unknown"):
+        TrainConfig.build(fusion="wide")
+    cfg.save(tmp_path / "c.yaml")
+    assert TrainConfig.build(config_file=str(tmp_path / "c.yaml")) == cfg
+
+
+def test_epoch_batches_are_disjoint_deterministic_and_resumable():
+    buckets = np.array([0] * 50 + [1] * 30)
+    lengths = np.arange(80) % 17 + 1
+    plans = [EpochBatches(buckets, lengths, 8, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    e0 = [plans[r].epoch(0) for r in (0, 1)]
+    assert len(e0[0]) == len(e0[1]) == plans[0].per_epoch() == 4  # (6 + 3) full batches, 4 each
+    a, b = set(np.concatenate(e0[0])), set(np.concatenate(e0[1]))
+    assert not (a & b)
+    assert all(len(set(buckets[batch])) == 1 for batch in e0[0] + e0[1])
+    assert [x.tolist() for x in plans[0].epoch(3)] == [x.tolist() for x in plans[0].epoch(3)]
+    assert [x.tolist() for x in plans[0].epoch(3)] != [x.tolist() for x in plans[0].epoch(4)]
+    it = plans[0].iterate()
+    stream = [next(it) for _ in range(10)]
+    resumed = plans[0].iterate(*stream[6][:2])
+    assert [(e, k, s.tolist()) for e, k, s in (next(resumed) for _ in range(4))] == \
+           [(e, k, s.tolist()) for e, k, s in stream[6:]]
+    sorted_plan = EpochBatches(buckets, lengths, 8, seed=1, length_batching=True)
+    def padding(plan):
+        return sum(len(bt) * lengths[bt].max() - lengths[bt].sum() for bt in plan.epoch(0))
+    assert padding(sorted_plan) < 0.5 * padding(EpochBatches(buckets, lengths, 8, seed=1))
+
+
+@pytest.mark.parametrize("fusion", ["time", "joint"])
+def test_time_dependent_routing_plot_and_csv_cover_sigma(square_caches, tmp_path, fusion):
+    cfg = _cfg(square_caches, tmp_path, fusion=fusion, max_steps=3, checkpoint_every=3, ema=True, ema_decay=0.5)
+    train(cfg, progress=False)
+    run = Path(cfg.out)
+    rows = (run / "routing" / "latest.csv").read_text().splitlines()[1:]
+    assert len({r.split(",")[1] for r in rows}) == 21 and len(rows) == 21 * 2 * 4
+    assert (run / "routing" / "step-0000003.png").stat().st_size > 1000
+    ckpt = run / "checkpoints" / "step-0000003"
+    assert (ckpt / "model_ema" / "config.json").exists()
