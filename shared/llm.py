@@ -79,7 +79,7 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
-def _resolve(ref: str) -> tuple[str, Path, str | None, str | None]:
+def resolve_llm_ref(ref: str) -> tuple[str, Path, str | None, str | None]:
     """-> (kind, folder, gguf_file_name, hub_revision)."""
     if ref == "smollm2":
         gguf = smollm2_gguf_path()
@@ -127,7 +127,11 @@ def load_llm(ref: str, *, device: str | None = "auto", dtype: str | torch.dtype 
 
     torch_dtype = parse_dtype(dtype)
     target = resolve_device(device)
-    kind, folder, gguf_file, revision = _resolve(ref)
+    if target.type == "cpu" and torch_dtype != torch.float32:
+        log.warning("computing the LLM in %s on the CPU: CPU bf16/fp16 matmuls are often several times slower "
+                    "than float32 (--dtype float32), which stores 4 bytes per value in exact mode",
+                    str(torch_dtype).removeprefix("torch."))
+    kind, folder, gguf_file, revision = resolve_llm_ref(ref)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)

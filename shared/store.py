@@ -257,6 +257,8 @@ class ChecksumError(SemrouteError):
 
 
 def _crc32c(data) -> int:
+    # The `crc32c` package checksums memoryviews without a copy (google_crc32c, which zarr uses, wants
+    # bytes); both compute the same Castagnoli CRC that zarr's codec writes.
     import crc32c
 
     return crc32c.crc32c(data)
@@ -353,26 +355,51 @@ class ShardedArrayFile:
         raw = os.pread(self._fd(shard), int(nbytes), int(offset))
         if len(raw) != nbytes:
             raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} is truncated")
-        if self.check_crc and struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(memoryview(raw)[:-_CRC]):
-            raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} fails its crc32c checksum")
-        return np.frombuffer(raw, dtype=self.dtype, count=(len(raw) - _CRC) // self.dtype.itemsize).reshape(
-            -1, *self.row_shape
-        )
+        return self._check_chunk(memoryview(raw), shard, inner)
 
     def read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``start:stop`` as a new array (or into ``out``)."""
+        """Rows ``start:stop`` as a new array (or into ``out``).
+
+        The inner chunks a read needs lie back to back in their shard file (written in order), so each
+        shard's part is fetched with one ``pread`` and its chunks checked and copied from memory.
+        """
         if out is None:
             out = np.empty((stop - start, *self.row_shape), dtype=self.dtype)
         c = self.rows_per_chunk
         pos = start
         while pos < stop:
-            chunk = pos // c
-            data = self.read_chunk(chunk)
-            lo = pos - chunk * c
-            hi = min(stop - chunk * c, c)
-            out[pos - start: pos - start + hi - lo] = data[lo:hi]
-            pos += hi - lo
+            shard = pos // self.rows_per_shard
+            first = pos // c
+            last = min((stop - 1) // c, (shard + 1) * self.chunks_per_shard - 1)
+            index = self._shard_index(shard)
+            lo_inner, hi_inner = first - shard * self.chunks_per_shard, last - shard * self.chunks_per_shard
+            offsets, sizes = index[lo_inner: hi_inner + 1, 0], index[lo_inner: hi_inner + 1, 1]
+            if (offsets == _EMPTY).any():
+                raise SemrouteError(f"{self.shard_path(shard)}: a chunk was never written")
+            begin = int(offsets[0])
+            end = int(offsets[-1] + sizes[-1])
+            contiguous = np.array_equal(offsets[1:], offsets[:-1] + sizes[:-1])
+            raw = os.pread(self._fd(shard), end - begin, begin) if contiguous else None
+            if raw is not None and len(raw) != end - begin:
+                raise ChecksumError(f"{self.shard_path(shard)}: the shard file is truncated")
+            for k, chunk in enumerate(range(first, last + 1)):
+                if raw is None:
+                    data = self.read_chunk(chunk)
+                else:
+                    data = self._check_chunk(memoryview(raw)[int(offsets[k]) - begin: int(offsets[k] + sizes[k]) - begin],
+                                             shard, chunk - shard * self.chunks_per_shard)
+                lo = pos - chunk * c
+                hi = min(stop - chunk * c, c)
+                out[pos - start: pos - start + hi - lo] = data[lo:hi]
+                pos += hi - lo
         return out
+
+    def _check_chunk(self, raw, shard: int, inner: int) -> np.ndarray:
+        if self.check_crc and struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(raw[:-_CRC]):
+            raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} fails its crc32c checksum")
+        return np.frombuffer(raw, dtype=self.dtype, count=(len(raw) - _CRC) // self.dtype.itemsize).reshape(
+            -1, *self.row_shape
+        )
 
 
 def verify_array(root: str | Path, name: str, done: np.ndarray | None = None) -> tuple[int, list[str]]:

@@ -1,0 +1,445 @@
+"""The deep-fusion baseline (FuseDiT, DESIGN.md §1) as a diffusers model: ``--fusion deep``.
+
+DiT block i attends jointly over its own image tokens and the keys/values of LLM decoder layer ``first + i``,
+projected by that frozen LLM layer's own attention weights:
+
+    hidden_states[first + i]  [B, T, D_llm]     cached; the *input* of decoder module ``layers[first + i]``
+      --input_layernorm, k_proj / v_proj, (k_norm), 1D RoPE-->  text K/V [B, nkv, T, hd]      (frozen, no grad)
+    image tokens x [B, N, hidden]
+      --RMSNorm, to_q / to_k / to_v, QK-norm, 2D RoPE-->        image Q/K/V in the LLM's head layout (trained)
+    block i:  x += to_out(attn(Q_img, [K_text; K_img], [V_text; V_img]));   x += SwiGLU(RMSNorm(x))
+
+Why only the text keys/values: in the joint sequence text attends causally to text only and never to image
+tokens, so the text stream of layer ``first + i`` computes exactly what the LLM computed; its outputs are the
+LLM's next hidden states, which the cache already holds. The DiT side therefore needs no text queries, text
+output projection or text MLP, and never runs the LLM: each paired layer's keys/values are a function of the
+cached hidden state and four or five frozen tensors. ``prepare_text`` computes them once per prompt for all
+blocks, and a sampler reuses them across steps.
+
+Positions: text token j gets position j on every rotary frequency band, exactly as in the LLM (texts are
+right-padded, so real tokens sit at 0..len-1). The image token at patch row r, column c of sample b gets 2D
+positions after *that sample's real text*: even frequency bands rotate with ``len_b + r``, odd bands with
+``len_b + c`` (interleaved so that both axes see high and low frequencies, like Qwen3-VL's interleaved
+M-RoPE; token (0, 0) sits at ``len_b``, the next position after the text). Offsetting by the real length
+rather than the padded length keeps every image-text and image-image offset independent of padding, so a
+caption's output does not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import RMSNorm
+from torch import nn
+
+from semroute.shared.errors import SemrouteError
+from semroute.shared.fingerprint import require_match
+from semroute.stage2_train.deep_attention import DeepFusionBlock, LLMTextKV, default_inv_freq, image_positions, rope_cos_sin
+from semroute.stage2_train.presets import PRESETS
+
+FROZEN_PREFIX = "llm_layers."  # parameter names of the frozen LLM weights
+
+
+def default_first_layer(num_blocks: int, llm_num_layers: int) -> int:
+    """Centre the paired layers in the LLM: 24 blocks on a 36-layer LLM give layers 6..29, as the reference."""
+    return (llm_num_layers - num_blocks) // 2
+
+
+def check_pairing(first: int, num_blocks: int, llm_num_layers: int) -> None:
+    """Block i reads the input of decoder layer ``first + i``, which must exist: ``0 <= first``, ``first + blocks <= N``."""
+    if first < 0 or first + num_blocks > llm_num_layers:
+        fix = (f"Use 0 <= first <= {llm_num_layers - num_blocks} or fewer blocks." if num_blocks <= llm_num_layers
+               else f"Use at most {llm_num_layers} blocks.")
+        raise SemrouteError(
+            f"--fusion deep pairs DiT block i with LLM decoder layer first + i; first={first} with {num_blocks} blocks "
+            f"needs layers {first}..{first + num_blocks - 1}, but the LLM has layers 0..{llm_num_layers - 1}. {fix}"
+        )
+
+
+@dataclass
+class DeepTextContext:
+    """A batch of prompts ready for ``DeepFusionDiT``; build with ``prepare_text``, reuse across sampling steps.
+
+    Attributes:
+        mask: ``[B, T]`` bool, True for real tokens (a prefix of each row: right padding).
+        lengths: ``[B]`` long, real tokens per prompt (the image position offset).
+        kv: per block ``(key, value)``, each ``[B, llm_num_kv_heads, T, llm_head_dim]`` (post-RoPE keys).
+    """
+
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class DeepFusionDiT(ModelMixin, ConfigMixin):
+    """FuseDiT-style deep fusion: DiT block i attends jointly to its image tokens and LLM layer ``first + i``.
+
+    Same call interface as ``SemrouteDiT`` (``forward``, ``prepare_text``, ``layer_positions``,
+    ``routing_weights``). Build from an LLM with ``from_llm`` (reads only the paired layers' attention
+    weights) or, with random stand-in LLM weights, ``from_preset``.
+
+    Args:
+        in_channels, patch_size, num_blocks, hidden_size, mlp_hidden_size, norm_eps, adaln: the DiT, as in ``SemrouteDiT``.
+        text_dim: the LLM's hidden size. llm_num_layers: its decoder layer count N.
+        llm_first_layer: ``first``; block i reads ``hidden_states[first + i]`` (the input of decoder layer
+            ``first + i``). Default: centred, ``(N - num_blocks) // 2`` (6 for 24 blocks on 36 layers).
+        llm_num_heads, llm_num_kv_heads, llm_head_dim: the LLM's attention layout, used by the image side too.
+        llm_norm_eps: the LLM's RMSNorm eps. llm_qk_norm: the LLM has a per-head ``k_norm`` (Qwen3).
+        llm_attention_bias: the LLM's k/v projections have biases (Qwen2).
+        llm_rope_theta: the LLM's RoPE base; llm_rope_inv_freq: its inverse frequencies when not the
+            default formula of theta (llama3, yarn, ...); llm_rope_scaling: its cos/sin attention scaling.
+        llm_model_type, llm_ref, llm_weights_sha256: the LLM's identity, compared with a text cache's fingerprint.
+        fusion: always ``"deep"`` (kept in the config so that loaders can dispatch on it).
+        text_layers: derived, ``first .. first + blocks - 1``; accepted only if it equals that.
+
+    Attributes:
+        llm_layers: ``LLMTextKV`` per block, frozen (``requires_grad=False``; see ``trainable_parameters``).
+        text_layers: the ``hidden_states`` indices the model reads, in block order.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepFusionBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        patch_size: int = 2,
+        num_blocks: int = 24,
+        hidden_size: int = 2048,
+        mlp_hidden_size: int = 8192,
+        text_dim: int = 2560,
+        llm_num_layers: int = 36,
+        llm_first_layer: int | None = None,
+        llm_num_heads: int = 32,
+        llm_num_kv_heads: int = 8,
+        llm_head_dim: int = 128,
+        llm_norm_eps: float = 1e-6,
+        llm_qk_norm: bool = True,
+        llm_attention_bias: bool = False,
+        llm_rope_theta: float = 5_000_000.0,  # Qwen3-VL-4B
+        llm_rope_inv_freq: list[float] | None = None,
+        llm_rope_scaling: float = 1.0,
+        llm_model_type: str = "qwen3_vl_text",
+        llm_ref: str | None = None,
+        llm_weights_sha256: str | None = None,
+        fusion: str = "deep",
+        text_layers: list[int] | None = None,
+        norm_eps: float = 1e-6,
+        adaln: bool = False,
+    ):
+        super().__init__()
+        if fusion != "deep":
+            raise SemrouteError(f"DeepFusionDiT implements --fusion deep only, got {fusion!r}; use SemrouteDiT for the others.")
+        first = default_first_layer(num_blocks, llm_num_layers) if llm_first_layer is None else int(llm_first_layer)
+        check_pairing(first, num_blocks, llm_num_layers)
+        self.text_layers = list(range(first, first + num_blocks))
+        if text_layers is not None and list(text_layers) != self.text_layers:
+            raise SemrouteError(
+                f"--fusion deep reads hidden_states[first + i] for each block i, i.e. {self.text_layers} with "
+                f"first={first}; got text_layers={list(text_layers)}. Set llm_first_layer instead."
+            )
+        self.register_to_config(llm_first_layer=first, text_layers=self.text_layers)
+        inv_freq = default_inv_freq(llm_rope_theta, llm_head_dim) if llm_rope_inv_freq is None else torch.tensor(llm_rope_inv_freq, dtype=torch.float32)
+        if 2 * len(inv_freq) != llm_head_dim or len(inv_freq) < 2:
+            raise SemrouteError(f"llm_rope_inv_freq needs head_dim / 2 = {llm_head_dim // 2} bands (>= 2), got {len(inv_freq)}")
+        # A plain attribute, not a buffer: stays fp32 when the model is cast to bf16, and the config determines it.
+        self._inv_freq = inv_freq
+
+        # 1. Text side: the paired LLM layers' key/value paths, frozen.
+        self.llm_layers = nn.ModuleList(
+            LLMTextKV(text_dim, llm_num_kv_heads, llm_head_dim, llm_norm_eps, llm_qk_norm, llm_attention_bias)
+            for _ in range(num_blocks)
+        )
+        self.llm_layers.requires_grad_(False)
+
+        # 2. Image side.
+        patch_dim = in_channels * patch_size * patch_size
+        self.patch_embed = nn.Linear(patch_dim, hidden_size)
+        if adaln:
+            self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+            self.time_embedder = TimestepEmbedding(256, hidden_size)
+        self.blocks = nn.ModuleList(
+            DeepFusionBlock(hidden_size, llm_num_heads, llm_num_kv_heads, llm_head_dim, mlp_hidden_size, norm_eps, adaln)
+            for _ in range(num_blocks)
+        )
+        self.norm_out = RMSNorm(hidden_size, eps=norm_eps, elementwise_affine=not adaln)
+        self.out_modulation = nn.Linear(hidden_size, 2 * hidden_size) if adaln else None
+        self.proj_out = nn.Linear(hidden_size, patch_dim)
+
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    # ----------------------------------------------------------------------------------------------
+    # Construction
+    # ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> DeepFusionDiT:
+        """A named size of ``presets.PRESETS`` with random stand-in LLM weights (tests, benchmarks).
+
+        The preset's ``num_heads``/``num_kv_heads``/``head_dim`` become the LLM attention layout
+        (``paper``: 32/8 of 128, Qwen3-VL-4B's); its sigma-gate sizes are unused.
+        """
+        if name not in PRESETS:
+            raise SemrouteError(f"Unknown DiT preset {name!r}. Choose one of: {', '.join(PRESETS)}.")
+        preset = {k: v for k, v in PRESETS[name].items() if k not in ("gate_embed_dim", "gate_hidden_dim")}
+        for dit_key in ("num_heads", "num_kv_heads", "head_dim"):
+            preset[f"llm_{dit_key}"] = preset.pop(dit_key)
+        return cls(**{**preset, **overrides})
+
+    @classmethod
+    def from_llm(cls, llm, *, preset: str = "small", first: int | None = None, **overrides) -> DeepFusionDiT:
+        """Build for an LLM, copying the paired layers' frozen attention weights; the LLM is never run.
+
+        Args:
+            llm: a ``--llm`` reference (model folder, hub id, ``.gguf`` file, ``smollm2``) or a ``LoadedLLM``.
+                Safetensors folders are read tensor by tensor; GGUF files are loaded whole (see ``llm_layers``).
+            preset: DiT size (``tiny``, ``small``, ``base``, ``paper``); the attention layout comes from the LLM.
+            first: the LLM layer paired with block 0 (default centred, see ``default_first_layer``).
+            overrides: any other config field (``in_channels``, ``num_blocks``, ``adaln``, ...).
+        """
+        from semroute.stage2_train.llm_layers import open_llm
+
+        source = open_llm(llm)
+        fields = source.attention_fields()
+        num_blocks = overrides.get("num_blocks", PRESETS.get(preset, {}).get("num_blocks"))
+        if num_blocks is None:
+            raise SemrouteError(f"Unknown DiT preset {preset!r}. Choose one of: {', '.join(PRESETS)}.")
+        first = default_first_layer(num_blocks, fields["llm_num_layers"]) if first is None else first
+        check_pairing(first, num_blocks, fields["llm_num_layers"])
+        tensors = source.read_layers(range(first, first + num_blocks))
+        fields.update(
+            llm_first_layer=first,
+            llm_qk_norm="self_attn.k_norm.weight" in tensors[first],
+            llm_attention_bias="self_attn.k_proj.bias" in tensors[first],
+        )
+        model = cls.from_preset(preset, **{**fields, **overrides})
+        model.load_llm_layers(tensors)
+        return model
+
+    def load_llm_layers(self, tensors: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Copy decoder layer k's tensors (``{k: {"input_layernorm.weight": ..., "self_attn.k_proj.weight": ...}}``,
+        named as in the LLM's layer state dict) into the block paired with k; every tensor must fit."""
+        for index, layer in zip(self.text_layers, self.llm_layers):
+            given = tensors.get(index)
+            if given is None:
+                raise SemrouteError(f"no weights given for LLM decoder layer {index} (paired with block {index - self.text_layers[0]})")
+            state = layer.state_dict()
+            if set(given) != set(state):
+                raise SemrouteError(f"LLM decoder layer {index}: got tensors {sorted(given)}, the model expects {sorted(state)}")
+            for name, value in given.items():
+                if value.shape != state[name].shape:
+                    raise SemrouteError(f"LLM decoder layer {index}: {name} has shape {list(value.shape)}, expected {list(state[name].shape)}")
+            layer.load_state_dict(given)
+
+    def initialize_weights(self) -> None:
+        """Xavier-uniform DiT Linears, zero biases, zero output projection and adaLN modulations; the frozen LLM
+        layers get transformers' init (normal 0.02, unit norms) as stand-ins until real weights are loaded."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if name.startswith(FROZEN_PREFIX):
+                    nn.init.normal_(module.weight, std=0.02)
+                else:
+                    nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in filter(None, [self.proj_out, self.out_modulation] + [block.modulation for block in self.blocks]):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Every parameter except the frozen LLM weights (``llm_layers.*``), whatever their ``requires_grad``."""
+        return (p for name, p in self.named_parameters() if not name.startswith(FROZEN_PREFIX))
+
+    # ----------------------------------------------------------------------------------------------
+    # Cache compatibility
+    # ----------------------------------------------------------------------------------------------
+
+    def layer_positions(self, stored_layers: Sequence[int]) -> list[int]:
+        """Positions in a text cache storing ``stored_layers`` (hidden_states indices) of ``text_layers``, in block order.
+
+        Raises a ``SemrouteError`` naming the missing layers when the cache lacks some.
+        """
+        n = self.config.llm_num_layers
+        stored = [int(i) + n + 1 if int(i) < 0 else int(i) for i in stored_layers]
+        missing = [layer for layer in self.text_layers if layer not in stored]
+        if missing:
+            first, last = self.text_layers[0], self.text_layers[-1]
+            raise SemrouteError(
+                f"--fusion deep pairs its {len(self.text_layers)} blocks with hidden_states {first}..{last} (the inputs of "
+                f"decoder layers {first}..{last}), but the text cache stores {stored}; missing: {missing}. "
+                f"Re-encode with `semroute encode-text --layers {first}-{last}`"
+                + ("" if first == 0 else " (or a superset such as `--layers all`)")  # `all` starts at 1
+                + ", or change llm_first_layer."
+            )
+        return [stored.index(layer) for layer in self.text_layers]
+
+    def check_text_cache(self, fingerprint: dict) -> list[int]:
+        """Refuse a text cache from another LLM (or lacking the paired layers); return ``layer_positions``.
+
+        ``fingerprint``: the cache's (``TextCacheReader.fingerprint``): ``llm_weights_sha256``,
+        ``llm_num_hidden_layers``, ``llm_hidden_size``, ``layers``.
+        """
+        want = {"llm_num_hidden_layers": self.config.llm_num_layers, "llm_hidden_size": self.config.text_dim}
+        if self.config.llm_weights_sha256:
+            want["llm_weights_sha256"] = self.config.llm_weights_sha256
+        require_match(fingerprint, want, None, "The text cache (its LLM against the deep-fusion model's LLM)")
+        return self.layer_positions(fingerprint["layers"])
+
+    # ----------------------------------------------------------------------------------------------
+    # Text side
+    # ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()  # everything upstream of the text K/V is frozen: no graph, no activation memory
+    def prepare_text(self, text_features: torch.Tensor, text_mask: torch.Tensor | None = None) -> DeepTextContext:
+        """Every block's text keys/values from the cached inputs of the paired LLM layers.
+
+        Args:
+            text_features: ``[B, T, blocks, D_llm]`` right-padded cached ``hidden_states`` of ``text_layers`` (any float dtype).
+            text_mask: ``[B, T]`` bool, True for real tokens, a prefix of each row; default all True.
+        Returns:
+            A ``DeepTextContext`` for ``forward(..., text_context=...)``, reusable across sampling steps.
+        """
+        L, D = len(self.text_layers), self.config.text_dim
+        if text_features.ndim != 4 or text_features.shape[2:] != (L, D):
+            raise SemrouteError(
+                f"text_features must be [batch, tokens, {L} layers, {D}] for this model (hidden_states {self.text_layers}), "
+                f"got {list(text_features.shape)}; gather the cache with `model.layer_positions(...)`."
+            )
+        B, T = text_features.shape[:2]
+        device = text_features.device
+        mask = torch.ones(B, T, dtype=torch.bool, device=device) if text_mask is None else text_mask.bool()
+        if mask.shape != (B, T):
+            raise SemrouteError(f"text_mask must be [batch, tokens] = {[B, T]}, got {list(mask.shape)}")
+        lengths = mask.sum(dim=1)
+        if not torch.equal(mask, torch.arange(T, device=device)[None] < lengths[:, None]):
+            raise SemrouteError("--fusion deep needs right-padded text (each mask row True then False): text positions are 0..len-1 as in the LLM")
+        # 1D positions 0..T-1 on every band, as the LLM's rotary embedding gives them.
+        cos, sin = rope_cos_sin(torch.arange(T, device=device, dtype=torch.float32)[None, :, None],
+                                self._inv_freq.to(device), self.config.llm_rope_scaling)  # [1, T, hd]
+        dtype = self.llm_layers[0].self_attn.k_proj.weight.dtype
+        kv = tuple(layer(text_features[:, :, i].to(dtype), cos, sin) for i, layer in enumerate(self.llm_layers))
+        return DeepTextContext(mask=mask, lengths=lengths, kv=kv)
+
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float,
+        text_features: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        *,
+        text_context: DeepTextContext | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict the flow velocity ``eps - x0``.
+
+        Args:
+            latents: ``[B, C, H, W]`` noisy latents; H and W multiples of ``patch_size``.
+            timestep: ``[B]`` (or a scalar) ``1000 * sigma``; used only with ``adaln``.
+            text_features, text_mask: as in ``prepare_text``; or pass ``text_context`` from it instead.
+        Returns:
+            ``Transformer2DModelOutput(sample=[B, C, H, W])``, or ``(sample,)`` when ``return_dict=False``.
+        """
+        B, C, H, W = latents.shape
+        p = self.config.patch_size
+        if H % p or W % p:
+            raise SemrouteError(f"latent height and width must be multiples of the patch size {p}, got {H}x{W}")
+        if text_context is None:
+            if text_features is None:
+                raise ValueError("pass either `text_features` (with `text_mask`) or `text_context`")
+            text_context = self.prepare_text(text_features, text_mask)
+
+        # 1. Patchify: [B, C, H, W] -> [B, h*w, C*p*p] (row-major tokens) -> [B, N, hidden].
+        h, w = H // p, W // p
+        x = self.patch_embed(latents.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p))
+        inv_freq = self._inv_freq.to(latents.device)
+        rope = rope_cos_sin(image_positions(text_context.lengths, h, w, len(inv_freq)), inv_freq, self.config.llm_rope_scaling)
+        # Image queries see the real text tokens and every image token: [B, 1, 1, T + N].
+        image_keys = torch.ones(B, h * w, dtype=torch.bool, device=latents.device)
+        attn_mask = torch.cat([text_context.mask, image_keys], dim=1)[:, None, None, :]
+        temb = None
+        if self.config.adaln:
+            timestep = torch.as_tensor(timestep, device=latents.device, dtype=torch.float32).reshape(-1).expand(B)
+            temb = F.silu(self.time_embedder(self.time_proj(timestep).to(x.dtype)))  # [B, hidden]
+
+        # 2. Blocks, block i with the keys/values of LLM layer first + i.
+        for block, (key, value) in zip(self.blocks, text_context.kv):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, rope, key, value, attn_mask, temb)
+            else:
+                x = block(x, rope, key, value, attn_mask, temb)
+
+        # 3. Final norm, zero-initialised projection, unpatchify back to [B, C, H, W].
+        x = self.norm_out(x)
+        if self.out_modulation is not None:
+            shift, scale = self.out_modulation(temb)[:, None].chunk(2, dim=-1)
+            x = x * (1 + scale) + shift
+        x = self.proj_out(x)
+        sample = x.reshape(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    # ----------------------------------------------------------------------------------------------
+    # Routing inspection (fixed pairing, so logs and plots treat every strategy alike)
+    # ----------------------------------------------------------------------------------------------
+
+    def routing_weights(self, sigma: torch.Tensor | float | Sequence[float] | None = None) -> torch.Tensor:
+        """The fixed pairing as one-hot weights over ``text_layers``: ``[blocks, L]`` (the identity), ``[S, blocks, L]`` with S sigmas."""
+        weights = torch.eye(len(self.text_layers))
+        if sigma is None:
+            return weights
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
+        return weights.expand(len(sigma), *weights.shape)
+
+    @torch.no_grad()
+    def routing_summary(self, sigma: float = 0.5) -> dict[str, list]:
+        """As ``SemrouteDiT.routing_summary``: ``weights`` ``[blocks][L]``, ``entropy`` (0), ``top_layer`` = ``first + i``."""
+        weights = self.routing_weights()
+        return {"weights": weights.tolist(), "entropy": [0.0] * len(self.text_layers), "top_layer": list(self.text_layers)}
+
+
+def build_deep_model(cfg, text_fingerprint: dict, stored_layers: Sequence[int], overrides: dict) -> DeepFusionDiT:
+    """The training loop's entry point: a ``DeepFusionDiT`` for a text cache, its LLM weights read from the LLM
+    the cache was encoded with (``llm_ref`` of the fingerprint, or ``model.llm_ref`` to point elsewhere).
+
+    Args:
+        cfg: the training config; reads ``preset``, ``deep_first_layer`` and (refused if set) ``text_layers``.
+        text_fingerprint: the text cache's fingerprint (LLM identity, sizes).
+        stored_layers: the layers the cache stores (hidden_states indices).
+        overrides: DiT config fields (``in_channels``, ``num_blocks``, ...; ``text_dim``/``llm_num_layers``
+            must agree with the LLM).
+    Raises:
+        SemrouteError / FingerprintMismatch: the LLM is not the cache's, or the cache lacks a paired layer.
+    """
+    if getattr(cfg, "text_layers", None) is not None:
+        raise SemrouteError(
+            "--fusion deep reads hidden_states[first + i] for block i; set deep_first_layer instead of text_layers."
+        )
+    overrides = dict(overrides)
+    ref = overrides.pop("llm_ref", None) or text_fingerprint.get("llm_ref")
+    if not ref:
+        raise SemrouteError("--fusion deep needs the LLM's attention weights, but the text cache names no LLM (llm_ref); set model.llm_ref")
+    expected = {key: overrides.pop(key) for key in ("text_dim", "llm_num_layers") if key in overrides}
+    model = DeepFusionDiT.from_llm(ref, preset=cfg.preset, first=getattr(cfg, "deep_first_layer", None), **overrides)
+    for key, value in expected.items():
+        if model.config[key] != value:
+            raise SemrouteError(f"model.{key}={value}, but the LLM {ref} has {key}={model.config[key]}")
+    model.check_text_cache(text_fingerprint)
+    model.layer_positions(stored_layers)
+    return model
