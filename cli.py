@@ -66,7 +66,7 @@ def encode_text_cmd(
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per caption, instruction included; longer ones are truncated and counted.")] = 512,
     instruction: Annotated[str, typer.Option("--instruction", help="Text put before every caption; alone it is the null caption.")] = "Describe this image.",
     chat_template: Annotated[bool, typer.Option("--chat-template", help="Wrap instruction+caption in the tokenizer's chat template.")] = False,
-    storage: Annotated[str, typer.Option("--storage", help="exact (the model's bits) or fp8 (e4m3 + per token-layer scale).")] = "exact",
+    storage: Annotated[str, typer.Option("--storage", help="exact (the model's bits), bf16 (rounded; for float32 compute) or fp8 (e4m3 + per token-layer scale).")] = "exact",
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype of the LLM: bfloat16, float16 or float32.")] = "bfloat16",
     device: Device = "auto",
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward pass (batch size x longest caption).")] = 8192,
@@ -254,6 +254,48 @@ def train_cmd(
     typer.echo(f"checkpoint: {summary['checkpoint']}")
 
 
+@app.command("sample")
+def sample_cmd(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A run folder, a checkpoint folder or an exported pipeline.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: text lines, JSONL with 'prompt', GenEval metadata, GenAI-Bench json, DrawBench tsv/json.")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Override the detected prompt-file format (text, jsonl, geneval, genaibench, drawbench, drawbench_json).")] = None,
+    n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = 1,
+    steps: Annotated[int, typer.Option("--steps", help="Euler flow-matching steps.")] = 25,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale w (1 = none).")] = 6.0,
+    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Image side in pixels (default: the training resolution).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Image k of prompt i uses seed + i*n + k.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
+    ema: Annotated[bool, typer.Option("--ema", help="Use the run's EMA weights.")] = False,
+    llm: Annotated[Optional[str], typer.Option("--llm", help="Load the LLM from here instead of the recorded reference (same weights required).")] = None,
+    device: Device = "auto",
+    no_progress: NoProgress = False,
+) -> None:
+    """Generate images; with a benchmark prompt file, in the layout its scorer reads. Resumable.
+
+    Examples:
+
+      semroute sample -c runs/depth -p "a red circle to the left of a blue square" --n 4 -o samples/
+
+      semroute sample -c pipelines/depth --prompts ../shared/data/geneval/evaluation_metadata.jsonl --n 4 -o geneval/
+
+      accelerate launch --num_processes 8 cli.py sample -c runs/depth --prompts genai_image.json -o genai/
+    """
+    from semroute.stage2_train.sampling import SampleConfig, sample
+
+    cfg = SampleConfig(checkpoint=str(checkpoint), out=str(out), prompts=list(prompt or []),
+                       prompts_file=str(prompts) if prompts else None, format=fmt, n=n, steps=steps,
+                       guidance=guidance, resolution=resolution, seed=seed, batch_size=batch_size, ema=ema, llm=llm,
+                       device=device, progress=not no_progress)
+    summary = sample(cfg)
+    if summary["images_written"] or summary["grid"]:
+        typer.echo(f"wrote {summary['images_written']} images for {summary['prompts']} prompts ({summary['format']} layout) "
+                   f"to {out} in {summary['seconds']:.1f}s; {summary['skipped_prompts_done']} prompts were already done")
+    if summary["grid"]:
+        typer.echo(f"grid: {summary['grid']}")
+
+
 @app.command("export")
 def export_cmd(
     run: Annotated[Path, typer.Argument(help="A training run folder.", show_default=False)],
@@ -288,6 +330,37 @@ def routing_cmd(
     png, csv_path = save_routing(model, out or (run / "routing" if (run / "run.json").exists() else run), "routing",
                                  title=f"{model.config.fusion}: {where}")
     typer.echo(f"wrote {png} and {csv_path}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data, caches, run, samples, report).")] = Path("demo_out"),
+    images: Annotated[int, typer.Option("--images", help="Training images to generate.")] = 1800,
+    heldout: Annotated[int, typer.Option("--heldout", help="Held-out prompts to sample and score.")] = 60,
+    train_minutes: Annotated[float, typer.Option("--train-minutes", help="Training time budget.")] = 8.0,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Training steps cap (whichever comes first).")] = 100_000,
+    fusion: Annotated[str, typer.Option("--fusion", help="Routing strategy to train.")] = "depth",
+    preset: Annotated[str, typer.Option("--preset", help="DiT size.")] = "small",
+    llm: Annotated[str, typer.Option("--llm", help="LLM for the captions.")] = "smollm2",
+    samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt", help="Images per held-out prompt.")] = 4,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 25,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = 32,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    no_progress: NoProgress = False,
+) -> None:
+    """Run everything on synthetic colored shapes: generate, encode with SmolLM2 + pixel codec, train the
+    depth-wise gates, sample held-out prompts, plot the routing, and score the samples per GenEval tag.
+
+    About 12 minutes on a 2-core CPU with the defaults. A quick smoke run:
+
+      semroute demo --images 120 --heldout 12 --train-minutes 0.5 --samples-per-prompt 1 --steps 4
+    """
+    from semroute.stage2_train.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=str(out), images=images, heldout=heldout, train_minutes=train_minutes,
+                        max_steps=max_steps, fusion=fusion, preset=preset, llm=llm,
+                        samples_per_prompt=samples_per_prompt, sample_steps=steps, batch_size=batch_size, seed=seed,
+                        progress=not no_progress))
 
 
 @app.command("info")

@@ -76,10 +76,10 @@ def _text_describe(path: str, attrs: dict) -> dict:
         "null caption": f"{attrs.get('null_text')!r} ({attrs.get('null_n_tokens')} tokens)",
         "fingerprint": {k: v for k, v in fp.items() if k != "layers"},
     }
-    if attrs["storage"] == "fp8" and "progress/fp8_error" in group:
-        err = np.asarray(group["progress/fp8_error"][:])
+    if "progress/storage_error" in group:
+        err = np.asarray(group["progress/storage_error"][:])
         sq_err, sq_val = float(err[:, 0].sum()), float(err[:, 1].sum())
-        info["fp8 error vs exact"] = {
+        info["storage error vs exact"] = {
             "relative RMS": f"{math.sqrt(sq_err / max(sq_val, 1e-30)):.3e}",
             "max abs": f"{float(err[:, 2].max()):.3e}",
             "measured on": f"{int((err[:, 1] > 0).sum())} shards, every value",

@@ -127,10 +127,6 @@ def load_llm(ref: str, *, device: str | None = "auto", dtype: str | torch.dtype 
 
     torch_dtype = parse_dtype(dtype)
     target = resolve_device(device)
-    if target.type == "cpu" and torch_dtype != torch.float32:
-        log.warning("computing the LLM in %s on the CPU: CPU bf16/fp16 matmuls are often several times slower "
-                    "than float32 (--dtype float32), which stores 4 bytes per value in exact mode",
-                    str(torch_dtype).removeprefix("torch."))
     kind, folder, gguf_file, revision = resolve_llm_ref(ref)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:

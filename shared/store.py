@@ -14,7 +14,7 @@ Layout of a text cache (``NAME.text.zarr/``)::
     offsets/                  [n_captions + 1] int64, CSR: caption i is rows offsets[i]:offsets[i+1]
     null_features/ (+ null_scales/)   the null caption (instruction alone)
     progress/<array>/         one uint8 flag per shard, set only after the shard is fully written
-    progress/fp8_error/       per-shard [sum sq. error, sum sq. value, max abs error] (fp8 only)
+    progress/storage_error/   per-shard [sum sq. error, sum sq. value, max abs error] (bf16/fp8 storage)
     index.parquet             one row per caption: caption, sample_id, line, text, sha256,
                               start, n_tokens, n_tokens_full, truncated
 
@@ -441,26 +441,44 @@ class TextStorage:
     """How features of the compute dtype become stored arrays, and back.
 
     ``exact``: the model's own bits (bf16 as uint16 bit patterns, fp16/fp32 natively), lossless.
+    ``bf16``: rounded to bfloat16 (2 bytes per value); for an fp32 compute dtype, e.g. on CPUs where
+    bf16 matmuls are slow. Same as ``exact`` when the compute dtype is bf16.
     ``fp8``: float8 e4m3 with one float32 scale per token and layer (absmax / 448), about 1 byte per
-    value; opt-in, its error against exact is measured while encoding and shown by ``info``.
+    value. The lossy modes are opt-in; their error against exact is measured on every value while
+    encoding and shown by ``info``.
     """
 
+    MODES = ("exact", "bf16", "fp8")
+
     def __init__(self, mode: str, compute_dtype: torch.dtype):
-        if mode not in ("exact", "fp8"):
-            raise SemrouteError(f"--storage {mode!r} is not supported; use exact or fp8")
+        if mode not in self.MODES:
+            raise SemrouteError(f"--storage {mode!r} is not supported; use exact, bf16 or fp8")
+        if mode == "bf16" and compute_dtype == torch.bfloat16:
+            mode = "exact"  # nothing to round
         self.mode = mode
         self.compute_dtype = compute_dtype
 
     @property
+    def lossy(self) -> bool:
+        return self.mode != "exact"
+
+    @property
+    def stored_torch_dtype(self) -> torch.dtype:
+        return {"exact": self.compute_dtype, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[self.mode]
+
+    @property
+    def read_dtype(self) -> torch.dtype:
+        """What a reader returns by default: the stored precision, widened only where needed (fp8)."""
+        return self.compute_dtype if self.mode == "fp8" else self.stored_torch_dtype
+
+    @property
     def feature_dtype(self) -> np.dtype:
-        if self.mode == "fp8":
-            return np.dtype("uint8")
         return {torch.bfloat16: np.dtype("uint16"), torch.float16: np.dtype("float16"),
-                torch.float32: np.dtype("float32")}[self.compute_dtype]
+                torch.float32: np.dtype("float32"), torch.float8_e4m3fn: np.dtype("uint8")}[self.stored_torch_dtype]
 
     @property
     def stored_dtype_name(self) -> str:
-        return "float8_e4m3fn" if self.mode == "fp8" else str(self.compute_dtype).removeprefix("torch.")
+        return str(self.stored_torch_dtype).removeprefix("torch.")
 
     def row_bytes(self, n_layers: int, hidden: int) -> dict[str, int]:
         out = {"features": n_layers * hidden * self.feature_dtype.itemsize}
@@ -469,33 +487,47 @@ class TextStorage:
         return out
 
     def encode(self, x: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """``x``: ``[T, L, D]`` in the compute dtype -> arrays to store, and for fp8 the error stats
-        ``[sum squared error, sum squared value, max abs error]``."""
+        """``x``: ``[T, L, D]`` in the compute dtype -> arrays to store, and for the lossy modes the error
+        stats ``[sum squared error, sum squared value, max abs error]``."""
         if not torch.isfinite(x).all():
             raise SemrouteError("the LLM produced non-finite hidden states (inf/NaN); with --dtype float16 "
                                 "this is an overflow: use bfloat16 or float32")
+        x = x.to(self.compute_dtype).contiguous().cpu()
         if self.mode == "exact":
-            x = x.to(self.compute_dtype).contiguous().cpu()
-            if x.dtype == torch.bfloat16:
-                return {"features": x.view(torch.uint16).numpy()}, None
-            return {"features": x.numpy()}, None
+            return {"features": _bits(x)}, None
         xf = x.float()
-        amax = xf.abs().amax(dim=-1)  # [T, L]
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        err = q.float() * scale[..., None] - xf
+        if self.mode == "bf16":
+            q = x.to(torch.bfloat16)
+            arrays, approx = {"features": _bits(q)}, q.float()
+        else:
+            amax = xf.abs().amax(dim=-1)  # [T, L]
+            scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+            q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            arrays, approx = {"features": q.view(torch.uint8).numpy(), "scales": scale.numpy()}, q.float() * scale[..., None]
+        err = approx - xf
         stats = np.array([float((err**2).sum()), float((xf**2).sum()), float(err.abs().max()) if err.numel() else 0.0])
-        return {"features": q.view(torch.uint8).cpu().numpy(), "scales": scale.cpu().numpy()}, stats
+        return arrays, stats
 
     def decode(self, features: np.ndarray, scales: np.ndarray | None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        out_dtype = out_dtype or self.compute_dtype
+        out_dtype = out_dtype or self.read_dtype
         t = torch.from_numpy(np.ascontiguousarray(features))
-        if self.mode == "exact":
+        if self.mode != "fp8":
             if t.dtype == torch.uint16:
                 t = t.view(torch.bfloat16)
             return t.to(out_dtype)
         s = torch.from_numpy(np.ascontiguousarray(scales))
         return (t.view(torch.float8_e4m3fn).float() * s[..., None]).to(out_dtype)
+
+    def roundtrip(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x`` as a reader of this storage would return it: what the sampler feeds the DiT, so prompts
+        at sampling time carry exactly the precision the training captions had."""
+        arrays, _ = self.encode(x)
+        return self.decode(arrays["features"], arrays.get("scales"), out_dtype)
+
+
+def _bits(x: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as the numpy array to store (bf16 as its uint16 bit pattern: Zarr v3 has no bf16)."""
+    return x.view(torch.uint16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,9 +572,10 @@ class TextCacheWriter:
         create_sharded_array(group, "features", (total, n_layers, hidden_size), codec.feature_dtype, layout)
         if storage == "fp8":
             create_sharded_array(group, "scales", (total, n_layers), np.float32, layout)
+        if codec.lossy:
             from zarr.codecs import Crc32cCodec
 
-            group.create_array("progress/fp8_error", shape=(layout.n_shards, 3), dtype="float64", chunks=(1, 3),
+            group.create_array("progress/storage_error", shape=(layout.n_shards, 3), dtype="float64", chunks=(1, 3),
                                fill_value=0.0, compressors=[Crc32cCodec()], overwrite=True)
         create_plain_array(group, "offsets", np.asarray(offsets, dtype=np.int64))
         attrs = {
@@ -592,7 +625,7 @@ class TextCacheWriter:
         for name, data in arrays.items():
             self.group[name][a:b] = data
         if stats is not None:
-            self.group["progress/fp8_error"][shard] = stats
+            self.group["progress/storage_error"][shard] = stats
         # Flags last: a shard only counts once every one of its arrays is on disk.
         for name in arrays:
             self.flags[name].set(shard)
@@ -647,7 +680,7 @@ class TextCacheReader:
         self._pick = None if self.layers == self.stored_layers else [self.stored_layers.index(i) for i in self.layers]
         compute = getattr(torch, self.attrs["fingerprint"]["compute_dtype"])
         self.storage = TextStorage(self.attrs["storage"], compute)
-        self.out_dtype = out_dtype or compute
+        self.out_dtype = out_dtype or self.storage.read_dtype
         self.hidden_size = int(self.attrs["hidden_size"])
         self.n_captions = int(self.attrs["n_captions"])
         self._offsets: np.ndarray | None = None

@@ -312,6 +312,10 @@ def encode_text(cfg: EncodeTextConfig, *, proc: ProcessInfo | None = None, llm: 
         if device in ("auto", None) and proc.world_size > 1:
             device = str(proc.device)  # one GPU per process under accelerate
         llm = load_llm(cfg.llm, device=device, dtype=cfg.dtype)
+    if llm.device.type == "cpu" and llm.dtype != torch.float32 and proc.is_main and not cfg.estimate:
+        log.warning("encoding in %s on the CPU: CPU bf16/fp16 matmuls are often several times slower than "
+                    "float32; consider --dtype float32 --storage bf16 (same bytes stored)",
+                    str(llm.dtype).removeprefix("torch."))
     layers = parse_layers(cfg.layers, llm.num_hidden_layers)
     fmt = PromptFormat(instruction=cfg.instruction, chat_template=cfg.chat_template, max_length=cfg.max_length)
     encoder = TextEncoder(llm, fmt, layers)

@@ -111,6 +111,11 @@ class Batch:
     epoch: int
     index: int  # batch number within the epoch (this process's share)
 
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pinning thread (pin_memory=True) so host-to-GPU copies are async."""
+        return Batch(self.text.pin_memory(), self.text_mask.pin_memory(), self.latents.pin_memory(), self.sample_ids,
+                     self.captions, self.epoch, self.index)
+
     def to(self, device) -> "Batch":
         return Batch(self.text.to(device, non_blocking=True), self.text_mask.to(device, non_blocking=True),
                      self.latents.to(device, non_blocking=True), self.sample_ids, self.captions, self.epoch,

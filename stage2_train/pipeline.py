@@ -60,6 +60,7 @@ def text_settings_from_fingerprint(fp: dict) -> dict:
         "max_length": fp["prompt_max_length"],
         "layers": list(fp["layers"]),
         "compute_dtype": fp["compute_dtype"],
+        "storage": fp.get("storage", "exact"),
     }
 
 
@@ -108,10 +109,14 @@ class SemroutePipeline(DiffusionPipeline):
         would hold them (same tokenizer, prompt format, layers, compute dtype)."""
         if self.text_encoder is None:
             raise SemrouteError("this pipeline has no text encoder attached; load it with from_pretrained/from_run")
+        from semroute.shared.store import TextStorage
+
         tokenized = self.text_encoder.tokenize(prompts)
         feats, _ = self.text_encoder.forward([t.ids for t in tokenized])
+        storage = TextStorage(self.text_settings.get("storage", "exact"), self.text_encoder.llm.dtype)
         pick = self._model_layers()
-        return [feats[i, : len(t.ids)][:, pick].cpu() for i, t in enumerate(tokenized)]
+        # Through the cache's storage precision (a no-op for exact), as the training captions were.
+        return [storage.roundtrip(feats[i, : len(t.ids)][:, pick].cpu()) for i, t in enumerate(tokenized)]
 
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()

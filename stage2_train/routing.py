@@ -62,15 +62,17 @@ def plot(table: dict, path: Path, title: str = "") -> None:
     ncols = 2 if timed else 1
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols + 1, 0.35 * table["blocks"] + 2.5), squeeze=False)
     ax = axes[0, 0]
-    im = ax.imshow(w[mid], aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+    # Colors span the weights' own range: early in training they sit within a hair of uniform (1/L).
+    im = ax.imshow(w[mid], aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("LLM layer (hidden_states index)")
     ax.set_ylabel("DiT block")
-    ax.set_title(f"{table['fusion']} routing" + (f" at sigma={sigmas[mid]:.2f}" if timed else ""))
+    ax.set_title(f"{table['fusion']} routing" + (f" at sigma={sigmas[mid]:.2f}" if timed else "")
+                 + f" (uniform = 1/{len(layers)} = {1 / len(layers):.3f})", fontsize=10)
     _layer_ticks(ax, layers)
     fig.colorbar(im, ax=ax, fraction=0.046)
     if timed:
         ax = axes[0, 1]
-        im = ax.imshow(w.mean(axis=1), aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
+        im = ax.imshow(w.mean(axis=1), aspect="auto", cmap="viridis", interpolation="nearest",
                        extent=(-0.5, len(layers) - 0.5, sigmas[-1], sigmas[0]))
         ax.set_xlabel("LLM layer (hidden_states index)")
         ax.set_ylabel("sigma (noise level)")

@@ -255,7 +255,7 @@ class Trainer:
         metrics_path = self.run_dir / "logs" / "metrics.jsonl"
         samples_log = (open(self.run_dir / "logs" / f"samples-rank{acc.process_index}.jsonl", "a")
                        if cfg.log_samples else None)
-        window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+        window_loss, window_n, window_t0, window_samples = torch.zeros((), device=acc.device), 0, time.perf_counter(), 0
         last = {}
         started = time.perf_counter()
         base_seconds = state.train_seconds
@@ -263,12 +263,13 @@ class Trainer:
         self.model.train()
         try:
             while state.step < cfg.max_steps:
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=acc.device)  # stays on the device: no sync per step
                 grad_norm = None
                 for micro in range(cfg.grad_accum):
                     batch = next(batches).to(acc.device)
                     with acc.accumulate(self.model):
-                        g = torch.Generator().manual_seed(_seed(cfg.seed, state.step, acc.process_index, micro))
+                        g = torch.Generator(acc.device).manual_seed(
+                            _seed(cfg.seed, state.step, acc.process_index, micro))
                         with acc.autocast():
                             loss = flow_loss(self.model, batch.latents, batch.text, batch.text_mask,
                                              shift=cfg.shift, mean=cfg.logit_mean, std=cfg.logit_std, generator=g)
@@ -279,7 +280,7 @@ class Trainer:
                         if acc.sync_gradients:
                             self.scheduler.step()
                         self.optimizer.zero_grad(set_to_none=True)
-                    step_loss += float(loss.detach()) / cfg.grad_accum
+                    step_loss += loss.detach() / cfg.grad_accum
                     state.epoch, state.index = batch.epoch, batch.index + 1
                     if samples_log is not None:
                         samples_log.write(json.dumps({"step": state.step, "micro": micro, "epoch": batch.epoch,
@@ -292,13 +293,16 @@ class Trainer:
                 window_n += 1
                 window_samples += cfg.batch_size * cfg.grad_accum * acc.num_processes
                 state.train_seconds = base_seconds + time.perf_counter() - started
-                over_time = cfg.max_minutes is not None and state.train_seconds >= cfg.max_minutes * 60
-                over_time = bool(acc.reduce(torch.tensor(float(over_time), device=acc.device), "max").item())
+                over_time = False
+                if cfg.max_minutes is not None and (state.step % cfg.log_every == 0 or state.step == 1):
+                    # Every process must stop at the same step: agree on it (a collective, so not every step).
+                    late = float(state.train_seconds >= cfg.max_minutes * 60)
+                    over_time = bool(acc.reduce(torch.tensor(late, device=acc.device), "max").item())
                 done = state.step >= cfg.max_steps or over_time
 
                 if state.step % cfg.log_every == 0 or done:
                     dt = time.perf_counter() - window_t0
-                    mean_loss = acc.reduce(torch.tensor(window_loss / window_n, device=acc.device), "mean").item()
+                    mean_loss = acc.reduce((window_loss / window_n).float(), "mean").item()
                     route = routing.summary(unwrapped)
                     last = {"step": state.step, "loss": mean_loss,
                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -315,7 +319,8 @@ class Trainer:
                     if cfg.tensorboard:
                         acc.log(scalars, step=state.step)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{last['samples_per_s']:.1f}", refresh=False)
-                    window_loss, window_n, window_t0, window_samples = 0.0, 0, time.perf_counter(), 0
+                    window_loss, window_n, window_t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
+                    window_samples = 0
                 bar.update(1)
                 if state.step % cfg.checkpoint_every == 0 or done:
                     self.save_checkpoint()

@@ -96,7 +96,7 @@ def test_fp8_storage_error_is_measured_and_shown(tmp_path, tiny_llama_dir):
         sq_err += float(((q - x) ** 2).sum())
         sq += float((x ** 2).sum())
     info = describe(cfg_q.out)
-    shown = float(info["fp8 error vs exact"]["relative RMS"])
+    shown = float(info["storage error vs exact"]["relative RMS"])
     assert shown == pytest.approx((sq_err / sq) ** 0.5, rel=1e-3)
     assert 0 < shown < 0.05
     # about one byte per value plus a 4-byte scale per token and layer (D = 32 here)

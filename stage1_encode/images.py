@@ -1,0 +1,463 @@
+"""``encode-images``: run the frozen autoencoder once over every image and write the latent cache.
+
+The run, in order:
+  1. Read the manifest (one record per image, however many captions it has). Every process reads
+     the image *headers* of its slice of the records in a thread pool (Pillow opens lazily: size, mode,
+     EXIF orientation), rank 0 gathers them. Missing, zero-byte, non-image, too small and oversized
+     images are known here and left out; every other image gets a row in its bucket. That fixes the
+     bucket sizes, the shard plan and the exact store size before any model runs (``--estimate``
+     stops here).
+  2. Rank 0 creates the store (or reopens it with ``--resume``, refusing another autoencoder, other
+     image settings or another manifest).
+  3. Each process takes a contiguous range of (bucket, shard) units. DataLoader workers decode and
+     resize the images; the main process runs the autoencoder on fixed batches (``--batch-size``
+     rows from the start of the shard) and fills a shard buffer; a writer thread writes full shards.
+  4. Rank 0 checks every done flag, folds decode-time failures into ``index.parquet`` and
+     ``skipped.jsonl``, and marks the store complete.
+
+Why rows are planned from headers: a shard must be written whole by one process, and a resumed or
+multi-process run must write the same store as one uninterrupted run, so each image's row has to be
+known before anything is decoded. Decoding every image twice (once to plan) would double the cost
+that the workers exist to hide; headers are nearly free. The few images whose data is truncated or
+corrupt beyond a valid header fail only at decode time: they keep their planned row, marked in the
+``status`` array with the reason (the row's bytes stay zero and no reader returns them), and are
+reported like every other bad image. Since decoding is deterministic and batches are a function of
+the shard alone, every split of units over processes and every resume point gives the same bits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semroute.shared import images as im
+from semroute.shared.errors import SemrouteError
+from semroute.shared.fingerprint import require_match, sha256_text
+from semroute.shared.latent_store import (
+    OK,
+    STATUS_CODE,
+    Bucket,
+    LatentCacheWriter,
+    LatentStorage,
+    ShardPayload,
+    bucket_nbytes,
+    read_skipped,
+)
+from semroute.shared.manifest import read_manifest
+from semroute.shared.store import dir_size, read_parquet
+from semroute.shared.vae import LatentEncoder, VAEInfo, describe_vae, load_encoder, store_dtype_name
+from semroute.stage1_encode.distributed import ProcessInfo, process_info
+from semroute.stage1_encode.text import ShardWriterThread, _store_exists
+
+
+@dataclass
+class EncodeImagesConfig:
+    data: str
+    out: str
+    vae: str = "pixel"
+    vae_subfolder: str | None = None
+    patch_size: int = 2  # pixel codec only
+    resolution: int = 256
+    buckets: str = "none"  # none | auto[:MAX_ASPECT] | WxH,WxH,...
+    image_root: str | None = None
+    image_key: str = "image"
+    id_key: str = "id"
+    background: str = "white"
+    allow_upscale: bool = False
+    max_pixels: int = im.DEFAULT_MAX_PIXELS
+    resample: str = "bicubic"
+    dtype: str = "float32"  # the SD VAE overflows in float16; bfloat16 is fine for FLUX/SD3 VAEs on a GPU
+    device: str = "auto"
+    batch_size: int = 16
+    workers: int = -1  # decoding processes; -1: one per spare CPU core (at most 8)
+    probe_threads: int = 16  # header reads are I/O bound: threads suffice
+    shard_mb: float = 64.0
+    chunk_kb: float = 64.0
+    skip_bad: bool = False  # bad manifest records (bad images are always skipped and reported)
+    resume: bool = False
+    overwrite: bool = False
+    estimate: bool = False
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+def image_options(cfg: EncodeImagesConfig, info: VAEInfo) -> im.ImageOptions:
+    # Bucket sides are multiples of 2x the downsampling so every latent side is even (DiT patch 2).
+    buckets = im.parse_buckets(cfg.buckets, cfg.resolution, 2 * info.downsample)
+    if not buckets:
+        info.latent_shape(cfg.resolution, cfg.resolution)  # raises if not divisible
+    for w, h in buckets or ():
+        info.latent_shape(h, w)
+    return im.ImageOptions(resolution=cfg.resolution, buckets=buckets, background=im.parse_background(cfg.background),
+                           allow_upscale=cfg.allow_upscale, max_pixels=cfg.max_pixels, resample=cfg.resample)
+
+
+def resolve_image(image: str, root: str | None) -> str:
+    path = Path(image).expanduser()
+    return str(Path(root).expanduser() / path) if root and not path.is_absolute() else str(path)
+
+
+def probe_all(paths: list[str], opts: im.ImageOptions, threads: int, progress: bool, desc: str = "reading headers"
+              ) -> list[im.Probe]:
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
+            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        out = []
+        for probe in pool.map(lambda p: im.probe_image(p, opts), paths, chunksize=64):
+            out.append(probe)
+            bar.update(1)
+    return out
+
+
+@dataclass
+class ImagePlan:
+    index: object  # pyarrow Table, one row per manifest record
+    bucket_rows: list[int]  # images per target of ImageOptions.targets
+    skipped: list[dict] = field(default_factory=list)  # bad manifest records and header failures
+
+
+def build_plan(records, paths: list[str], probes: list[im.Probe], opts: im.ImageOptions, manifest_problems
+               ) -> ImagePlan:
+    """Assign each usable image a (bucket, row), rows in manifest order; list the rest with reasons."""
+    import pyarrow as pa
+
+    n_targets = len(opts.targets)
+    rows_used = [0] * n_targets
+    bucket, row, boxes, status, reason = [], [], [], [], []
+    skipped = [{"path": p.path, "line": p.line, "reason": p.reason} for p in manifest_problems]
+    for rec, probe in zip(records, probes):
+        if probe.ok:
+            t = probe.target
+            w, h = opts.targets[t]
+            bucket.append(f"{w}x{h}")
+            row.append(rows_used[t])
+            rows_used[t] += 1
+            boxes.append(im.center_box(*probe.oriented, (w, h)))
+            status.append("pending")
+            reason.append(None)
+        else:
+            bucket.append(None)
+            row.append(-1)
+            boxes.append((np.nan,) * 4)
+            status.append(probe.reason)
+            reason.append(probe.detail)
+            skipped.append({"sample_id": rec.sample_id, "line": rec.line, "path": probe.path,
+                            "status": probe.reason, "reason": probe.detail})
+    box = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    index = pa.table({
+        "sample_id": pa.array([r.sample_id for r in records], pa.string()),
+        "line": pa.array([r.line for r in records], pa.int64()),
+        "image": pa.array([r.image for r in records], pa.string()),
+        "path": pa.array(paths, pa.string()),
+        "file_bytes": pa.array([p.file_bytes for p in probes], pa.int64()),
+        "orig_width": pa.array([p.width for p in probes], pa.int32()),
+        "orig_height": pa.array([p.height for p in probes], pa.int32()),
+        "orientation": pa.array([p.orientation for p in probes], pa.int8()),
+        "mode": pa.array([p.mode for p in probes], pa.string()),
+        "bucket": pa.array(bucket, pa.string()),
+        "row": pa.array(row, pa.int64()),
+        # The crop box in the EXIF-oriented source image, pixels: resized to the bucket's size.
+        # (null for images left out).
+        **{f"crop_{c}": pa.array(box[:, j], mask=np.isnan(box[:, j])) for j, c in enumerate(("x0", "y0", "x1", "y1"))},
+        "status": pa.array(status, pa.string()),
+        "reason": pa.array(reason, pa.string()),
+    })
+    return ImagePlan(index, rows_used, skipped)
+
+
+def plan_buckets(plan: ImagePlan, opts: im.ImageOptions, info: VAEInfo, itemsize: int, cfg: EncodeImagesConfig
+                 ) -> list[Bucket]:
+    """One Bucket per target that received images, with its shard layout."""
+    out = []
+    for (w, h), rows in zip(opts.targets, plan.bucket_rows):
+        if rows:
+            shape = info.latent_shape(h, w)
+            out.append(Bucket.plan(w, h, shape, rows, int(np.prod(shape)) * itemsize,
+                                   int(cfg.shard_mb * 2**20), int(cfg.chunk_kb * 1024)))
+    return out
+
+
+def input_sha256(records, paths: list[str]) -> str:
+    """What the manifest asks for: sample ids and image paths (a resume must see the same list)."""
+    return sha256_text("\n".join(f"{r.sample_id}\t{p}" for r, p in zip(records, paths)))
+
+
+def fingerprint(info: VAEInfo, opts: im.ImageOptions, cfg: EncodeImagesConfig) -> dict:
+    return {
+        **info.identity,
+        "posterior": info.posterior,
+        "latent_channels": info.latent_channels,
+        "downsample": info.downsample,
+        "scaling_factor": info.scaling_factor,
+        "shift_factor": info.shift_factor,
+        "stored_dtype": store_dtype_name(info, cfg.dtype),
+        **opts.fingerprint(),
+    }
+
+
+def estimate_images(plan: ImagePlan, buckets: list[Bucket], info: VAEInfo, cfg: EncodeImagesConfig) -> dict:
+    storage = LatentStorage(store_dtype_name(info, cfg.dtype))
+    arrays = ["mean", "logvar"] if info.posterior == "gaussian" else ["latent"]
+    total = sum(bucket_nbytes(b, arrays, storage.numpy_dtype.itemsize) for b in buckets)
+    planned = sum(b.rows for b in buckets)
+    raw = sum(b.rows * int(np.prod(b.latent_shape)) * storage.numpy_dtype.itemsize for b in buckets)
+    return {
+        "records": plan.index.num_rows,
+        "images": planned,
+        "skipped_before_decoding": dict(Counter(s.get("status", "bad manifest record") for s in plan.skipped)),
+        "stores": f"{', '.join(arrays)} in {storage.stored_dtype}",
+        "buckets": {b.name: {"images": b.rows, "latent_shape": list(b.latent_shape), "shards": b.layout.n_shards,
+                             "images_per_shard": b.layout.rows_per_shard} for b in buckets},
+        "bytes_total_arrays": total,
+        "bytes_per_image": total / max(1, planned),
+        "raw_latent_bytes_per_image": raw / max(1, planned),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def _on_rank0(proc: ProcessInfo, fn):
+    """Run ``fn`` on rank 0 and hand its result (or its error) to every rank, so none waits forever."""
+    result: object = None
+    if proc.is_main:
+        try:
+            result = ("ok", fn())
+        except BaseException as err:  # noqa: BLE001 - re-raised below, on every rank
+            result = ("error", err)
+    result = proc.broadcast(result)
+    if result[0] == "error":
+        if proc.is_main:
+            raise result[1]
+        raise SemrouteError(f"rank 0 failed: {result[1]}")
+    return result[1]
+
+
+def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -> dict:
+    """Run ``encode-images``; returns a summary dict (also printed by the CLI)."""
+    proc = proc or process_info()
+    show = cfg.progress and proc.is_main
+    device = str(proc.device) if cfg.device in ("auto", None) and proc.world_size > 1 else cfg.device
+    info = describe_vae(cfg.vae, cfg.vae_subfolder, cfg.patch_size)
+    encoder = None
+    if info.downsample == 0 or info.latent_channels == 0:
+        # The config does not state the latent geometry: load the model now and measure it.
+        encoder = load_encoder(cfg.vae, cfg.vae_subfolder, device=device, dtype=cfg.dtype, info=info)
+    opts = image_options(cfg, info)
+    manifest = read_manifest(cfg.data, image_key=cfg.image_key, id_key=cfg.id_key, need_text=False,
+                             need_image=True, skip_bad=cfg.skip_bad)
+    records = manifest.records
+    paths = [resolve_image(r.image, cfg.image_root) for r in records]
+    want = fingerprint(info, opts, cfg)
+    sha = input_sha256(records, paths)
+
+    # 1. Create or resume? (rank 0 decides; a resume checks the fingerprint and the manifest.)
+    action = "create" if cfg.estimate else _on_rank0(proc, lambda: _decide(cfg, want, sha))
+
+    # 2. Plan from headers: each rank reads its slice, rank 0 assembles, sizes and creates the store.
+    if action == "create":
+        n, r, w = len(paths), proc.rank, proc.world_size
+        mine = probe_all(paths[n * r // w: n * (r + 1) // w], opts, cfg.probe_threads, show)
+        probes = [p for part in proc.gather_object(mine) for p in part]
+        result = _on_rank0(proc, lambda: _plan_and_create(cfg, info, opts, want, sha, records, paths, probes,
+                                                          manifest.problems))
+        if cfg.estimate:
+            return result if proc.is_main else {}
+
+    # 3. Encode this process's units.
+    if encoder is None:
+        encoder = load_encoder(cfg.vae, cfg.vae_subfolder, device=device, dtype=cfg.dtype, info=info)
+    writer = LatentCacheWriter.open(cfg.out)
+    mine = writer.split(proc.rank, proc.world_size)
+    pending = writer.pending(mine)
+    t0 = time.perf_counter()
+    stats = _encode_units(writer, encoder, opts, pending, cfg, show=show, rank=proc.rank, world=proc.world_size)
+    elapsed = time.perf_counter() - t0
+    all_stats = proc.gather_object(stats)
+    proc.barrier()
+
+    # 4. Finish (rank 0).
+    summary: dict = {}
+    if proc.is_main:
+        writer = LatentCacheWriter.open(cfg.out)
+        encoded = sum(s["encoded"] for s in all_stats)
+        counts = writer.finish(world_size=proc.world_size, encode_seconds=round(elapsed, 3))
+        summary = {
+            "store": cfg.out,
+            "records": writer.attrs["n_records"],
+            **counts,
+            "encoded_this_run": encoded,
+            "decode_failures_this_run": sum(s["failed"] for s in all_stats),
+            "shards": len(writer.units()),
+            "shards_done_before": len(writer.units()) - sum(s["units"] for s in all_stats),
+            "seconds": round(elapsed, 2),
+            "images_per_s": encoded / elapsed if elapsed > 0 else 0.0,
+            "world_size": proc.world_size,
+            "bytes": dir_size(cfg.out),
+            "skipped": read_skipped(cfg.out),
+        }
+    return summary
+
+
+def _decide(cfg: EncodeImagesConfig, want: dict, sha: str) -> str:
+    exists = _store_exists(cfg.out)
+    if exists and cfg.resume and not cfg.overwrite:
+        writer = LatentCacheWriter.open(cfg.out)
+        require_match(writer.attrs["fingerprint"], want, sorted(want), f"cannot resume {cfg.out}: the existing cache")
+        if writer.attrs["input_sha256"] != sha:
+            raise SemrouteError(f"cannot resume {cfg.out}: it was made from other images than {cfg.data} now lists "
+                                "(the manifest or --image-root changed). Start a new cache or pass --overwrite.")
+        try:
+            read_parquet(cfg.out, "index.parquet", columns=["row"])
+        except SemrouteError:
+            return "create"  # the first run died while creating the store: nothing in it to keep
+        return "resume"
+    if exists and not cfg.overwrite:
+        raise SemrouteError(f"{cfg.out} already exists. Pass --resume to continue it, or --overwrite to replace it.")
+    return "create"
+
+
+def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problems):
+    plan = build_plan(records, paths, probes, opts, problems)
+    storage = LatentStorage(want["stored_dtype"])
+    buckets = plan_buckets(plan, opts, info, storage.numpy_dtype.itemsize, cfg)
+    if cfg.estimate:
+        return {"estimate": estimate_images(plan, buckets, info, cfg), "skipped": plan.skipped}
+    if not buckets:
+        raise SemrouteError(f"no usable image in {cfg.data} ({len(plan.skipped)} skipped; first: "
+                            f"{plan.skipped[0] if plan.skipped else '-'})")
+    LatentCacheWriter.create(
+        cfg.out, buckets=buckets, arrays=["mean", "logvar"] if info.posterior == "gaussian" else ["latent"],
+        stored_dtype=storage.stored_dtype, index=plan.index, fingerprint=want, input_sha256=sha,
+        skipped=plan.skipped, extra={"source": str(cfg.data)},
+        vae={"scaling_factor": info.scaling_factor, "shift_factor": info.shift_factor,
+             "latent_channels": info.latent_channels, "downsample": info.downsample},
+    )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding in workers, encoding in the main process
+# ---------------------------------------------------------------------------------------------
+class DecodeImages(torch.utils.data.Dataset):
+    """Item ``k``: ``(k, uint8 [3, H, W] or None, reason, detail)`` for ``paths[k]`` at ``targets[k]``."""
+
+    def __init__(self, paths: list[str], targets: list[tuple[int, int]], opts: im.ImageOptions):
+        self.paths, self.targets, self.opts = paths, targets, opts
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, k: int):
+        try:
+            pixels, _ = im.load_image(self.paths[k], self.opts, self.targets[k])
+            return k, torch.from_numpy(pixels), None, None
+        except im.BadImage as bad:
+            return k, None, bad.reason, bad.detail
+
+
+def collate_decoded(items):
+    """-> (task numbers of decoded images, their pixels ``uint8 [n, 3, H, W]`` or None, failures)."""
+    ok = [(k, px) for k, px, _, _ in items if px is not None]
+    failed = [(k, reason, detail) for k, px, reason, detail in items if px is None]
+    pixels = torch.stack([px for _, px in ok]) if ok else None
+    return [k for k, _ in ok], pixels, failed
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is single-threaded Pillow; leave the cores to the others
+
+
+def default_workers(world_size: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, world_size) - 1))
+
+
+def _encode_units(writer: LatentCacheWriter, encoder: LatentEncoder, opts: im.ImageOptions,
+                  units: list[tuple[int, int]], cfg: EncodeImagesConfig, *, show: bool, rank: int, world: int) -> dict:
+    from tqdm.auto import tqdm
+
+    index = read_parquet(cfg.out, "index.parquet", columns=["bucket", "row", "path"])
+    bucket_col = np.asarray(index.column("bucket").to_pylist(), dtype=object)
+    path_col = index.column("path").to_pylist()
+    # Tasks: one per row of this process's units, in unit order; batches never cross a unit.
+    task_path, task_target, task_unit, task_row, batches = [], [], [], [], []
+    by_bucket: dict[str, np.ndarray] = {}
+    for u, (k, s) in enumerate(units):
+        bucket = writer.buckets[k]
+        if bucket.name not in by_bucket:
+            by_bucket[bucket.name] = np.flatnonzero(bucket_col == bucket.name)  # ordered by row
+        a, b = bucket.layout.shard_rows(s)
+        first = len(task_path)
+        for r in range(a, b):
+            task_path.append(path_col[int(by_bucket[bucket.name][r])])
+            task_target.append((bucket.width, bucket.height))
+            task_unit.append(u)
+            task_row.append(r - a)
+        batches += [list(range(i, min(i + cfg.batch_size, first + b - a))) for i in range(first, first + b - a,
+                                                                                           cfg.batch_size)]
+    if not task_path:
+        return {"encoded": 0, "failed": 0, "units": 0, "rank": rank}
+    workers = default_workers(world) if cfg.workers < 0 else cfg.workers
+    loader = torch.utils.data.DataLoader(
+        DecodeImages(task_path, task_target, opts), batch_sampler=batches, collate_fn=collate_decoded,
+        num_workers=workers, worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None, pin_memory=encoder.device.type == "cuda",
+    )
+    storage = writer.storage
+    bar = tqdm(total=len(task_path), unit="img", desc=f"encode-images[{rank}]", disable=not show, smoothing=0.05)
+    buffers: dict[int, tuple[ShardPayload, list[int]]] = {}
+    encoded = failed = 0
+    t_start = time.perf_counter()
+    background = ShardWriterThread(writer)
+    try:
+        for ks, pixels, failures in loader:
+            u = task_unit[(ks or [f[0] for f in failures])[0]]
+            if u not in buffers:
+                bucket = writer.buckets[units[u][0]]
+                a, b = writer.unit_rows(units[u])
+                arrays = {n: np.zeros((b - a, *bucket.latent_shape), storage.numpy_dtype) for n in writer.arrays}
+                buffers[u] = (ShardPayload(arrays, np.zeros(b - a, np.uint8)), [b - a])
+            payload, remaining = buffers[u]
+            if pixels is not None:
+                out = encoder.encode(pixels)
+                rows = [task_row[k] for k in ks]
+                for name in writer.arrays:
+                    data = storage.to_numpy(out[name])
+                    if data.shape[1:] != payload.arrays[name].shape[1:]:
+                        raise SemrouteError(f"the autoencoder gave latents of shape {tuple(data.shape[1:])}, the plan "
+                                            f"expects {payload.arrays[name].shape[1:]}")
+                    payload.arrays[name][rows] = data
+                payload.status[rows] = OK
+                encoded += len(ks)
+            for k, reason, detail in failures:
+                payload.status[task_row[k]] = STATUS_CODE[reason]
+                failed += 1
+                bar.write(f"skipped {task_path[k]}: {reason}: {detail}")
+            remaining[0] -= len(ks) + len(failures)
+            bar.update(len(ks) + len(failures))
+            rate = encoded / max(time.perf_counter() - t_start, 1e-9)
+            bar.set_postfix_str(f"{rate:.1f} img/s encoded, {failed} skipped", refresh=False)
+            if remaining[0] == 0:
+                background.put(units[u], payload)
+                del buffers[u]
+    except BaseException:
+        background.close(raise_error=False)  # units already queued still land, with their flags
+        raise
+    finally:
+        bar.close()
+    background.close()
+    return {"encoded": encoded, "failed": failed, "units": len(units), "rank": rank}

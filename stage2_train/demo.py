@@ -1,0 +1,195 @@
+"""``semroute demo``: the whole method end to end on synthetic shapes, in minutes on a CPU.
+
+1. Generate colored-shape images with GenEval-style captions (``shared/shapes.py``).
+2. Stage one, once: encode the captions with SmolLM2 (all 30 layers) and the images with the exact
+   pixel codec.
+3. Stage two: train the ``depth`` strategy (one softmax over LLM layers per DiT block) with the ``small``
+   preset for a bounded time, from the caches only.
+4. Sample held-out prompts in GenEval's layout, plot the routing weights, and score the samples with
+   the built-in shape checker (accuracy per GenEval tag), next to the checker's score on ground-truth
+   images of the same prompts.
+
+Each step reuses what an earlier run of the demo already wrote in the output folder.
+The strategy comparison benchmark (``bench/bench_strategies.py``) runs steps 3-4 once per strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from semroute.shared.errors import SemrouteError
+
+
+@dataclass
+class DemoConfig:
+    out: str = "demo_out"
+    images: int = 1800
+    """Training images (tags in turn: 300 per GenEval tag)."""
+    size: int = 32
+    heldout: int = 60
+    """Held-out prompts to sample and score (10 per tag)."""
+    samples_per_prompt: int = 4
+    fusion: str = "depth"
+    preset: str = "small"
+    llm: str = "smollm2"
+    train_minutes: float = 8.0
+    max_steps: int = 100_000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    ema: bool = True
+    ema_decay: float = 0.995
+    sample_steps: int = 25
+    guidance: float = 6.0
+    seed: int = 0
+    num_workers: int = 1
+    progress: bool = True
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _complete(cache: Path) -> bool:
+    if not (cache / "zarr.json").exists():
+        return False
+    from semroute.shared.store import read_attrs
+
+    try:
+        return bool(read_attrs(cache).get("complete"))
+    except SemrouteError:
+        return False
+
+
+def prepare_data(cfg: DemoConfig, llm=None) -> dict:
+    """Steps 1-2: data set, held-out prompts and both caches (skipped when already there)."""
+    from semroute.shared import shapes
+    from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
+    from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+
+    out = Path(cfg.out)
+    data = out / "data"
+    manifest = data / "train.jsonl"
+    if not manifest.exists():
+        _say(f"generating {cfg.images} training images of {cfg.size}x{cfg.size} shapes ...")
+        manifest = shapes.generate_dataset(data, cfg.images, size=cfg.size, seed=cfg.seed, split="train")
+    prompts = shapes.write_prompt_file(shapes.heldout_prompts(cfg.heldout, seed=cfg.seed), out / "heldout_prompts.jsonl")
+    truth = _ground_truth(cfg, out / "heldout_truth")
+
+    text_cache, latent_cache = out / "captions.text.zarr", out / "images.latents.zarr"
+    if not _complete(text_cache):
+        llm = llm or _load_llm(cfg)
+        on_cpu = llm.device.type == "cpu"
+        _say(f"encoding captions with {cfg.llm} ({llm.num_hidden_layers} layers, "
+             f"{'float32 compute, bf16 storage' if on_cpu else 'bf16'}) ...")
+        encode_text(EncodeTextConfig(data=str(manifest), out=str(text_cache), llm=cfg.llm, layers="all",
+                                     dtype=str(llm.dtype).removeprefix("torch."),
+                                     storage="bf16" if on_cpu else "exact", resume=True, progress=cfg.progress),
+                    llm=llm)
+    if not _complete(latent_cache):
+        _say("encoding images with the pixel codec ...")
+        encode_images(EncodeImagesConfig(data=str(manifest), out=str(latent_cache), vae="pixel", resolution=cfg.size,
+                                         resume=True, workers=0, progress=cfg.progress))
+    return {"manifest": manifest, "prompts": prompts, "truth": truth, "text_cache": text_cache,
+            "latent_cache": latent_cache, "llm": llm}
+
+
+def _load_llm(cfg: DemoConfig):
+    from semroute.shared.llm import load_llm
+
+    # CPUs run bf16 matmuls several times slower than float32; the cache then stores bf16 (same bytes).
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    _say(f"loading {cfg.llm} ...")
+    return load_llm(cfg.llm, device="auto", dtype=dtype)
+
+
+def _ground_truth(cfg: DemoConfig, folder: Path) -> Path:
+    """The held-out prompts drawn by the data generator, in GenEval's layout: the checker's ceiling."""
+    from semroute.shared import shapes
+    from semroute.stage2_train.prompt_files import layout_for, read_prompts, save_image
+
+    prompts = read_prompts(Path(cfg.out) / "heldout_prompts.jsonl", "geneval")
+    layout = layout_for("geneval", folder, n_per_prompt=1)
+    for entry in layout.pending(prompts):
+        rng = __import__("numpy").random.default_rng([cfg.seed, 7, entry.index])
+        image = shapes.render(shapes.layout_scene(entry.record, cfg.size, rng), cfg.size)
+        layout.prepare(entry)
+        save_image(image, layout.image_path(entry, 0))
+    return folder
+
+
+def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> dict:
+    """Step 3: train one strategy from the caches for the configured budget."""
+    from semroute.stage2_train.config import TrainConfig
+    from semroute.stage2_train.train import Trainer, list_checkpoints
+
+    if list_checkpoints(run_dir):
+        done = json.loads((list_checkpoints(run_dir)[-1] / "train_state.json").read_text())
+        _say(f"{run_dir} is already trained ({done['step']} steps); reusing it")
+        return {"step": done["step"], "train_seconds": done["train_seconds"]}
+    tcfg = TrainConfig(
+        text_cache=str(data["text_cache"]), latent_cache=str(data["latent_cache"]), out=str(run_dir), fusion=fusion,
+        preset=cfg.preset, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule="warmup", warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps, max_minutes=cfg.train_minutes, checkpoint_every=max(cfg.max_steps, 1),
+        keep_checkpoints=1, log_every=20, seed=cfg.seed, num_workers=cfg.num_workers, ema=cfg.ema,
+        ema_decay=cfg.ema_decay, tensorboard=False,
+    )
+    _say(f"training {fusion} ({cfg.preset} preset) for up to {cfg.train_minutes:g} minutes ...")
+    return Trainer(tcfg, progress=cfg.progress).train()
+
+
+def evaluate(cfg: DemoConfig, data: dict, run_dir: Path, out: Path) -> dict:
+    """Step 4: sample the held-out prompts from the run, score them, and score the ground truth."""
+    from semroute.stage2_train import shape_checker
+    from semroute.stage2_train.pipeline import SemroutePipeline
+    from semroute.stage2_train.sampling import SampleConfig, sample
+
+    samples = out / "samples"
+    pipe = SemroutePipeline.from_run(run_dir, ema=cfg.ema, llm=data.get("llm"), device="auto")
+    data["llm"] = pipe.text_encoder.llm  # loaded once, reused by later strategies
+    t0 = time.perf_counter()
+    sample(SampleConfig(checkpoint=str(run_dir), out=str(samples), prompts_file=str(data["prompts"]), format="geneval",
+                        n=cfg.samples_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
+                        batch_size=32, progress=cfg.progress), pipe=pipe)
+    sample_seconds = time.perf_counter() - t0
+    results = shape_checker.score_folder(samples)
+    shape_checker.write_results(results, out / "results.jsonl")
+    summary = shape_checker.summarize(results)
+    truth = shape_checker.summarize(shape_checker.score_folder(data["truth"]))
+    return {"samples": summary, "ground_truth": truth, "sample_seconds": sample_seconds, "samples_dir": str(samples)}
+
+
+def run_demo(cfg: DemoConfig, llm=None) -> dict:
+    """All four steps; ``llm`` may be passed already loaded (tests)."""
+    from semroute.stage2_train import shape_checker
+
+    if cfg.size % 2:
+        raise SemrouteError(f"--size must be even (the pixel codec's patch is 2), got {cfg.size}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = prepare_data(cfg, llm=llm)
+    data["llm"] = data["llm"] or llm
+    prep_seconds = time.perf_counter() - t0
+    run_dir = out / f"run-{cfg.fusion}"
+    trained = train_strategy(cfg, data, cfg.fusion, run_dir)
+    report = evaluate(cfg, data, run_dir, out)
+    shutil.copyfile(run_dir / "routing" / "latest.png", out / "routing.png")
+    shutil.copyfile(run_dir / "routing" / "latest.csv", out / "routing.csv")
+    shutil.copyfile(Path(report["samples_dir"]) / "grid.png", out / "grid.png")
+    report.update({"config": asdict(cfg), "train_steps": trained.get("step"),
+                   "train_seconds": trained.get("train_seconds"), "prepare_seconds": prep_seconds,
+                   "total_seconds": time.perf_counter() - t0})
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    _say(f"trained {report['train_steps']} steps in {report['train_seconds']:.0f}s; sampled "
+         f"{report['samples']['n_images']} images in {report['sample_seconds']:.0f}s")
+    _say("checker on generated samples:\n" + shape_checker.format_summary(report["samples"]))
+    _say("checker on ground-truth images of the same prompts:\n" + shape_checker.format_summary(report["ground_truth"]))
+    _say(f"grid: {out / 'grid.png'}   routing: {out / 'routing.png'}   report: {out / 'report.json'}")
+    return report

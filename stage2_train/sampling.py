@@ -1,0 +1,142 @@
+"""``semroute sample``: prompts (given, or read from a benchmark's prompt file) -> images in the layout
+that benchmark's scorer expects, plus a grid.
+
+Image k of prompt i is drawn from its own generator seeded ``seed + i * n + k``, so every image can be
+regenerated alone, whatever the batch size or number of processes. Prompts whose images all exist are
+skipped (resume), and under ``accelerate launch`` process r takes prompts r, r + world, ... and names
+files by the prompt's global index, so processes never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from semroute.shared.errors import SemrouteError
+from semroute.stage1_encode.distributed import process_info
+from semroute.stage2_train.prompt_files import PromptEntry, detect_format, layout_for, read_prompts, save_image
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str
+    out: str
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    format: str | None = None
+    n: int = 1
+    steps: int = 25
+    guidance: float = 6.0
+    resolution: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    ema: bool = False
+    llm: str | None = None
+    device: str = "auto"
+    grid: bool = True
+    progress: bool = True
+
+
+def load_pipeline(checkpoint: str | Path, *, ema: bool = False, llm=None, device: str = "auto"):
+    """A run folder, a checkpoint folder, or an exported pipeline folder."""
+    from semroute.stage2_train.pipeline import SemroutePipeline
+
+    path = Path(checkpoint)
+    if (path / "model_index.json").exists():
+        if ema:
+            raise SemrouteError("--ema applies to run folders; an exported pipeline holds one set of weights")
+        return SemroutePipeline.from_pretrained(path, llm=llm, device=device)
+    if (path / "run.json").exists():
+        return SemroutePipeline.from_run(path, ema=ema, llm=llm, device=device)
+    if (path / "model").is_dir() and (path.parent.parent / "run.json").exists():
+        return SemroutePipeline.from_run(path.parent.parent, checkpoint=str(path), ema=ema, llm=llm, device=device)
+    raise SemrouteError(f"--checkpoint {checkpoint}: not a run folder, a checkpoint folder or an exported pipeline")
+
+
+def prompt_entries(cfg: SampleConfig) -> tuple[str, list[PromptEntry]]:
+    if bool(cfg.prompts) == bool(cfg.prompts_file):
+        raise SemrouteError("give either --prompt (one or more) or --prompts FILE")
+    if cfg.prompts_file:
+        fmt = cfg.format or detect_format(cfg.prompts_file)
+        return fmt, read_prompts(cfg.prompts_file, fmt)
+    entries = [PromptEntry(index=i, name=f"{i:05d}", text=p, record={"prompt": p}, line=0)
+               for i, p in enumerate(cfg.prompts)]
+    return "generic", entries
+
+
+def sample(cfg: SampleConfig, *, pipe=None) -> dict:
+    """Generate every pending image; returns counts and paths."""
+    from tqdm.auto import tqdm
+
+    if cfg.n < 1 or cfg.batch_size < 1 or cfg.steps < 1:
+        raise SemrouteError("--n, --batch-size and --steps must be >= 1")
+    proc = process_info()
+    fmt, entries = prompt_entries(cfg)
+    layout = layout_for(fmt, cfg.out, n_per_prompt=cfg.n)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    if proc.is_main:
+        layout.write_index(entries)
+    mine = layout.pending(entries[proc.rank:: proc.world_size])
+    jobs = [(entry, k) for entry in mine for k in range(cfg.n)]
+    written = 0
+    t0 = time.perf_counter()
+    if jobs:
+        device = cfg.device if cfg.device not in ("auto", None) or proc.world_size == 1 else str(proc.device)
+        pipe = pipe or load_pipeline(cfg.checkpoint, ema=cfg.ema, llm=cfg.llm, device=device)
+        pipe.set_progress_bar_config(disable=True)
+        size = cfg.resolution
+        bar = tqdm(total=len(jobs), unit="img", desc=f"sample[{proc.rank}]", disable=not cfg.progress)
+        prepared: set[int] = set()
+        for start in range(0, len(jobs), cfg.batch_size):
+            batch = jobs[start: start + cfg.batch_size]
+            generators = [torch.Generator().manual_seed(cfg.seed + e.index * cfg.n + k) for e, k in batch]
+            images = pipe([e.text for e, _ in batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                          height=size, width=size, generator=generators).images
+            for (entry, k), image in zip(batch, images):
+                if entry.index not in prepared:
+                    layout.prepare(entry)
+                    prepared.add(entry.index)
+                save_image(image, layout.image_path(entry, k))
+                written += 1
+            bar.update(len(batch))
+        bar.close()
+    counts = proc.gather_object(written)
+    proc.barrier()
+    grid = None
+    if proc.is_main:
+        record = {"checkpoint": cfg.checkpoint, "format": fmt, "n": cfg.n, "steps": cfg.steps,
+                  "guidance": cfg.guidance, "seed": cfg.seed, "world_size": proc.world_size,
+                  "images_written_per_process": counts}
+        (Path(cfg.out) / "sample_run.json").write_text(json.dumps(record, indent=2) + "\n")
+        if cfg.grid:
+            grid = write_grid(layout, entries, cfg.n, Path(cfg.out) / "grid.png")
+    return {"format": fmt, "prompts": len(entries), "images_written": written,
+            "skipped_prompts_done": len(entries[proc.rank:: proc.world_size]) - len(mine),
+            "seconds": time.perf_counter() - t0, "grid": str(grid) if grid else None, "out": cfg.out}
+
+
+def write_grid(layout, entries: list[PromptEntry], n: int, path: Path, max_prompts: int = 16) -> Path | None:
+    """One row per prompt (the first ``max_prompts``), one column per sample, from the files on disk."""
+    from PIL import Image
+
+    rows = []
+    for entry in entries[:max_prompts]:
+        files = [layout.image_path(entry, k) for k in range(n)]
+        if all(f.exists() for f in files):
+            rows.append([Image.open(f).convert("RGB") for f in files])
+    if not rows:
+        return None
+    w, h = rows[0][0].size
+    sheet = Image.new("RGB", (w * n, h * len(rows)), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            sheet.paste(img.resize((w, h)), (c * w, r * h))
+    scale = max(1, 256 // max(w, h))  # small images (the demo's 32 px) are enlarged to be seen
+    if scale > 1:
+        sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.Resampling.NEAREST)
+    sheet.save(path)
+    return path
