@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,16 +43,17 @@ def write_manifest(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def bench_throughput(llm, texts, tmp: Path, batch_tokens: int, storage: str) -> dict:
+def bench_throughput(llm, texts, tmp: Path, batch_tokens: int, storage: str, tag: str = "") -> dict:
     from semroute.shared.layers import parse_layers
     from semroute.shared.store import ShardLayout, TextStorage
     from semroute.shared.text_encoder import PromptFormat, TextEncoder
     from semroute.stage1_encode.text import EncodeTextConfig, build_plan, encode_text, padding_efficiency, shard_work
 
     manifest = write_manifest(tmp / "m.jsonl", texts)
-    out = tmp / f"bench-{storage}.text.zarr"
+    out = tmp / f"bench-{storage}{tag}.text.zarr"
     cfg = EncodeTextConfig(data=str(manifest), out=str(out), llm="smollm2", progress=False,
-                           batch_tokens=batch_tokens, storage=storage, overwrite=True)
+                           batch_tokens=batch_tokens, storage=storage, overwrite=True,
+                           dtype=str(llm.dtype).removeprefix("torch."))
     encoder = TextEncoder(llm, PromptFormat(), parse_layers("all", llm.num_hidden_layers))
 
     # Warm-up (first calls allocate), then the bare loop over exactly the batches the run will use.
@@ -83,6 +83,7 @@ def bench_throughput(llm, texts, tmp: Path, batch_tokens: int, storage: str) -> 
     info = describe(str(out))
     return {
         "storage": storage,
+        "compute_dtype": str(llm.dtype).removeprefix("torch."),
         "captions": len(texts),
         "tokens": tokens,
         "bare_tokens_per_s": tokens / bare,
@@ -146,7 +147,7 @@ def bench_memory(sizes: list[int], tmp: Path, threads: int) -> list[dict]:
                "try:\n    main()\nexcept SystemExit:\n    pass\n"
                "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
                "semroute", "encode-text", str(manifest), "--llm", "smollm2", "--out", str(tmp / f"mem-{n}.text.zarr"),
-               "--no-progress", "--overwrite"]
+               "--no-progress", "--overwrite", "--dtype", "float32", "--storage", "bf16"]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -162,20 +163,31 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=1600)
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--memory-sizes", default="800,6400")
+    parser.add_argument("--memory-sizes", default="400,3200")
+    parser.add_argument("--dtype", default="float32", help="LLM compute dtype for the throughput runs "
+                        "(CPU bf16 matmuls are ~7x slower than float32 here)")
+    parser.add_argument("--bf16-captions", type=int, default=100, help="captions for the exact-bf16 bytes check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from semroute.shared.llm import load_llm
 
-    llm = load_llm("smollm2", device="cpu", dtype="bfloat16")
+    llm = load_llm("smollm2", device="cpu", dtype=args.dtype)
     texts = prompts(args.captions)
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                 f"torch threads {args.threads}", "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        results["throughput"] = [bench_throughput(llm, texts, tmp, args.batch_tokens, s) for s in ("exact", "fp8")]
-        results["reads"] = bench_reads(Path(results["throughput"][0]["store"]), tmp)
+        storages = ("exact", "bf16", "fp8") if llm.dtype == torch.float32 else ("exact", "fp8")
+        results["throughput"] = [bench_throughput(llm, texts, tmp, args.batch_tokens, s) for s in storages]
+        if llm.dtype != torch.bfloat16 and args.bf16_captions:
+            # Bytes of exact storage with bf16 compute (the default on GPUs), on a small set: slow on CPUs.
+            del llm
+            bf16 = load_llm("smollm2", device="cpu", dtype="bfloat16")
+            results["exact_bf16_bytes"] = bench_throughput(bf16, texts[: args.bf16_captions], tmp, args.batch_tokens,
+                                                           "exact", tag="-bf16")
+        bf16_store = next((r["store"] for r in results["throughput"] if r["storage"] == "bf16"), None)
+        results["reads"] = bench_reads(Path(bf16_store or results["throughput"][0]["store"]), tmp)
         results["memory"] = bench_memory([int(x) for x in args.memory_sizes.split(",")], tmp, args.threads)
     print(json.dumps(results, indent=2, default=lambda x: round(x, 4) if isinstance(x, float) else str(x)))
 

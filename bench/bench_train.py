@@ -125,13 +125,13 @@ def main() -> None:
     parser.add_argument("--prompts", default=str(PROMPTS), help="GenAI-Bench's genai_image.json (captions)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--skip-online", action="store_true", help="skip (b) and (b')")
+    parser.add_argument("--online-steps", type=int, default=None, help="timed steps for (b)/(b') (default: --steps)")
     parser.add_argument("--diagnose", action="store_true", help="also time the loader alone and compute on varied batches")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     from semroute.shared.latent_store import LatentCacheReader
-    from semroute.shared.store import pad_batch
     from semroute.shared.text_encoder import PromptFormat, TextEncoder
     from semroute.shared.vae import load_encoder
     from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
@@ -256,8 +256,11 @@ def main() -> None:
         return run
 
     if not args.skip_online:
+        full_steps, full_warmup = args.steps, args.warmup
+        args.steps, args.warmup = args.online_steps or args.steps, min(args.warmup, 1 if args.online_steps else args.warmup)
         results["b_online_pad512"] = timed(BatchLoader(dataset, plan, num_workers=0), online(True))
         results["b2_online_dynamic"] = timed(BatchLoader(dataset, plan, num_workers=0), online(False))
+        args.steps, args.warmup = full_steps, full_warmup
 
     lengths = dataset.text.lengths
     report = {

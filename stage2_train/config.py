@@ -70,6 +70,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     decay_fusion_logits: bool = True
     """Apply weight decay to the routing logits/gates too (the reference does)."""
+    fusion_lr_scale: float = 1.0
+    """Learning-rate multiplier for the routing gates (the reference: 1). Adam moves a logit by about
+    lr per step, so short runs (the CPU demo) need a larger one for the routing to show."""
     grad_clip: float = 1.0
     lr_schedule: str = "constant"
     """constant | warmup (linear warm-up, then constant) | cosine (warm-up, then cosine to 0)."""
@@ -119,6 +122,8 @@ class TrainConfig:
                      "ema_every"):
             if getattr(self, name) < 1:
                 raise SemrouteError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fusion_lr_scale <= 0:
+            raise SemrouteError(f"fusion_lr_scale must be > 0, got {self.fusion_lr_scale}")
         if self.shift <= 0:
             raise SemrouteError(f"shift must be > 0, got {self.shift}")
 

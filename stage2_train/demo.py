@@ -41,7 +41,12 @@ class DemoConfig:
     train_minutes: float = 8.0
     max_steps: int = 100_000
     batch_size: int = 32
-    lr: float = 3e-4
+    # Short-budget settings (the reference trains for days): a larger lr, routing gates at 10x it so
+    # they visibly move within minutes, and shift 1.0, which spends more of the few steps on the low
+    # noise levels that clean up 32-pixel images (with 3.0 the samples kept visible speckle noise).
+    lr: float = 1e-3
+    fusion_lr_scale: float = 10.0
+    shift: float = 1.0
     warmup_steps: int = 100
     ema: bool = True
     ema_decay: float = 0.995
@@ -136,6 +141,7 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
     tcfg = TrainConfig(
         text_cache=str(data["text_cache"]), latent_cache=str(data["latent_cache"]), out=str(run_dir), fusion=fusion,
         preset=cfg.preset, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule="warmup", warmup_steps=cfg.warmup_steps,
+        fusion_lr_scale=cfg.fusion_lr_scale, shift=cfg.shift,
         max_steps=cfg.max_steps, max_minutes=cfg.train_minutes, checkpoint_every=max(cfg.max_steps, 1),
         keep_checkpoints=1, log_every=20, seed=cfg.seed, num_workers=cfg.num_workers, ema=cfg.ema,
         ema_decay=cfg.ema_decay, tensorboard=False,

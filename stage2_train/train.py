@@ -175,6 +175,12 @@ class Trainer:
         if resume and resume != "latest" and self.resume_from is None:
             raise SemrouteError(f"--resume {resume}: no checkpoint found")
 
+        if torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+            # On a GPU the training process only launches kernels; a full set of CPU threads there
+            # competes with the DataLoader workers and slowed a launch-bound step ~1.5x in our H100
+            # measurement (bench/RESULTS.md). A few threads suffice.
+            torch.set_num_threads(min(torch.get_num_threads(), 4))
+
         # The model's initial weights come from the global RNG: seed it so a run is reproducible.
         from accelerate.utils import set_seed
 
@@ -206,7 +212,7 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in trainable if id(p) not in router_ids], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in trainable if id(p) in router_ids],
+            {"params": [p for p in trainable if id(p) in router_ids], "lr": cfg.lr * cfg.fusion_lr_scale,
              "weight_decay": cfg.weight_decay if cfg.decay_fusion_logits else 0.0},
         ]
         groups = [g for g in groups if g["params"]]

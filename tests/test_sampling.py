@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from semroute.shared.errors import SemrouteError
-from semroute.shared.llm import load_llm
 from semroute.shared.store import TextCacheReader
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from semroute.stage2_train.config import TrainConfig
