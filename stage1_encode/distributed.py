@@ -31,6 +31,24 @@ class ProcessInfo:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def run_on_main(self, fn):
+        """Run ``fn`` on rank 0 and give its result to every rank; if it raises, every rank raises (rank 0
+        the original error), so no process waits forever for one that failed."""
+        result: object = None
+        if self.is_main:
+            try:
+                result = ("ok", fn())
+            except BaseException as err:  # noqa: BLE001 - re-raised below, on every rank
+                result = ("error", err)
+        result = self.broadcast(result)
+        if result[0] == "error":
+            if self.is_main:
+                raise result[1]
+            from semroute.shared.errors import SemrouteError
+
+            raise SemrouteError(f"rank 0 failed: {result[1]}")
+        return result[1]
+
     def gather_object(self, obj) -> list:
         if self.world_size == 1:
             return [obj]

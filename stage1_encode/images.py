@@ -227,22 +227,6 @@ def estimate_images(plan: ImagePlan, buckets: list[Bucket], info: VAEInfo, cfg: 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def _on_rank0(proc: ProcessInfo, fn):
-    """Run ``fn`` on rank 0 and hand its result (or its error) to every rank, so none waits forever."""
-    result: object = None
-    if proc.is_main:
-        try:
-            result = ("ok", fn())
-        except BaseException as err:  # noqa: BLE001 - re-raised below, on every rank
-            result = ("error", err)
-    result = proc.broadcast(result)
-    if result[0] == "error":
-        if proc.is_main:
-            raise result[1]
-        raise SemrouteError(f"rank 0 failed: {result[1]}")
-    return result[1]
-
-
 def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -> dict:
     """Run ``encode-images``; returns a summary dict (also printed by the CLI)."""
     proc = proc or process_info()
@@ -262,14 +246,14 @@ def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -
     sha = input_sha256(records, paths)
 
     # 1. Create or resume? (rank 0 decides; a resume checks the fingerprint and the manifest.)
-    action = "create" if cfg.estimate else _on_rank0(proc, lambda: _decide(cfg, want, sha))
+    action = "create" if cfg.estimate else proc.run_on_main(lambda: _decide(cfg, want, sha))
 
     # 2. Plan from headers: each rank reads its slice, rank 0 assembles, sizes and creates the store.
     if action == "create":
         n, r, w = len(paths), proc.rank, proc.world_size
         mine = probe_all(paths[n * r // w: n * (r + 1) // w], opts, cfg.probe_threads, show)
         probes = [p for part in proc.gather_object(mine) for p in part]
-        result = _on_rank0(proc, lambda: _plan_and_create(cfg, info, opts, want, sha, records, paths, probes,
+        result = proc.run_on_main(lambda: _plan_and_create(cfg, info, opts, want, sha, records, paths, probes,
                                                           manifest.problems))
         if cfg.estimate:
             return result if proc.is_main else {}

@@ -321,24 +321,18 @@ def encode_text(cfg: EncodeTextConfig, *, proc: ProcessInfo | None = None, llm: 
     encoder = TextEncoder(llm, fmt, layers)
     show = cfg.progress and proc.is_main
 
-    # 1-2. Plan and create (rank 0), then tell every rank whether that worked.
-    status: object = "ok"
-    plan = None
-    if proc.is_main:
-        try:
-            plan = build_plan(cfg, encoder, progress=show)
-            if cfg.estimate:
-                return {"estimate": estimate_text(plan, encoder, cfg), "problems": [str(p) for p in plan.problems]}
-            _create_or_reopen(cfg, encoder, plan)
-        except BaseException as err:
-            status = err
-    status = proc.broadcast(status if proc.is_main else None)
-    if isinstance(status, BaseException):
-        if proc.is_main:
-            raise status
-        raise SemrouteError(f"rank 0 failed: {status}")
+    # 1-2. Plan and create (rank 0); every rank learns whether that worked.
+    def plan_and_create() -> dict:
+        plan = build_plan(cfg, encoder, progress=show)
+        problems = [str(p) for p in plan.problems]
+        if cfg.estimate:
+            return {"estimate": estimate_text(plan, encoder, cfg), "problems": problems}
+        _create_or_reopen(cfg, encoder, plan)
+        return {"problems": problems}
+
+    planned = proc.run_on_main(plan_and_create)
     if cfg.estimate:
-        return {}
+        return planned if proc.is_main else {}
 
     # 3. Encode this process's shards.
     writer = TextCacheWriter.open(cfg.out)
@@ -375,7 +369,7 @@ def encode_text(cfg: EncodeTextConfig, *, proc: ProcessInfo | None = None, llm: 
             "world_size": proc.world_size,
             "bytes": dir_size(cfg.out),
             "bad_records": attrs.get("n_bad_records", 0),
-            "problems": [str(p) for p in plan.problems] if plan is not None else [],
+            "problems": planned["problems"],
         }
     return summary
 

@@ -36,8 +36,10 @@ def rope_2d(height: int, width: int, head_dim: int, theta: float = 10000.0, devi
     return torch.cat([cos_r, cos_c], dim=-1), torch.cat([sin_r, sin_c], dim=-1)  # [N, head_dim] each
 
 
-class SelfAttention(nn.Module):
-    """GQA self-attention over image tokens with RMS QK-norm and 2D RoPE."""
+class GQAProjections(nn.Module):
+    """Query/key/value/output projections and RMS QK-norms of a grouped-query attention: ``num_heads``
+    query heads share ``num_kv_heads`` key/value heads of ``head_dim``. The attention modules differ
+    only in what they attend to."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float = 1e-6):
         super().__init__()
@@ -50,6 +52,10 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(head_dim, eps=eps)
         self.norm_k = RMSNorm(head_dim, eps=eps)
         self.to_out = nn.Linear(num_heads * head_dim, dim, bias=False)
+
+
+class SelfAttention(GQAProjections):
+    """GQA self-attention over image tokens with RMS QK-norm and 2D RoPE."""
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``x``: ``[B, N, dim]`` image tokens; ``rope``: ``(cos, sin)`` each ``[N, head_dim]``. Returns ``[B, N, dim]``."""
@@ -63,24 +69,12 @@ class SelfAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(B, N, -1))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(GQAProjections):
     """GQA cross-attention from image tokens to the (already embedded) text condition, padding masked.
 
     ``project_text`` and ``forward`` are separate so that a caller can compute the text keys/values once
     and reuse them for every denoising step when the text condition does not depend on t.
     """
-
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float = 1e-6):
-        super().__init__()
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads}) for grouped-query attention")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.to_q = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.to_k = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
-        self.to_v = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
-        self.norm_q = RMSNorm(head_dim, eps=eps)
-        self.norm_k = RMSNorm(head_dim, eps=eps)
-        self.to_out = nn.Linear(num_heads * head_dim, dim, bias=False)
 
     def project_text(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``context``: ``[B, T, dim]`` embedded text. Returns keys and values, each ``[B, nkv, T, hd]``."""

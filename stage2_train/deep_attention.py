@@ -14,6 +14,8 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
+from semroute.stage2_train.attention import GQAProjections
+
 
 # --------------------------------------------------------------------------------------------------
 # Rotary embedding in the LLM's "rotate half" layout
@@ -110,20 +112,8 @@ class LLMTextKV(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-class JointAttention(nn.Module):
+class JointAttention(GQAProjections):
     """Image queries attend to ``[text keys of the paired LLM layer; image keys]``, GQA in the LLM's head layout."""
-
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float = 1e-6):
-        super().__init__()
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads}) for grouped-query attention")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.to_q = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.to_k = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
-        self.to_v = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
-        self.norm_q = RMSNorm(head_dim, eps=eps)
-        self.norm_k = RMSNorm(head_dim, eps=eps)
-        self.to_out = nn.Linear(num_heads * head_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text_key: torch.Tensor,
                 text_value: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:

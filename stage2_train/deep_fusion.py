@@ -31,17 +31,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.normalization import RMSNorm
 from torch import nn
 
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import require_match
 from semroute.stage2_train.deep_attention import DeepFusionBlock, LLMTextKV, default_inv_freq, image_positions, rope_cos_sin
+from semroute.stage2_train.image_side import ImageSideMixin
 from semroute.stage2_train.presets import PRESETS
 
 FROZEN_PREFIX = "llm_layers."  # parameter names of the frozen LLM weights
@@ -83,7 +81,7 @@ class DeepTextContext:
 # --------------------------------------------------------------------------------------------------
 
 
-class DeepFusionDiT(ModelMixin, ConfigMixin):
+class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
     """FuseDiT-style deep fusion: DiT block i attends jointly to its image tokens and LLM layer ``first + i``.
 
     Same call interface as ``SemrouteDiT`` (``forward``, ``prepare_text``, ``layer_positions``,
@@ -165,19 +163,12 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
         )
         self.llm_layers.requires_grad_(False)
 
-        # 2. Image side.
-        patch_dim = in_channels * patch_size * patch_size
-        self.patch_embed = nn.Linear(patch_dim, hidden_size)
-        if adaln:
-            self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
-            self.time_embedder = TimestepEmbedding(256, hidden_size)
+        # 2. Image side: patch embedding, optional adaLN timestep embedding, output head; the blocks.
+        self.build_image_side(in_channels, patch_size, hidden_size, norm_eps, adaln)
         self.blocks = nn.ModuleList(
             DeepFusionBlock(hidden_size, llm_num_heads, llm_num_kv_heads, llm_head_dim, mlp_hidden_size, norm_eps, adaln)
             for _ in range(num_blocks)
         )
-        self.norm_out = RMSNorm(hidden_size, eps=norm_eps, elementwise_affine=not adaln)
-        self.out_modulation = nn.Linear(hidden_size, 2 * hidden_size) if adaln else None
-        self.proj_out = nn.Linear(hidden_size, patch_dim)
 
         self.gradient_checkpointing = False
         self.initialize_weights()
@@ -357,27 +348,20 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
         Returns:
             ``Transformer2DModelOutput(sample=[B, C, H, W])``, or ``(sample,)`` when ``return_dict=False``.
         """
-        B, C, H, W = latents.shape
-        p = self.config.patch_size
-        if H % p or W % p:
-            raise SemrouteError(f"latent height and width must be multiples of the patch size {p}, got {H}x{W}")
+        B, C = latents.shape[:2]
         if text_context is None:
             if text_features is None:
                 raise ValueError("pass either `text_features` (with `text_mask`) or `text_context`")
             text_context = self.prepare_text(text_features, text_mask)
 
-        # 1. Patchify: [B, C, H, W] -> [B, h*w, C*p*p] (row-major tokens) -> [B, N, hidden].
-        h, w = H // p, W // p
-        x = self.patch_embed(latents.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p))
+        # 1. Patchify: [B, C, H, W] -> [B, N, hidden] image tokens (row-major patches).
+        x, h, w = self.embed_patches(latents)
         inv_freq = self._inv_freq.to(latents.device)
         rope = rope_cos_sin(image_positions(text_context.lengths, h, w, len(inv_freq)), inv_freq, self.config.llm_rope_scaling)
         # Image queries see the real text tokens and every image token: [B, 1, 1, T + N].
         image_keys = torch.ones(B, h * w, dtype=torch.bool, device=latents.device)
         attn_mask = torch.cat([text_context.mask, image_keys], dim=1)[:, None, None, :]
-        temb = None
-        if self.config.adaln:
-            timestep = torch.as_tensor(timestep, device=latents.device, dtype=torch.float32).reshape(-1).expand(B)
-            temb = F.silu(self.time_embedder(self.time_proj(timestep).to(x.dtype)))  # [B, hidden]
+        temb = self.timestep_embedding(timestep, B, x)  # [B, hidden] with adaLN, else None
 
         # 2. Blocks, block i with the keys/values of LLM layer first + i.
         for block, (key, value) in zip(self.blocks, text_context.kv):
@@ -387,12 +371,7 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
                 x = block(x, rope, key, value, attn_mask, temb)
 
         # 3. Final norm, zero-initialised projection, unpatchify back to [B, C, H, W].
-        x = self.norm_out(x)
-        if self.out_modulation is not None:
-            shift, scale = self.out_modulation(temb)[:, None].chunk(2, dim=-1)
-            x = x * (1 + scale) + shift
-        x = self.proj_out(x)
-        sample = x.reshape(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        sample = self.output_head(x, temb, C, h, w)
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
     # ----------------------------------------------------------------------------------------------

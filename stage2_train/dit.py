@@ -16,10 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import FeedForward
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import RMSNorm
@@ -28,6 +26,7 @@ from torch import nn
 from semroute.shared.errors import SemrouteError
 from semroute.shared.layers import parse_layers
 from semroute.stage2_train.attention import CrossAttention, SelfAttention, rope_2d
+from semroute.stage2_train.image_side import ImageSideMixin
 from semroute.stage2_train.fusion import FUSIONS, build_fusion, gather_positions, layer_norm_layers, resolve_layer_indices
 from semroute.stage2_train.presets import PRESETS
 
@@ -90,7 +89,7 @@ class DiTBlock(nn.Module):
         return x + (gate2 * h if self.modulation is not None else h)
 
 
-class SemrouteDiT(ModelMixin, ConfigMixin):
+class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
     """DiT conditioned on many LLM layers fused by a routing strategy (``fusion``, see ``fusion.FUSIONS``).
 
     Args:
@@ -166,19 +165,12 @@ class SemrouteDiT(ModelMixin, ConfigMixin):
         self.router = build_fusion(fusion, len(self.text_layers), num_blocks, **options)
         self.context_embedder = nn.Sequential(RMSNorm(text_dim, eps=norm_eps), nn.Linear(text_dim, hidden_size))
 
-        # 2. Image side.
-        patch_dim = in_channels * patch_size * patch_size
-        self.patch_embed = nn.Linear(patch_dim, hidden_size)
-        if adaln:
-            self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
-            self.time_embedder = TimestepEmbedding(256, hidden_size)
+        # 2. Image side: patch embedding, optional adaLN timestep embedding, output head; the blocks.
+        self.build_image_side(in_channels, patch_size, hidden_size, norm_eps, adaln)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, num_kv_heads, head_dim, mlp_hidden_size, norm_eps, adaln)
             for _ in range(num_blocks)
         )
-        self.norm_out = RMSNorm(hidden_size, eps=norm_eps, elementwise_affine=not adaln)
-        self.out_modulation = nn.Linear(hidden_size, 2 * hidden_size) if adaln else None
-        self.proj_out = nn.Linear(hidden_size, patch_dim)
 
         self.gradient_checkpointing = False
         self.initialize_weights()
@@ -286,10 +278,7 @@ class SemrouteDiT(ModelMixin, ConfigMixin):
         Returns:
             ``Transformer2DModelOutput(sample=[B, C, H, W])``, or ``(sample,)`` when ``return_dict=False``.
         """
-        B, C, H, W = latents.shape
-        p = self.config.patch_size
-        if H % p or W % p:
-            raise SemrouteError(f"latent height and width must be multiples of the patch size {p}, got {H}x{W}")
+        B, C = latents.shape[:2]
         if text_context is None:
             if text_features is None:
                 raise ValueError("pass either `text_features` (with `text_mask`) or `text_context`")
@@ -301,14 +290,10 @@ class SemrouteDiT(ModelMixin, ConfigMixin):
         if kv is None:
             kv = self._text_kv(text_context.hidden_ln, text_context.mask, sigma=timestep / 1000.0)
 
-        # 2. Patchify: [B, C, H, W] -> [B, h*w, C*p*p] (row-major tokens) -> [B, N, hidden].
-        h, w = H // p, W // p
-        x = latents.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
-        x = self.patch_embed(x)
+        # 2. Patchify: [B, C, H, W] -> [B, N, hidden] image tokens (row-major patches), 2D RoPE.
+        x, h, w = self.embed_patches(latents)
         rope = rope_2d(h, w, self.config.head_dim, self.config.rope_theta, device=latents.device)
-        temb = None
-        if self.config.adaln:
-            temb = F.silu(self.time_embedder(self.time_proj(timestep).to(x.dtype)))  # [B, hidden]
+        temb = self.timestep_embedding(timestep, B, x)  # [B, hidden] with adaLN, else None
 
         # 3. Blocks.
         for block, (key, value) in zip(self.blocks, kv):
@@ -318,12 +303,7 @@ class SemrouteDiT(ModelMixin, ConfigMixin):
                 x = block(x, rope, key, value, text_context.attn_mask, temb)
 
         # 4. Final norm, zero-initialised projection, unpatchify back to [B, C, H, W].
-        x = self.norm_out(x)
-        if self.out_modulation is not None:
-            shift, scale = self.out_modulation(temb)[:, None].chunk(2, dim=-1)
-            x = x * (1 + scale) + shift
-        x = self.proj_out(x)
-        sample = x.reshape(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        sample = self.output_head(x, temb, C, h, w)
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
     # ----------------------------------------------------------------------------------------------
