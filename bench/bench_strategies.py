@@ -27,7 +27,8 @@ def time_reuse(run_dir: Path, llm, prompts: list[str], steps: int, repeats: int 
     """Seconds per image with text K/V reused across steps vs recomputed every step (same images)."""
     from semroute.stage2_train.pipeline import SemroutePipeline
 
-    pipe = SemroutePipeline.from_run(run_dir, llm=llm, device="cpu")
+    pipe = SemroutePipeline.from_run(run_dir, llm=llm, device="auto")
+    sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     pipe.set_progress_bar_config(disable=True)
     out = {}
     for reuse in (True, False, True, False):  # interleaved, best of repeats
@@ -36,6 +37,7 @@ def time_reuse(run_dir: Path, llm, prompts: list[str], steps: int, repeats: int 
             gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
             t0 = time.perf_counter()
             pipe(prompts, num_inference_steps=steps, guidance_scale=6.0, generator=gens, reuse_text=reuse)
+            sync()
             best = min(best, time.perf_counter() - t0)
         key = "reuse" if reuse else "recompute"
         out[key] = min(out.get(key, float("inf")), best / len(prompts))
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=60)
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of each training run")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -62,9 +66,18 @@ def main() -> None:
 
     cfg = DemoConfig(out=args.out, images=args.images, heldout=args.heldout, samples_per_prompt=args.samples_per_prompt,
                      preset=args.preset, train_minutes=args.minutes, max_steps=args.steps, seed=args.seed,
-                     progress=False)
+                     batch_size=args.batch_size, num_workers=args.workers, progress=False)
+    if torch.cuda.is_available():
+        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    else:
+        machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "budget_steps": args.steps,
+              "budget_minutes_cap": args.minutes, "batch_size": cfg.batch_size, "preset": args.preset,
+              "images": args.images, "heldout_prompts": args.heldout, "samples_per_prompt": args.samples_per_prompt,
+              "strategies": {}, "sampling_seconds_per_image_depth": None}
+    result_file = Path(args.out, "strategies.json")
     data = prepare_data(cfg)
-    rows = {}
+    rows = result["strategies"]
     for fusion in args.strategies.split(","):
         run_dir = Path(args.out) / f"run-{fusion}"
         trained = train_strategy(replace(cfg, fusion=fusion), data, fusion, run_dir)
@@ -76,16 +89,12 @@ def main() -> None:
                         "per_tag": report["samples"]["per_tag"], "overall": report["samples"]["overall"]}
         print(fusion, json.dumps(rows[fusion]), flush=True)
         print(shape_checker.format_summary(report["samples"]), flush=True)
-    timing = None
+        result_file.write_text(json.dumps(result, indent=2))  # after each strategy: a cut-off run keeps its rows
     if "depth" in rows:
         prompts = [json.loads(l)["prompt"] for l in Path(data["prompts"]).read_text().splitlines()[:8]]
-        timing = time_reuse(Path(args.out) / "run-depth", data["llm"], prompts, steps=25)
-    result = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
-              "date": time.strftime("%Y-%m-%d"), "budget_steps": args.steps, "batch_size": cfg.batch_size,
-              "preset": args.preset,
-              "images": args.images, "heldout_prompts": args.heldout, "samples_per_prompt": args.samples_per_prompt,
-              "strategies": rows, "sampling_seconds_per_image_depth": timing}
-    Path(args.out, "strategies.json").write_text(json.dumps(result, indent=2))
+        result["sampling_seconds_per_image_depth"] = time_reuse(Path(args.out) / "run-depth", data["llm"], prompts,
+                                                                steps=25)
+    result_file.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

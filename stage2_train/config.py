@@ -90,8 +90,10 @@ class TrainConfig:
     max_minutes: float | None = None
     """Stop (with a checkpoint) after this much training time."""
     seed: int = 0
-    num_workers: int = 2
-    """DataLoader worker processes (each opens the caches itself)."""
+    num_workers: int = 1
+    """DataLoader worker processes (each opens the caches itself). On an H100 a batch of the paper preset
+    was read in ~0.025 s against a 0.22 s step, and more workers slowed the training process itself
+    (bench/RESULTS.md, training runs 1-7)."""
     length_batching: bool = False
     """Group captions of similar token counts into batches to cut text padding."""
     checkpoint_every: int = 1000
