@@ -264,7 +264,7 @@ class Trainer:
         window_loss, window_n, window_t0, window_samples = torch.zeros((), device=acc.device), 0, time.perf_counter(), 0
         last = {}
         started = time.perf_counter()
-        base_seconds = state.train_seconds
+        base_seconds, first_step = state.train_seconds, state.step
         batches = iter(loader)
         self.model.train()
         try:
@@ -305,6 +305,13 @@ class Trainer:
                     late = float(state.train_seconds >= cfg.max_minutes * 60)
                     over_time = bool(acc.reduce(torch.tensor(late, device=acc.device), "max").item())
                 done = state.step >= cfg.max_steps or over_time
+                if cfg.max_minutes is not None:
+                    # Under a time budget the bar ends where the budget runs out at the current pace (the
+                    # check runs every log_every steps), not at max_steps, which would show an ETA of days.
+                    pace = (state.step - first_step) / max(time.perf_counter() - started, 1e-9)
+                    left = max(cfg.max_minutes * 60 - state.train_seconds, 0.0)
+                    end = -(-(state.step + int(left * pace) + 1) // cfg.log_every) * cfg.log_every
+                    bar.total = min(cfg.max_steps, state.step if done else max(end, state.step + 1))
 
                 if state.step % cfg.log_every == 0 or done:
                     dt = time.perf_counter() - window_t0
