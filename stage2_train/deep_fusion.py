@@ -39,6 +39,7 @@ from torch import nn
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import require_match
 from semroute.stage2_train.deep_attention import DeepFusionBlock, LLMTextKV, default_inv_freq, image_positions, rope_cos_sin
+from semroute.stage2_train.fusion import resolve_layer_indices
 from semroute.stage2_train.image_side import ImageSideMixin
 from semroute.stage2_train.presets import PRESETS
 
@@ -247,9 +248,7 @@ class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
                     nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for module in filter(None, [self.proj_out, self.out_modulation] + [block.modulation for block in self.blocks]):
-            nn.init.zeros_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.zero_init_outputs()
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Every parameter except the frozen LLM weights (``llm_layers.*``), whatever their ``requires_grad``."""
@@ -264,8 +263,7 @@ class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
 
         Raises a ``SemrouteError`` naming the missing layers when the cache lacks some.
         """
-        n = self.config.llm_num_layers
-        stored = [int(i) + n + 1 if int(i) < 0 else int(i) for i in stored_layers]
+        stored = resolve_layer_indices(stored_layers, self.config.llm_num_layers)
         missing = [layer for layer in self.text_layers if layer not in stored]
         if missing:
             first, last = self.text_layers[0], self.text_layers[-1]

@@ -198,10 +198,7 @@ class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        zero = [self.proj_out, self.out_modulation] + [block.modulation for block in self.blocks]
-        for module in filter(None, zero):
-            nn.init.zeros_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.zero_init_outputs()
         self.router.reset_parameters()
 
     def layer_positions(self, stored_layers: Sequence[int]) -> list[int]:

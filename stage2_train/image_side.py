@@ -43,6 +43,13 @@ class ImageSideMixin:
         self.out_modulation = nn.Linear(hidden_size, 2 * hidden_size) if adaln else None
         self.proj_out = nn.Linear(hidden_size, patch_dim)
 
+    def zero_init_outputs(self) -> None:
+        """Zero the output projection (the model starts predicting 0) and every adaLN modulation, after the
+        generic init of the Linears."""
+        for module in filter(None, [self.proj_out, self.out_modulation] + [block.modulation for block in self.blocks]):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
     def embed_patches(self, latents: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """``[B, C, H, W]`` -> ``[B, N, hidden]`` image tokens and the patch grid ``(h, w)``."""
         tokens, h, w = patchify(latents, self.config.patch_size)
