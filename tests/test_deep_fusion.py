@@ -205,6 +205,16 @@ def test_real_smollm2_gguf_pairing(smollm2_llm):
 # --------------------------------------------------------------------------------------------------
 
 
+def test_fresh_model_predicts_zero():
+    """The output projection (and adaLN's modulations) start at zero, as in the routing DiT."""
+    torch.manual_seed(0)
+    for adaln in (False, True):
+        model = DeepFusionDiT.from_preset("tiny", adaln=adaln).eval()
+        features, mask = text_batch(model, [3, 5])
+        out = model(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 999.0]), features, mask).sample
+        assert torch.equal(out, torch.zeros_like(out))
+
+
 def test_image_outputs_do_not_depend_on_padding():
     """A caption's image output does not change when a longer caption joins its batch (image positions are
     offset by each caption's real length, not the padded length), nor with garbage in its padding."""
