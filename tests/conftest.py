@@ -13,6 +13,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+def _register_checkout_as_semroute() -> None:
+    """Import ``semroute`` from the checkout these tests live in, not from wherever the virtual environment's
+    editable install points (a second worktree shares one venv); cli.py does the same when run as a script."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("semroute", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["semroute"] = module
+    spec.loader.exec_module(module)
+
+
+_register_checkout_as_semroute()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
