@@ -41,7 +41,26 @@ app = typer.Typer(
 
 
 # -- options shared by several commands ------------------------------------------------------
-DataArg = Annotated[Path, typer.Argument(help="Manifest: a JSON array or JSONL file of records.", show_default=False)]
+DataArg = Annotated[str, typer.Argument(
+    help="The data: a JSON/JSONL manifest; a folder of images with same-named .txt captions; Parquet/CSV tables "
+         "(path or image-bytes column); or WebDataset .tar shards (paths or URLs, brace ranges "
+         "data-{000000..000127}.tar, or a folder of .tar files).", show_default=False)]
+InputFormat = Annotated[str, typer.Option("--input-format", help="auto (from the name) | manifest | folder | parquet | csv | webdataset")]
+StorageOptions = Annotated[Optional[str], typer.Option(
+    "--storage-options", help='JSON of fsspec options for s3:// URLs, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\' '
+                              "(credentials otherwise come from the standard AWS environment variables).")]
+
+
+def _storage_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SemrouteError(f"--storage-options is not valid JSON ({err.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise SemrouteError(f"--storage-options must be a JSON object, got {text!r}")
+    return value
 TextKey = Annotated[str, typer.Option("--text-key", help="Key of the caption (a string or a list of strings).")]
 ImageKey = Annotated[str, typer.Option("--image-key", help="Key of the image path.")]
 IdKey = Annotated[str, typer.Option("--id-key", help="Key of the optional sample id (else the record's position).")]
@@ -73,6 +92,8 @@ def encode_text_cmd(
     shard_mb: Annotated[float, typer.Option("--shard-mb", help="Target shard size in MiB (the unit of writing and resuming).")] = 128.0,
     text_key: TextKey = "text",
     id_key: IdKey = "id",
+    input_format: InputFormat = "auto",
+    storage_options: StorageOptions = None,
     skip_bad: SkipBad = False,
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -85,6 +106,10 @@ def encode_text_cmd(
 
       semroute encode-text captions.jsonl --llm smollm2 --out data.text.zarr
 
+      semroute encode-text 'shards/data-{000000..000127}.tar' --llm smollm2 --out data.text.zarr
+
+      semroute encode-text images/ --llm smollm2 --out data.text.zarr   (a folder of images with .txt captions)
+
       semroute encode-text captions.jsonl --llm Qwen/Qwen3-VL-4B-Instruct --layers all --out data.text.zarr --estimate
 
       accelerate launch --num_processes 8 cli.py encode-text captions.jsonl --llm ./qwen3 --out data.text.zarr --resume
@@ -94,7 +119,8 @@ def encode_text_cmd(
     cfg = EncodeTextConfig(
         data=str(data), out=out, llm=llm, layers=layers, max_length=max_length, instruction=instruction,
         chat_template=chat_template, storage=storage, dtype=dtype, device=device, batch_tokens=batch_tokens,
-        shard_mb=shard_mb, text_key=text_key, id_key=id_key, skip_bad=skip_bad, resume=resume,
+        shard_mb=shard_mb, text_key=text_key, id_key=id_key, input_format=input_format,
+        storage_options=_storage_options(storage_options), skip_bad=skip_bad, resume=resume,
         overwrite=overwrite, estimate=estimate, progress=not no_progress,
     )
     summary = encode_text(cfg)
@@ -148,6 +174,8 @@ def encode_images_cmd(
     shard_mb: Annotated[float, typer.Option("--shard-mb", help="Target shard size in MiB (the unit of writing and resuming).")] = 64.0,
     image_key: ImageKey = "image",
     id_key: IdKey = "id",
+    input_format: InputFormat = "auto",
+    storage_options: StorageOptions = None,
     skip_bad: SkipBad = False,
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -163,6 +191,10 @@ def encode_images_cmd(
 
       semroute encode-images data.jsonl --vae pixel --resolution 64 --out data.latents.zarr
 
+      semroute encode-images 'shards/data-{000000..000127}.tar' --vae pixel --resolution 64 --out data.latents.zarr
+
+      semroute encode-images table.parquet --image-key jpg --id-key key --vae pixel --out data.latents.zarr
+
       semroute encode-images data.jsonl --vae black-forest-labs/FLUX.1-dev --vae-subfolder vae --image-root imgs/ --out data.latents.zarr --estimate
 
       accelerate launch --num_processes 8 cli.py encode-images data.jsonl --vae ./sd3/vae --buckets auto --out data.latents.zarr --resume
@@ -176,7 +208,8 @@ def encode_images_cmd(
         data=str(data), out=out, vae=vae, vae_subfolder=vae_subfolder, patch_size=patch_size, resolution=resolution,
         buckets=buckets, image_root=str(image_root) if image_root else None, image_key=image_key, id_key=id_key,
         background=background, allow_upscale=allow_upscale, max_pixels=max_pixels, resample=resample, dtype=dtype,
-        device=device, batch_size=batch_size, workers=workers, shard_mb=shard_mb, skip_bad=skip_bad, resume=resume,
+        device=device, batch_size=batch_size, workers=workers, shard_mb=shard_mb, input_format=input_format,
+        storage_options=_storage_options(storage_options), skip_bad=skip_bad, resume=resume,
         overwrite=overwrite, estimate=estimate, progress=not no_progress,
     )
     summary = encode_images(cfg)

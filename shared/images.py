@@ -19,6 +19,7 @@ A bad image is never replaced by anything: it raises, and the caller reports and
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -176,23 +177,30 @@ class Probe:
         return (self.height, self.width) if self.orientation in _SWAPS_SIDES else (self.width, self.height)
 
 
-def _open(path: str, opts: ImageOptions) -> Image.Image:
-    """``Image.open`` with our pixel cap, and file problems turned into :class:`BadImage`."""
+def _open(path: str, opts: ImageOptions, data: bytes | None = None) -> Image.Image:
+    """``Image.open`` with our pixel cap, and file problems turned into :class:`BadImage`.
+
+    ``data``: the image's bytes when it lives inside a container (a tar member, a Parquet cell; see
+    ``shared/sources.py``); ``path`` then only names it in messages.
+    """
     # Pillow refuses images over 2x MAX_IMAGE_PIXELS at open; set the cap so ours is the one that counts
     # (checked exactly in _check_size). A process-wide setting, but every caller here passes the same cap.
     Image.MAX_IMAGE_PIXELS = opts.max_pixels
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        raise BadImage(path, MISSING, "no such file") from None
-    except OSError as err:
-        raise BadImage(path, UNREADABLE, err.strerror or str(err)) from None
+    if data is None:
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise BadImage(path, MISSING, "no such file") from None
+        except OSError as err:
+            raise BadImage(path, UNREADABLE, err.strerror or str(err)) from None
+    else:
+        size = len(data)
     if size == 0:
         raise BadImage(path, ZERO_BYTE, "the file is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
+            return Image.open(path if data is None else io.BytesIO(data))
     except Image.DecompressionBombError as err:
         raise BadImage(path, BOMB, f"{err} (raise the cap with --max-pixels if the image is legitimate)") from None
     except UnidentifiedImageError:
@@ -213,16 +221,16 @@ def _check_size(path: str, width: int, height: int, opts: ImageOptions) -> None:
                                         f"least {least:g} px (pass --allow-upscale to upscale small images)")
 
 
-def probe_image(path: str, opts: ImageOptions) -> Probe:
+def probe_image(path: str, opts: ImageOptions, data: bytes | None = None) -> Probe:
     """Header-only checks and the image's target (bucket). Never raises for a bad image: the returned
-    probe carries ``reason`` and ``detail`` instead."""
+    probe carries ``reason`` and ``detail`` instead. ``data``: the bytes of an image in a container."""
     probe = Probe(path=path)
     try:
-        probe.file_bytes = os.stat(path).st_size
+        probe.file_bytes = os.stat(path).st_size if data is None else len(data)
     except OSError:
         pass
     try:
-        with _open(path, opts) as img:
+        with _open(path, opts, data) as img:
             probe.width, probe.height = img.size
             probe.mode, probe.format = img.mode, img.format or ""
             try:
@@ -268,14 +276,15 @@ def _classify_decode_error(path: str, err: Exception) -> BadImage:
     return BadImage(path, DECODE_ERROR, f"{type(err).__name__}: {text}")
 
 
-def load_image(path: str, opts: ImageOptions, target: tuple[int, int] | None = None
+def load_image(path: str, opts: ImageOptions, target: tuple[int, int] | None = None, data: bytes | None = None
                ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """Decode ``path`` to ``uint8 [3, H, W]`` at ``target = (W, H)`` (default: the probe's nearest target).
 
     Returns the pixels and the crop box ``(x0, y0, x1, y1)`` in the EXIF-oriented source image.
     Raises :class:`BadImage` for missing, empty, non-image, too small, too large, truncated or corrupt files.
+    ``data``: the bytes of an image inside a container (``path`` then names it in messages).
     """
-    with _open(path, opts) as img:
+    with _open(path, opts, data) as img:
         _check_size(path, *img.size, opts)
         try:
             img.load()  # decode now, so truncation is reported as such and not as a later resize error

@@ -50,7 +50,7 @@ from semroute.shared.latent_store import (
     bucket_nbytes,
     read_skipped,
 )
-from semroute.shared.manifest import read_manifest
+from semroute.shared.sources import ImageRange, read_image_bytes, read_source, split_locator
 from semroute.shared.store import dir_size, read_parquet
 from semroute.shared.vae import LatentEncoder, VAEInfo, describe_vae, load_encoder, store_dtype_name
 from semroute.stage1_encode.distributed import ProcessInfo, process_info
@@ -69,6 +69,8 @@ class EncodeImagesConfig:
     image_root: str | None = None
     image_key: str = "image"
     id_key: str = "id"
+    input_format: str = "auto"  # manifest | folder | parquet | csv | webdataset (shared/sources.py)
+    storage_options: dict | None = None  # fsspec options for URLs (endpoint, credentials)
     background: str = "white"
     allow_upscale: bool = False
     max_pixels: int = im.DEFAULT_MAX_PIXELS
@@ -102,18 +104,38 @@ def image_options(cfg: EncodeImagesConfig, info: VAEInfo) -> im.ImageOptions:
 
 
 def resolve_image(image: str, root: str | None) -> str:
+    if "://" in image or split_locator(image)[1] is not None:
+        return image  # a URL, or an image inside a tar/Parquet container (already a full locator)
     path = Path(image).expanduser()
     return str(Path(root).expanduser() / path) if root and not path.is_absolute() else str(path)
 
 
-def probe_all(paths: list[str], opts: im.ImageOptions, threads: int, progress: bool, desc: str = "reading headers"
-              ) -> list[im.Probe]:
+def image_bytes(path: str, image_range: ImageRange | None, storage_options: dict | None = None) -> bytes | None:
+    """The bytes of an image inside a container (None for a file): an unreadable container is a bad image."""
+    try:
+        return read_image_bytes(path, image_range, storage_options)
+    except (OSError, ValueError) as err:
+        raise im.BadImage(path, im.UNREADABLE, str(err)) from None
+
+
+def _probe(path: str, image_range: ImageRange | None, opts: im.ImageOptions, storage_options: dict | None) -> im.Probe:
+    try:
+        data = image_bytes(path, image_range, storage_options)
+    except im.BadImage as bad:
+        return im.Probe(path=path, reason=bad.reason, detail=bad.detail)
+    return im.probe_image(path, opts, data)
+
+
+def probe_all(paths: list[str], opts: im.ImageOptions, threads: int, progress: bool, desc: str = "reading headers",
+              ranges: list[ImageRange | None] | None = None, storage_options: dict | None = None) -> list[im.Probe]:
     from tqdm.auto import tqdm
 
+    ranges = ranges or [None] * len(paths)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
             tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         out = []
-        for probe in pool.map(lambda p: im.probe_image(p, opts), paths, chunksize=64):
+        for probe in pool.map(lambda k: _probe(paths[k], ranges[k], opts, storage_options), range(len(paths)),
+                              chunksize=64):
             out.append(probe)
             bar.update(1)
     return out
@@ -126,8 +148,8 @@ class ImagePlan:
     skipped: list[dict] = field(default_factory=list)  # bad manifest records and header failures
 
 
-def build_plan(records, paths: list[str], probes: list[im.Probe], opts: im.ImageOptions, manifest_problems
-               ) -> ImagePlan:
+def build_plan(records, paths: list[str], probes: list[im.Probe], opts: im.ImageOptions, manifest_problems,
+               ranges: list[ImageRange | None] | None = None) -> ImagePlan:
     """Assign each usable image a (bucket, row), rows in manifest order; list the rest with reasons."""
     import pyarrow as pa
 
@@ -159,6 +181,9 @@ def build_plan(records, paths: list[str], probes: list[im.Probe], opts: im.Image
         "line": pa.array([r.line for r in records], pa.int64()),
         "image": pa.array([r.image for r in records], pa.string()),
         "path": pa.array(paths, pa.string()),
+        # Byte range of an image inside a tar shard (null for files and Parquet cells).
+        "offset": pa.array([r.offset if r else None for r in ranges or [None] * len(paths)], pa.int64()),
+        "size": pa.array([r.size if r else None for r in ranges or [None] * len(paths)], pa.int64()),
         "file_bytes": pa.array([p.file_bytes for p in probes], pa.int64()),
         "orig_width": pa.array([p.width for p in probes], pa.int32()),
         "orig_height": pa.array([p.height for p in probes], pa.int32()),
@@ -238,10 +263,12 @@ def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -
         # The config does not state the latent geometry: load the model now and measure it.
         encoder = load_encoder(cfg.vae, cfg.vae_subfolder, device=device, dtype=cfg.dtype, info=info)
     opts = image_options(cfg, info)
-    manifest = read_manifest(cfg.data, image_key=cfg.image_key, id_key=cfg.id_key, need_text=False,
-                             need_image=True, skip_bad=cfg.skip_bad)
+    manifest = read_source(cfg.data, kind=cfg.input_format, image_key=cfg.image_key, id_key=cfg.id_key,
+                           need_text=False, need_image=True, skip_bad=cfg.skip_bad,
+                           storage_options=cfg.storage_options)
     records = manifest.records
     paths = [resolve_image(r.image, cfg.image_root) for r in records]
+    ranges = [manifest.image_range(k) for k in range(len(records))]
     want = fingerprint(info, opts, cfg)
     sha = input_sha256(records, paths)
 
@@ -251,10 +278,11 @@ def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -
     # 2. Plan from headers: each rank reads its slice, rank 0 assembles, sizes and creates the store.
     if action == "create":
         n, r, w = len(paths), proc.rank, proc.world_size
-        mine = probe_all(paths[n * r // w: n * (r + 1) // w], opts, cfg.probe_threads, show)
+        mine = probe_all(paths[n * r // w: n * (r + 1) // w], opts, cfg.probe_threads, show,
+                         ranges=ranges[n * r // w: n * (r + 1) // w], storage_options=cfg.storage_options)
         probes = [p for part in proc.gather_object(mine) for p in part]
         result = proc.run_on_main(lambda: _plan_and_create(cfg, info, opts, want, sha, records, paths, probes,
-                                                          manifest.problems))
+                                                          manifest.problems, ranges))
         if cfg.estimate:
             return result if proc.is_main else {}
 
@@ -311,8 +339,8 @@ def _decide(cfg: EncodeImagesConfig, want: dict, sha: str) -> str:
     return "create"
 
 
-def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problems):
-    plan = build_plan(records, paths, probes, opts, problems)
+def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problems, ranges=None):
+    plan = build_plan(records, paths, probes, opts, problems, ranges)
     storage = LatentStorage(want["stored_dtype"])
     buckets = plan_buckets(plan, opts, info, storage.numpy_dtype.itemsize, cfg)
     if cfg.estimate:
@@ -334,17 +362,22 @@ def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problem
 # Decoding in workers, encoding in the main process
 # ---------------------------------------------------------------------------------------------
 class DecodeImages(torch.utils.data.Dataset):
-    """Item ``k``: ``(k, uint8 [3, H, W] or None, reason, detail)`` for ``paths[k]`` at ``targets[k]``."""
+    """Item ``k``: ``(k, uint8 [3, H, W] or None, reason, detail)`` for ``paths[k]`` at ``targets[k]``
+    (``ranges[k]``: the byte range of an image inside a tar shard)."""
 
-    def __init__(self, paths: list[str], targets: list[tuple[int, int]], opts: im.ImageOptions):
+    def __init__(self, paths: list[str], targets: list[tuple[int, int]], opts: im.ImageOptions,
+                 ranges: list[ImageRange | None] | None = None, storage_options: dict | None = None):
         self.paths, self.targets, self.opts = paths, targets, opts
+        self.ranges = ranges or [None] * len(paths)
+        self.storage_options = storage_options
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, k: int):
         try:
-            pixels, _ = im.load_image(self.paths[k], self.opts, self.targets[k])
+            data = image_bytes(self.paths[k], self.ranges[k], self.storage_options)
+            pixels, _ = im.load_image(self.paths[k], self.opts, self.targets[k], data)
             return k, torch.from_numpy(pixels), None, None
         except im.BadImage as bad:
             return k, None, bad.reason, bad.detail
@@ -374,11 +407,14 @@ def _encode_units(writer: LatentCacheWriter, encoder: LatentEncoder, opts: im.Im
                   units: list[tuple[int, int]], cfg: EncodeImagesConfig, *, show: bool, rank: int, world: int) -> dict:
     from tqdm.auto import tqdm
 
-    index = read_parquet(cfg.out, "index.parquet", columns=["bucket", "row", "path"])
+    index = read_parquet(cfg.out, "index.parquet")
     bucket_col = np.asarray(index.column("bucket").to_pylist(), dtype=object)
     path_col = index.column("path").to_pylist()
+    has_ranges = "offset" in index.column_names  # caches made before tar inputs existed lack them
+    offset_col = index.column("offset").to_pylist() if has_ranges else None
+    size_col = index.column("size").to_pylist() if has_ranges else None
     # Tasks: one per row of this process's units, in unit order; batches never cross a unit.
-    task_path, task_target, task_unit, task_row, batches = [], [], [], [], []
+    task_path, task_range, task_target, task_unit, task_row, batches = [], [], [], [], [], []
     by_bucket: dict[str, np.ndarray] = {}
     for u, (k, s) in enumerate(units):
         bucket = writer.buckets[k]
@@ -387,7 +423,10 @@ def _encode_units(writer: LatentCacheWriter, encoder: LatentEncoder, opts: im.Im
         a, b = bucket.layout.shard_rows(s)
         first = len(task_path)
         for r in range(a, b):
-            task_path.append(path_col[int(by_bucket[bucket.name][r])])
+            i = int(by_bucket[bucket.name][r])
+            task_path.append(path_col[i])
+            task_range.append(ImageRange(offset_col[i], size_col[i]) if has_ranges and offset_col[i] is not None
+                              else None)
             task_target.append((bucket.width, bucket.height))
             task_unit.append(u)
             task_row.append(r - a)
@@ -397,7 +436,7 @@ def _encode_units(writer: LatentCacheWriter, encoder: LatentEncoder, opts: im.Im
         return {"encoded": 0, "failed": 0, "units": 0, "rank": rank}
     workers = default_workers(world) if cfg.workers < 0 else cfg.workers
     loader = torch.utils.data.DataLoader(
-        DecodeImages(task_path, task_target, opts), batch_sampler=batches, collate_fn=collate_decoded,
+        DecodeImages(task_path, task_target, opts, task_range, cfg.storage_options), batch_sampler=batches, collate_fn=collate_decoded,
         num_workers=workers, worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None, pin_memory=encoder.device.type == "cuda",
     )

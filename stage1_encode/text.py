@@ -31,7 +31,8 @@ from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import require_match, sha256_text
 from semroute.shared.layers import parse_layers
 from semroute.shared.llm import LoadedLLM, load_llm
-from semroute.shared.manifest import read_manifest, write_problem_report
+from semroute.shared.manifest import write_problem_report
+from semroute.shared.sources import read_source
 from semroute.shared.store import (
     DEFAULT_CHUNK_BYTES,
     ShardLayout,
@@ -64,6 +65,8 @@ class EncodeTextConfig:
     chunk_kb: float = DEFAULT_CHUNK_BYTES / 1024
     text_key: str = "text"
     id_key: str = "id"
+    input_format: str = "auto"  # manifest | folder | parquet | csv | webdataset (shared/sources.py)
+    storage_options: dict | None = None  # fsspec options for URLs (endpoint, credentials)
     skip_bad: bool = False
     resume: bool = False
     overwrite: bool = False
@@ -87,8 +90,8 @@ def build_plan(cfg: EncodeTextConfig, encoder: TextEncoder, progress: bool = Tru
     import pyarrow as pa
     from tqdm.auto import tqdm
 
-    manifest = read_manifest(cfg.data, text_key=cfg.text_key, id_key=cfg.id_key, need_text=True,
-                             skip_bad=cfg.skip_bad)
+    manifest = read_source(cfg.data, kind=cfg.input_format, text_key=cfg.text_key, id_key=cfg.id_key,
+                           need_text=True, skip_bad=cfg.skip_bad, storage_options=cfg.storage_options)
     sample_ids, lines, texts = [], [], []
     for rec in manifest.records:
         for text in rec.texts:

@@ -1,0 +1,434 @@
+"""Data inputs for both encoders: every kind of DATA becomes the same list of records.
+
+Kinds (``detect_kind`` picks one from the name; ``kind=`` forces it):
+
+- ``manifest``: a JSON array or JSONL file (``shared/manifest.py``, unchanged).
+- ``folder``: a folder of images, searched recursively, each with a same-named ``.txt`` caption
+  (``a/b/cat.jpg`` + ``a/b/cat.txt``). Sample id: the image's path relative to the folder, without
+  its extension (``a/b/cat``).
+- ``parquet`` / ``csv``: one row per sample; ``--image-key`` names a column of paths, of image bytes,
+  or of ``{bytes, path}`` structs (Hugging Face ``datasets`` Image columns); ``--text-key`` a string or
+  list-of-strings column; ``--id-key`` the optional id column (else the row's position over all files).
+- ``webdataset``: tar shards of ``{key}.jpg|png|webp...`` + ``{key}.txt|json`` members, local paths or
+  fsspec URLs, with brace ranges (``data-{000000..000127}.tar``). Sample id: the member key.
+
+Several files of one kind: a brace range, a ``::``-separated list (as webdataset writes them), or a
+folder holding only ``.tar`` / ``.parquet`` files.
+
+Images inside containers (tar members, Parquet bytes) are named by a *locator* ``CONTAINER::MEMBER``
+(``data-000003.tar::cat.jpg``, ``part-0.parquet::image[17]``) and read through :func:`read_image_bytes`;
+the bytes then go through the same decode path as files (``shared/images.py``). Tar members carry
+their byte range, so a DataLoader worker reads one image with one ranged read.
+
+Bad members (an image without a caption, a caption that is not UTF-8, a caption file without an
+image, an unreadable shard) are reported with shard and key and left out, as bad images are: a large
+dataset always has a few. A duplicate sample id is an error naming both places it comes from (with
+``skip_bad`` the second one is left out and reported).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from semroute.shared.errors import ManifestError, SemrouteError
+from semroute.shared.manifest import Manifest, Problem, Record, _captions, read_manifest
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+KINDS = ("auto", "manifest", "folder", "parquet", "csv", "webdataset")
+MEMBER_SEP = "::"
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which kind, which files
+# ---------------------------------------------------------------------------------------------
+def expand(data: str) -> list[str]:
+    """``a-{000..002}.tar::b.tar`` -> ``[a-000.tar, a-001.tar, a-002.tar, b.tar]`` (webdataset's own expansion)."""
+    from webdataset.shardlists import expand_urls
+
+    return list(expand_urls(str(data)))
+
+
+def _suffix_kind(name: str) -> str | None:
+    name = name.lower()
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
+        return "webdataset"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".csv", ".tsv")):
+        return "csv"
+    if name.endswith((".json", ".jsonl", ".ndjson")):
+        return "manifest"
+    return None
+
+
+def _folder_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(suffixes))
+
+
+def detect_kind(data: str) -> tuple[str, list[str]]:
+    """The kind of ``data`` and the files it names (one folder for ``folder``)."""
+    data = str(data)
+    files = expand(data)
+    if len(files) == 1 and not is_url(files[0]) and Path(files[0]).is_dir():
+        folder = Path(files[0])
+        tars = _folder_files(folder, (".tar", ".tar.gz", ".tgz"))
+        tables = _folder_files(folder, (".parquet",))
+        if tars and not tables:
+            return "webdataset", tars
+        if tables and not tars:
+            return "parquet", tables
+        return "folder", [str(folder)]
+    kinds = {_suffix_kind(f) for f in files}
+    if len(kinds) == 1 and None not in kinds:
+        return kinds.pop(), files
+    if len(files) == 1 and not is_url(files[0]) and Path(files[0]).is_file():
+        return "manifest", files  # a manifest under another name, as before
+    raise SemrouteError(
+        f"cannot tell what kind of data {data} is (expected a .json/.jsonl manifest, a folder of images with "
+        ".txt captions, .parquet/.csv tables or .tar WebDataset shards); pass --input-format to say which"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading image bytes by locator
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageRange:
+    """Where a tar member's bytes lie in its shard."""
+
+    offset: int
+    size: int
+
+
+def split_locator(locator: str) -> tuple[str, str | None]:
+    """``shard.tar::key.jpg`` -> ``(shard.tar, key.jpg)``; a plain path -> ``(path, None)``."""
+    container, sep, member = locator.rpartition(MEMBER_SEP)
+    if not sep or _suffix_kind(container) not in ("webdataset", "parquet"):
+        return locator, None
+    return container, member
+
+
+def _open_binary(location: str, storage_options: dict | None = None):
+    if is_url(location):
+        import fsspec
+
+        return fsspec.open(location, "rb", **(storage_options or {})).open()
+    return open(location, "rb")
+
+
+class _ParquetCells:
+    """Image bytes of Parquet rows, one row group cached (decoding walks rows in order)."""
+
+    def __init__(self):
+        self._files: OrderedDict[str, object] = OrderedDict()
+        self._group: tuple[str, str, int, list] | None = None
+
+    def get(self, path: str, column: str, row: int, storage_options: dict | None) -> bytes:
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        pf = self._files.get(path)
+        if pf is None:
+            pf = pq.ParquetFile(_open_binary(path, storage_options))
+            self._files[path] = pf
+            if len(self._files) > 8:
+                self._files.popitem(last=False)
+        meta = pf.metadata
+        starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        group = int(np.searchsorted(starts, row, side="right") - 1)
+        if self._group is None or self._group[:3] != (path, column, group):
+            values = pf.read_row_group(group, columns=[column]).column(0).to_pylist()
+            self._group = (path, column, group, values)
+        value = self._group[3][row - int(starts[group])]
+        return value["bytes"] if isinstance(value, dict) else value
+
+
+_CELLS = _ParquetCells()
+
+
+def read_image_bytes(locator: str, image_range: ImageRange | None = None,
+                     storage_options: dict | None = None) -> bytes | None:
+    """The bytes of an image inside a container, or None for a plain file (opened by path as before).
+
+    Raises OSError (or ValueError for a malformed locator) when the container cannot be read.
+    """
+    container, member = split_locator(locator)
+    if member is None:
+        return None
+    if _suffix_kind(container) == "parquet":
+        column, _, rest = member.rpartition("[")
+        if not column or not rest.endswith("]"):
+            raise ValueError(f"bad Parquet cell locator {locator!r} (expected FILE::COLUMN[ROW])")
+        return _CELLS.get(container, column, int(rest[:-1]), storage_options)
+    if image_range is None:
+        raise ValueError(f"{locator}: the byte range of the tar member is not known")
+    if is_url(container):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(container, **(storage_options or {}))
+        data = fs.cat_file(path, start=image_range.offset, end=image_range.offset + image_range.size)
+    else:
+        with open(container, "rb") as fh:
+            data = os.pread(fh.fileno(), image_range.size, image_range.offset)
+    if len(data) != image_range.size:
+        raise OSError(f"{container} ends inside member {member} (truncated shard)")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The readers
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Source(Manifest):
+    """What every reader returns: ``records`` (image = a path or a locator), ``problems``, and for tar
+    members the byte range of each record's image (``ranges[k]`` for ``records[k]``, else None)."""
+
+    kind: str = "manifest"
+    ranges: list | None = None
+
+    def image_range(self, k: int) -> ImageRange | None:
+        return self.ranges[k] if self.ranges else None
+
+
+class _Collector:
+    """Builds records, checking ids; problems name the shard (or file) and key (or row)."""
+
+    def __init__(self, skip_bad: bool):
+        self.skip_bad = skip_bad
+        self.records: list[Record] = []
+        self.ranges: list[ImageRange | None] = []
+        self.problems: list[Problem] = []
+        self.seen: dict[str, str] = {}
+
+    def bad(self, where: str, line: int, reason: str, key: str | None = None) -> None:
+        """A bad member: always reported and left out (as a bad image is)."""
+        self.problems.append(Problem(where, line, reason if key is None else f"key {key!r}: {reason}"))
+
+    def add(self, record: Record, where: str, image_range: ImageRange | None = None) -> None:
+        first = self.seen.get(record.sample_id)
+        if first is not None:
+            msg = f"duplicate sample id {record.sample_id!r}: in {first} and in {where}"
+            if not self.skip_bad:
+                raise ManifestError(msg + " (ids must be unique so the text and latent caches join; pass --skip-bad "
+                                          "to keep the first and leave the rest out)")
+            self.problems.append(Problem(where, record.line, msg))
+            return
+        self.seen[record.sample_id] = where
+        self.records.append(record)
+        self.ranges.append(image_range)
+
+    def result(self, path: str, kind: str) -> Source:
+        if not self.records:
+            detail = f" ({len(self.problems)} bad records, first: {self.problems[0]})" if self.problems else ""
+            raise ManifestError(f"{path}: no usable records{detail}")
+        ranges = self.ranges if any(r is not None for r in self.ranges) else None
+        return Source(path=path, records=self.records, problems=self.problems, kind=kind, ranges=ranges)
+
+
+def _caption_text(raw: bytes, where: str) -> str:
+    try:
+        text = raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"caption is not UTF-8 ({err.reason} at byte {err.start})") from None
+    if not text:
+        raise ManifestError("caption is empty")
+    return text
+
+
+def read_folder(folder: str, *, need_text: bool, need_image: bool, skip_bad: bool) -> Source:
+    root = Path(folder)
+    out = _Collector(skip_bad)
+    images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    stems = {}
+    for p in images:
+        rel = p.relative_to(root).with_suffix("").as_posix()
+        if rel in stems:
+            # Two images with one stem (cat.jpg, cat.png) share one caption file: ambiguous.
+            out.bad(str(p), 0, f"another image has the same name ({stems[rel].name}); its caption would be ambiguous")
+            continue
+        stems[rel] = p
+    if need_text:
+        orphans = sorted(p for p in root.rglob("*.txt") if p.relative_to(root).with_suffix("").as_posix() not in stems)
+        for p in orphans:
+            out.bad(str(p), 0, "caption file without an image of the same name")
+    for n, (sample_id, path) in enumerate(sorted(stems.items())):
+        texts: tuple[str, ...] = ()
+        if need_text:
+            caption = path.with_suffix(".txt")
+            try:
+                texts = (_caption_text(caption.read_bytes(), str(caption)),)
+            except FileNotFoundError:
+                out.bad(str(path), 0, f"no caption file {caption.name} next to the image")
+                continue
+            except ManifestError as err:
+                out.bad(str(caption), 0, str(err))
+                continue
+        out.add(Record(sample_id=sample_id, line=n + 1, texts=texts, image=str(path) if need_image else None),
+                str(path))
+    return out.result(str(folder), "folder")
+
+
+def _tar_members(shard: str, storage_options: dict | None):
+    """Yield webdataset-style ``{"fname", "data"}`` dicts for every regular member of a tar shard:
+    ``data`` is the bytes for captions and an :class:`ImageRange` for images.
+
+    Python's ``tarfile`` (not webdataset's streaming reader) lists the shard, because it gives each
+    member's byte offset: the decoding workers then read single images with one ranged read instead
+    of streaming whole shards again.
+    """
+    with _open_binary(shard, storage_options) as fh, tarfile.open(fileobj=fh, mode="r:*") as tf:
+        for info in tf:
+            if not info.isfile():
+                continue
+            ext = info.name.rpartition(".")[2].lower()
+            if ext in IMAGE_EXTENSIONS:
+                yield {"fname": info.name, "data": ImageRange(info.offset_data, info.size)}
+            elif ext in ("txt", "json"):
+                yield {"fname": info.name, "data": tf.extractfile(info).read()}
+
+
+def read_webdataset(shards: list[str], *, text_key: str, need_text: bool, need_image: bool, skip_bad: bool,
+                    storage_options: dict | None = None) -> Source:
+    from webdataset.tariterators import base_plus_ext
+
+    out = _Collector(skip_bad)
+    for shard in shards:
+        compressed = shard.lower().endswith((".gz", ".tgz"))
+        name = shard.rsplit("/", 1)[-1]
+        samples: OrderedDict[str, dict] = OrderedDict()
+        try:
+            # Members grouped by key as webdataset groups them (``base_plus_ext``: the key is the name up to
+            # its first dot); a key may be split across non-adjacent members, so group over the whole shard.
+            for member in _tar_members(shard, storage_options):
+                key, suffix = base_plus_ext(member["fname"])
+                if key is None:
+                    continue
+                samples.setdefault(key, {})[suffix.lower()] = member["data"]
+        except (OSError, tarfile.TarError, EOFError) as err:
+            what = "cannot be read" if not samples else f"is damaged after {len(samples)} samples"
+            out.bad(shard, 0, f"the shard {what}: {err}")
+        for n, (key, sample) in enumerate(samples.items(), start=1):
+            image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if need_image and image_ext is None:
+                out.bad(shard, n, "no image member (.jpg/.png/.webp)", key)
+                continue
+            texts: tuple[str, ...] = ()
+            if need_text:
+                try:
+                    if "txt" in sample:
+                        texts = (_caption_text(sample["txt"], shard),)
+                    elif "json" in sample:
+                        value = json.loads(_caption_text(sample["json"], shard))
+                        if not isinstance(value, dict) or text_key not in value:
+                            raise ManifestError(f"{key}.json has no '{text_key}' key")
+                        texts = _captions(value[text_key], text_key)
+                    else:
+                        raise ManifestError("no caption member (.txt or .json)")
+                except (ManifestError, json.JSONDecodeError) as err:
+                    out.bad(shard, n, str(err), key)
+                    continue
+            if compressed and need_image:
+                out.bad(shard, n, "images in a compressed tar cannot be read by byte range; use plain .tar shards", key)
+                continue
+            image = f"{shard}{MEMBER_SEP}{key}.{image_ext}" if need_image else None
+            out.add(Record(sample_id=key, line=n, texts=texts, image=image), f"{name}::{key}",
+                    sample[image_ext] if need_image else None)
+    return out.result(shards[0] if len(shards) == 1 else f"{shards[0]} ... ({len(shards)} shards)", "webdataset")
+
+
+def _table(path: str, kind: str, storage_options: dict | None):
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    try:
+        with _open_binary(path, storage_options) as fh:
+            if kind == "parquet":
+                return pq.read_table(fh)
+            opts = pcsv.ParseOptions(delimiter="\t") if path.lower().endswith(".tsv") else None
+            return pcsv.read_csv(fh, parse_options=opts)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise SemrouteError(f"cannot read {kind} table {path}: {err}") from None
+
+
+def read_table(files: list[str], kind: str, *, text_key: str, image_key: str, id_key: str, need_text: bool,
+               need_image: bool, skip_bad: bool, storage_options: dict | None = None) -> Source:
+    import pyarrow as pa
+
+    out = _Collector(skip_bad)
+    position = 0
+    for path in files:
+        table = _table(path, kind, storage_options)
+        needed = ([text_key] if need_text else []) + ([image_key] if need_image else [])
+        missing = [c for c in needed if c not in table.column_names]
+        if missing:
+            raise SemrouteError(f"{path} has no column {missing[0]!r} (columns: {', '.join(table.column_names)}); "
+                                "name the columns with --text-key / --image-key / --id-key")
+        image_type = table.schema.field(image_key).type if need_image else None
+        as_bytes = image_type is not None and (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
+                                               or (pa.types.is_struct(image_type)
+                                                   and image_type.get_field_index("bytes") >= 0))
+        ids = table.column(id_key).to_pylist() if id_key in table.column_names else None
+        texts_col = table.column(text_key).to_pylist() if need_text else None
+        images_col = (table.column(image_key).to_pylist() if need_image and not as_bytes else None)
+        present = (table.column(image_key).is_valid().to_pylist() if as_bytes else None)
+        for row in range(table.num_rows):
+            line = row + 1
+            try:
+                sample_id = str(position + row) if ids is None else ids[row]
+                if sample_id is None or isinstance(sample_id, bool) or str(sample_id) == "":
+                    raise ManifestError(f"'{id_key}' is empty")
+                sample_id = str(sample_id)
+                texts = _captions(texts_col[row], text_key) if need_text else ()
+                image = None
+                if need_image:
+                    if as_bytes:
+                        if not present[row]:
+                            raise ManifestError(f"'{image_key}' is null")
+                        image = f"{path}{MEMBER_SEP}{image_key}[{row}]"
+                    else:
+                        image = images_col[row]
+                        if not isinstance(image, str) or not image.strip():
+                            raise ManifestError(f"'{image_key}' must be a non-empty path string, got {image!r}")
+            except ManifestError as err:
+                out.bad(path, line, f"row {row}: {err}")
+                continue
+            out.add(Record(sample_id=sample_id, line=line, texts=texts, image=image), f"{path} row {row}")
+        position += table.num_rows
+    return out.result(files[0] if len(files) == 1 else f"{files[0]} ... ({len(files)} files)", kind)
+
+
+def read_source(data: str | os.PathLike, *, kind: str = "auto", text_key: str = "text", image_key: str = "image",
+                id_key: str = "id", need_text: bool = True, need_image: bool = False, skip_bad: bool = False,
+                storage_options: dict | None = None) -> Source:
+    """Read any supported DATA into records (see the module docstring). The manifest keeps its exact
+    behaviour: a bad record is an error naming file and line unless ``skip_bad``."""
+    if kind not in KINDS:
+        raise SemrouteError(f"--input-format {kind!r} is not one of {', '.join(KINDS)}")
+    if kind == "auto":
+        kind, files = detect_kind(str(data))
+    else:
+        files = [str(data)] if kind in ("manifest", "folder") else expand(str(data))
+        if len(files) == 1 and kind in ("webdataset", "parquet") and not is_url(files[0]) and Path(files[0]).is_dir():
+            files = _folder_files(Path(files[0]), (".tar",) if kind == "webdataset" else (".parquet",))
+    if kind == "manifest":
+        m = read_manifest(files[0], text_key=text_key, image_key=image_key, id_key=id_key, need_text=need_text,
+                          need_image=need_image, skip_bad=skip_bad)
+        return Source(path=m.path, records=m.records, problems=m.problems, kind="manifest")
+    if kind == "folder":
+        if not Path(files[0]).is_dir():
+            raise SemrouteError(f"{files[0]} is not a folder")
+        return read_folder(files[0], need_text=need_text, need_image=need_image, skip_bad=skip_bad)
+    if kind == "webdataset":
+        return read_webdataset(files, text_key=text_key, need_text=need_text, need_image=need_image,
+                               skip_bad=skip_bad, storage_options=storage_options)
+    return read_table(files, kind, text_key=text_key, image_key=image_key, id_key=id_key, need_text=need_text,
+                      need_image=need_image, skip_bad=skip_bad, storage_options=storage_options)

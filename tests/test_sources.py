@@ -1,0 +1,171 @@
+"""DATA inputs (shared/sources.py): manifests, image folders, Parquet/CSV, WebDataset tars; stable sample
+ids; bad members reported with shard and key; both encoders give the same caches from every kind."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from images_testutil import random_rgb, write_images, write_manifest
+
+from semroute.shared.errors import ManifestError, SemrouteError
+from semroute.shared.latent_store import LatentCacheReader
+from semroute.shared.sources import detect_kind, read_image_bytes, read_source
+from semroute.shared.store import TextCacheReader, read_parquet
+from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
+from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+
+
+def _jpeg(i: int, size=(40, 48)) -> bytes:
+    buf = io.BytesIO()
+    random_rgb(*size, seed=i).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_shards(folder: Path, n_shards: int = 3, per_shard: int = 4) -> list[Path]:
+    """Shards ``data-000000.tar`` ... holding keys ``k{shard}{j}`` with a .jpg and a .txt (or .json) caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for s in range(n_shards):
+        members = []
+        for j in range(per_shard):
+            key, i = f"k{s}{j}", s * per_shard + j
+            members.append((f"{key}.jpg", _jpeg(i)))
+            if j % 2:
+                members.append((f"{key}.json", json.dumps({"text": [f"caption {i} a", f"caption {i} b"]}).encode()))
+            else:
+                members.append((f"{key}.txt", f"caption {i}".encode()))
+        out.append(write_tar(folder / f"data-{s:06d}.tar", members))
+    return out
+
+
+def test_webdataset_brace_range_keys_and_captions(tmp_path):
+    write_shards(tmp_path / "wds")
+    spec = str(tmp_path / "wds" / "data-{000000..000002}.tar")
+    assert detect_kind(spec)[0] == "webdataset"
+    src = read_source(spec, need_text=True, need_image=True)
+    assert [r.sample_id for r in src.records] == [f"k{s}{j}" for s in range(3) for j in range(4)]
+    assert src.records[1].texts == ("caption 1 a", "caption 1 b") and src.records[0].texts == ("caption 0",)
+    # The image bytes come back by byte range, identical to what was packed.
+    k = 5
+    data = read_image_bytes(src.records[k].image, src.image_range(k))
+    assert data == _jpeg(k) and src.records[k].image.endswith("data-000001.tar::k11.jpg")
+    # A folder of shards is the same data.
+    assert [r.sample_id for r in read_source(tmp_path / "wds", need_text=True).records] == \
+        [r.sample_id for r in src.records]
+
+
+def test_webdataset_bad_members_are_reported_with_shard_and_key(tmp_path):
+    shard = write_tar(tmp_path / "bad.tar", [
+        ("ok.jpg", _jpeg(0)), ("ok.txt", b"fine"),
+        ("nocap.jpg", _jpeg(1)),
+        ("noimg.txt", b"a caption alone"),
+        ("latin.jpg", _jpeg(2)), ("latin.txt", "caf\xe9".encode("latin-1")),
+        ("junk.jpg", b"not an image"), ("junk.txt", b"junk"),
+    ])
+    src = read_source(str(shard), need_text=True, need_image=True)
+    assert [r.sample_id for r in src.records] == ["ok", "junk"]  # junk's bytes fail only when decoded
+    reasons = {str(p) for p in src.problems}
+    assert any("bad.tar" in r and "'nocap'" in r and "no caption" in r for r in reasons), reasons
+    assert any("'noimg'" in r and "no image" in r for r in reasons), reasons
+    assert any("'latin'" in r and "UTF-8" in r for r in reasons), reasons
+    # Text encoding needs no image: the image-less sample is fine there.
+    assert "noimg" in [r.sample_id for r in read_source(str(shard), need_text=True).records]
+
+
+def test_duplicate_ids_name_both_sources(tmp_path):
+    write_tar(tmp_path / "a.tar", [("x.jpg", _jpeg(0)), ("x.txt", b"one")])
+    write_tar(tmp_path / "b.tar", [("x.jpg", _jpeg(1)), ("x.txt", b"two")])
+    spec = f"{tmp_path}/a.tar::{tmp_path}/b.tar"
+    with pytest.raises(ManifestError, match=r"duplicate sample id 'x': in a\.tar::x and in b\.tar::x"):
+        read_source(spec, need_text=True)
+    src = read_source(spec, need_text=True, skip_bad=True)
+    assert [r.texts for r in src.records] == [("one",)] and "duplicate" in str(src.problems[0])
+
+
+def test_folder_recursive_with_txt_captions(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    for name in ("a", "sub/b", "sub/c"):
+        random_rgb(40, 40, seed=len(name)).save(root / f"{name}.png")
+    (root / "a.txt").write_text("first\n")
+    (root / "sub" / "b.txt").write_text("second")
+    (root / "orphan.txt").write_text("no image")
+    src = read_source(root, need_text=True, need_image=True)
+    assert [(r.sample_id, r.texts) for r in src.records] == [("a", ("first",)), ("sub/b", ("second",))]
+    assert {p.path.rsplit("/", 1)[-1] for p in src.problems} == {"c.png", "orphan.txt"}
+    # Images alone need no captions.
+    assert [r.sample_id for r in read_source(root, need_image=True, need_text=False).records] == ["a", "sub/b", "sub/c"]
+
+
+def test_parquet_bytes_paths_and_csv(tmp_path):
+    images = [_jpeg(i) for i in range(4)]
+    pq.write_table(pa.table({"key": ["p0", "p1", "p2", "p3"], "jpg": images,
+                             "caption": [["x", "y"], ["z"], ["w"], [""]]}), tmp_path / "t.parquet")
+    src = read_source(tmp_path / "t.parquet", text_key="caption", image_key="jpg", id_key="key", need_image=True)
+    assert [r.sample_id for r in src.records] == ["p0", "p1", "p2"] and src.records[0].texts == ("x", "y")
+    assert "row 3" in str(src.problems[0]) and "empty" in str(src.problems[0])
+    assert read_image_bytes(src.records[2].image) == images[2]
+    # Hugging Face datasets' Image column: a {bytes, path} struct.
+    pq.write_table(pa.table({"image": [{"bytes": images[1], "path": "x.jpg"}], "text": ["hf"]}), tmp_path / "hf.parquet")
+    src = read_source(tmp_path / "hf.parquet", need_image=True)
+    assert src.records[0].sample_id == "0" and read_image_bytes(src.records[0].image) == images[1]
+    # CSV with a path column; no id column: the row's position.
+    (tmp_path / "t.csv").write_text("image,text\na.jpg,hello\nb.jpg,world\n")
+    src = read_source(tmp_path / "t.csv", need_image=True)
+    assert [(r.sample_id, r.image, r.texts) for r in src.records] == [("0", "a.jpg", ("hello",)), ("1", "b.jpg", ("world",))]
+    with pytest.raises(SemrouteError, match="no column 'caption'"):
+        read_source(tmp_path / "t.csv", text_key="caption")
+
+
+def test_manifest_keeps_its_errors(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: missing key 'text'"):
+        read_source(tmp_path / "m.jsonl")
+
+
+def test_encoders_give_the_same_caches_from_tars_and_from_files(tmp_path, tiny_llama_dir):
+    # The same 8 images and captions as files + manifest and as WebDataset shards.
+    records = write_images(tmp_path / "imgs", 8, captions=1)
+    write_manifest(tmp_path / "m.jsonl", [{**r, "image": str(tmp_path / "imgs" / r["image"])} for r in records])
+    (tmp_path / "wds").mkdir()
+    for s in range(2):
+        write_tar(tmp_path / "wds" / f"d-{s}.tar", [
+            m for r in records[4 * s: 4 * s + 4]
+            for m in ((f"{r['id']}.jpg", (tmp_path / "imgs" / r["image"]).read_bytes()),
+                      (f"{r['id']}.txt", r["text"][0].encode()))])
+    # One member is damaged: reported with its shard and key, left out.
+    write_tar(tmp_path / "wds" / "d-2.tar", [("bad.jpg", b"\xff\xd8 not really"), ("bad.txt", b"broken")])
+    spec = str(tmp_path / "wds" / "d-{0..2}.tar")
+    common = dict(vae="pixel", resolution=32, device="cpu", workers=0, progress=False, shard_mb=0.01)
+    encode_images(EncodeImagesConfig(data=str(tmp_path / "m.jsonl"), out=str(tmp_path / "files.zarr"), **common))
+    summary = encode_images(EncodeImagesConfig(data=spec, out=str(tmp_path / "tars.zarr"), **common))
+    assert [s["path"] for s in summary["skipped"]] == [str(tmp_path / "wds" / "d-2.tar::bad.jpg")]
+    a, b = LatentCacheReader(tmp_path / "files.zarr"), LatentCacheReader(tmp_path / "tars.zarr")
+    assert a.sample_ids == b.sample_ids == [f"s{i}" for i in range(8)]
+    for k in range(8):
+        assert np.array_equal(a.latent(k).numpy(), b.latent(k).numpy())
+    # Text from the tars joins the latents by the tar key.
+    text_cfg = dict(llm=str(tiny_llama_dir), dtype="float32", device="cpu", progress=False)
+    encode_text(EncodeTextConfig(data=spec, out=str(tmp_path / "t.zarr"), **text_cfg))
+    encode_text(EncodeTextConfig(data=str(tmp_path / "m.jsonl"), out=str(tmp_path / "m.zarr"), **text_cfg))
+    ta, tb = TextCacheReader(tmp_path / "t.zarr"), TextCacheReader(tmp_path / "m.zarr")
+    assert ta.index.column("sample_id").to_pylist()[:8] == [f"s{i}" for i in range(8)]
+    for c in range(8):
+        assert np.array_equal(ta.caption(c).numpy(), tb.caption(c).numpy())
+    assert read_parquet(tmp_path / "t.zarr", "index.parquet").num_rows == 9  # bad.jpg's caption is fine text
