@@ -41,6 +41,7 @@ from semroute.shared.store import (
     ShardedArrayFile,
     ShardFileWriter,
     ShardLayout,
+    check_replaceable,
     create_sharded_array,
     dir_size,
     is_url,
@@ -178,6 +179,7 @@ class LatentCacheWriter:
                ) -> "LatentCacheWriter":
         """Create every array, flags, ``index.parquet`` and the attributes (``complete`` = False)."""
         storage = LatentStorage(stored_dtype)
+        check_replaceable(location, LATENT_KIND)
         group = open_group(location, mode="w")
         for b in buckets:
             for name in arrays:

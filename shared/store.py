@@ -65,6 +65,67 @@ def open_group(location: str | os.PathLike, mode: str = "r"):
         raise SemrouteError(f"no cache at {location}") from None
 
 
+# What a semroute create may find in a folder it is allowed to replace: the entries its own stores write
+# (text and latent caches), so that an interrupted create (group written, attributes not yet) can be redone.
+_STORE_ENTRIES = {"zarr.json", "features", "scales", "offsets", "null_features", "null_scales", "progress",
+                  "buckets", "index.parquet", "bad_records.jsonl", "skipped.jsonl"}
+
+
+def _store_listing(location: str) -> tuple[bool, list[str], bytes | None]:
+    """(exists, top-level entry names, bytes of zarr.json or None) of a folder or URL."""
+    if is_url(location):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(location)
+        path = path.rstrip("/")
+        if not fs.exists(path):
+            return False, [], None
+        if fs.isfile(path):
+            raise SemrouteError(f"--out {location} is a file, not a folder; choose a new --out")
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        meta = fs.cat_file(f"{path}/zarr.json") if "zarr.json" in names else None
+        return True, names, meta
+    path = Path(location)
+    if not path.exists():
+        return False, [], None
+    if not path.is_dir():
+        raise SemrouteError(f"--out {location} is a file, not a folder; choose a new --out")
+    names = sorted(p.name for p in path.iterdir())
+    meta = (path / "zarr.json").read_bytes() if "zarr.json" in names else None
+    return True, names, meta
+
+
+def check_replaceable(location: str | os.PathLike, kind: str) -> None:
+    """Refuse to create a store of ``kind`` at ``location`` if that would delete anything but a semroute cache
+    of the same kind (or the remains of an interrupted create). Creating a store empties its folder
+    (zarr's ``mode="w"``), so a mistyped ``--out`` (an existing folder, ``.``) must stop here, before any
+    byte is deleted."""
+    location = str(location)
+    exists, names, meta = _store_listing(location)
+    if not exists or not names:
+        return
+    what = None
+    if meta is not None:
+        import json
+
+        try:
+            doc = json.loads(meta)
+            attrs = (doc.get("attributes") or {}).get(ATTR_KEY) if isinstance(doc, dict) else None
+        except (ValueError, UnicodeDecodeError):
+            doc, attrs = None, None
+        if isinstance(attrs, dict) and attrs.get("kind") == kind:
+            return  # a cache of this kind: --overwrite replaces it
+        if isinstance(attrs, dict) and attrs.get("kind"):
+            what = f"a {attrs['kind']} store, not a {kind}"
+        elif isinstance(doc, dict) and doc.get("node_type") == "group" and set(names) <= _STORE_ENTRIES:
+            return  # an interrupted create: only entries a semroute store writes, no attributes yet
+    if what is None:
+        shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        what = f"not a semroute cache ({len(names)} entries: {shown})"
+    raise SemrouteError(f"--out {location} already exists and is {what}; refusing to replace it, since that would "
+                        "delete its contents. Choose a new --out (or remove that folder yourself).")
+
+
 def store_file(location: str | os.PathLike, name: str, mode: str = "rb"):
     """Open a plain file (e.g. ``index.parquet``) that lives beside the arrays of a store."""
     if is_url(location):
@@ -641,6 +702,7 @@ class TextCacheWriter:
         total = int(offsets[-1])
         row_bytes = codec.row_bytes(n_layers, hidden_size)
         layout = ShardLayout.plan(total, row_bytes["features"], shard_bytes, chunk_bytes)
+        check_replaceable(location, TEXT_KIND)
         group = open_group(location, mode="w")
         create_sharded_array(group, "features", (total, n_layers, hidden_size), codec.feature_dtype, layout)
         if storage == "fp8":
