@@ -39,16 +39,18 @@ def rope_2d(height: int, width: int, head_dim: int, theta: float = 10000.0, devi
 class GQAProjections(nn.Module):
     """Query/key/value/output projections and RMS QK-norms of a grouped-query attention: ``num_heads``
     query heads share ``num_kv_heads`` key/value heads of ``head_dim``. The attention modules differ
-    only in what they attend to."""
+    only in what they attend to. ``kv_dim``: width of what the keys/values are projected from (default
+    ``dim``; the cross-attention of ``context_embedder="reference"`` projects them from the LLM's width)."""
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float = 1e-6,
+                 kv_dim: int | None = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads}) for grouped-query attention")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.to_q = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.to_k = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
-        self.to_v = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.to_k = nn.Linear(kv_dim or dim, num_kv_heads * head_dim, bias=False)
+        self.to_v = nn.Linear(kv_dim or dim, num_kv_heads * head_dim, bias=False)
         self.norm_q = RMSNorm(head_dim, eps=eps)
         self.norm_k = RMSNorm(head_dim, eps=eps)
         self.to_out = nn.Linear(num_heads * head_dim, dim, bias=False)
@@ -77,7 +79,7 @@ class CrossAttention(GQAProjections):
     """
 
     def project_text(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``context``: ``[B, T, dim]`` embedded text. Returns keys and values, each ``[B, nkv, T, hd]``."""
+        """``context``: ``[B, T, kv_dim]`` embedded text. Returns keys and values, each ``[B, nkv, T, hd]``."""
         B, T, _ = context.shape
         k = self.to_k(context).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.to_v(context).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)

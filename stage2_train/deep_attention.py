@@ -44,12 +44,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def image_positions(lengths: torch.Tensor, height: int, width: int, num_bands: int) -> torch.Tensor:
-    """fp32 ``[B, h*w, R]`` positions of row-major image tokens: band k uses ``len_b + row`` (k even) or ``len_b + col``."""
+# How the image tokens' 2D positions share the R = head_dim / 2 rotary bands (``DeepFusionDiT.image_rope``):
+# "interleaved" (ours): the LLM's R frequencies, even bands rotate with the row, odd bands with the column;
+# "reference": one set of R/2 frequencies, theta^(-4j/head_dim) = the LLM's even-band ones, used by both
+#              axes and laid out as [R/2 row bands | R/2 column bands].
+IMAGE_ROPES = ("interleaved", "reference")
+
+
+def image_inv_freq(inv_freq: torch.Tensor, layout: str) -> torch.Tensor:
+    """The ``[R]`` inverse frequencies of the image bands from the LLM's ``[R]`` (see ``IMAGE_ROPES``)."""
+    if layout == "reference":
+        return inv_freq[0::2].repeat(2)  # [R/2 row | R/2 column], same frequencies on both axes
+    return inv_freq
+
+
+def image_positions(lengths: torch.Tensor, height: int, width: int, num_bands: int,
+                    layout: str = "interleaved") -> torch.Tensor:
+    """fp32 ``[B, h*w, R]`` positions of row-major image tokens: band k uses ``len_b + row`` or ``len_b + col``,
+    for k even/odd (``interleaved``) or k in the first/second half (``reference``)."""
     device = lengths.device
     rows = torch.arange(height, device=device).repeat_interleave(width)  # [N]
     cols = torch.arange(width, device=device).repeat(height)  # [N]
-    row_band = torch.arange(num_bands, device=device) % 2 == 0  # [R]
+    bands = torch.arange(num_bands, device=device)
+    row_band = bands < num_bands // 2 if layout == "reference" else bands % 2 == 0  # [R]
     grid = torch.where(row_band, rows[:, None], cols[:, None])  # [N, R]
     return (lengths[:, None, None] + grid[None]).float()
 

@@ -1,4 +1,4 @@
-"""The deep-fusion baseline (FuseDiT, DESIGN.md §1) as a diffusers model: ``--fusion deep``.
+"""The deep-fusion baseline (FuseDiT, docs/method.md) as a diffusers model: ``--fusion deep``.
 
 DiT block i attends jointly over its own image tokens and the keys/values of LLM decoder layer ``first + i``,
 projected by that frozen LLM layer's own attention weights:
@@ -18,9 +18,11 @@ blocks, and a sampler reuses them across steps.
 
 Positions: text token j gets position j on every rotary frequency band, exactly as in the LLM (texts are
 right-padded, so real tokens sit at 0..len-1). The image token at patch row r, column c of sample b gets 2D
-positions after *that sample's real text*: even frequency bands rotate with ``len_b + r``, odd bands with
-``len_b + c`` (interleaved so that both axes see high and low frequencies, like Qwen3-VL's interleaved
-M-RoPE; token (0, 0) sits at ``len_b``, the next position after the text). Offsetting by the real length
+positions after *that sample's real text* (token (0, 0) sits at ``len_b``, the next position after the text).
+With ``image_rope="interleaved"`` (ours) the LLM's frequency bands are used as they are, even bands rotating
+with ``len_b + r`` and odd bands with ``len_b + c`` (so both axes see high and low frequencies, like Qwen3-VL's
+interleaved M-RoPE). With ``image_rope="reference"`` one set of head_dim/4 frequencies theta^(-4j/head_dim)
+serves both axes, laid out as [row bands | column bands], as the reference does. Offsetting by the real length
 rather than the padded length keeps every image-text and image-image offset independent of padding, so a
 caption's output does not depend on its batch-mates.
 """
@@ -38,7 +40,15 @@ from torch import nn
 
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import require_match
-from semroute.stage2_train.deep_attention import DeepFusionBlock, LLMTextKV, default_inv_freq, image_positions, rope_cos_sin
+from semroute.stage2_train.deep_attention import (
+    IMAGE_ROPES,
+    DeepFusionBlock,
+    LLMTextKV,
+    default_inv_freq,
+    image_inv_freq,
+    image_positions,
+    rope_cos_sin,
+)
 from semroute.stage2_train.fusion import resolve_layer_indices
 from semroute.stage2_train.image_side import ImageSideMixin
 from semroute.stage2_train.presets import PRESETS
@@ -100,6 +110,9 @@ class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         llm_rope_theta: the LLM's RoPE base; llm_rope_inv_freq: its inverse frequencies when not the
             default formula of theta (llama3, yarn, ...); llm_rope_scaling: its cos/sin attention scaling.
         llm_model_type, llm_ref, llm_weights_sha256: the LLM's identity, compared with a text cache's fingerprint.
+        image_rope: how the image tokens' 2D positions use the rotary bands: ``interleaved`` (ours: the LLM's
+            frequencies, rows on even bands, columns on odd ones) or ``reference`` (theta^(-4j/head_dim) on both
+            axes as [row bands | column bands]); see ``deep_attention.IMAGE_ROPES``.
         fusion: always ``"deep"`` (kept in the config so that loaders can dispatch on it).
         text_layers: derived, ``first .. first + blocks - 1``; accepted only if it equals that.
 
@@ -138,8 +151,11 @@ class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         text_layers: list[int] | None = None,
         norm_eps: float = 1e-6,
         adaln: bool = False,
+        image_rope: str = "interleaved",
     ):
         super().__init__()
+        if image_rope not in IMAGE_ROPES:
+            raise SemrouteError(f"image_rope {image_rope!r} is unknown; choose one of {', '.join(IMAGE_ROPES)}")
         if fusion != "deep":
             raise SemrouteError(f"DeepFusionDiT implements --fusion deep only, got {fusion!r}; use SemrouteDiT for the others.")
         first = default_first_layer(num_blocks, llm_num_layers) if llm_first_layer is None else int(llm_first_layer)
@@ -152,10 +168,11 @@ class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
             )
         self.register_to_config(llm_first_layer=first, text_layers=self.text_layers)
         inv_freq = default_inv_freq(llm_rope_theta, llm_head_dim) if llm_rope_inv_freq is None else torch.tensor(llm_rope_inv_freq, dtype=torch.float32)
-        if 2 * len(inv_freq) != llm_head_dim or len(inv_freq) < 2:
-            raise SemrouteError(f"llm_rope_inv_freq needs head_dim / 2 = {llm_head_dim // 2} bands (>= 2), got {len(inv_freq)}")
-        # A plain attribute, not a buffer: stays fp32 when the model is cast to bf16, and the config determines it.
-        self._inv_freq = inv_freq
+        if 2 * len(inv_freq) != llm_head_dim or len(inv_freq) < 2 or len(inv_freq) % 2:
+            raise SemrouteError(f"llm_rope_inv_freq needs head_dim / 2 = {llm_head_dim // 2} bands (even, >= 2), got {len(inv_freq)}")
+        # Plain attributes, not buffers: stay fp32 when the model is cast to bf16, and the config determines them.
+        self._inv_freq = inv_freq  # [R] text bands
+        self._image_inv_freq = image_inv_freq(inv_freq, image_rope)  # [R] image bands
 
         # 1. Text side: the paired LLM layers' key/value paths, frozen.
         self.llm_layers = nn.ModuleList(
@@ -323,6 +340,13 @@ class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         kv = tuple(layer(text_features[:, :, i].to(dtype), cos, sin) for i, layer in enumerate(self.llm_layers))
         return DeepTextContext(mask=mask, lengths=lengths, kv=kv)
 
+    def image_rope_tables(self, lengths: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary ``(cos, sin)``, each ``[B, h*w, llm_head_dim]`` fp32, of a row-major ``height x width`` image grid
+        placed after each prompt's ``lengths`` real tokens, in the band layout of ``image_rope``."""
+        inv_freq = self._image_inv_freq.to(lengths.device)
+        positions = image_positions(lengths, height, width, len(inv_freq), self.config.image_rope)  # [B, N, R]
+        return rope_cos_sin(positions, inv_freq, self.config.llm_rope_scaling)
+
     # ----------------------------------------------------------------------------------------------
     # Forward
     # ----------------------------------------------------------------------------------------------
@@ -354,8 +378,7 @@ class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
 
         # 1. Patchify: [B, C, H, W] -> [B, N, hidden] image tokens (row-major patches).
         x, h, w = self.embed_patches(latents)
-        inv_freq = self._inv_freq.to(latents.device)
-        rope = rope_cos_sin(image_positions(text_context.lengths, h, w, len(inv_freq)), inv_freq, self.config.llm_rope_scaling)
+        rope = self.image_rope_tables(text_context.lengths, h, w)
         # Image queries see the real text tokens and every image token: [B, 1, 1, T + N].
         image_keys = torch.ones(B, h * w, dtype=torch.bool, device=latents.device)
         attn_mask = torch.cat([text_context.mask, image_keys], dim=1)[:, None, None, :]

@@ -1,7 +1,9 @@
-"""The DiT of the reference study with its text-fusion gates (DESIGN.md §1), as a diffusers model.
+"""The DiT of the reference study with its text-fusion gates (docs/method.md), as a diffusers model.
 
     latents [B, C, H, W] --patchify(2)--> image tokens [B, N, hidden]
     text [B, T, L, D_llm] --LN per layer (once)--> fusion --context_embedder--> per-block K/V
+        (context_embedder_type="hidden": Linear(D_llm, hidden), K/V from hidden;
+         context_embedder_type="reference": Linear(D_llm, D_llm), K/V from D_llm, as the reference)
     24 x DiTBlock: x += SelfAttn(RMSNorm(x)); x += CrossAttn(x, text); x += SwiGLU(RMSNorm(x))
     final RMSNorm --zero-init Linear--> unpatchify --> velocity [B, C, H, W]
 
@@ -27,8 +29,19 @@ from semroute.shared.errors import SemrouteError
 from semroute.shared.layers import parse_layers
 from semroute.stage2_train.attention import CrossAttention, SelfAttention, rope_2d
 from semroute.stage2_train.image_side import ImageSideMixin
-from semroute.stage2_train.fusion import FUSIONS, build_fusion, gather_positions, layer_norm_layers, resolve_layer_indices
+from semroute.stage2_train.fusion import (
+    FUSIONS,
+    SIGMA_EMBED_SCALE,
+    build_fusion,
+    gather_positions,
+    layer_norm_layers,
+    resolve_layer_indices,
+)
 from semroute.stage2_train.presets import PRESETS
+
+# Text path of the cross-attention: what the context embedder maps the fused LLM features to (the config
+# key is `context_embedder_type`: a key named like the `context_embedder` module would shadow it).
+CONTEXT_EMBEDDERS = ("hidden", "reference")
 
 
 @dataclass
@@ -59,11 +72,11 @@ class DiTBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, mlp_hidden_size: int,
-                 eps: float = 1e-6, adaln: bool = False):
+                 eps: float = 1e-6, adaln: bool = False, context_dim: int | None = None):
         super().__init__()
         self.norm1 = RMSNorm(dim, eps=eps, elementwise_affine=not adaln)
         self.attn = SelfAttention(dim, num_heads, num_kv_heads, head_dim, eps)
-        self.cross_attn = CrossAttention(dim, num_heads, num_kv_heads, head_dim, eps)
+        self.cross_attn = CrossAttention(dim, num_heads, num_kv_heads, head_dim, eps, kv_dim=context_dim)
         self.norm2 = RMSNorm(dim, eps=eps, elementwise_affine=not adaln)
         self.mlp = FeedForward(dim, inner_dim=mlp_hidden_size, activation_fn="swiglu", bias=False)
         self.modulation = nn.Linear(dim, 6 * dim) if adaln else None
@@ -106,7 +119,16 @@ class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
             (= ``hidden_states[-2]``). Negative indices are resolved against N; the config stores the list.
         fusion: one of ``penultimate, uniform, static, time, depth, joint``.
         gate_embed_dim, gate_hidden_dim: sizes of the sigma gates of ``time``/``joint`` (128 and 512 as the paper).
-        rope_theta: RoPE base. norm_eps: eps of the RMSNorms.
+        gate_sigma_scale: the gates embed ``gate_sigma_scale * sigma``: 1000 (ours, the t the model receives)
+            or 1 (the reference: sigma itself).
+        gate_init: ``uniform`` (ours: the gates' last layer zero, exactly uniform start) or ``reference``
+            (xavier everywhere, zero biases: the reference's generic init overwrites its zero-init).
+        context_embedder_type: ``hidden`` (ours: ``RMSNorm(D_llm) -> Linear(D_llm, hidden)``, xavier, each block's
+            text K/V projected from ``hidden``) or ``reference`` (``RMSNorm(D_llm) -> Linear(D_llm, D_llm)``
+            with N(0, 0.02) weights and zero bias, K/V projected from ``D_llm``; 26.5M parameters more at the
+            paper size).
+        rope_theta: base of the image tokens' 2D RoPE (reference: 1e5 gated strategies, 1e4 penultimate/uniform).
+        norm_eps: eps of the RMSNorms.
         adaln: add adaLN-Zero timestep conditioning (the reference has no timestep input at all).
 
     Attributes:
@@ -139,10 +161,15 @@ class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
         adaln: bool = False,
+        gate_sigma_scale: float = SIGMA_EMBED_SCALE,
+        gate_init: str = "uniform",
+        context_embedder_type: str = "hidden",
     ):
         super().__init__()
         if fusion not in FUSIONS:
             raise SemrouteError(f"Unknown fusion {fusion!r}. Choose one of: {', '.join(FUSIONS)}.")
+        if context_embedder_type not in CONTEXT_EMBEDDERS:
+            raise SemrouteError(f"context_embedder_type {context_embedder_type!r} is unknown; choose one of {', '.join(CONTEXT_EMBEDDERS)}")
         penultimate = llm_num_layers - 1  # hidden_states[-2] in transformers' numbering
         if text_layers is None:
             text_layers = [penultimate] if fusion == "penultimate" else list(range(1, llm_num_layers + 1))
@@ -161,14 +188,15 @@ class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
                 )
             options["position"] = self.text_layers.index(penultimate)
         elif FUSIONS[fusion].time_dependent:
-            options.update(embed_dim=gate_embed_dim, hidden_dim=gate_hidden_dim)
+            options.update(embed_dim=gate_embed_dim, hidden_dim=gate_hidden_dim, sigma_scale=gate_sigma_scale, init=gate_init)
         self.router = build_fusion(fusion, len(self.text_layers), num_blocks, **options)
-        self.context_embedder = nn.Sequential(RMSNorm(text_dim, eps=norm_eps), nn.Linear(text_dim, hidden_size))
+        context_dim = text_dim if context_embedder_type == "reference" else hidden_size  # width of the embedded text
+        self.context_embedder = nn.Sequential(RMSNorm(text_dim, eps=norm_eps), nn.Linear(text_dim, context_dim))
 
         # 2. Image side: patch embedding, optional adaLN timestep embedding, output head; the blocks.
         self.build_image_side(in_channels, patch_size, hidden_size, norm_eps, adaln)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, num_kv_heads, head_dim, mlp_hidden_size, norm_eps, adaln)
+            DiTBlock(hidden_size, num_heads, num_kv_heads, head_dim, mlp_hidden_size, norm_eps, adaln, context_dim)
             for _ in range(num_blocks)
         )
 
@@ -187,10 +215,11 @@ class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         return cls(**{**PRESETS[name], **overrides})
 
     def initialize_weights(self) -> None:
-        """Xavier-uniform Linear weights, zero biases; then the zero inits that must win over it.
+        """Xavier-uniform Linear weights, zero biases; then the inits that must win over it.
 
         Zero: the output projection (the model starts predicting 0), the adaLN modulations, and every
-        routing logit (the time gates' last layer included) so that all gated strategies start uniform.
+        routing logit (the time gates' last layer included unless ``gate_init="reference"``) so that all
+        gated strategies start uniform. With ``context_embedder_type="reference"`` its Linear gets N(0, 0.02).
         Call this, not a generic ``model.apply(init)``, to re-initialise.
         """
         for module in self.modules():
@@ -198,6 +227,8 @@ class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if self.config.context_embedder_type == "reference":
+            nn.init.normal_(self.context_embedder[1].weight, std=0.02)
         self.zero_init_outputs()
         self.router.reset_parameters()
 

@@ -1,4 +1,4 @@
-"""Fusion strategies: how the hidden states of many LLM layers become one text condition (DESIGN.md §1).
+"""Fusion strategies: how the hidden states of many LLM layers become one text condition (docs/method.md).
 
 Every strategy is a convex combination of the layer-normed layers,
 
@@ -19,7 +19,8 @@ joint          S3                          one g_d(phi(sigma)) per block    ``[S
 
 The layer norm is applied once per forward by the caller (``layer_norm_layers``), not once per DiT block;
 each strategy's ``fuse`` is a single contraction over the layer axis (over blocks x layers for the
-per-block strategies). All learned logits start at exactly zero, so every gated strategy starts uniform.
+per-block strategies). All learned logits start at exactly zero, so every gated strategy starts uniform,
+except the sigma gates under ``gate_init="reference"`` (see ``SigmaGates``).
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ from torch import nn
 from semroute.shared.errors import SemrouteError
 
 LN_EPS = 1e-5
-# phi(sigma) is the standard sinusoidal timestep embedding of t = 1000 * sigma (max period 1e4, the
-# DiT/diffusers convention, and the t the model receives). Its fastest component turns by 1 rad per
-# scheduler timestep (a sigma step of 1e-3), its slowest by ~0.1 rad over the whole [0, 1] range, so
-# the gate sees sigma both finely resolved and as an almost linear coordinate.
+# Our default phi(sigma) is the standard sinusoidal timestep embedding of t = 1000 * sigma (max period
+# 1e4, the DiT/diffusers convention, and the t the model receives). Its fastest component turns by 1 rad
+# per scheduler timestep (a sigma step of 1e-3), its slowest by ~0.1 rad over the whole [0, 1] range, so
+# the gate sees sigma both finely resolved and as an almost linear coordinate. The reference embeds sigma
+# itself (scale 1.0; most components then barely move over [0, 1]): the `gate_sigma_scale` model key.
 SIGMA_EMBED_SCALE = 1000.0
+# How the sigma gates start: "uniform" (ours: last layer zero, so every gate starts exactly uniform) or
+# "reference" (the reference's generic xavier init reaches the last layer too: non-uniform from step 0).
+GATE_INITS = ("uniform", "reference")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,10 +105,13 @@ def gather_positions(wanted: Sequence[int], stored: Sequence[int], num_hidden_la
     return [stored.index(layer) for layer in wanted]
 
 
-def sigma_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
-    """phi(sigma): sinusoidal embedding ``[S, dim]`` (cos then sin) of sigmas ``[S]`` in [0, 1]."""
+def sigma_embedding(sigma: torch.Tensor, dim: int, scale: float = SIGMA_EMBED_SCALE) -> torch.Tensor:
+    """phi(sigma): sinusoidal embedding ``[S, dim]`` (cos then sin) of ``scale * sigma`` for sigmas ``[S]`` in [0, 1].
+
+    Component k < dim/2 is ``cos(scale * sigma * 10000^(-k / (dim/2)))``, component dim/2 + k the same sin.
+    """
     return get_timestep_embedding(
-        sigma.float().reshape(-1), dim, flip_sin_to_cos=True, downscale_freq_shift=0, scale=SIGMA_EMBED_SCALE
+        sigma.float().reshape(-1), dim, flip_sin_to_cos=True, downscale_freq_shift=0, scale=scale
     )
 
 
@@ -161,7 +169,8 @@ class Fusion(nn.Module):
             return torch.einsum(_CONTRACTIONS[self.time_dependent, self.per_block], weights, hidden_ln.float())
 
     def reset_parameters(self) -> None:
-        """Zero every logit so the strategy starts exactly uniform (no-op for parameter-free ones)."""
+        """Zero every logit so the strategy starts exactly uniform (no-op for parameter-free ones; the sigma
+        gates follow their ``init``)."""
 
     def _require_sigma(self, sigma: torch.Tensor | None) -> torch.Tensor:
         if sigma is None:
@@ -243,13 +252,23 @@ class SigmaGates(nn.Module):
 
     Each gate is Linear(embed_dim, hidden_dim), SiLU, Linear(hidden_dim, L): 84,516 parameters at the
     defaults and L=36. The ``n`` gates of the joint strategy are stacked so that all blocks' logits come
-    from two batched contractions instead of ``n`` small MLP calls. ``W2``/``b2`` start at zero, and live
-    outside ``nn.Linear`` so that no generic Linear initialisation can overwrite them.
+    from two batched contractions instead of ``n`` small MLP calls. The weights live outside ``nn.Linear``
+    so that no generic Linear initialisation can overwrite them; ``init`` alone decides how they start:
+
+    - ``"uniform"``: ``W1``/``b1`` as torch initialises an ``nn.Linear``, ``W2``/``b2`` zero, so every gate
+      outputs zero logits (uniform weights) at any sigma.
+    - ``"reference"``: what the reference ends up with, its zero-init of the last layer being overwritten
+      by its generic init: xavier-uniform ``W1`` and ``W2`` (per gate), zero biases; non-uniform at start.
+
+    ``sigma_scale``: phi embeds ``sigma_scale * sigma`` (1000 ours, 1 the reference).
     """
 
-    def __init__(self, n: int, num_layers: int, embed_dim: int = 128, hidden_dim: int = 512):
+    def __init__(self, n: int, num_layers: int, embed_dim: int = 128, hidden_dim: int = 512,
+                 sigma_scale: float = SIGMA_EMBED_SCALE, init: str = "uniform"):
         super().__init__()
-        self.embed_dim = embed_dim
+        if init not in GATE_INITS:
+            raise SemrouteError(f"gate_init {init!r} is unknown; choose one of {', '.join(GATE_INITS)}")
+        self.embed_dim, self.sigma_scale, self.init = embed_dim, float(sigma_scale), init
         self.w1 = nn.Parameter(torch.empty(n, hidden_dim, embed_dim))
         self.b1 = nn.Parameter(torch.empty(n, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(n, num_layers, hidden_dim))
@@ -257,6 +276,16 @@ class SigmaGates(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.init == "reference":
+            # xavier_uniform_ of an nn.Linear(fan_in, fan_out): U(-b, b), b = sqrt(6 / (fan_in + fan_out)); all
+            # n gates share one shape, hence one bound (nn.init's fan rule would misread a stacked 3-D tensor).
+            for weight in (self.w1, self.w2):
+                fan_out, fan_in = weight.shape[1:]
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                nn.init.uniform_(weight, -bound, bound)
+            nn.init.zeros_(self.b1)
+            nn.init.zeros_(self.b2)
+            return
         # First layer as torch initialises nn.Linear (U(-1/sqrt(fan_in), 1/sqrt(fan_in))); last layer zero
         # so that every gate outputs zero logits, i.e. uniform weights, at any sigma.
         bound = 1.0 / math.sqrt(self.embed_dim)
@@ -267,7 +296,7 @@ class SigmaGates(nn.Module):
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
         """``sigma``: ``[S]`` in [0, 1]. Returns logits ``[S, n, L]``."""
-        phi = sigma_embedding(sigma.to(self.w1.device), self.embed_dim).to(self.w1.dtype)  # [S, E]
+        phi = sigma_embedding(sigma.to(self.w1.device), self.embed_dim, self.sigma_scale).to(self.w1.dtype)  # [S, E]
         # A tiny MLP whose outputs are softmax logits: keep it out of bf16 autocast.
         with torch.autocast(device_type=self.w1.device.type, enabled=False):
             hidden = F.silu(torch.einsum("se,nhe->snh", phi, self.w1) + self.b1)  # [S, n, H]
@@ -280,9 +309,10 @@ class TimeWiseFusion(Fusion):
     name = "time"
     time_dependent = True
 
-    def __init__(self, num_layers: int, num_blocks: int, embed_dim: int = 128, hidden_dim: int = 512):
+    def __init__(self, num_layers: int, num_blocks: int, embed_dim: int = 128, hidden_dim: int = 512,
+                 sigma_scale: float = SIGMA_EMBED_SCALE, init: str = "uniform"):
         super().__init__(num_layers, num_blocks)
-        self.gate = SigmaGates(1, num_layers, embed_dim, hidden_dim)
+        self.gate = SigmaGates(1, num_layers, embed_dim, hidden_dim, sigma_scale, init)
 
     def logits(self, sigma=None):
         return self.gate(self._require_sigma(sigma))[:, 0]  # [S, L]
@@ -298,9 +328,10 @@ class JointFusion(Fusion):
     time_dependent = True
     per_block = True
 
-    def __init__(self, num_layers: int, num_blocks: int, embed_dim: int = 128, hidden_dim: int = 512):
+    def __init__(self, num_layers: int, num_blocks: int, embed_dim: int = 128, hidden_dim: int = 512,
+                 sigma_scale: float = SIGMA_EMBED_SCALE, init: str = "uniform"):
         super().__init__(num_layers, num_blocks)
-        self.gate = SigmaGates(num_blocks, num_layers, embed_dim, hidden_dim)
+        self.gate = SigmaGates(num_blocks, num_layers, embed_dim, hidden_dim, sigma_scale, init)
 
     def logits(self, sigma=None):
         return self.gate(self._require_sigma(sigma))  # [S, blocks, L]
@@ -318,8 +349,8 @@ FUSIONS: dict[str, type[Fusion]] = {
 def build_fusion(name: str, num_layers: int, num_blocks: int, **options) -> Fusion:
     """Build the strategy ``name`` (a key of ``FUSIONS``) over ``num_layers`` layers and ``num_blocks`` blocks.
 
-    ``options`` go to the class: ``position`` for ``penultimate``; ``embed_dim``/``hidden_dim`` for the
-    sigma gates of ``time`` and ``joint``.
+    ``options`` go to the class: ``position`` for ``penultimate``; ``embed_dim``/``hidden_dim``/``sigma_scale``/
+    ``init`` for the sigma gates of ``time`` and ``joint``.
     """
     if name not in FUSIONS:
         raise SemrouteError(f"Unknown fusion {name!r}. Choose one of: {', '.join(FUSIONS)}.")
