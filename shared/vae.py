@@ -264,7 +264,7 @@ def load_encoder(ref: str, subfolder: str | None = None, *, device: str | torch.
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = parse_dtype(dtype)
     if info.ref == PIXEL:
-        return LatentEncoder(info, PixelCodec(patch_size), torch.device("cpu"), dt)
+        return LatentEncoder(info, PixelCodec(int(info.identity["patch_size"])), torch.device("cpu"), dt)
     import diffusers
 
     cls = getattr(diffusers, info.class_name, None)

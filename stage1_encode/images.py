@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from semroute.shared import images as im
-from semroute.shared.errors import SemrouteError
+from semroute.shared.checks import check_number
+from semroute.shared.errors import ManifestError, SemrouteError
 from semroute.shared.fingerprint import require_match, sha256_text
 from semroute.shared.latent_store import (
     OK,
@@ -50,6 +51,7 @@ from semroute.shared.latent_store import (
     bucket_nbytes,
     read_skipped,
 )
+from semroute.shared.manifest import Problem
 from semroute.shared.sources import ImageRange, read_image_bytes, read_source, split_locator
 from semroute.shared.store import dir_size, read_parquet
 from semroute.shared.vae import LatentEncoder, VAEInfo, describe_vae, load_encoder, store_dtype_name
@@ -67,6 +69,7 @@ class EncodeImagesConfig:
     resolution: int = 256
     buckets: str = "none"  # none | auto[:MAX_ASPECT] | WxH,WxH,...
     image_root: str | None = None
+    allow_outside_root: bool = False  # let --image-root's manifests name files outside it
     image_key: str = "image"
     id_key: str = "id"
     input_format: str = "auto"  # manifest | folder | parquet | csv | webdataset (shared/sources.py)
@@ -108,6 +111,34 @@ def resolve_image(image: str, root: str | None) -> str:
         return image  # a URL, or an image inside a tar/Parquet container (already a full locator)
     path = Path(image).expanduser()
     return str(Path(root).expanduser() / path) if root and not path.is_absolute() else str(path)
+
+
+def confine_to_root(manifest, paths: list[str], ranges: list, cfg: "EncodeImagesConfig") -> tuple[list[str], list]:
+    """With ``--image-root``, every image must lie inside it once ``..`` and symlinks are resolved: a
+    manifest from elsewhere cannot make the encoder read (and store, as pixels or latents) files outside
+    the folder it was pointed at. An escaping record is a bad record (an error naming file and line, or
+    left out and listed with ``--skip-bad``); ``--allow-outside-root`` lifts the rule. Without
+    ``--image-root`` paths are used as given (relative ones from the working directory). URLs and images
+    inside containers (tar, Parquet) are not files under the root and pass as they are."""
+    if not cfg.image_root or cfg.allow_outside_root:
+        return paths, ranges
+    root = Path(cfg.image_root).expanduser().resolve()
+    kept_records, kept_paths, kept_ranges = [], [], []
+    for record, path, image_range in zip(manifest.records, paths, ranges):
+        local = "://" not in path and split_locator(path)[1] is None
+        real = Path(path).resolve() if local else None
+        if real is None or real == root or root in real.parents:
+            kept_records.append(record)
+            kept_paths.append(path)
+            kept_ranges.append(image_range)
+            continue
+        reason = (f"image {record.image!r} resolves to {real}, outside --image-root {root} "
+                  "(pass --allow-outside-root to allow it)")
+        if not cfg.skip_bad:
+            raise ManifestError(f"{manifest.path}:{record.line}: {reason}")
+        manifest.problems.append(Problem(manifest.path, record.line, reason))
+    manifest.records[:] = kept_records
+    return kept_paths, kept_ranges
 
 
 def image_bytes(path: str, image_range: ImageRange | None, storage_options: dict | None = None) -> bytes | None:
@@ -252,16 +283,27 @@ def estimate_images(plan: ImagePlan, buckets: list[Bucket], info: VAEInfo, cfg: 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+def check_image_options(cfg: EncodeImagesConfig) -> None:
+    check_number("--resolution", cfg.resolution, integer=True, low=1)
+    check_number("--patch-size", cfg.patch_size, integer=True, low=1)
+    check_number("--max-pixels", cfg.max_pixels, integer=True, low=1)
+    check_number("--batch-size", cfg.batch_size, integer=True, low=1)
+    check_number("--workers", cfg.workers, integer=True, low=-1)
+    check_number("--shard-mb", cfg.shard_mb, low=0.0, low_open=True)
+
+
 def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -> dict:
     """Run ``encode-images``; returns a summary dict (also printed by the CLI)."""
     proc = proc or process_info()
+    check_image_options(cfg)
     show = cfg.progress and proc.is_main
     device = str(proc.device) if cfg.device in ("auto", None) and proc.world_size > 1 else cfg.device
     info = describe_vae(cfg.vae, cfg.vae_subfolder, cfg.patch_size)
     encoder = None
     if info.downsample == 0 or info.latent_channels == 0:
         # The config does not state the latent geometry: load the model now and measure it.
-        encoder = load_encoder(cfg.vae, cfg.vae_subfolder, device=device, dtype=cfg.dtype, info=info)
+        encoder = load_encoder(cfg.vae, cfg.vae_subfolder, device=device, dtype=cfg.dtype, patch_size=cfg.patch_size,
+                               info=info)
     opts = image_options(cfg, info)
     manifest = read_source(cfg.data, kind=cfg.input_format, image_key=cfg.image_key, id_key=cfg.id_key,
                            need_text=False, need_image=True, skip_bad=cfg.skip_bad,
@@ -269,6 +311,7 @@ def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -
     records = manifest.records
     paths = [resolve_image(r.image, cfg.image_root) for r in records]
     ranges = [manifest.image_range(k) for k in range(len(records))]
+    paths, ranges = confine_to_root(manifest, paths, ranges, cfg)
     want = fingerprint(info, opts, cfg)
     sha = input_sha256(records, paths)
 
@@ -288,7 +331,8 @@ def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -
 
     # 3. Encode this process's units.
     if encoder is None:
-        encoder = load_encoder(cfg.vae, cfg.vae_subfolder, device=device, dtype=cfg.dtype, info=info)
+        encoder = load_encoder(cfg.vae, cfg.vae_subfolder, device=device, dtype=cfg.dtype, patch_size=cfg.patch_size,
+                               info=info)
     writer = LatentCacheWriter.open(cfg.out)
     mine = writer.split(proc.rank, proc.world_size)
     pending = writer.pending(mine)

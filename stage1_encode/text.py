@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from semroute.shared.checks import check_number
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import require_match, sha256_text
 from semroute.shared.layers import parse_layers
@@ -310,6 +311,9 @@ def encode_text(cfg: EncodeTextConfig, *, proc: ProcessInfo | None = None, llm: 
     ``llm`` may be passed already loaded (tests, notebooks); otherwise ``cfg.llm`` is loaded.
     """
     proc = proc or process_info()
+    check_number("--max-length", cfg.max_length, integer=True, low=1)
+    check_number("--batch-tokens", cfg.batch_tokens, integer=True, low=1)
+    check_number("--shard-mb", cfg.shard_mb, low=0.0, low_open=True)
     if llm is None:
         device = cfg.device
         if device in ("auto", None) and proc.world_size > 1:
@@ -322,6 +326,12 @@ def encode_text(cfg: EncodeTextConfig, *, proc: ProcessInfo | None = None, llm: 
     layers = parse_layers(cfg.layers, llm.num_hidden_layers)
     fmt = PromptFormat(instruction=cfg.instruction, chat_template=cfg.chat_template, max_length=cfg.max_length)
     encoder = TextEncoder(llm, fmt, layers)
+    null = encoder.null_caption()
+    if null.n_full >= cfg.max_length:
+        # Every caption would be cut back to the instruction alone, i.e. to the null caption.
+        raise SemrouteError(f"--max-length {cfg.max_length} leaves no room for captions: the instruction alone "
+                            f"({cfg.instruction!r}{', in the chat template' if cfg.chat_template else ''}) is "
+                            f"{null.n_full} tokens; use --max-length > {null.n_full}")
     show = cfg.progress and proc.is_main
 
     # 1-2. Plan and create (rank 0); every rank learns whether that worked.

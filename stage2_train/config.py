@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from semroute.shared.checks import check_bool, check_number
 from semroute.shared.errors import SemrouteError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -26,6 +27,33 @@ FUSION_CONFIGS = {  # --fusion name -> preset file in configs/
     "joint": "joint.yaml",
     "deep": "deep.yaml",
 }
+
+# Allowed range of every numeric key (checked on every build: defaults, YAML, flags and --set alike).
+_POSITIVE = dict(low=0.0, low_open=True)
+NUMERIC_RULES = {
+    "shift": _POSITIVE,
+    "logit_mean": {},
+    "logit_std": _POSITIVE,
+    "caption_dropout": dict(low=0.0, high=1.0, high_open=True),
+    "batch_size": dict(integer=True, low=1),
+    "grad_accum": dict(integer=True, low=1),
+    "lr": _POSITIVE,
+    "weight_decay": dict(low=0.0),
+    "fusion_lr_scale": _POSITIVE,
+    "grad_clip": _POSITIVE,
+    "warmup_steps": dict(integer=True, low=0),
+    "ema_decay": dict(low=0.0, high=1.0, high_open=True),
+    "ema_every": dict(integer=True, low=1),
+    "max_steps": dict(integer=True, low=1),
+    "max_minutes": dict(low=0.0, low_open=True, optional=True),
+    "seed": dict(integer=True, low=0),
+    "num_workers": dict(integer=True, low=0),
+    "checkpoint_every": dict(integer=True, low=1),
+    "keep_checkpoints": dict(integer=True, low=1),
+    "log_every": dict(integer=True, low=1),
+    "deep_first_layer": dict(integer=True, low=0, optional=True),
+}
+BOOL_KEYS = ("decay_fusion_logits", "gradient_checkpointing", "ema", "length_batching", "tensorboard", "log_samples")
 
 
 @dataclass
@@ -118,16 +146,24 @@ class TrainConfig:
             raise SemrouteError(f"lr_schedule {self.lr_schedule!r}: use constant, warmup or cosine")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise SemrouteError(f"mixed_precision {self.mixed_precision!r}: use auto, no, bf16 or fp16")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise SemrouteError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "ema_every"):
-            if getattr(self, name) < 1:
-                raise SemrouteError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.fusion_lr_scale <= 0:
-            raise SemrouteError(f"fusion_lr_scale must be > 0, got {self.fusion_lr_scale}")
-        if self.shift <= 0:
-            raise SemrouteError(f"shift must be > 0, got {self.shift}")
+        for name, rule in NUMERIC_RULES.items():
+            value = getattr(self, name)
+            if isinstance(value, str) and not rule.get("integer"):
+                value = _yaml11_float(name, value)
+            setattr(self, name, check_number(name, value, **rule))
+        for name in BOOL_KEYS:
+            check_bool(name, getattr(self, name))
+        for name in ("text_cache", "latent_cache", "out", "fusion", "preset", "lr_schedule", "mixed_precision"):
+            if not isinstance(getattr(self, name), str):
+                raise SemrouteError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("model", "expect_text"):
+            if not isinstance(getattr(self, name), dict):
+                raise SemrouteError(f"{name} must be a mapping (e.g. --set {name}.key=value), got {getattr(self, name)!r}")
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise SemrouteError(f"betas must be a list of two numbers, got {self.betas!r}")
+        self.betas = [check_number(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(self.betas)]
+        if self.text_layers is not None and not isinstance(self.text_layers, (str, list)):
+            raise SemrouteError(f"text_layers must be a spec string or a list of layer indices, got {self.text_layers!r}")
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
@@ -170,6 +206,14 @@ class TrainConfig:
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _yaml11_float(name: str, raw: str) -> float:
+    """PyYAML reads YAML 1.1, where ``1e-4`` (no dot) is a string, not a float: accept such numbers."""
+    try:
+        return float(raw)
+    except ValueError:
+        raise SemrouteError(f"{name} must be a number, got {raw!r}") from None
 
 
 def load_yaml(path: Path) -> dict:

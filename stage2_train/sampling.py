@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from semroute.shared.checks import check_number
 from semroute.shared.errors import SemrouteError
 from semroute.stage1_encode.distributed import process_info
 from semroute.stage2_train.prompt_files import PromptEntry, detect_format, layout_for, read_prompts, save_image
@@ -39,6 +40,14 @@ class SampleConfig:
     device: str = "auto"
     grid: bool = True
     progress: bool = True
+
+
+def check_sample_options(cfg: SampleConfig) -> None:
+    for name, value in (("--n", cfg.n), ("--batch-size", cfg.batch_size), ("--steps", cfg.steps)):
+        check_number(name, value, integer=True, low=1)
+    check_number("--guidance", cfg.guidance)  # any finite scale (1 = no guidance, 0 = unconditional)
+    check_number("--seed", cfg.seed, integer=True, low=0)
+    check_number("--resolution", cfg.resolution, integer=True, low=1, optional=True)
 
 
 def load_pipeline(checkpoint: str | Path, *, ema: bool = False, llm=None, device: str = "auto"):
@@ -72,8 +81,7 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
     """Generate every pending image; returns counts and paths."""
     from tqdm.auto import tqdm
 
-    if cfg.n < 1 or cfg.batch_size < 1 or cfg.steps < 1:
-        raise SemrouteError("--n, --batch-size and --steps must be >= 1")
+    check_sample_options(cfg)
     proc = process_info()
     fmt, entries = prompt_entries(cfg)
     layout = layout_for(fmt, cfg.out, n_per_prompt=cfg.n)

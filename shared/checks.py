@@ -1,0 +1,45 @@
+"""Range and type checks for numeric options: one place that words the error the same way everywhere.
+
+Typer and YAML hand over whatever they parsed (``--lr inf``, ``--set shift=.nan``, ``--set ema='false'``
+as a string); these checks turn anything outside an option's allowed range into a :class:`SemrouteError`
+naming the option, the value received and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+
+from semroute.shared.errors import SemrouteError
+
+
+def _kind(value) -> str:
+    return "a boolean" if isinstance(value, bool) else f"{type(value).__name__} {value!r}"
+
+
+def check_number(name: str, value, *, integer: bool = False, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, optional: bool = False):
+    """``value`` as a finite number (an int when ``integer``) within ``[low, high]`` (open ends with
+    ``low_open``/``high_open``); ``None`` passes when ``optional``. Returns the value (ints as int)."""
+    if value is None and optional:
+        return None
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        want = "an integer" if integer else "a number"
+        raise SemrouteError(f"{name} must be {want}, got {_kind(value)}")
+    if not integer and not math.isfinite(value):
+        raise SemrouteError(f"{name} must be a finite number, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        raise SemrouteError(f"{name} must be {' and '.join(x for x in (lo, hi) if x)}, got {value}")
+    return int(value) if integer else value
+
+
+def check_bool(name: str, value) -> bool:
+    """A real boolean: YAML's ``true``/``false``; the strings ``'false'`` or ``'no'`` are refused, not read
+    as truthy."""
+    if not isinstance(value, bool):
+        raise SemrouteError(f"{name} must be true or false, got {_kind(value)}")
+    return value
