@@ -255,7 +255,8 @@ def train_cmd(
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop (with a checkpoint) after this much training time.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Samples per process per micro-step.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate.")] = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader workers per process.")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="Loader threads (or processes: --set loader=process) per process.")] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile each DiT block (config key compile).", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.", show_default=False)] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key (YAML value), repeatable: --set ema=true --set model.adaln=true.")] = None,
     no_progress: NoProgress = False,
@@ -270,13 +271,15 @@ def train_cmd(
 
       semroute train --out runs/depth --resume latest     (continue a run with its saved config)
 
+      semroute train --text-cache t.zarr --latent-cache l.zarr --fusion depth --preset paper --compile   (GPU)
+
       accelerate launch --num_processes 8 cli.py train --text-cache t.zarr --latent-cache l.zarr --fusion depth --preset paper
     """
     from semroute.stage2_train.config import TrainConfig
     from semroute.stage2_train.train import train
 
     flags = dict(text_cache=text_cache, latent_cache=latent_cache, preset=preset, out=out, max_steps=max_steps,
-                 max_minutes=max_minutes, batch_size=batch_size, lr=lr, num_workers=num_workers)
+                 max_minutes=max_minutes, batch_size=batch_size, lr=lr, num_workers=num_workers, compile=compile_)
     config_file = str(config) if config else None
     if resume and config_file is None and out and (Path(out) / "config.yaml").exists():
         config_file = str(Path(out) / "config.yaml")  # a resumed run keeps its own config unless told otherwise

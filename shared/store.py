@@ -642,14 +642,25 @@ class TextStorage:
         return arrays, stats
 
     def decode(self, features: np.ndarray, scales: np.ndarray | None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        out_dtype = out_dtype or self.read_dtype
+        t, s = self.bits(features, scales)
+        return self.decode_bits(t, s, out_dtype)
+
+    @staticmethod
+    def bits(features: np.ndarray, scales: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stored arrays as tensors of the same bytes: bf16 bit patterns viewed as bfloat16 (free), fp8 kept
+        as uint8 codes beside its float32 scales. What a loader moves to the GPU before ``decode_bits``."""
         t = torch.from_numpy(np.ascontiguousarray(features))
+        if t.dtype == torch.uint16:
+            t = t.view(torch.bfloat16)
+        return t, (torch.from_numpy(np.ascontiguousarray(scales)) if scales is not None else None)
+
+    def decode_bits(self, features: torch.Tensor, scales: torch.Tensor | None,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``bits``' tensors (on any device) -> features in ``out_dtype``: a cast, or for fp8 codes x scale."""
+        out_dtype = out_dtype or self.read_dtype
         if self.mode != "fp8":
-            if t.dtype == torch.uint16:
-                t = t.view(torch.bfloat16)
-            return t.to(out_dtype)
-        s = torch.from_numpy(np.ascontiguousarray(scales))
-        return (t.view(torch.float8_e4m3fn).float() * s[..., None]).to(out_dtype)
+            return features.to(out_dtype)
+        return (features.view(torch.float8_e4m3fn).float() * scales[..., None]).to(out_dtype)
 
     def roundtrip(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``x`` as a reader of this storage would return it: what the sampler feeds the DiT, so prompts
@@ -873,24 +884,36 @@ class TextCacheReader:
             out.append(arr.read_rows(start, stop) if isinstance(arr, ShardedArrayFile) else arr[start:stop])
         return out[0], (out[1] if len(out) > 1 else None)
 
-    def _decode(self, features: np.ndarray, scales: np.ndarray | None) -> torch.Tensor:
+    def _bits(self, features: np.ndarray, scales: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._pick is not None:
             features = features[:, self._pick]
             scales = scales[:, self._pick] if scales is not None else None
-        return self.storage.decode(features, scales, self.out_dtype)
+        return self.storage.bits(features, scales)
 
-    def caption(self, i: int) -> torch.Tensor:
-        """Caption ``i``'s features ``[n_tokens, n_layers, D]``."""
+    def decode_bits(self, features: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        """What ``caption_bits`` returned (moved anywhere, e.g. to the GPU) -> ``caption``'s features."""
+        return self.storage.decode_bits(features, scales, self.out_dtype)
+
+    def caption_bits(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caption ``i`` as stored: ``[n_tokens, n_layers, D]`` bits and, for fp8, ``[n_tokens, n_layers]``
+        scales; ``decode_bits`` of them is ``caption(i)``."""
         if not 0 <= i < self.n_captions:
             raise IndexError(f"caption {i} out of range 0..{self.n_captions - 1}")
         o = self.offsets
-        return self._decode(*self._rows(int(o[i]), int(o[i + 1])))
+        return self._bits(*self._rows(int(o[i]), int(o[i + 1])))
+
+    def caption(self, i: int) -> torch.Tensor:
+        """Caption ``i``'s features ``[n_tokens, n_layers, D]``."""
+        return self.decode_bits(*self.caption_bits(i))
+
+    def null_bits(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        group = open_group(self.location)
+        scales = group["null_scales"][:] if self.attrs["storage"] == "fp8" else None
+        return self._bits(group["null_features"][:], scales)
 
     def null(self) -> torch.Tensor:
         """The null caption's features ``[n_tokens, n_layers, D]``."""
-        group = open_group(self.location)
-        scales = group["null_scales"][:] if self.attrs["storage"] == "fp8" else None
-        return self._decode(group["null_features"][:], scales)
+        return self.decode_bits(*self.null_bits())
 
     def batch(self, indices, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions ``indices`` right-padded (zeros) to the longest: ``[B, T, L, D]`` and mask ``[B, T]``."""

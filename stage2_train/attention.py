@@ -92,7 +92,30 @@ class CrossAttention(GQAProjections):
         """
         B, N, _ = x.shape
         q = self.norm_q(self.to_q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2))  # [B, nh, N, hd]
-        out = F.scaled_dot_product_attention(
-            q, key, value, attn_mask=attn_mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )
+        gqa = self.num_heads != self.num_kv_heads
+        if gqa and key.is_cuda:
+            # With a mask, CUDA's flash kernel is out and, in some torch versions, so is the memory-efficient
+            # one for grouped heads, which leaves the unfused math path; with the text's few keys/values
+            # repeated per query head ([B, nh, T, hd]) the memory-efficient kernel takes the mask.
+            # bench/device_check.sh shows which kernel runs.
+            rep = self.num_heads // self.num_kv_heads
+            key, value, gqa = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1), False
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=attn_mask, enable_gqa=gqa)  # [B, nh, N, hd]
         return self.to_out(out.transpose(1, 2).reshape(B, N, -1))
+
+
+def sdpa_backends(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                  enable_gqa: bool = False) -> dict[str, bool]:
+    """Which SDPA backends accept these inputs on their device: ``{name: True/False}`` (each tried alone)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.MATH):
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, enable_gqa=enable_gqa)
+            out[backend.name] = True
+        except RuntimeError:
+            out[backend.name] = False
+    return out

@@ -52,8 +52,9 @@ NUMERIC_RULES = {
     "keep_checkpoints": dict(integer=True, low=1),
     "log_every": dict(integer=True, low=1),
     "deep_first_layer": dict(integer=True, low=0, optional=True),
+    "peak_tflops": dict(low=0.0, low_open=True, optional=True),
 }
-BOOL_KEYS = ("decay_fusion_logits", "gradient_checkpointing", "ema", "length_batching", "tensorboard", "log_samples")
+BOOL_KEYS = ("decay_fusion_logits", "gradient_checkpointing", "compile", "ema", "length_batching", "tensorboard", "log_samples")
 
 
 @dataclass
@@ -108,6 +109,14 @@ class TrainConfig:
     mixed_precision: str = "auto"
     """auto (bf16 on GPUs that have it, else none) | no | bf16 | fp16."""
     gradient_checkpointing: bool = False
+    compile: bool = False
+    """Compile each DiT block with torch.compile (regional compilation: one compilation serves all blocks
+    per input shape); captions are then padded to text_buckets so it sees few shapes."""
+    text_buckets: str | int = "auto"
+    """Caption lengths padded up to: none (the batch's longest), pow2 (next power of two, >= 16) or an
+    integer multiple; auto = pow2 with compile, else none. The padding is masked."""
+    peak_tflops: float | None = None
+    """The device's peak for the MFU in metrics.jsonl (default: from a table of GPUs by name)."""
     ema: bool = False
     ema_decay: float = 0.9999
     ema_every: int = 1
@@ -122,6 +131,9 @@ class TrainConfig:
     """DataLoader worker processes (each opens the caches itself). On an H100 a batch of the paper preset
     was read in ~0.025 s against a 0.22 s step, and more workers slowed the training process itself
     (bench/RESULTS.md, training runs 1-7)."""
+    loader: str = "thread"
+    """How num_workers build batches: thread (threads of the training process, into reused pinned
+    buffers; reads, checksums and copies release the GIL) or process (DataLoader worker processes)."""
     length_batching: bool = False
     """Group captions of similar token counts into batches to cut text padding."""
     checkpoint_every: int = 1000
@@ -164,6 +176,17 @@ class TrainConfig:
         self.betas = [check_number(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(self.betas)]
         if self.text_layers is not None and not isinstance(self.text_layers, (str, list)):
             raise SemrouteError(f"text_layers must be a spec string or a list of layer indices, got {self.text_layers!r}")
+        if self.loader not in ("thread", "process"):
+            raise SemrouteError(f"loader {self.loader!r}: use thread or process")
+        self.text_length_buckets()  # a clear error for a bad text_buckets
+
+    def text_length_buckets(self):
+        from semroute.stage2_train.data import TextBuckets
+
+        spec = self.text_buckets
+        if spec == "auto":
+            spec = "pow2" if self.compile else "none"
+        return TextBuckets(spec)
 
     # -- building ----------------------------------------------------------------------------
     @classmethod

@@ -8,7 +8,10 @@ would, whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -16,7 +19,7 @@ from torch.utils.data import Dataset
 
 from semroute.shared.errors import SemrouteError
 from semroute.shared.latent_store import LatentCacheReader
-from semroute.shared.store import TextCacheReader, pad_batch
+from semroute.shared.store import TextCacheReader
 
 
 def _seed(*parts: int) -> int:
@@ -70,6 +73,7 @@ class PairedCaches(Dataset):
         self.n_text_only = len(set(by_id) - set(self.latents.sample_ids))
         self.n_image_only = len(self.latents) - len(positions)
         self._null: torch.Tensor | None = None
+        self._null_bits: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def __len__(self) -> int:
         return len(self.latent_pos)
@@ -90,42 +94,128 @@ class PairedCaches(Dataset):
         return np.maximum.reduceat(lengths, self.caption_ptr[:-1])
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        sample, epoch = key
+        return self.item(*key)
+
+    def item(self, sample: int, epoch: int, *, bits: bool = False) -> dict:
+        """Sample ``sample`` as drawn in ``epoch``. With ``bits`` the text is left as stored (``text`` the
+        ``caption_bits`` features, ``text_scales`` the fp8 scales or None) for decoding on the device."""
         g = torch.Generator().manual_seed(_seed(self.seed, epoch, sample))
         caps = self.caption_idx[self.caption_ptr[sample]: self.caption_ptr[sample + 1]]
         pick = int(caps[int(torch.randint(len(caps), (1,), generator=g))])
         dropped = bool(torch.rand((), generator=g) < self.caption_dropout)
-        text = self.null if dropped else self.text.caption(pick)
         latent = self.latents.latent(int(self.latent_pos[sample]), generator=g)
-        return {"text": text, "latent": latent, "sample_id": self.latents.sample_ids[self.latent_pos[sample]],
-                "caption": -1 if dropped else pick}
+        out = {"latent": latent, "sample_id": self.latents.sample_ids[self.latent_pos[sample]],
+               "caption": -1 if dropped else pick}
+        if bits:
+            if dropped and self._null_bits is None:
+                self._null_bits = self.text.null_bits()
+            out["text"], out["text_scales"] = self._null_bits if dropped else self.text.caption_bits(pick)
+        else:
+            out["text"] = self.null if dropped else self.text.caption(pick)
+        return out
 
 
 @dataclass
 class Batch:
-    text: torch.Tensor  # [B, T, L, D]
+    text: torch.Tensor  # [B, T, L, D] features, or as stored (bits) until decode_text
     text_mask: torch.Tensor  # [B, T] bool
     latents: torch.Tensor  # [B, C, h, w]
     sample_ids: list[str]
     captions: list[int]
     epoch: int
     index: int  # batch number within the epoch (this process's share)
+    text_scales: torch.Tensor | None = None  # [B, T, L] fp8 scales while ``text`` holds fp8 codes
+    text_tokens: int = 0  # real (unpadded) caption tokens in the batch, known without a device sync
+    release: Callable | None = field(default=None, repr=False, compare=False)  # hands a pinned slot back
+
+    def _tensors(self) -> dict:
+        return {"text": self.text, "text_mask": self.text_mask, "latents": self.latents,
+                "text_scales": self.text_scales}
 
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pinning thread (pin_memory=True) so host-to-GPU copies are async."""
-        return Batch(self.text.pin_memory(), self.text_mask.pin_memory(), self.latents.pin_memory(), self.sample_ids,
-                     self.captions, self.epoch, self.index)
+        return replace(self, **{k: v.pin_memory() for k, v in self._tensors().items() if v is not None})
 
     def to(self, device) -> "Batch":
-        return Batch(self.text.to(device, non_blocking=True), self.text_mask.to(device, non_blocking=True),
-                     self.latents.to(device, non_blocking=True), self.sample_ids, self.captions, self.epoch,
-                     self.index)
+        return replace(self, release=None, **{k: v.to(device, non_blocking=True)
+                                              for k, v in self._tensors().items() if v is not None})
+
+    def decode_text(self, reader: TextCacheReader) -> "Batch":
+        """Stored bits -> features (fp8 codes x scales; a no-op cast for bf16), wherever the tensors are."""
+        return replace(self, text=reader.decode_bits(self.text, self.text_scales), text_scales=None)
 
 
-def collate(items: list[dict], epoch: int, index: int) -> Batch:
-    text, mask = pad_batch([it["text"] for it in items])
-    return Batch(text, mask, torch.stack([it["latent"] for it in items]), [it["sample_id"] for it in items],
-                 [it["caption"] for it in items], epoch, index)
+class TextBuckets:
+    """Caption lengths padded up to a few sizes, so a compiled model sees few shapes (the pads are masked).
+
+    ``none``: pad to the batch's longest (what eager training wants); ``pow2``: the next power of two, at
+    least 16; an integer ``m``: the next multiple of ``m``.
+    """
+
+    def __init__(self, spec: str | int | None = "none"):
+        if spec in (None, "none"):
+            self.multiple = None
+        elif spec == "pow2":
+            self.multiple = "pow2"
+        elif isinstance(spec, int) and not isinstance(spec, bool) and spec > 0:
+            self.multiple = spec
+        else:
+            raise SemrouteError(f"text_buckets {spec!r}: use none, pow2 or a positive integer (pad to a multiple)")
+
+    def __call__(self, n: int) -> int:
+        if self.multiple is None:
+            return n
+        if self.multiple == "pow2":
+            return max(16, 1 << (max(n, 1) - 1).bit_length())
+        return -(-n // self.multiple) * self.multiple
+
+
+class HostSlot:
+    """Reusable host buffers for one batch (pinned on CUDA hosts), grown to the largest batch seen.
+
+    Pinning is a slow, synchronising allocation; a few slots allocated once and refilled avoid it per batch.
+    """
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1), dtype=torch.uint8, pin_memory=self.pin)
+            self.buffers[name] = buf
+        return buf[:n].view(dtype).view(shape)
+
+
+def collate(items: list[dict], epoch: int, index: int, *, buckets: TextBuckets | None = None,
+            slot: HostSlot | None = None) -> Batch:
+    """Items -> one Batch, captions right-padded with zeros (to a bucket size if given), into ``slot``'s
+    buffers if given (else new tensors)."""
+    lengths = [it["text"].shape[0] for it in items]
+    B, T = len(items), (buckets or TextBuckets())(max(lengths))
+    first = items[0]
+
+    def new(name, shape, dtype):
+        return slot.tensor(name, shape, dtype) if slot is not None else torch.empty(shape, dtype=dtype)
+
+    text = new("text", (B, T, *first["text"].shape[1:]), first["text"].dtype)  # [B, T, L, D]
+    mask = new("mask", (B, T), torch.bool)  # [B, T]
+    scales = (new("scales", (B, T, *first["text_scales"].shape[1:]), torch.float32)  # [B, T, L]
+              if first.get("text_scales") is not None else None)
+    latents = new("latents", (B, *first["latent"].shape), first["latent"].dtype)  # [B, C, h, w]
+    for row, (it, n) in enumerate(zip(items, lengths)):
+        text[row, :n] = it["text"]
+        text[row, n:] = 0
+        mask[row, :n] = True
+        mask[row, n:] = False
+        if scales is not None:
+            scales[row, :n] = it["text_scales"]
+            scales[row, n:] = 0
+        latents[row] = it["latent"]
+    return Batch(text, mask, latents, [it["sample_id"] for it in items], [it["caption"] for it in items], epoch,
+                 index, text_scales=scales, text_tokens=sum(lengths))
 
 
 class EpochBatches:
@@ -185,21 +275,50 @@ class EpochBatches:
 
 
 class BatchLoader:
-    """A DataLoader over :class:`EpochBatches`, remembering nothing itself: the caller records the
-    ``(epoch, index)`` of the last batch it consumed and restarts from the next one on resume."""
+    """This process's batches from any ``(epoch, index)`` position, assembled off the training thread.
+
+    It remembers nothing itself: the caller records the ``(epoch, index)`` of the last batch it consumed
+    and restarts from the next one on resume. Text comes as stored (``Batch.decode_text`` after the copy
+    to the device decodes it), padded per ``buckets``.
+
+    ``workers``: ``thread`` (default) builds batches in ``num_workers`` threads of this process, into
+    reused (pinned, with ``pin_memory``) host buffers: reading shards (``pread``), checking crc32c and
+    copying arrays release the GIL, so they run beside the step; ``process`` uses a DataLoader with
+    ``num_workers`` worker processes. ``num_workers=0`` builds each batch in the caller's thread when asked.
+    A failure while building a batch is raised in the caller as the reader's own exception.
+    """
+
+    MODES = ("thread", "process")
 
     def __init__(self, dataset: PairedCaches, plan: EpochBatches, *, num_workers: int, start_epoch: int = 0,
-                 start_index: int = 0, pin_memory: bool = False):
+                 start_index: int = 0, pin_memory: bool = False, workers: str = "thread",
+                 buckets: TextBuckets | None = None, depth: int = 2):
+        if workers not in self.MODES:
+            raise SemrouteError(f"loader workers {workers!r}: use thread or process")
         self.dataset = dataset
         self.plan = plan
         self.num_workers = num_workers
         self.start = (start_epoch, start_index)
         self.pin_memory = pin_memory
+        self.workers = workers
+        self.buckets = buckets or TextBuckets()
+        self.depth = depth
+
+    def build(self, epoch: int, index: int, samples, slot: HostSlot | None = None) -> Batch:
+        items = [self.dataset.item(int(s), epoch, bits=True) for s in samples]
+        return collate(items, epoch, index, buckets=self.buckets, slot=slot)
 
     def __iter__(self):
+        if self.num_workers == 0:
+            return (self.build(*b) for b in self.plan.iterate(*self.start))
+        if self.workers == "thread":
+            return _ThreadedBatches(self)
+        return self._processes()
+
+    def _processes(self):
         from torch.utils.data import DataLoader, IterableDataset
 
-        dataset, plan, start = self.dataset, self.plan, self.start
+        loader_self, plan, start = self, self.plan, self.start
 
         class _Batches(IterableDataset):
             def __iter__(self):
@@ -207,9 +326,104 @@ class BatchLoader:
                 wid, nw = (info.id, info.num_workers) if info else (0, 1)
                 for n, (epoch, index, samples) in enumerate(plan.iterate(*start)):
                     if n % nw == wid:  # worker w builds every nw-th batch; DataLoader interleaves them in order
-                        yield collate([dataset[(int(s), epoch)] for s in samples], epoch, index)
+                        yield loader_self.build(epoch, index, samples)
 
         loader = DataLoader(_Batches(), batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
-                            persistent_workers=False)
+                            pin_memory=self.pin_memory, prefetch_factor=2 * self.depth, persistent_workers=False)
         return iter(loader)
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _ThreadedBatches:
+    """The iterator of a threaded :class:`BatchLoader`: thread ``w`` builds batches ``n % workers == w``
+    into its own ring of host slots and queue; batches come out in plan order.
+
+    A slot returns to its ring when the consumer calls ``batch.release(event)`` (after issuing the copy
+    to the device; the builder waits for that copy's CUDA ``event`` before refilling the slot) or, when the
+    host buffers are not pinned, never: then every batch gets new tensors, since the step may still use them.
+    """
+
+    POLL_S = 0.1
+
+    def __init__(self, loader: BatchLoader):
+        self.loader = loader
+        n = loader.num_workers
+        self.stop = threading.Event()
+        self.queues = [queue.Queue(maxsize=loader.depth) for _ in range(n)]
+        self.rings: list[queue.Queue] = [queue.Queue() for _ in range(n)]
+        if loader.pin_memory:
+            for ring in self.rings:
+                for _ in range(loader.depth + 3):  # queued + being built + being copied + in the step
+                    ring.put((HostSlot(pin=True), None))
+        self.threads = [threading.Thread(target=self._work, args=(w, n), daemon=True, name=f"semroute-loader-{w}")
+                        for w in range(n)]
+        self.n = 0
+        for t in self.threads:
+            t.start()
+
+    def _put(self, q: queue.Queue, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=self.POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _slot(self, w: int) -> HostSlot | None:
+        if not self.loader.pin_memory:
+            return None
+        while not self.stop.is_set():
+            try:
+                slot, event = self.rings[w].get(timeout=self.POLL_S)
+            except queue.Empty:
+                continue
+            if event is not None:
+                event.synchronize()  # the copy out of this slot has finished (waits in this thread only)
+            return slot
+        return None
+
+    def _work(self, w: int, n_workers: int) -> None:
+        try:
+            for n, (epoch, index, samples) in enumerate(self.loader.plan.iterate(*self.loader.start)):
+                if n % n_workers != w:
+                    continue
+                slot = self._slot(w)
+                if self.stop.is_set():
+                    return
+                batch = self.loader.build(epoch, index, samples, slot)
+                if slot is not None:
+                    ring = self.rings[w]
+                    batch.release = lambda event=None, slot=slot, ring=ring: ring.put((slot, event))
+                if not self._put(self.queues[w], batch):
+                    return
+        except BaseException as err:  # handed to the consumer, raised there as itself
+            self._put(self.queues[w], _Failed(err))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        w = self.n % len(self.queues)
+        while True:
+            try:
+                item = self.queues[w].get(timeout=self.POLL_S)
+                break
+            except queue.Empty:
+                if not self.threads[w].is_alive() and self.queues[w].empty():
+                    raise RuntimeError(f"loader thread {w} ended without a batch or an error") from None
+        if isinstance(item, _Failed):
+            self.close()
+            raise item.error
+        self.n += 1
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+
+    def __del__(self):
+        self.stop.set()

@@ -31,6 +31,8 @@ from semroute.shared.layers import parse_layers
 from semroute.stage2_train import routing
 from semroute.stage2_train.config import TrainConfig
 from semroute.stage2_train.data import BatchLoader, EpochBatches, PairedCaches, _seed
+from semroute.stage2_train.feed import DeviceFeed
+from semroute.stage2_train.perf import compile_blocks, dit_train_flops, peak_flops
 from semroute.stage2_train.objective import flow_loss
 
 CHECKPOINT_PREFIX = "step-"
@@ -207,6 +209,9 @@ class Trainer:
         # 2. Optimizer: AdamW over trainable parameters; the routing gates decay or not by config.
         if cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        self.model.to(acc.device)  # before the optimizer: fused AdamW wants its parameters on the device
+        if cfg.compile:
+            compile_blocks(self.model)
         router = getattr(self.model, "router", None)
         router_ids = {id(p) for p in router.parameters()} if router is not None else set()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -216,7 +221,8 @@ class Trainer:
              "weight_decay": cfg.weight_decay if cfg.decay_fusion_logits else 0.0},
         ]
         groups = [g for g in groups if g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        # Fused AdamW on GPUs: one kernel per parameter group instead of several per tensor.
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=acc.device.type == "cuda")
         self.scheduler = _lr_schedule(self.optimizer, cfg)
         self.ema = None
         if cfg.ema:
@@ -255,7 +261,10 @@ class Trainer:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         unwrapped = acc.unwrap_model(self.model)
         loader = BatchLoader(self.dataset, self.plan, num_workers=cfg.num_workers, start_epoch=state.epoch,
-                             start_index=state.index, pin_memory=acc.device.type == "cuda")
+                             start_index=state.index, pin_memory=acc.device.type == "cuda", workers=cfg.loader,
+                             buckets=cfg.text_length_buckets())
+        peak = peak_flops(acc.device, cfg.peak_tflops)
+        window_flops = 0.0
         bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
                    disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
         metrics_path = self.run_dir / "logs" / "metrics.jsonl"
@@ -265,14 +274,17 @@ class Trainer:
         last = {}
         started = time.perf_counter()
         base_seconds, first_step = state.train_seconds, state.step
-        batches = iter(loader)
+        batches = DeviceFeed(loader, acc.device, self.dataset.text)
         self.model.train()
         try:
             while state.step < cfg.max_steps:
                 step_loss = torch.zeros((), device=acc.device)  # stays on the device: no sync per step
                 grad_norm = None
                 for micro in range(cfg.grad_accum):
-                    batch = next(batches).to(acc.device)
+                    batch = next(batches)  # on the device, text decoded; the next one is being copied
+                    flops = dit_train_flops(unwrapped.config, _image_tokens(batch, unwrapped.config),
+                                            batch.text_tokens / len(batch.sample_ids), len(batch.sample_ids))
+                    window_flops += flops or 0.0
                     with acc.accumulate(self.model):
                         g = torch.Generator(acc.device).manual_seed(
                             _seed(cfg.seed, state.step, acc.process_index, micro))
@@ -321,7 +333,10 @@ class Trainer:
                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
                             "lr": self.scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(dt, 1e-9),
                             "epoch": state.epoch, "train_seconds": round(state.train_seconds, 2),
-                            "routing_entropy": route["entropy"], "routing_top_layer": route["top_layer"]}
+                            "routing_entropy": route["entropy"], "routing_top_layer": route["top_layer"],
+                            "loader_wait_s": batches.take_wait() / window_n,
+                            "tflops_per_s": window_flops / max(dt, 1e-9) / 1e12 if window_flops else None,
+                            "mfu": window_flops / max(dt, 1e-9) / peak if window_flops and peak else None}
                     if acc.is_main_process:
                         with open(metrics_path, "a") as fh:
                             fh.write(json.dumps(last) + "\n")
@@ -333,13 +348,14 @@ class Trainer:
                         acc.log(scalars, step=state.step)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{last['samples_per_s']:.1f}", refresh=False)
                     window_loss, window_n, window_t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
-                    window_samples = 0
+                    window_samples, window_flops = 0, 0.0
                 bar.update(1)
                 if state.step % cfg.checkpoint_every == 0 or done:
                     self.save_checkpoint()
                 if over_time:
                     break
         finally:
+            batches.close()
             bar.close()
             if samples_log is not None:
                 samples_log.close()
@@ -382,6 +398,11 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+
+def _image_tokens(batch, config) -> int:
+    h, w = batch.latents.shape[-2:]  # shapes are known on the host: no sync
+    return (h // config.patch_size) * (w // config.patch_size)
 
 
 def _lr_schedule(optimizer, cfg: TrainConfig):
