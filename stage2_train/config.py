@@ -1,9 +1,10 @@
 """The training configuration: one flat dataclass, filled from defaults, then a YAML file, then
 command-line flags, then ``--set key=value`` overrides. The resolved config is saved in the run folder.
 
-Defaults follow the reference study (DESIGN.md section 1): rectified flow with logit-normal sigma and
+Defaults follow the reference study (docs/method.md): rectified flow with logit-normal sigma and
 shift 3.0, caption dropout 0.1, AdamW lr 1e-4 / wd 1e-4 (applied to the fusion logits too), grad clip
-1.0, bf16 autocast where the hardware has it.
+1.0, bf16 autocast where the hardware has it. ``configs/paper/`` holds the reference's exact runs; the
+README's "Differences from the reference" lists where the defaults differ.
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ NUMERIC_RULES = {
     "log_every": dict(integer=True, low=1),
     "deep_first_layer": dict(integer=True, low=0, optional=True),
     "peak_tflops": dict(low=0.0, low_open=True, optional=True),
+    "global_batch": dict(integer=True, low=1, optional=True),
+    "sample_steps": dict(integer=True, low=1),
+    "sample_guidance": {},
 }
-BOOL_KEYS = ("decay_fusion_logits", "gradient_checkpointing", "compile", "ema", "length_batching", "tensorboard", "log_samples")
+BOOL_KEYS = ("decay_fusion_logits", "gradient_checkpointing", "compile", "ema", "ema_warmup", "length_batching",
+             "tensorboard", "log_samples")
 
 
 @dataclass
@@ -94,6 +99,9 @@ class TrainConfig:
     batch_size: int = 32
     """Samples per process per micro-step."""
     grad_accum: int = 1
+    global_batch: int | None = None
+    """Samples per optimizer step the run must have: batch_size x processes x grad_accum. When set, a launch
+    whose product differs is refused (with the grad_accum or batch_size that fits). The reference: 512 = 8 x 64 x 1."""
     lr: float = 1e-4
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
@@ -121,6 +129,10 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_every: int = 1
     """Update the EMA every N optimizer steps."""
+    ema_warmup: bool = True
+    """true: diffusers' EMAModel schedule, a plain copy at the first update, then decay min(ema_decay,
+    (1 + n) / (10 + n)) at the n-th update. false: the constant ema_decay from the first update on, blending
+    into the initial weights (the reference: 0.99 every 100 steps)."""
 
     # -- run ---------------------------------------------------------------------------------
     max_steps: int = 10000
@@ -142,6 +154,12 @@ class TrainConfig:
     tensorboard: bool = True
     log_samples: bool = False
     """Debug: record which sample ids each process trains on (logs/samples-rank<r>.jsonl)."""
+
+    # -- sampling defaults of this run (`semroute sample` / `export`) ---------------------------
+    sample_steps: int = 25
+    """Euler steps `semroute sample` uses for this run unless --steps is given (the reference evaluates with 50)."""
+    sample_guidance: float = 6.0
+    """Classifier-free guidance `semroute sample` uses for this run unless --guidance is given."""
 
     def __post_init__(self):
         self.validate()
@@ -187,6 +205,25 @@ class TrainConfig:
         if spec == "auto":
             spec = "pow2" if self.compile else "none"
         return TextBuckets(spec)
+
+    def check_global_batch(self, num_processes: int) -> None:
+        """Refuse a launch whose batch_size x processes x grad_accum is not ``global_batch`` (when set)."""
+        if self.global_batch is None:
+            return
+        got = self.batch_size * num_processes * self.grad_accum
+        if got == self.global_batch:
+            return
+        per_step = self.batch_size * num_processes
+        if self.global_batch % per_step == 0:
+            fix = f"set grad_accum={self.global_batch // per_step}"
+        elif self.global_batch % (num_processes * self.grad_accum) == 0:
+            fix = f"set batch_size={self.global_batch // (num_processes * self.grad_accum)}"
+        else:
+            fix = f"choose batch_size x grad_accum = {self.global_batch} / {num_processes} per process"
+        raise SemrouteError(
+            f"global_batch is {self.global_batch}, but batch_size {self.batch_size} x {num_processes} processes x "
+            f"grad_accum {self.grad_accum} = {got}; {fix} (--set ...), or --set global_batch=null to train with {got}."
+        )
 
     # -- building ----------------------------------------------------------------------------
     @classmethod

@@ -77,6 +77,8 @@ class SemroutePipeline(DiffusionPipeline):
         self.text_settings: dict = {}
         self.null_features: torch.Tensor | None = None  # [n, L_stored, D]
         self.default_size: tuple[int, int] | None = None  # (height, width) in pixels
+        # What `semroute sample` uses when not told: {"steps", "guidance"} of the training config.
+        self.sample_defaults: dict = {}
 
     # -- text ------------------------------------------------------------------------------------
     def attach_text(self, settings: dict, null_features: torch.Tensor, llm: LoadedLLM | str | None = None,
@@ -225,7 +227,8 @@ class SemroutePipeline(DiffusionPipeline):
         self.vae.save_pretrained(out / "vae")
         self.scheduler.save_pretrained(out / "scheduler")
         (out / TEXT_DIR).mkdir(exist_ok=True)
-        settings = {**self.text_settings, "default_size": list(self.default_size) if self.default_size else None}
+        settings = {**self.text_settings, "default_size": list(self.default_size) if self.default_size else None,
+                    "sample_defaults": self.sample_defaults or None}
         (out / TEXT_DIR / TEXT_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
         save_file({"null": self.null_features.contiguous()}, str(out / TEXT_DIR / NULL_FILE))
         index = {
@@ -265,6 +268,7 @@ class SemroutePipeline(DiffusionPipeline):
         null = load_file(str(folder / TEXT_DIR / NULL_FILE))["null"]
         size = settings.pop("default_size", None)
         pipe.default_size = tuple(size) if size else None
+        pipe.sample_defaults = settings.pop("sample_defaults", None) or {}
         pipe.attach_text(settings, null, llm=llm, device=str(target))
         return pipe
 
@@ -295,6 +299,7 @@ class SemroutePipeline(DiffusionPipeline):
         pipe = cls(transformer, vae, scheduler)
         pipe.to(target)
         pipe.default_size = size
+        pipe.sample_defaults = {"steps": cfg.sample_steps, "guidance": cfg.sample_guidance}
         settings = text_settings_from_fingerprint(record["text_fingerprint"])
         null = _null_from_cache(record["text_cache"])
         pipe.attach_text(settings, null, llm=llm, device=str(target))

@@ -9,6 +9,7 @@ files by the prompt's global index, so processes never collide.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,8 +31,10 @@ class SampleConfig:
     prompts_file: str | None = None
     format: str | None = None
     n: int = 1
-    steps: int = 25
-    guidance: float = 6.0
+    steps: int | None = None
+    """Euler steps; None: the run's (or exported pipeline's) ``sample_steps``, else 25."""
+    guidance: float | None = None
+    """Guidance scale; None: the run's (or exported pipeline's) ``sample_guidance``, else 6.0."""
     resolution: int | None = None
     seed: int = 0
     batch_size: int = 8
@@ -66,6 +69,39 @@ def load_pipeline(checkpoint: str | Path, *, ema: bool = False, llm=None, device
     raise SemrouteError(f"--checkpoint {checkpoint}: not a run folder, a checkpoint folder or an exported pipeline")
 
 
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 6.0
+
+
+def sampling_defaults(checkpoint: str | Path) -> dict:
+    """``{"steps", "guidance"}`` that a run folder's config.yaml (also for one of its checkpoints) or an
+    exported pipeline's text settings ask for; {} when they name none."""
+    path = Path(checkpoint)
+    if (path / "model_index.json").exists():
+        from semroute.stage2_train.pipeline import TEXT_CONFIG, TEXT_DIR
+
+        settings = path / TEXT_DIR / TEXT_CONFIG
+        return (json.loads(settings.read_text()).get("sample_defaults") or {}) if settings.exists() else {}
+    for run in (path, path.parent.parent):
+        if (run / "run.json").exists() and (run / "config.yaml").exists():
+            from semroute.stage2_train.config import TrainConfig
+
+            cfg = TrainConfig.build(config_file=str(run / "config.yaml"))
+            return {"steps": cfg.sample_steps, "guidance": cfg.sample_guidance}
+    return {}
+
+
+def with_sampling_defaults(cfg: SampleConfig) -> SampleConfig:
+    """``cfg`` with unset ``steps``/``guidance`` taken from the checkpoint's ``sampling_defaults`` (else 25 / 6.0)."""
+    if cfg.steps is not None and cfg.guidance is not None:
+        return cfg
+    defaults = sampling_defaults(cfg.checkpoint)
+    return dataclasses.replace(
+        cfg,
+        steps=cfg.steps if cfg.steps is not None else int(defaults.get("steps", DEFAULT_STEPS)),
+        guidance=cfg.guidance if cfg.guidance is not None else float(defaults.get("guidance", DEFAULT_GUIDANCE)),
+    )
+
+
 def prompt_entries(cfg: SampleConfig) -> tuple[str, list[PromptEntry]]:
     if bool(cfg.prompts) == bool(cfg.prompts_file):
         raise SemrouteError("give either --prompt (one or more) or --prompts FILE")
@@ -81,6 +117,7 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
     """Generate every pending image; returns counts and paths."""
     from tqdm.auto import tqdm
 
+    cfg = with_sampling_defaults(cfg)
     check_sample_options(cfg)
     proc = process_info()
     fmt, entries = prompt_entries(cfg)

@@ -173,6 +173,7 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
         acc = self.accelerator
+        cfg.check_global_batch(acc.num_processes)
         self.resume_from = resolve_resume(self.run_dir, resume)
         if resume and resume != "latest" and self.resume_from is None:
             raise SemrouteError(f"--resume {resume}: no checkpoint found")
@@ -224,12 +225,7 @@ class Trainer:
         # Fused AdamW on GPUs: one kernel per parameter group instead of several per tensor.
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=acc.device.type == "cuda")
         self.scheduler = _lr_schedule(self.optimizer, cfg)
-        self.ema = None
-        if cfg.ema:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_decay, model_cls=type(self.model),
-                                model_config=self.model.config)
+        self.ema = build_ema(self.model, cfg) if cfg.ema else None
         self.state = TrainState()
         # The scheduler is not handed to accelerate: its wrapper steps once per process per optimizer
         # step, which would make warm-up depend on the number of processes. We step it ourselves.
@@ -305,8 +301,8 @@ class Trainer:
                                                       "sample_ids": batch.sample_ids}) + "\n")
                 state.step += 1
                 state.samples += cfg.batch_size * cfg.grad_accum * acc.num_processes
-                if self.ema is not None and state.step % cfg.ema_every == 0:
-                    self.ema.step(self.model.parameters())
+                if self.ema is not None:
+                    update_ema(self.ema, state.step, self.model.parameters(), cfg.ema_every)
                 window_loss += step_loss
                 window_n += 1
                 window_samples += cfg.batch_size * cfg.grad_accum * acc.num_processes
@@ -403,6 +399,29 @@ class Trainer:
 def _image_tokens(batch, config) -> int:
     h, w = batch.latents.shape[-2:]  # shapes are known on the host: no sync
     return (h // config.patch_size) * (w // config.patch_size)
+
+
+def build_ema(model: torch.nn.Module, cfg: TrainConfig):
+    """diffusers' ``EMAModel`` of every parameter of ``model``, on the schedule ``cfg.ema_warmup`` names.
+
+    ``EMAModel`` ramps its decay as ``min(decay, (1 + n) / (10 + n))`` at its n-th update, after a plain
+    copy at the first (``n`` counts EMA updates past ``update_after_step + 1``). Without the warm-up we want
+    ``decay`` from the first update on: ``update_after_step=-1`` makes n >= 1 from the first update (no copy)
+    and ``min_decay=decay`` pins the value, so each update is ``ema = decay * ema + (1 - decay) * param``,
+    starting from the initial weights.
+    """
+    from diffusers.training_utils import EMAModel
+
+    constant = {} if cfg.ema_warmup else dict(min_decay=cfg.ema_decay, update_after_step=-1)
+    config = getattr(model, "config", None)  # diffusers models; lets EMAModel save itself as one
+    return EMAModel(model.parameters(), decay=cfg.ema_decay, model_cls=type(model) if config is not None else None,
+                    model_config=config, **constant)
+
+
+def update_ema(ema, step: int, parameters, every: int) -> None:
+    """After optimizer step ``step`` (counted from 1): one EMA update every ``every`` steps."""
+    if step % every == 0:
+        ema.step(parameters)
 
 
 def _lr_schedule(optimizer, cfg: TrainConfig):

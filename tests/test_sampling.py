@@ -17,7 +17,7 @@ from semroute.shared.store import TextCacheReader
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from semroute.stage2_train.config import TrainConfig
 from semroute.stage2_train.pipeline import SemroutePipeline
-from semroute.stage2_train.sampling import SampleConfig, sample
+from semroute.stage2_train.sampling import SampleConfig, sample, sampling_defaults
 from semroute.stage2_train.train import train
 from testkit import CLI, run_cli
 
@@ -80,6 +80,8 @@ def test_export_then_from_pretrained_gives_the_same_images(trained_run, tmp_path
     exported.set_progress_bar_config(disable=True)
     b = _images(exported(prompts, num_inference_steps=4, guidance_scale=3.0, generator=gens()))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    # the run's sampling defaults (config sample_steps / sample_guidance) travel with the export
+    assert sampling_defaults(tmp_path / "pipe") == sampling_defaults(trained_run) == {"steps": 25, "guidance": 6.0}
     # reusing the per-prompt text keys/values across steps changes nothing
     c = _images(pipe(prompts, num_inference_steps=4, guidance_scale=3.0, generator=gens(), reuse_text=False))
     assert all(np.array_equal(x, y) for x, y in zip(a, c))
