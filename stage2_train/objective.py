@@ -1,4 +1,4 @@
-"""Rectified flow, as the reference trains it (DESIGN.md section 1).
+"""Rectified flow, as the reference trains it (docs/method.md).
 
 sigma ~ logit-normal(mean, std), then the scheduler shift s: sigma' = s*sigma / (1 + (s-1)*sigma), the
 same map diffusers' ``FlowMatchEulerDiscreteScheduler(shift=s)`` applies at sampling time.

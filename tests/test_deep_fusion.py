@@ -344,7 +344,7 @@ def test_routing_weights_are_the_fixed_pairing():
 
 
 def test_short_training_run_lowers_the_loss():
-    """Rectified flow (DESIGN.md §1: logit-normal sigma with shift 3, x_t = (1-s)x0 + s*eps, target eps - x0, MSE),
+    """Rectified flow (docs/method.md: logit-normal sigma with shift 3, x_t = (1-s)x0 + s*eps, target eps - x0, MSE),
     plain AdamW on the trainable parameters, 100 steps on 8 caption-dependent latents: the loss on a fixed
     evaluation batch (fixed sigmas and noise) drops by more than half."""
     torch.manual_seed(0)

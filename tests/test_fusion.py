@@ -1,4 +1,4 @@
-"""Fusion strategies: the math of DESIGN.md §1, initial uniformity, and the layer bookkeeping."""
+"""Fusion strategies: the math of docs/method.md, initial uniformity, and the layer bookkeeping."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_gated_strategies_start_exactly_uniform_after_model_init(name):
 
 
 def test_time_gate_has_the_paper_parameter_count():
-    """Linear(128, 512) + Linear(512, L): 84,516 parameters at L=36 (DESIGN.md table)."""
+    """Linear(128, 512) + Linear(512, L): 84,516 parameters at L=36 (docs/method.md, fusion table)."""
     gate = build_fusion("time", 36, 24)
     assert sum(p.numel() for p in gate.parameters()) == 84_516
     joint = build_fusion("joint", 36, 24)
