@@ -60,6 +60,9 @@ def _storage_options(text: str | None) -> dict | None:
         raise SemrouteError(f"--storage-options is not valid JSON ({err.msg}): {text!r}") from None
     if not isinstance(value, dict):
         raise SemrouteError(f"--storage-options must be a JSON object, got {text!r}")
+    from semroute.shared.remote import set_storage_options
+
+    set_storage_options(value)  # for every URL this process and its workers open (caches and inputs)
     return value
 TextKey = Annotated[str, typer.Option("--text-key", help="Key of the caption (a string or a list of strings).")]
 ImageKey = Annotated[str, typer.Option("--image-key", help="Key of the image path.")]
@@ -259,6 +262,9 @@ def train_cmd(
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile each DiT block (config key compile).", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.", show_default=False)] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key (YAML value), repeatable: --set ema=true --set model.adaln=true.")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Node-local folder keeping whole shards of s3:// caches once read.")] = None,
+    cache_size: Annotated[Optional[str], typer.Option("--cache-size", help="Bound of --cache-dir, e.g. 200G (least recently used shards go first).")] = None,
+    storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Train the DiT and its routing gates from the two caches (the LLM never runs).
@@ -273,13 +279,16 @@ def train_cmd(
 
       semroute train --text-cache t.zarr --latent-cache l.zarr --fusion depth --preset paper --compile   (GPU)
 
+      semroute train --text-cache s3://bkt/d.text.zarr --latent-cache s3://bkt/d.latents.zarr --cache-dir /scratch/shards --cache-size 200G
+
       accelerate launch --num_processes 8 cli.py train --text-cache t.zarr --latent-cache l.zarr --fusion depth --preset paper
     """
     from semroute.stage2_train.config import TrainConfig
     from semroute.stage2_train.train import train
 
     flags = dict(text_cache=text_cache, latent_cache=latent_cache, preset=preset, out=out, max_steps=max_steps,
-                 max_minutes=max_minutes, batch_size=batch_size, lr=lr, num_workers=num_workers, compile=compile_)
+                 max_minutes=max_minutes, batch_size=batch_size, lr=lr, num_workers=num_workers, cache_dir=cache_dir,
+                 cache_size=cache_size, storage_options=_storage_options(storage_options), compile=compile_)
     config_file = str(config) if config else None
     if resume and config_file is None and out and (Path(out) / "config.yaml").exists():
         config_file = str(Path(out) / "config.yaml")  # a resumed run keeps its own config unless told otherwise
@@ -405,11 +414,13 @@ def demo_cmd(
 def info_cmd(
     path: Annotated[str, typer.Argument(help="A text or latent cache, or a run folder.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Describe a cache or run: what made it, its size, completeness, and (fp8) its measured error.
 
-    Example:  semroute info data.text.zarr
+    Example:  semroute info data.text.zarr      semroute info s3://bucket/data.text.zarr
     """
+    _storage_options(storage_options)
     from semroute.shared.inspect import describe
 
     info = describe(path)
@@ -427,12 +438,14 @@ def info_cmd(
 
 @app.command("verify")
 def verify_cmd(
-    path: Annotated[str, typer.Argument(help="A text or latent cache.", show_default=False)],
+    path: Annotated[str, typer.Argument(help="A text or latent cache (folder or s3:// URL).", show_default=False)],
+    storage_options: StorageOptions = None,
 ) -> None:
     """Check every chunk's crc32c checksum and the cache's bookkeeping; name any bad shard.
 
-    Example:  semroute verify data.text.zarr
+    Example:  semroute verify data.text.zarr      semroute verify s3://bucket/data.text.zarr
     """
+    _storage_options(storage_options)
     from semroute.shared.inspect import verify
 
     checked, problems = verify(path)

@@ -17,6 +17,7 @@ from semroute.shared.store import (
     DoneFlags,
     dir_size,
     is_url,
+    join,
     open_group,
     read_attrs,
     read_parquet,
@@ -41,8 +42,6 @@ def describe(path: str) -> dict:
 
 def verify(path: str) -> tuple[int, list[str]]:
     """Check a cache; returns (chunks checked, problems naming shard files)."""
-    if is_url(path):
-        raise SemrouteError("verify reads shard files directly; copy the cache locally first")
     attrs = read_attrs(path)
     kind = attrs.get("kind")
     if kind not in VERIFIERS:
@@ -58,7 +57,7 @@ def _text_describe(path: str, attrs: dict) -> dict:
     group = open_group(path)
     flags = DoneFlags(group, "features").done()
     size = dir_size(path)
-    data_bytes = sum(dir_size(Path(path) / n) for n in ("features", "scales")) if not is_url(path) else 0
+    data_bytes = sum(dir_size(join(path, n)) for n in ("features", "scales") if n == "features" or attrs["storage"] == "fp8")
     info = {
         "kind": "text cache",
         "path": path,

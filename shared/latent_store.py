@@ -45,6 +45,8 @@ from semroute.shared.store import (
     create_sharded_array,
     dir_size,
     is_url,
+    join,
+    shards_present,
     open_group,
     read_attrs,
     read_parquet,
@@ -233,6 +235,10 @@ class LatentCacheWriter:
 
     def pending(self, units) -> list[tuple[int, int]]:
         done = {b.name: f.done() for b, f in zip(self.buckets, self.flags.values())}
+        for b in self.buckets:  # flagged and still there (see shards_present)
+            for name in [*self.arrays, "status"]:
+                present = shards_present(self.location, f"buckets/{b.name}/{name}")
+                done[b.name] &= np.isin(np.arange(len(done[b.name])), list(present))
         return [(k, s) for k, s in units if not done[self.buckets[k].name][s]]
 
     def unit_rows(self, unit: tuple[int, int]) -> tuple[int, int]:
@@ -250,10 +256,7 @@ class LatentCacheWriter:
         self.flags[bucket.name].set(unit[1])  # last: the unit counts only once all of it is on disk
 
     def _write(self, path: str, shard: int, a: int, b: int, data: np.ndarray) -> None:
-        if is_url(self.location):
-            self.group[path][a:b] = data
-            return
-        if path not in self._files:
+        if path not in self._files:  # local or remote, the shard is written (uploaded) whole
             self._files[path] = ShardFileWriter(self.location, path)
         self._files[path].write(shard, data)
 
@@ -344,8 +347,10 @@ class LatentCacheReader:
     Safe to pickle into DataLoader workers: each process reopens the shard files itself.
     """
 
-    def __init__(self, location, *, out_dtype: torch.dtype = torch.float32, allow_incomplete: bool = False):
+    def __init__(self, location, *, out_dtype: torch.dtype = torch.float32, allow_incomplete: bool = False,
+                 shard_cache=None):
         self.location = str(location)
+        self.shard_cache = shard_cache  # shared.remote.ShardCache for caches on object storage
         self.attrs = read_attrs(location)
         if self.attrs.get("kind") != LATENT_KIND:
             raise SemrouteError(f"{location} is a {self.attrs.get('kind')}, not a latent cache")
@@ -431,8 +436,7 @@ class LatentCacheReader:
         key = (bucket.name, name)
         if key not in self._files:
             path = f"buckets/{bucket.name}/{name}"
-            self._files[key] = open_group(self.location)[path] if is_url(self.location) else \
-                ShardedArrayFile(self.location, path)
+            self._files[key] = ShardedArrayFile(self.location, path, shard_cache=self.shard_cache)
         return self._files[key]
 
     def stored(self, i: int) -> dict[str, torch.Tensor]:
@@ -496,7 +500,7 @@ def describe_latent_cache(path: str, attrs: dict) -> dict:
     total = sum(b.layout.n_shards for b in buckets)
     itemsize = LatentStorage(attrs["stored_dtype"]).numpy_dtype.itemsize
     planned = max(1, attrs["n_planned"])
-    data = sum(dir_size(Path(path) / "buckets" / b.name) for b in buckets) if not is_url(path) else 0
+    data = sum(dir_size(join(path, f"buckets/{b.name}")) for b in buckets)
     raw = sum(b.rows * int(np.prod(b.latent_shape)) * itemsize for b in buckets)
     info = {
         "kind": "latent cache",

@@ -118,10 +118,16 @@ def split_locator(locator: str) -> tuple[str, str | None]:
 
 
 def _open_binary(location: str, storage_options: dict | None = None):
+    """A local file or a URL (options: ``storage_options`` or those set by ``--storage-options``)."""
     if is_url(location):
-        import fsspec
+        from semroute.shared.remote import call, filesystem
 
-        return fsspec.open(location, "rb", **(storage_options or {})).open()
+        if storage_options:
+            import fsspec
+
+            return call(location, lambda: fsspec.open(location, "rb", **storage_options).open())
+        fs, path = filesystem(location)
+        return call(location, fs.open, path, "rb")
     return open(location, "rb")
 
 
@@ -172,10 +178,9 @@ def read_image_bytes(locator: str, image_range: ImageRange | None = None,
     if image_range is None:
         raise ValueError(f"{locator}: the byte range of the tar member is not known")
     if is_url(container):
-        import fsspec
+        from semroute.shared.remote import RemoteFile
 
-        fs, path = fsspec.core.url_to_fs(container, **(storage_options or {}))
-        data = fs.cat_file(path, start=image_range.offset, end=image_range.offset + image_range.size)
+        data = RemoteFile(container).read(image_range.offset, image_range.offset + image_range.size)
     else:
         with open(container, "rb") as fh:
             data = os.pread(fh.fileno(), image_range.size, image_range.offset)

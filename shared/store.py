@@ -55,10 +55,27 @@ def is_url(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 
 
+def join(location: str | os.PathLike, name: str) -> str:
+    """``location/name`` for a local path or a URL (``Path`` would collapse ``s3://`` to ``s3:/``)."""
+    return f"{str(location).rstrip('/')}/{name}" if is_url(location) else str(Path(location) / name)
+
+
+def _zarr_options(location) -> dict:
+    from semroute.shared.remote import storage_options
+
+    return {"storage_options": storage_options(str(location).split("://", 1)[0])} if is_url(location) else {}
+
+
 def open_group(location: str | os.PathLike, mode: str = "r"):
     """Open a Zarr v3 group by local path or fsspec URL (``s3://``, ``gs://``, ``file://`` ...)."""
     import zarr
 
+    from semroute.shared.remote import call
+
+    if is_url(location):
+        # Through our retry loop, so a missing bucket or denied access reads as such, naming the URL.
+        return call(str(location), zarr.open_group, str(location), mode=mode, zarr_format=3, **_zarr_options(location),
+                    missing=f"no cache at {location}")
     try:
         return zarr.open_group(str(location), mode=mode, zarr_format=3)
     except FileNotFoundError:
@@ -129,9 +146,11 @@ def check_replaceable(location: str | os.PathLike, kind: str) -> None:
 def store_file(location: str | os.PathLike, name: str, mode: str = "rb"):
     """Open a plain file (e.g. ``index.parquet``) that lives beside the arrays of a store."""
     if is_url(location):
-        import fsspec
+        from semroute.shared.remote import call, filesystem
 
-        return fsspec.open(f"{str(location).rstrip('/')}/{name}", mode).open()
+        url = join(location, name)
+        fs, path = filesystem(url)
+        return call(url, fs.open, path, mode)
     path = Path(location) / name
     if "w" in mode:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,9 +161,14 @@ def write_parquet(location, name: str, table) -> None:
     import pyarrow.parquet as pq
 
     # Written to a temporary name and renamed, so a crash never leaves a half-written index behind.
-    if is_url(location):
-        with store_file(location, name, "wb") as fh:
-            pq.write_table(table, fh, row_group_size=65536)
+    if is_url(location):  # one PUT of the whole file: readers see the old index or the new one
+        import pyarrow as pa
+
+        from semroute.shared.remote import write_bytes
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, row_group_size=65536)
+        write_bytes(join(location, name), sink.getvalue().to_pybytes())
         return
     final = Path(location) / name
     tmp = final.with_name(f".{name}.{os.getpid()}.tmp")
@@ -183,9 +207,12 @@ def update_attrs(group, **changes) -> None:
 
 
 def dir_size(location) -> int:
-    """Bytes on disk under a local store (0 for URLs, where we do not walk the bucket)."""
+    """Bytes under a store (a listing of the prefix for URLs)."""
     if is_url(location):
-        return 0
+        from semroute.shared.remote import call, filesystem
+
+        fs, path = filesystem(str(location))
+        return int(call(str(location), fs.du, path, total=True))
     return sum(p.stat().st_size for p in Path(location).rglob("*") if p.is_file())
 
 
@@ -310,6 +337,33 @@ class DoneFlags:
         return [s for s in shards if not flags[s]]
 
 
+def shards_present(location, name: str) -> set[int]:
+    """Numbers of the shards of array ``name`` whose file (object) exists: one listing, not a request per shard.
+
+    A done flag says a shard *was* written; this says it is still there. Writers take both, so a shard
+    deleted after it was written (by a person, a lifecycle rule, a failed copy) is rewritten on --resume.
+    """
+    if is_url(location):
+        from semroute.shared.remote import call, filesystem
+
+        url = join(location, f"{name}/c")
+        fs, path = filesystem(url)
+        try:
+            keys = [k[len(path):].strip("/") for k in call(url, fs.find, path)]
+        except SemrouteError:
+            keys = []
+    else:
+        base = Path(location) / name / "c"
+        keys = [p.relative_to(base).as_posix() for p in base.rglob("*")
+                if p.is_file() and not p.name.startswith(".")] if base.exists() else []
+    out = set()
+    for key in keys:
+        parts = key.split("/")
+        if parts and all(p.isdigit() for p in parts):
+            out.add(int(parts[0]))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Fast local reads and checksum verification (the shard format is zarr's sharding_indexed codec)
 # ---------------------------------------------------------------------------------------------
@@ -334,16 +388,19 @@ class ShardedArrayFile:
     stores (URLs) go through zarr itself.
     """
 
-    def __init__(self, root: str | Path, name: str, *, check_crc: bool = True, max_open: int = 64):
+    def __init__(self, root: str | Path, name: str, *, check_crc: bool = True, max_open: int = 64,
+                 shard_cache=None):
         import zarr
 
-        arr = zarr.open_array(str(Path(root) / name), mode="r")
+        self.remote = is_url(root)
+        arr = zarr.open_array(join(root, name), mode="r", **_zarr_options(root))
         meta = arr.metadata
         codecs = meta.to_dict()["codecs"]
         if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
             raise SemrouteError(f"{root}/{name} is not a sharded array written by semroute")
         cfg = codecs[0]["configuration"]
-        self.root = Path(root)
+        self.root = str(root).rstrip("/") if self.remote else Path(root)
+        self.shard_cache = shard_cache  # shared.remote.ShardCache: whole remote shards kept on local disk
         self.name = name
         self.shape = tuple(arr.shape)
         self.dtype = np.dtype(str(arr.dtype)).newbyteorder("<")
@@ -357,12 +414,14 @@ class ShardedArrayFile:
         self._max_open = max_open
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._index: dict[int, np.ndarray] = {}
+        self._remotes: OrderedDict[int, object] = OrderedDict()
 
     def __getstate__(self):
         # File descriptors do not cross process boundaries (DataLoader workers reopen them).
         state = dict(self.__dict__)
         state["_fds"] = OrderedDict()
         state["_index"] = {}
+        state["_remotes"] = OrderedDict()
         return state
 
     def close(self) -> None:
@@ -376,8 +435,54 @@ class ShardedArrayFile:
         except Exception:
             pass
 
-    def shard_path(self, shard: int) -> Path:
-        return self.root / self.name / self._key((shard,) + (0,) * len(self.row_shape))
+    def shard_path(self, shard: int) -> Path | str:
+        key = self._key((shard,) + (0,) * len(self.row_shape))
+        return f"{self.root}/{self.name}/{key}" if self.remote else self.root / self.name / key
+
+    def _remote(self, shard: int):
+        """The shard's object (remote stores): its size and ranged reads, with retries."""
+        from semroute.shared.remote import RemoteFile
+
+        obj = self._remotes.get(shard)
+        if obj is None:
+            obj = self._remotes[shard] = RemoteFile(self.shard_path(shard))
+            if len(self._remotes) > 4096:
+                self._remotes.popitem(last=False)
+        return obj
+
+    def _local_copy(self, shard: int) -> int | None:
+        """A descriptor of the node-local copy of a remote shard, if the shard cache has it."""
+        if self.shard_cache is None:
+            return None
+        fd = self._fds.get(shard)
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        path = self.shard_cache.get(self._remote(shard))  # starts a background download when absent
+        if path is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # evicted just now
+            return None
+        self._fds[shard] = fd
+        if len(self._fds) > self._max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _size(self, shard: int) -> int:
+        if self.remote:
+            return self._remote(shard).size
+        return os.fstat(self._fd(shard)).st_size
+
+    def _pread(self, shard: int, n: int, offset: int) -> bytes:
+        """``n`` bytes of the shard from ``offset``: ``pread`` locally, a ranged GET (or the local copy) remotely."""
+        if not self.remote:
+            return os.pread(self._fd(shard), n, offset)
+        fd = self._local_copy(shard)
+        if fd is not None:
+            return os.pread(fd, n, offset)
+        return self._remote(shard).read(offset, offset + n)
 
     def _fd(self, shard: int) -> int:
         fd = self._fds.get(shard)
@@ -397,10 +502,9 @@ class ShardedArrayFile:
     def _shard_index(self, shard: int) -> np.ndarray:
         index = self._index.get(shard)
         if index is None:
-            fd = self._fd(shard)
-            size = os.fstat(fd).st_size
+            size = self._size(shard)
             n = self.chunks_per_shard * _INDEX_ENTRY + _CRC
-            raw = os.pread(fd, n, size - n)
+            raw = self._pread(shard, n, size - n)
             if len(raw) != n or struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(raw[:-_CRC]):
                 raise ChecksumError(f"{self.shard_path(shard)}: the shard index is corrupt (checksum mismatch)")
             index = np.frombuffer(raw[:-_CRC], dtype="<u8").reshape(-1, 2)
@@ -413,7 +517,7 @@ class ShardedArrayFile:
         offset, nbytes = self._shard_index(shard)[inner]
         if offset == _EMPTY:
             raise SemrouteError(f"{self.shard_path(shard)}: chunk {inner} was never written")
-        raw = os.pread(self._fd(shard), int(nbytes), int(offset))
+        raw = self._pread(shard, int(nbytes), int(offset))
         if len(raw) != nbytes:
             raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} is truncated")
         return self._check_chunk(memoryview(raw), shard, inner)
@@ -440,7 +544,7 @@ class ShardedArrayFile:
             begin = int(offsets[0])
             end = int(offsets[-1] + sizes[-1])
             contiguous = np.array_equal(offsets[1:], offsets[:-1] + sizes[:-1])
-            raw = os.pread(self._fd(shard), end - begin, begin) if contiguous else None
+            raw = self._pread(shard, end - begin, begin) if contiguous else None
             if raw is not None and len(raw) != end - begin:
                 raise ChecksumError(f"{self.shard_path(shard)}: the shard file is truncated")
             for k, chunk in enumerate(range(first, last + 1)):
@@ -477,7 +581,7 @@ class ShardFileWriter:
     def __init__(self, root: str | Path, name: str):
         import zarr
 
-        arr = zarr.open_array(str(Path(root) / name), mode="r")
+        arr = zarr.open_array(join(root, name), mode="r", **_zarr_options(root))
         meta = arr.metadata
         (codec,) = meta.to_dict()["codecs"]
         cfg = codec["configuration"]
@@ -489,7 +593,8 @@ class ShardFileWriter:
         if codec["name"] != "sharding_indexed" or not plain(cfg["codecs"]) or not plain(cfg["index_codecs"]) \
                 or cfg["index_location"] != "end" or meta.fill_value != 0:
             raise SemrouteError(f"{root}/{name}: not a sharded array as semroute creates them")
-        self.root, self.name = Path(root), name
+        self.remote = is_url(root)
+        self.root, self.name = (str(root).rstrip("/") if self.remote else Path(root)), name
         self.rows = int(arr.shape[0])
         self.row_shape = tuple(arr.shape[1:])
         self.dtype = np.dtype(str(arr.dtype)).newbyteorder("<")
@@ -525,7 +630,13 @@ class ShardFileWriter:
         buf[tail:tail + index_bytes] = index.view(np.uint8).reshape(-1)
         buf[tail + index_bytes:] = np.frombuffer(
             int(crc32c.crc32c(buf[tail:tail + index_bytes])).to_bytes(4, "little"), np.uint8)
-        path = self.root / self.name / self._key((shard,) + (0,) * len(self.row_shape))
+        key = self._key((shard,) + (0,) * len(self.row_shape))
+        if self.remote:  # one PUT of the whole shard: atomic, so no reader ever sees part of it
+            from semroute.shared.remote import write_bytes
+
+            write_bytes(f"{self.root}/{self.name}/{key}", buf.data)
+            return
+        path = self.root / self.name / key
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run; this shard is ours
             stale.unlink(missing_ok=True)
@@ -758,8 +869,11 @@ class TextCacheWriter:
 
     def pending(self, shards) -> list[int]:
         done = np.ones(self.layout.n_shards, dtype=bool)
-        for flags in self.flags.values():
+        for name, flags in self.flags.items():
             done &= flags.done()
+            present = np.zeros_like(done)
+            present[[s for s in shards_present(self.location, name) if s < len(present)]] = True
+            done &= present
         return [s for s in shards if not done[s]]
 
     def write_shard(self, shard: int, rows: torch.Tensor) -> None:
@@ -769,12 +883,10 @@ class TextCacheWriter:
             raise ValueError(f"shard {shard} has {b - a} rows, got {rows.shape[0]}")
         arrays, stats = self.storage.encode(rows)
         for name, data in arrays.items():
-            if is_url(self.location):
-                self.group[name][a:b] = data
-            else:  # local: assemble the shard file in numpy (zarr's per-chunk pipeline holds the GIL)
-                if name not in self._files:
-                    self._files[name] = ShardFileWriter(self.location, name)
-                self._files[name].write(shard, data)
+            # The shard file assembled in numpy (zarr's per-chunk pipeline holds the GIL), written or uploaded whole.
+            if name not in self._files:
+                self._files[name] = ShardFileWriter(self.location, name)
+            self._files[name].write(shard, data)
         if stats is not None:
             self.group["progress/storage_error"][shard] = stats
         # Flags last: a shard only counts once every one of its arrays is on disk.
@@ -812,8 +924,9 @@ class TextCacheReader:
     """
 
     def __init__(self, location, *, layers: list[int] | None = None, out_dtype: torch.dtype | None = None,
-                 allow_incomplete: bool = False):
+                 allow_incomplete: bool = False, shard_cache=None):
         self.location = str(location)
+        self.shard_cache = shard_cache  # shared.remote.ShardCache for caches on object storage
         self.attrs = read_attrs(location)
         if self.attrs.get("kind") != TEXT_KIND:
             raise SemrouteError(f"{location} is a {self.attrs.get('kind')}, not a text cache")
@@ -871,11 +984,8 @@ class TextCacheReader:
     def _arrays(self) -> dict:
         if self._files is None:
             names = ["features", "scales"] if self.attrs["storage"] == "fp8" else ["features"]
-            if is_url(self.location):
-                group = open_group(self.location)
-                self._files = {n: group[n] for n in names}
-            else:
-                self._files = {n: ShardedArrayFile(self.location, n) for n in names}
+            # Local files or remote objects alike: our reader, ranged reads of the inner chunks needed.
+            self._files = {n: ShardedArrayFile(self.location, n, shard_cache=self.shard_cache) for n in names}
         return self._files
 
     def _rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:

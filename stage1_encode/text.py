@@ -265,10 +265,10 @@ class IndexTexts:
 # ---------------------------------------------------------------------------------------------
 def _store_exists(location: str) -> bool:
     if is_url(location):
-        import fsspec
+        from semroute.shared.remote import call, filesystem
 
-        fs, path = fsspec.core.url_to_fs(location)
-        return fs.exists(f"{path}/zarr.json")
+        fs, path = filesystem(location)
+        return call(location, fs.exists, f"{path}/zarr.json")
     return (Path(location) / "zarr.json").exists()
 
 

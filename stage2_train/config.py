@@ -71,6 +71,12 @@ class TrainConfig:
     """Latent cache written by `encode-images`."""
     out: str = "runs/run"
     """Run folder: checkpoints, logs, routing plots, resolved config."""
+    cache_dir: str | None = None
+    """Node-local folder that keeps whole shards of caches on object storage (s3://...) once read."""
+    cache_size: str = "50G"
+    """Upper bound of cache_dir's size (least recently used shards are dropped)."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options for s3:// caches (endpoint_url, key, secret ...); default: the AWS environment variables."""
     expect_text: dict = field(default_factory=dict)
     """Fingerprint entries the text cache must have, e.g. {llm_weights_sha256: ..., prompt_instruction: ...}."""
 

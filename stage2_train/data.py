@@ -43,9 +43,10 @@ class PairedCaches(Dataset):
     """
 
     def __init__(self, text_cache: str, latent_cache: str, *, text_layers: list[int] | None, seed: int = 0,
-                 caption_dropout: float = 0.1):
-        self.text = TextCacheReader(text_cache, layers=text_layers)
-        self.latents = LatentCacheReader(latent_cache)
+                 caption_dropout: float = 0.1, shard_cache=None):
+        # shard_cache: a shared.remote.ShardCache, for caches on object storage
+        self.text = TextCacheReader(text_cache, layers=text_layers, shard_cache=shard_cache)
+        self.latents = LatentCacheReader(latent_cache, shard_cache=shard_cache)
         self.seed = seed
         self.caption_dropout = caption_dropout
 

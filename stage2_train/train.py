@@ -27,6 +27,7 @@ import torch
 
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import require_match
+from semroute.shared.remote import STATS as remote_stats
 from semroute.shared.layers import parse_layers
 from semroute.stage2_train import routing
 from semroute.stage2_train.config import TrainConfig
@@ -190,12 +191,17 @@ class Trainer:
         set_seed(cfg.seed)
 
         # 1. Data: both caches joined; the model reads only the layers it uses.
+        from semroute.shared.remote import ShardCache, parse_size, set_storage_options
+
+        if cfg.storage_options:
+            set_storage_options(cfg.storage_options)
+        shard_cache = ShardCache(cfg.cache_dir, parse_size(cfg.cache_size)) if cfg.cache_dir else None
         probe = PairedCaches(cfg.text_cache, cfg.latent_cache, text_layers=None, seed=cfg.seed,
                              caption_dropout=cfg.caption_dropout)
         self.model = build_model(cfg, probe.text.fingerprint, probe.text.stored_layers,
                                  probe.latents.latent_channels)
         self.dataset = PairedCaches(cfg.text_cache, cfg.latent_cache, text_layers=list(self.model.text_layers),
-                                    seed=cfg.seed, caption_dropout=cfg.caption_dropout)
+                                    seed=cfg.seed, caption_dropout=cfg.caption_dropout, shard_cache=shard_cache)
         patch = int(self.model.config.patch_size)
         for bucket in self.dataset.latents.buckets:
             shape = bucket.latent_shape
@@ -342,7 +348,8 @@ class Trainer:
                     scalars["routing_entropy_mean"] = sum(route["entropy"]) / len(route["entropy"])
                     if cfg.tensorboard:
                         acc.log(scalars, step=state.step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{last['samples_per_s']:.1f}", refresh=False)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{last['samples_per_s']:.1f}", refresh=False,
+                                    **({"retries": remote_stats.retries} if remote_stats.retries else {}))
                     window_loss, window_n, window_t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
                     window_samples, window_flops = 0, 0.0
                 bar.update(1)

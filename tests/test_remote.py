@@ -1,0 +1,174 @@
+"""Caches on object storage, against a real S3-compatible server on 127.0.0.1 (moto's server mode): both
+encoders write s3:// caches, our reader reads them by ranged requests (and from the node-local shard cache),
+info/verify/train work on URLs, faults give errors naming the URL, transient 503s are retried and counted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from s3_testutil import LoopbackS3
+
+from semroute.shared import remote
+from semroute.shared.errors import SemrouteError
+from semroute.shared.inspect import describe, verify
+from semroute.shared.latent_store import LatentCacheReader
+from semroute.shared.store import TextCacheReader, TextCacheWriter
+from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
+from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+from testkit import random_captions, write_manifest, write_square_images
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with LoopbackS3() as server:
+        server.make_bucket("bkt")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def caches(s3, tiny_llama_dir, tmp_path_factory):
+    """The same squares encoded to a local folder and to s3://bkt: ``(local_text, url_text, local_lat, url_lat)``."""
+    root = tmp_path_factory.mktemp("remote")
+    manifest = write_manifest(root / "m.jsonl", write_square_images(root / "img", 32))
+    text = dict(data=str(manifest), llm=str(tiny_llama_dir), dtype="float32", device="cpu", progress=False,
+                shard_mb=0.04)
+    lat = dict(data=str(manifest), vae="pixel", resolution=32, device="cpu", workers=0, progress=False, shard_mb=0.05)
+    encode_text(EncodeTextConfig(out=str(root / "t.zarr"), **text))
+    encode_text(EncodeTextConfig(out="s3://bkt/sq.text.zarr", **text))
+    encode_images(EncodeImagesConfig(out=str(root / "l.zarr"), **lat))
+    encode_images(EncodeImagesConfig(out="s3://bkt/sq.latents.zarr", **lat))
+    return str(root / "t.zarr"), "s3://bkt/sq.text.zarr", str(root / "l.zarr"), "s3://bkt/sq.latents.zarr"
+
+
+def test_s3_caches_read_like_local_ones(caches):
+    local_t, url_t, local_l, url_l = caches
+    a, b = TextCacheReader(local_t), TextCacheReader(url_t)
+    assert a.n_captions == b.n_captions >= 32 and b._arrays()["features"].remote  # our reader, not zarr's
+    for i in range(a.n_captions):
+        assert torch.equal(a.caption(i), b.caption(i))
+    assert torch.equal(a.null(), b.null())
+    la, lb = LatentCacheReader(local_l), LatentCacheReader(url_l)
+    assert la.sample_ids == lb.sample_ids
+    for i in range(len(la)):
+        assert torch.equal(la.stored(i)["latent"], lb.stored(i)["latent"])
+    # info and verify on URLs
+    assert describe(url_t)["complete"] and describe(url_l)
+    for url in (url_t, url_l):
+        checked, problems = verify(url)
+        assert checked > 0 and problems == []
+
+
+def test_shard_cache_serves_reads_and_stays_under_its_bound(caches, tmp_path):
+    local_t, url_t, _, _ = caches
+    a = TextCacheReader(local_t)
+    shards = TextCacheReader(url_t)._arrays()["features"]
+    shard_bytes = shards._remote(0).size
+    cache = remote.ShardCache(tmp_path / "c", max_bytes=100 * shard_bytes)
+    b = TextCacheReader(url_t, shard_cache=cache)
+    for i in range(b.n_captions):  # cold: ranged reads while the shards download in the background
+        assert torch.equal(a.caption(i), b.caption(i))
+    cache.wait()
+    assert len(cache.files()) == TextCacheWriter.open(local_t).layout.n_shards
+    requests = remote.STATS.requests
+    for i in range(b.n_captions):  # warm: local files, no request
+        assert torch.equal(a.caption(i), b.caption(i))
+    assert remote.STATS.requests == requests
+    small = remote.ShardCache(tmp_path / "s", max_bytes=2 * shard_bytes + 10)
+    c = TextCacheReader(url_t, shard_cache=small)
+    for i in range(c.n_captions):
+        c.caption(i)
+        small.wait()
+        assert small.size() <= small.max_bytes
+
+
+def test_transient_503s_are_retried_and_counted(caches, s3):
+    local_t, url_t, _, _ = caches
+    before = remote.STATS.retries
+    reader = TextCacheReader(url_t)
+    s3.fail_next(3, r"/features/c/")
+    assert torch.equal(reader.caption(5), TextCacheReader(local_t).caption(5))
+    assert s3.failed >= 3 and remote.STATS.retries - before == 3
+
+
+def test_faults_name_the_url_and_the_fix(caches, s3, monkeypatch):
+    _, url_t, _, _ = caches
+    with pytest.raises(SemrouteError, match=r"s3://nobucket/x\.text\.zarr.*bucket 'nobucket' does not exist"):
+        TextCacheReader("s3://nobucket/x.text.zarr")
+    # Access denied: the server starts checking credentials, and ours are not an IAM user's.
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    with pytest.raises(SemrouteError, match=r"s3://bkt/sq\.text\.zarr.*access denied.*AWS_ACCESS_KEY_ID"):
+        TextCacheReader(url_t)
+    monkeypatch.undo()
+    # Unreachable endpoint: a closed port on loopback, tried a few times with backoff.
+    monkeypatch.setattr(remote, "MAX_TRIES", 2)
+    remote.set_storage_options({"endpoint_url": "http://127.0.0.1:9"})
+    try:
+        with pytest.raises(SemrouteError, match=r"cannot reach the object store for s3://bkt/sq\.text\.zarr.*endpoint"):
+            TextCacheReader(url_t)
+    finally:
+        remote.set_storage_options(None)
+
+
+def test_a_shard_deleted_under_a_running_reader(s3, tiny_llama_dir, tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", random_captions(12, seed=3))
+    url = "s3://bkt/del.text.zarr"
+    encode_text(EncodeTextConfig(data=str(manifest), out=url, llm=str(tiny_llama_dir), dtype="float32",
+                                 device="cpu", progress=False, shard_mb=0.03))
+    reader = TextCacheReader(url)
+    reader.caption(0)
+    last = reader.n_captions - 1
+    fs, _ = remote.filesystem(url)
+    features = reader._arrays()["features"]
+    fs.rm(features.shard_path(int(reader.offsets[last]) // features.rows_per_shard))
+    with pytest.raises(SemrouteError, match=r"does not exist \(was it deleted while this job ran\?\).*verify"):
+        reader.caption(last)
+    checked, problems = verify(url)
+    assert any("del.text.zarr/features" in p for p in problems)
+    # --resume rewrites shards whose objects are gone, though their done flags are set.
+    encode_text(EncodeTextConfig(data=str(manifest), out=url, llm=str(tiny_llama_dir), dtype="float32",
+                                 device="cpu", progress=False, shard_mb=0.03, resume=True))
+    assert verify(url)[1] == []
+
+
+def test_crash_mid_run_on_s3_leaves_nothing_marked_done_and_resume_finishes(s3, tiny_llama_dir, tmp_path, monkeypatch):
+    manifest = write_manifest(tmp_path / "m.jsonl", random_captions(16, seed=4))
+    cfg = dict(data=str(manifest), llm=str(tiny_llama_dir), dtype="float32", device="cpu", progress=False,
+               shard_mb=0.02)
+    encode_text(EncodeTextConfig(out=str(tmp_path / "ref.zarr"), **cfg))
+    url = "s3://bkt/crash.text.zarr"
+    real = TextCacheWriter.write_shard
+    calls = []
+
+    def dying(self, shard, rows):
+        calls.append(shard)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(self, shard, rows)
+
+    monkeypatch.setattr(TextCacheWriter, "write_shard", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        encode_text(EncodeTextConfig(out=url, **cfg))
+    monkeypatch.undo()
+    writer = TextCacheWriter.open(url)
+    done = writer.layout.n_shards - len(writer.pending(range(writer.layout.n_shards)))
+    assert done == 2 and not writer.attrs["complete"]
+    summary = encode_text(EncodeTextConfig(out=url, resume=True, **cfg))
+    assert summary["shards_done_before"] == 2
+    a, b = TextCacheReader(tmp_path / "ref.zarr"), TextCacheReader(url)
+    for i in range(a.n_captions):
+        assert torch.equal(a.caption(i), b.caption(i))
+
+
+def test_train_from_s3_caches_with_a_shard_cache(caches, tmp_path):
+    _, url_t, _, url_l = caches
+    from semroute.stage2_train.config import TrainConfig
+    from semroute.stage2_train.train import train
+
+    train(TrainConfig(text_cache=url_t, latent_cache=url_l, fusion="static", preset="tiny", batch_size=8,
+                      num_workers=1, tensorboard=False, max_steps=3, out=str(tmp_path / "run"),
+                      cache_dir=str(tmp_path / "shards"), cache_size="1G"), progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000003").exists()
+    assert list((tmp_path / "shards").glob("*/*.shard"))
