@@ -156,3 +156,20 @@ def test_sampling_defaults_come_from_the_run_config(tmp_path):
     assert sampling_defaults(pipe) == {"steps": 50, "guidance": 6.0}
     cfg = with_sampling_defaults(SampleConfig(checkpoint=str(Path(tmp_path / "nothing")), out="o"))
     assert (cfg.steps, cfg.guidance) == (25, 6.0)
+
+
+@pytest.mark.slow  # one CLI training subprocess: ~15 s on a busy 2-core machine
+def test_cli_trains_from_a_paper_config_and_saves_the_reference_keys(square_caches, tmp_path):
+    """`train --config configs/paper/time-wise.yaml` (at the tiny size, one process, so with the global batch
+    it has): the run's model config.json holds the reference's keys, and the EMA is kept."""
+    from testkit import run_cli
+
+    text, latents, _ = square_caches
+    run_cli("train", "--config", str(PAPER_DIR / "time-wise.yaml"), "--text-cache", text, "--latent-cache", latents,
+            "--preset", "tiny", "--num-workers", "0", "--no-progress", "--max-steps", "1", "--set", "global_batch=8",
+            "--set", "tensorboard=false", "--set", "mixed_precision='no'", "--out", str(tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000001"
+    saved = json.loads((checkpoint / "model" / "config.json").read_text())
+    assert (saved["context_embedder_type"], saved["rope_theta"], saved["gate_sigma_scale"], saved["gate_init"]) == (
+        "reference", 1e5, 1.0, "reference")
+    assert (checkpoint / "model_ema").is_dir()
