@@ -284,14 +284,15 @@ def train_cmd(
       accelerate launch --num_processes 8 cli.py train --text-cache t.zarr --latent-cache l.zarr --fusion depth --preset paper
     """
     from semroute.stage2_train.config import TrainConfig
+    from semroute.stage2_train.run_folder import RunFolder
     from semroute.stage2_train.train import train
 
     flags = dict(text_cache=text_cache, latent_cache=latent_cache, preset=preset, out=out, max_steps=max_steps,
                  max_minutes=max_minutes, batch_size=batch_size, lr=lr, num_workers=num_workers, cache_dir=cache_dir,
                  cache_size=cache_size, storage_options=_storage_options(storage_options), compile=compile_)
     config_file = str(config) if config else None
-    if resume and config_file is None and out and (Path(out) / "config.yaml").exists():
-        config_file = str(Path(out) / "config.yaml")  # a resumed run keeps its own config unless told otherwise
+    if resume and config_file is None and out and RunFolder.is_run(out):
+        config_file = str(RunFolder(out).config_path)  # a resumed run keeps its own config unless told otherwise
     cfg = TrainConfig.build(config_file=config_file, fusion=fusion, flags=flags, overrides=set_ or [])
     summary = train(cfg, resume=resume, progress=not no_progress)
     last = summary["last"]
@@ -371,10 +372,11 @@ def routing_cmd(
 
     Example:  semroute routing runs/depth
     """
-    from semroute.stage2_train.routing import load_routed_model, save_routing
+    from semroute.stage2_train.routing import save_routing
+    from semroute.stage2_train.run_folder import RunFolder, open_model
 
-    model, where = load_routed_model(run, ema=ema)
-    png, csv_path = save_routing(model, out or (run / "routing" if (run / "run.json").exists() else run), "routing",
+    model, where = open_model(run, ema=ema)
+    png, csv_path = save_routing(model, out or (RunFolder(run).routing_dir if (run / "run.json").exists() else run), "routing",
                                  title=f"{model.config.fusion}: {where}")
     typer.echo(f"wrote {png} and {csv_path}")
 
@@ -422,8 +424,15 @@ def info_cmd(
     """
     _storage_options(storage_options)
     from semroute.shared.inspect import describe
+    from semroute.shared.store import is_url
+    from semroute.stage2_train.run_folder import RunFolder
 
-    info = describe(path)
+    if not is_url(path) and RunFolder.is_run(path):
+        from semroute.stage2_train.run_info import describe_run
+
+        info = describe_run(path)
+    else:
+        info = describe(path)
     if as_json:
         _print_json(info)
         return

@@ -1,6 +1,7 @@
-"""``info`` and ``verify``: describe and check caches (and run folders) without loading any model.
+"""``info`` and ``verify``: describe and check caches without loading any model.
 
-Each kind of store registers a describer and a verifier here, keyed by its ``kind`` attribute.
+Each kind of store has a describer and a verifier, keyed by its ``kind`` attribute (tables at the end).
+Run folders are stage two's (``stage2_train/run_info.py``); the CLI sends them there.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from semroute.shared.errors import SemrouteError
+from semroute.shared.latent_store import LATENT_KIND, describe_latent_cache, verify_latent_cache
 from semroute.shared.store import (
     TEXT_KIND,
     DoneFlags,
@@ -24,15 +26,9 @@ from semroute.shared.store import (
     verify_array,
 )
 
-DESCRIBERS: dict[str, Callable[[str, dict], dict]] = {}
-VERIFIERS: dict[str, Callable[[str, dict], tuple[int, list[str]]]] = {}
-
 
 def describe(path: str) -> dict:
-    """A dict describing whatever ``path`` is: a text cache, a latent cache or a run folder."""
-    run_describer = DESCRIBERS.get("run")
-    if run_describer is not None and not is_url(path) and (Path(path) / "config.yaml").exists():
-        return run_describer(path, {})
+    """A dict describing whatever cache ``path`` is: a text cache or a latent cache."""
     attrs = read_attrs(path)
     kind = attrs.get("kind")
     if kind not in DESCRIBERS:
@@ -113,15 +109,8 @@ def _text_verify(path: str, attrs: dict) -> tuple[int, list[str]]:
     return checked, problems
 
 
-DESCRIBERS[TEXT_KIND] = _text_describe
-VERIFIERS[TEXT_KIND] = _text_verify
-
-# Kinds defined by other modules register on import.
-for _module in ("semroute.shared.latent_store", "semroute.stage2_train.run_info"):
-    try:
-        __import__(_module)
-    except ModuleNotFoundError as _err:
-        if _err.name != _module:
-            raise
+DESCRIBERS: dict[str, Callable[[str, dict], dict]] = {TEXT_KIND: _text_describe, LATENT_KIND: describe_latent_cache}
+VERIFIERS: dict[str, Callable[[str, dict], tuple[int, list[str]]]] = {TEXT_KIND: _text_verify,
+                                                                     LATENT_KIND: verify_latent_cache}
 
 __all__ = ["describe", "verify", "DESCRIBERS", "VERIFIERS"]

@@ -560,14 +560,5 @@ def verify_latent_cache(path: str, attrs: dict) -> tuple[int, list[str]]:
     return checked, problems
 
 
-def _register() -> None:
-    from semroute.shared import inspect
-
-    inspect.DESCRIBERS[LATENT_KIND] = describe_latent_cache
-    inspect.VERIFIERS[LATENT_KIND] = verify_latent_cache
-
-
-_register()
-
 __all__ = ["LATENT_KIND", "LatentCacheWriter", "LatentCacheReader", "LatentStorage", "Bucket", "ShardPayload",
            "STATUS_NAMES", "STATUS_CODE"]

@@ -171,11 +171,10 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        from semroute.stage2_train.fusion import FUSIONS
+        from semroute.stage2_train.models import check_fusion
         from semroute.stage2_train.presets import PRESETS
 
-        if self.fusion not in FUSIONS and self.fusion != "deep":
-            raise SemrouteError(f"fusion {self.fusion!r} is unknown; choose one of {', '.join([*FUSIONS, 'deep'])}")
+        check_fusion(self.fusion)
         if self.preset not in PRESETS:
             raise SemrouteError(f"preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
         if self.lr_schedule not in ("constant", "warmup", "cosine"):

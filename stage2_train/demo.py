@@ -132,10 +132,12 @@ def _ground_truth(cfg: DemoConfig, folder: Path) -> Path:
 def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> dict:
     """Step 3: train one strategy from the caches for the configured budget."""
     from semroute.stage2_train.config import TrainConfig
-    from semroute.stage2_train.train import Trainer, list_checkpoints
+    from semroute.stage2_train.run_folder import RunFolder
+    from semroute.stage2_train.train import Trainer
 
-    if list_checkpoints(run_dir):
-        done = json.loads((list_checkpoints(run_dir)[-1] / "train_state.json").read_text())
+    latest = RunFolder(run_dir).latest_checkpoint()
+    if latest is not None:
+        done = RunFolder.train_state(latest)
         _say(f"{run_dir} is already trained ({done['step']} steps); reusing it")
         return {"step": done["step"], "train_seconds": done["train_seconds"]}
     tcfg = TrainConfig(

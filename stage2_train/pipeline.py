@@ -273,26 +273,17 @@ class SemroutePipeline(DiffusionPipeline):
         return pipe
 
     @classmethod
-    def from_run(cls, run_dir, *, ema: bool = False, checkpoint: str | None = None,
+    def from_run(cls, run_dir, *, ema: bool = False, checkpoint: str | Path | None = None,
                  llm: LoadedLLM | str | None = None, device: str | None = "auto") -> "SemroutePipeline":
         """Build the pipeline from a training run folder: its newest checkpoint (or ``checkpoint``), the
         caches' fingerprints recorded in run.json, the training shift."""
-        import importlib
-
         from semroute.shared.llm import resolve_device
-        from semroute.stage2_train.config import TrainConfig
-        from semroute.stage2_train.train import latest_model_dir
+        from semroute.stage2_train.run_folder import RunFolder
 
-        run = Path(run_dir)
-        if not (run / "run.json").exists():
-            raise SemrouteError(f"{run} is not a training run folder (no run.json)")
-        record = json.loads((run / "run.json").read_text())
-        cfg = TrainConfig.build(config_file=str(run / "config.yaml"))
-        model_dir = latest_model_dir(Path(checkpoint) if checkpoint else run, ema=ema)
-        model_cfg = json.loads((model_dir / "config.json").read_text())
-        module = "semroute.stage2_train.deep_fusion" if model_cfg.get("fusion") == "deep" else "semroute.stage2_train.dit"
-        klass = getattr(importlib.import_module(module), model_cfg["_class_name"])
-        transformer = klass.from_pretrained(str(model_dir))
+        run = RunFolder(run_dir)
+        record = run.record()
+        cfg = run.config()
+        transformer = run.load_model(ema=ema, checkpoint=checkpoint)
         vae, size = _vae_from_fingerprint(record["latent_fingerprint"])
         scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.shift)
         target = resolve_device(device)

@@ -1,7 +1,7 @@
 """Routing weights as numbers (CSV) and pictures (PNG): blocks x LLM layers for depth-wise gates, a
 curve over sigma for time-wise ones, both for joint ones.
 
-Written by the trainer at every checkpoint and by ``semroute routing RUN``.
+Written by the trainer at every checkpoint and by ``semroute routing RUN`` (``run_folder.open_model``).
 """
 
 from __future__ import annotations
@@ -108,23 +108,3 @@ def summary(model, sigma: float = 0.5) -> dict:
     s = model.routing_summary(sigma)
     return {"entropy": [round(float(e), 4) for e in s["entropy"]], "top_layer": s["top_layer"]}
 
-
-def load_routed_model(path: Path, ema: bool = False):
-    """The DiT of a run (newest checkpoint), a checkpoint folder, or an exported pipeline; and a label."""
-    import importlib
-    import json
-
-    from semroute.shared.errors import SemrouteError
-    from semroute.stage2_train.train import latest_model_dir
-
-    path = Path(path)
-    if (path / "transformer" / "config.json").exists():
-        model_dir = path / "transformer"
-    elif (path / "run.json").exists() or (path / "model").is_dir():
-        model_dir = latest_model_dir(path, ema=ema)
-    else:
-        raise SemrouteError(f"{path} is not a run folder, a checkpoint or an exported pipeline")
-    config = json.loads((model_dir / "config.json").read_text())
-    module = "semroute.stage2_train.deep_fusion" if config.get("fusion") == "deep" else "semroute.stage2_train.dit"
-    model = getattr(importlib.import_module(module), config["_class_name"]).from_pretrained(str(model_dir))
-    return model, str(model_dir.parent.name if model_dir.name.startswith("model") else path.name)

@@ -2,39 +2,29 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from semroute.shared.inspect import DESCRIBERS
+from semroute.stage2_train.run_folder import RunFolder
 
 
-def describe_run(path: str, _attrs: dict) -> dict:
-    import yaml
-
-    run = Path(path)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    record = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-    from semroute.stage2_train.train import list_checkpoints
-
-    checkpoints = list_checkpoints(run)
+def describe_run(path: str) -> dict:
+    run = RunFolder(path)
+    cfg = run.config()
+    record = run.record(required=False)
+    checkpoints = run.checkpoints()
     last = {}
-    metrics = run / "logs" / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            row = json.loads(line)
-            if "loss" in row:
-                last = row
+    for row in run.metrics():
+        if "loss" in row:
+            last = row
     info = {
         "kind": "training run",
         "path": path,
-        "fusion": cfg["fusion"],
-        "preset": cfg["preset"],
-        "text cache": record.get("text_cache", cfg.get("text_cache")),
-        "latent cache": record.get("latent_cache", cfg.get("latent_cache")),
+        "fusion": cfg.fusion,
+        "preset": cfg.preset,
+        "text cache": record.get("text_cache", cfg.text_cache),
+        "latent cache": record.get("latent_cache", cfg.latent_cache),
         "LLM": (record.get("text_fingerprint") or {}).get("llm_ref"),
         "processes": record.get("world_size"),
         "steps done": last.get("step", 0),
-        "max steps": cfg["max_steps"],
+        "max steps": cfg.max_steps,
         "checkpoints": ", ".join(p.name for p in checkpoints) or "none",
     }
     if last:
@@ -46,5 +36,3 @@ def describe_run(path: str, _attrs: dict) -> dict:
                                                                       last["routing_entropy"]))}
     return info
 
-
-DESCRIBERS["run"] = describe_run

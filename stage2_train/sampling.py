@@ -56,16 +56,17 @@ def check_sample_options(cfg: SampleConfig) -> None:
 def load_pipeline(checkpoint: str | Path, *, ema: bool = False, llm=None, device: str = "auto"):
     """A run folder, a checkpoint folder, or an exported pipeline folder."""
     from semroute.stage2_train.pipeline import SemroutePipeline
+    from semroute.stage2_train.run_folder import RunFolder
 
     path = Path(checkpoint)
     if (path / "model_index.json").exists():
         if ema:
             raise SemrouteError("--ema applies to run folders; an exported pipeline holds one set of weights")
         return SemroutePipeline.from_pretrained(path, llm=llm, device=device)
-    if (path / "run.json").exists():
-        return SemroutePipeline.from_run(path, ema=ema, llm=llm, device=device)
-    if (path / "model").is_dir() and (path.parent.parent / "run.json").exists():
-        return SemroutePipeline.from_run(path.parent.parent, checkpoint=str(path), ema=ema, llm=llm, device=device)
+    found = RunFolder.locate(path)
+    if found is not None:
+        run, ckpt = found
+        return SemroutePipeline.from_run(run.path, checkpoint=ckpt, ema=ema, llm=llm, device=device)
     raise SemrouteError(f"--checkpoint {checkpoint}: not a run folder, a checkpoint folder or an exported pipeline")
 
 
@@ -81,13 +82,13 @@ def sampling_defaults(checkpoint: str | Path) -> dict:
 
         settings = path / TEXT_DIR / TEXT_CONFIG
         return (json.loads(settings.read_text()).get("sample_defaults") or {}) if settings.exists() else {}
-    for run in (path, path.parent.parent):
-        if (run / "run.json").exists() and (run / "config.yaml").exists():
-            from semroute.stage2_train.config import TrainConfig
+    from semroute.stage2_train.run_folder import RunFolder
 
-            cfg = TrainConfig.build(config_file=str(run / "config.yaml"))
-            return {"steps": cfg.sample_steps, "guidance": cfg.sample_guidance}
-    return {}
+    found = RunFolder.locate(path)
+    if found is None or not RunFolder.is_run(found[0].path):
+        return {}
+    cfg = found[0].config()
+    return {"steps": cfg.sample_steps, "guidance": cfg.sample_guidance}
 
 
 def with_sampling_defaults(cfg: SampleConfig) -> SampleConfig:

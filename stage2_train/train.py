@@ -1,24 +1,12 @@
 """``semroute train``: the DiT and its routing gates, trained from the text and latent caches only.
 
-Run folder::
-
-    RUN/config.yaml                 the resolved configuration
-    RUN/run.json                    the caches and their fingerprints (a resume must use the same ones)
-    RUN/checkpoints/step-NNNNNNN/   accelerate state (model, optimizer, scheduler, RNG, EMA, data position)
-                                    + model/ (and model_ema/) as diffusers folders for `sample` / `export`
-    RUN/logs/metrics.jsonl          loss, grad norm, lr, samples/s, routing entropy and top layer per block
-    RUN/logs/tensorboard/           the same scalars through accelerate's tracker
-    RUN/routing/step-NNNNNNN.png    routing heatmap (+ .csv) at every checkpoint; latest.png
-
-A checkpoint is written to a temporary folder and renamed when complete, so a crash never leaves a
-half checkpoint that ``--resume`` would pick up.
+What it writes, and where, is owned by :class:`~semroute.stage2_train.run_folder.RunFolder`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +16,14 @@ import torch
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import require_match
 from semroute.shared.remote import STATS as remote_stats
-from semroute.shared.layers import parse_layers
 from semroute.stage2_train import routing
 from semroute.stage2_train.config import TrainConfig
 from semroute.stage2_train.data import BatchLoader, EpochBatches, PairedCaches, _seed
 from semroute.stage2_train.feed import DeviceFeed
-from semroute.stage2_train.perf import compile_blocks, dit_train_flops, peak_flops
+from semroute.stage2_train.models import build_model
 from semroute.stage2_train.objective import flow_loss
-
-CHECKPOINT_PREFIX = "step-"
+from semroute.stage2_train.perf import compile_blocks, dit_train_flops, peak_flops
+from semroute.stage2_train.run_folder import TRAIN_STATE, RunFolder, checkpoint_name
 
 
 @dataclass
@@ -57,41 +44,9 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model construction from the caches
+# Caches
 # ---------------------------------------------------------------------------------------------
-def model_text_layers(cfg: TrainConfig, n_llm_layers: int, stored: list[int]) -> list[int]:
-    if cfg.text_layers is not None:
-        return parse_layers(cfg.text_layers, n_llm_layers)
-    if cfg.fusion == "penultimate":
-        return [n_llm_layers - 1]
-    return [i for i in stored if i != 0]
-
-
-def build_model(cfg: TrainConfig, text_fp: dict, stored_layers: list[int], latent_channels: int):
-    """The DiT for this config, sized on the text side by the cache's LLM."""
-    n, d = int(text_fp["llm_num_hidden_layers"]), int(text_fp["llm_hidden_size"])
-    overrides = dict(cfg.model)
-    for key, value in (("text_dim", d), ("llm_num_layers", n)):
-        if key in overrides and overrides[key] != value:
-            raise SemrouteError(f"model.{key}={overrides[key]} but the text cache's LLM has {key}={value}")
-        overrides[key] = value
-    overrides.setdefault("in_channels", latent_channels)
-    if overrides["in_channels"] != latent_channels:
-        raise SemrouteError(f"model.in_channels={overrides['in_channels']} but the latent cache has "
-                            f"{latent_channels} channels")
-    if cfg.fusion == "deep":
-        from semroute.stage2_train.deep_fusion import build_deep_model
-
-        return build_deep_model(cfg, text_fp, stored_layers, overrides)
-    from semroute.stage2_train.dit import SemrouteDiT
-
-    layers = model_text_layers(cfg, n, stored_layers)
-    model = SemrouteDiT.from_preset(cfg.preset, fusion=cfg.fusion, text_layers=layers, **overrides)
-    model.layer_positions(stored_layers)  # a clear error when the cache lacks a layer
-    return model
-
-
-def check_caches(cfg: TrainConfig, dataset: PairedCaches, run_dir: Path, resuming: bool) -> dict:
+def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resuming: bool) -> dict:
     """Refuse caches that do not fit: expected fingerprint entries, and on resume the caches the run
     started with. Returns the record saved as run.json."""
     text_fp, latent_fp = dataset.text.fingerprint, dataset.latents.fingerprint
@@ -99,53 +54,13 @@ def check_caches(cfg: TrainConfig, dataset: PairedCaches, run_dir: Path, resumin
         require_match(text_fp, dict(cfg.expect_text), sorted(cfg.expect_text), f"text cache {cfg.text_cache}")
     record = {"text_cache": cfg.text_cache, "latent_cache": cfg.latent_cache, "text_fingerprint": text_fp,
               "latent_fingerprint": latent_fp, "text_layers_stored": dataset.text.stored_layers}
-    run_json = run_dir / "run.json"
-    if resuming and run_json.exists():
-        before = json.loads(run_json.read_text())
+    before = run.record(required=False) if resuming else {}
+    if before:
         require_match(text_fp, before["text_fingerprint"], None, f"text cache {cfg.text_cache} (run started on "
                                                                    f"{before['text_cache']})")
         require_match(latent_fp, before["latent_fingerprint"], None, f"latent cache {cfg.latent_cache} (run "
                                                                        f"started on {before['latent_cache']})")
     return record
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
-
-
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """``latest`` -> the newest complete checkpoint of the run (None for a new run); else a path."""
-    if resume in (None, "", "no"):
-        return None
-    if resume == "latest":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "train_state.json").exists():
-        raise SemrouteError(f"--resume {resume}: not a checkpoint folder (expected {run_dir}/checkpoints/step-*)")
-    return path
-
-
-def latest_model_dir(run_or_checkpoint: Path, ema: bool = False) -> Path:
-    """The diffusers model folder of a run's newest checkpoint (or of a given checkpoint)."""
-    path = Path(run_or_checkpoint)
-    if (path / "model").is_dir():
-        ckpt = path
-    else:
-        found = list_checkpoints(path)
-        if not found:
-            raise SemrouteError(f"{path} has no checkpoint yet")
-        ckpt = found[-1]
-    name = "model_ema" if ema else "model"
-    if not (ckpt / name).is_dir():
-        raise SemrouteError(f"{ckpt} has no {name}/ (was the run trained with ema: true?)")
-    return ckpt / name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +76,8 @@ class Trainer:
         if not cfg.text_cache or not cfg.latent_cache:
             raise SemrouteError("train needs --text-cache and --latent-cache")
         self.cfg = cfg
-        self.run_dir = Path(cfg.out)
+        self.run = RunFolder(cfg.out)
+        self.run_dir = self.run.path
         self.progress = progress
         mixed = cfg.mixed_precision
         if mixed == "auto":
@@ -171,11 +87,11 @@ class Trainer:
             mixed_precision=mixed,
             gradient_accumulation_steps=cfg.grad_accum,
             log_with="tensorboard" if cfg.tensorboard else None,
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run.logs)),
         )
         acc = self.accelerator
         cfg.check_global_batch(acc.num_processes)
-        self.resume_from = resolve_resume(self.run_dir, resume)
+        self.resume_from = self.run.resolve_resume(resume)
         if resume and resume != "latest" and self.resume_from is None:
             raise SemrouteError(f"--resume {resume}: no checkpoint found")
 
@@ -208,7 +124,7 @@ class Trainer:
             if shape[-1] % patch or shape[-2] % patch:
                 raise SemrouteError(f"latent bucket {bucket.name} has shape {tuple(shape)}; its height and width "
                                     f"must be multiples of the DiT patch size {patch}")
-        self.record = check_caches(cfg, self.dataset, self.run_dir, resuming=self.resume_from is not None)
+        self.record = check_caches(cfg, self.dataset, self.run, resuming=self.resume_from is not None)
         self.plan = EpochBatches(self.dataset.bucket_ids(), self.dataset.text_lengths(), cfg.batch_size,
                                  seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
                                  length_batching=cfg.length_batching)
@@ -243,12 +159,11 @@ class Trainer:
         acc.register_for_checkpointing(self.state)
 
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "logs").mkdir(exist_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
+            self.run.create()
+            cfg.save(self.run.config_path)
             record = {**self.record, "world_size": acc.num_processes,
                       "model_class": type(acc.unwrap_model(self.model)).__name__}
-            (self.run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+            self.run.save_record(record)
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
         acc.wait_for_everyone()
@@ -269,8 +184,7 @@ class Trainer:
         window_flops = 0.0
         bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
                    disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
-        metrics_path = self.run_dir / "logs" / "metrics.jsonl"
-        samples_log = (open(self.run_dir / "logs" / f"samples-rank{acc.process_index}.jsonl", "a")
+        samples_log = (open(self.run.samples_log_path(acc.process_index), "a")
                        if cfg.log_samples else None)
         window_loss, window_n, window_t0, window_samples = torch.zeros((), device=acc.device), 0, time.perf_counter(), 0
         last = {}
@@ -340,8 +254,7 @@ class Trainer:
                             "tflops_per_s": window_flops / max(dt, 1e-9) / 1e12 if window_flops else None,
                             "mfu": window_flops / max(dt, 1e-9) / peak if window_flops and peak else None}
                     if acc.is_main_process:
-                        with open(metrics_path, "a") as fh:
-                            fh.write(json.dumps(last) + "\n")
+                        self.run.log_metrics(last)
                     scalars = {k: last[k] for k in ("loss", "lr", "samples_per_s") if last[k] is not None}
                     if last["grad_norm"] is not None:
                         scalars["grad_norm"] = last["grad_norm"]
@@ -365,19 +278,17 @@ class Trainer:
             if cfg.tensorboard:
                 acc.end_training()
         return {"step": state.step, "train_seconds": state.train_seconds, "last": last,
-                "checkpoint": str(list_checkpoints(self.run_dir)[-1]) if list_checkpoints(self.run_dir) else None}
+                "checkpoint": str(self.run.latest_checkpoint()) if self.run.latest_checkpoint() else None}
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         acc, state = self.accelerator, self.state
-        name = f"{CHECKPOINT_PREFIX}{state.step:07d}"
-        final = self.run_dir / "checkpoints" / name
-        tmp = self.run_dir / "checkpoints" / f".{name}.tmp"
+        tmp = self.run.staging_path(state.step)
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            self.run.stage(state.step)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        final = self.run.checkpoints_dir / checkpoint_name(state.step)
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             model.save_pretrained(tmp / "model")
@@ -386,19 +297,9 @@ class Trainer:
                 self.ema.copy_to(model.parameters())
                 model.save_pretrained(tmp / "model_ema")
                 self.ema.restore(model.parameters())
-            (tmp / "train_state.json").write_text(json.dumps(state.state_dict()))
+            (tmp / TRAIN_STATE).write_text(json.dumps(state.state_dict()))
             routing.save_routing(model, tmp, "routing", title=f"{self.cfg.fusion}, step {state.step}")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # only now does the checkpoint exist for --resume
-            folder = self.run_dir / "routing"
-            folder.mkdir(exist_ok=True)
-            for suffix in ("png", "csv"):
-                shutil.copyfile(final / f"routing.{suffix}", folder / f"{name}.{suffix}")
-                shutil.copyfile(final / f"routing.{suffix}", folder / f"latest.{suffix}")
-            with open(self.run_dir / "logs" / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": state.step, "event": "checkpoint", "path": str(final)}) + "\n")
-            for old in list_checkpoints(self.run_dir)[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            self.run.publish(tmp, state.step, keep=self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
         return final
 

@@ -164,3 +164,9 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, smollm2_llm):
     assert report["ground_truth"]["overall"] == 1.0
     fp = TextCacheReader(out / "captions.text.zarr").fingerprint
     assert fp["llm_ref"] == "smollm2" and len(fp["layers"]) == 30
+
+
+def test_info_describes_a_run_folder(trained_run):
+    info = json.loads(run_cli("info", str(trained_run), "--json").stdout)
+    assert info["kind"] == "training run" and info["fusion"] == "depth" and info["steps done"] == 6
+    assert info["checkpoints"] == "step-0000006"

@@ -1,0 +1,83 @@
+"""The model registry: which DiT class implements each ``fusion``, how training builds one for its caches,
+and how a saved model folder is loaded back.
+
+Every routing strategy of ``fusion.FUSIONS`` is a :class:`~semroute.stage2_train.dit.SemrouteDiT`; ``deep``
+(FuseDiT-style deep fusion) is a :class:`~semroute.stage2_train.deep_fusion.DeepFusionDiT`. The classes are
+named here as strings so that reading the registry (config validation, ``info``) imports no model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from semroute.shared.errors import SemrouteError
+from semroute.shared.layers import parse_layers
+from semroute.stage2_train.fusion import FUSIONS
+
+_DIT = "semroute.stage2_train.dit:SemrouteDiT"
+_DEEP = "semroute.stage2_train.deep_fusion:DeepFusionDiT"
+
+MODELS: dict[str, str] = {**{name: _DIT for name in FUSIONS}, "deep": _DEEP}
+"""``fusion`` name -> ``module:Class`` of the DiT that implements it."""
+
+
+def check_fusion(name: str) -> None:
+    if name not in MODELS:
+        raise SemrouteError(f"fusion {name!r} is unknown; choose one of {', '.join(MODELS)}")
+
+
+def model_class(fusion: str) -> type:
+    """The DiT class implementing ``fusion``."""
+    check_fusion(fusion)
+    module, name = MODELS[fusion].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_model(model_dir: Path):
+    """A DiT saved with ``save_pretrained`` (a checkpoint's ``model/`` or a pipeline's ``transformer/``)."""
+    model_dir = Path(model_dir)
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise SemrouteError(f"{model_dir} holds no model (config.json missing)") from None
+    klass = model_class(config.get("fusion", "depth"))
+    if klass.__name__ != config.get("_class_name", klass.__name__):
+        raise SemrouteError(f"{model_dir}/config.json: class {config['_class_name']} does not implement fusion "
+                            f"{config.get('fusion')!r} ({klass.__name__} does)")
+    return klass.from_pretrained(str(model_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a model for training, sized by the caches
+# ---------------------------------------------------------------------------------------------
+def model_text_layers(cfg, n_llm_layers: int, stored: list[int]) -> list[int]:
+    if cfg.text_layers is not None:
+        return parse_layers(cfg.text_layers, n_llm_layers)
+    if cfg.fusion == "penultimate":
+        return [n_llm_layers - 1]
+    return [i for i in stored if i != 0]
+
+
+def build_model(cfg, text_fp: dict, stored_layers: list[int], latent_channels: int):
+    """The DiT for a training config (``TrainConfig``), sized on the text side by the cache's LLM."""
+    n, d = int(text_fp["llm_num_hidden_layers"]), int(text_fp["llm_hidden_size"])
+    overrides = dict(cfg.model)
+    for key, value in (("text_dim", d), ("llm_num_layers", n)):
+        if key in overrides and overrides[key] != value:
+            raise SemrouteError(f"model.{key}={overrides[key]} but the text cache's LLM has {key}={value}")
+        overrides[key] = value
+    overrides.setdefault("in_channels", latent_channels)
+    if overrides["in_channels"] != latent_channels:
+        raise SemrouteError(f"model.in_channels={overrides['in_channels']} but the latent cache has "
+                            f"{latent_channels} channels")
+    klass = model_class(cfg.fusion)
+    if cfg.fusion == "deep":
+        from semroute.stage2_train.deep_fusion import build_deep_model
+
+        return build_deep_model(cfg, text_fp, stored_layers, overrides)
+    layers = model_text_layers(cfg, n, stored_layers)
+    model = klass.from_preset(cfg.preset, fusion=cfg.fusion, text_layers=layers, **overrides)
+    model.layer_positions(stored_layers)  # a clear error when the cache lacks a layer
+    return model

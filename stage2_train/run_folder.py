@@ -1,0 +1,221 @@
+"""The run folder of a training run: the one place that knows its files.
+
+::
+
+    RUN/config.yaml                 the resolved configuration
+    RUN/run.json                    the caches and their fingerprints (a resume must use the same ones)
+    RUN/checkpoints/step-NNNNNNN/   accelerate state (model, optimizer, scheduler, RNG, EMA, data position),
+                                    train_state.json, routing.{png,csv}
+                                    + model/ (and model_ema/) as diffusers folders for `sample` / `export`
+    RUN/logs/metrics.jsonl          loss, grad norm, lr, samples/s, routing entropy and top layer per block
+    RUN/logs/tensorboard/           the same scalars through accelerate's tracker
+    RUN/routing/step-NNNNNNN.png    routing heatmap (+ .csv) at every checkpoint; latest.png
+
+A checkpoint is written to a temporary folder (``.step-NNNNNNN.tmp``) and renamed when complete, so a
+crash never leaves a half checkpoint that ``--resume`` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from semroute.shared.errors import SemrouteError
+from semroute.stage2_train import models
+
+CHECKPOINT_PREFIX = "step-"
+TRAIN_STATE = "train_state.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / TRAIN_STATE).exists() or (Path(path) / "model").is_dir()
+
+
+class RunFolder:
+    """A training run's folder: its config, cache record, logs, checkpoints and their models."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # -- finding runs ----------------------------------------------------------------------------
+    @staticmethod
+    def is_run(path: str | Path) -> bool:
+        """A folder written by ``train`` (it has config.yaml)."""
+        return (Path(path) / "config.yaml").exists()
+
+    @classmethod
+    def locate(cls, path: str | Path) -> tuple[RunFolder, Path | None] | None:
+        """A run folder -> (run, None); a checkpoint folder of a run -> (run, checkpoint); else None."""
+        path = Path(path)
+        if (path / "run.json").exists():
+            return cls(path), None
+        if is_checkpoint(path) and (path.parent.parent / "run.json").exists():
+            return cls(path.parent.parent), path
+        return None
+
+    # -- files -----------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def record_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.logs / "metrics.jsonl"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def routing_dir(self) -> Path:
+        return self.path / "routing"
+
+    def create(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def config(self):
+        """The run's ``TrainConfig`` (keys a run of an older version lacks take today's defaults)."""
+        from semroute.stage2_train.config import TrainConfig
+
+        if not self.config_path.exists():
+            raise SemrouteError(f"{self.path} is not a training run folder (no config.yaml)")
+        return TrainConfig.build(config_file=str(self.config_path))
+
+    def record(self, required: bool = True) -> dict:
+        """run.json: the caches and fingerprints the run trains on ({} if absent and not ``required``)."""
+        if not self.record_path.exists():
+            if required:
+                raise SemrouteError(f"{self.path} is not a training run folder (no run.json)")
+            return {}
+        return json.loads(self.record_path.read_text())
+
+    def save_record(self, record: dict) -> None:
+        self.record_path.write_text(json.dumps(record, indent=2, default=str))
+
+    def log_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> list[dict]:
+        """Every row of logs/metrics.jsonl (losses and checkpoint events), in order."""
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def samples_log_path(self, rank: int) -> Path:
+        return self.logs / f"samples-rank{rank}.jsonl"
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def resolve_resume(self, resume: str | None) -> Path | None:
+        """``latest`` -> the newest complete checkpoint of the run (None for a new run); else a path."""
+        if resume in (None, "", "no"):
+            return None
+        if resume == "latest":
+            return self.latest_checkpoint()
+        path = Path(resume)
+        if not (path / TRAIN_STATE).exists():
+            raise SemrouteError(f"--resume {resume}: not a checkpoint folder (expected {self.path}/checkpoints/step-*)")
+        return path
+
+    def checkpoint(self, checkpoint: str | Path | None = None) -> Path:
+        """``checkpoint`` (a folder) if given, else the newest one; an error if the run has none."""
+        if checkpoint is not None:
+            path = Path(checkpoint)
+            if not is_checkpoint(path):
+                raise SemrouteError(f"{path} is not a checkpoint folder (expected {self.path}/checkpoints/step-*)")
+            return path
+        found = self.latest_checkpoint()
+        if found is None:
+            raise SemrouteError(f"{self.path} has no checkpoint yet")
+        return found
+
+    @staticmethod
+    def train_state(checkpoint: Path) -> dict:
+        """Step, epoch, samples and training seconds saved with a checkpoint."""
+        return json.loads((Path(checkpoint) / TRAIN_STATE).read_text())
+
+    def model_dir(self, ema: bool = False, checkpoint: str | Path | None = None) -> Path:
+        """The diffusers model folder (``model/`` or ``model_ema/``) of a checkpoint (default: the newest)."""
+        ckpt = self.checkpoint(checkpoint)
+        name = "model_ema" if ema else "model"
+        if not (ckpt / name).is_dir():
+            raise SemrouteError(f"{ckpt} has no {name}/ (was the run trained with ema: true?)")
+        return ckpt / name
+
+    def load_model(self, ema: bool = False, checkpoint: str | Path | None = None):
+        """The DiT of a checkpoint (default: the newest), its class chosen by the model registry."""
+        return models.load_model(self.model_dir(ema=ema, checkpoint=checkpoint))
+
+    # Writing a checkpoint: the trainer fills ``stage(step)``, then ``publish`` makes it visible.
+    def staging_path(self, step: int) -> Path:
+        """The temporary folder the checkpoint of ``step`` is written to."""
+        return self.checkpoints_dir / f".{checkpoint_name(step)}.tmp"
+
+    def stage(self, step: int) -> Path:
+        """Create an empty ``staging_path(step)`` (main process only)."""
+        tmp = self.staging_path(step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def publish(self, staged: Path, step: int, keep: int) -> Path:
+        """Rename a complete staged checkpoint into place, copy its routing plot into routing/, log it, and
+        drop all but the ``keep`` newest checkpoints."""
+        name = checkpoint_name(step)
+        final = self.checkpoints_dir / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staged, final)  # only now does the checkpoint exist for --resume
+        self.routing_dir.mkdir(exist_ok=True)
+        for suffix in ("png", "csv"):
+            if (final / f"routing.{suffix}").exists():
+                shutil.copyfile(final / f"routing.{suffix}", self.routing_dir / f"{name}.{suffix}")
+                shutil.copyfile(final / f"routing.{suffix}", self.routing_dir / f"latest.{suffix}")
+        self.log_metrics({"step": step, "event": "checkpoint", "path": str(final)})
+        for old in self.checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def open_model(path: str | Path, ema: bool = False):
+    """The DiT of a run (newest checkpoint), a checkpoint folder, or an exported pipeline; and a label."""
+    path = Path(path)
+    if (path / "transformer" / "config.json").exists():
+        if ema:
+            raise SemrouteError("--ema applies to run folders; an exported pipeline holds one set of weights")
+        return models.load_model(path / "transformer"), path.name
+    found = RunFolder.locate(path)
+    if found is not None:
+        run, ckpt = found
+        model_dir = run.model_dir(ema=ema, checkpoint=ckpt)
+    elif (path / "model").is_dir():  # a checkpoint folder moved out of its run
+        model_dir = RunFolder(path.parent.parent).model_dir(ema=ema, checkpoint=path)
+    else:
+        raise SemrouteError(f"{path} is not a run folder, a checkpoint or an exported pipeline")
+    return models.load_model(model_dir), model_dir.parent.name
