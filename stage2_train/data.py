@@ -224,8 +224,11 @@ class EpochBatches:
 
     Per epoch: samples shuffled with ``(seed, epoch)``, grouped by latent bucket, cut into full batches
     (optionally sorted by caption length within windows of 64 batches, to cut padding), the batch order
-    shuffled, and batch ``k`` given to process ``k % world_size``. Every process gets the same number of
-    batches, so all take the same number of steps; batches of different processes never share a sample.
+    shuffled. That gives one *global* sequence of batches, epoch after epoch, that does not depend on the
+    number of processes. A micro-step of ``world_size`` processes takes the next ``world_size`` batches of
+    it, process ``r`` the ``r``-th; the position is recorded globally (epoch, index of the next batch), so
+    a run resumes on another number of processes and continues the same sequence (elastic resume). All
+    processes take the same number of steps; within an epoch no two batches share a sample.
     """
 
     def __init__(self, buckets: np.ndarray, lengths: np.ndarray, batch_size: int, *, seed: int, rank: int = 0,
@@ -244,6 +247,7 @@ class EpochBatches:
             )
 
     def epoch(self, epoch: int) -> list[np.ndarray]:
+        """Every batch of ``epoch`` (all processes' together), in order."""
         rng = np.random.default_rng(_seed(self.seed, epoch, 0xBA7C4))
         order = rng.permutation(len(self.buckets))
         batches: list[np.ndarray] = []
@@ -257,22 +261,36 @@ class EpochBatches:
                     chunk = members[s: s + window]
                     members[s: s + window] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
             batches += [members[i: i + self.batch_size] for i in range(0, n_full, self.batch_size)]
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        per_rank = len(batches) // self.world_size
-        return batches[self.rank:: self.world_size][:per_rank]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    @property
+    def n_batches(self) -> int:
+        """Batches per epoch, all processes together."""
+        counts = np.bincount(self.buckets)
+        return int(sum(c // self.batch_size for c in counts))
 
     def per_epoch(self) -> int:
-        counts = np.bincount(self.buckets)
-        return int(sum(c // self.batch_size for c in counts)) // self.world_size
+        """Micro-steps per epoch (the last step of an epoch may take batches of the next one)."""
+        return self.n_batches // self.world_size
+
+    def after(self, epoch: int, index: int) -> tuple[int, int]:
+        """The job's position after the micro-step in which this process took batch ``(epoch, index)``:
+        the next batch no process has taken (the same on every process)."""
+        g = epoch * self.n_batches + index - self.rank + self.world_size
+        return divmod(g, self.n_batches)
 
     def iterate(self, start_epoch: int = 0, start_index: int = 0):
-        """Yield ``(epoch, index, samples)`` forever from the given position."""
-        epoch, index = start_epoch, start_index
+        """Yield this process's ``(epoch, index, samples)`` forever, the job being at ``(start_epoch,
+        start_index)`` of the global sequence: batches ``start + rank``, ``start + rank + world_size``, ..."""
+        n = self.n_batches
+        g = start_epoch * n + start_index + self.rank
+        cached: tuple[int, list] | None = None
         while True:
-            batches = self.epoch(epoch)
-            for k in range(index, len(batches)):
-                yield epoch, k, batches[k]
-            epoch, index = epoch + 1, 0
+            epoch, index = divmod(g, n)
+            if cached is None or cached[0] != epoch:
+                cached = (epoch, self.epoch(epoch))
+            yield epoch, index, cached[1][index]
+            g += self.world_size
 
 
 class BatchLoader:

@@ -32,7 +32,7 @@ class TrainState:
 
     step: int = 0
     epoch: int = 0
-    index: int = 0  # next batch of the epoch
+    index: int = 0  # next batch of the epoch, counted over all processes (EpochBatches: elastic resume)
     samples: int = 0
     train_seconds: float = 0.0
 
@@ -215,10 +215,10 @@ class Trainer:
                             self.scheduler.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     step_loss += loss.detach() / cfg.grad_accum
-                    state.epoch, state.index = batch.epoch, batch.index + 1
+                    state.epoch, state.index = self.plan.after(batch.epoch, batch.index)
                     if samples_log is not None:
                         samples_log.write(json.dumps({"step": state.step, "micro": micro, "epoch": batch.epoch,
-                                                      "sample_ids": batch.sample_ids}) + "\n")
+                                                      "index": batch.index, "sample_ids": batch.sample_ids}) + "\n")
                 state.step += 1
                 state.samples += cfg.batch_size * cfg.grad_accum * acc.num_processes
                 if self.ema is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -164,11 +165,15 @@ def test_epoch_batches_are_disjoint_deterministic_and_resumable():
     buckets = np.array([0] * 50 + [1] * 30)
     lengths = np.arange(80) % 17 + 1
     plans = [EpochBatches(buckets, lengths, 8, seed=1, rank=r, world_size=2) for r in (0, 1)]
-    e0 = [plans[r].epoch(0) for r in (0, 1)]
-    assert len(e0[0]) == len(e0[1]) == plans[0].per_epoch() == 4  # (6 + 3) full batches, 4 each
-    a, b = set(np.concatenate(e0[0])), set(np.concatenate(e0[1]))
-    assert not (a & b)
-    assert all(len(set(buckets[batch])) == 1 for batch in e0[0] + e0[1])
+    assert plans[0].n_batches == 9 and plans[0].per_epoch() == 4  # (6 + 3) full batches, 4 steps of 2
+    e0 = plans[0].epoch(0)
+    assert len(set(np.concatenate(e0))) == 72 and all(len(set(buckets[batch])) == 1 for batch in e0)
+    # Two processes take the one global sequence in turns, across epoch ends too (9 batches per epoch).
+    ranks = [list(itertools.islice(p.iterate(), 6)) for p in plans]
+    single = list(itertools.islice(EpochBatches(buckets, lengths, 8, seed=1).iterate(), 12))
+    assert [(e, k, s.tolist()) for e, k, s in (ranks[g % 2][g // 2] for g in range(12))] == \
+           [(e, k, s.tolist()) for e, k, s in single]
+    assert plans[1].after(*ranks[1][4][:2]) == plans[0].after(*ranks[0][4][:2]) == (1, 1)
     assert [x.tolist() for x in plans[0].epoch(3)] == [x.tolist() for x in plans[0].epoch(3)]
     assert [x.tolist() for x in plans[0].epoch(3)] != [x.tolist() for x in plans[0].epoch(4)]
     it = plans[0].iterate()
