@@ -97,6 +97,7 @@ def encode_text_cmd(
     id_key: IdKey = "id",
     input_format: InputFormat = "auto",
     storage_options: StorageOptions = None,
+    append: Annotated[bool, typer.Option("--append", help="Add DATA's captions to the existing cache --out (same model and settings; new shards only; run again to continue an interrupted append).")] = False,
     skip_bad: SkipBad = False,
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -113,6 +114,8 @@ def encode_text_cmd(
 
       semroute encode-text images/ --llm smollm2 --out data.text.zarr   (a folder of images with .txt captions)
 
+      semroute encode-text more.jsonl --llm smollm2 --out data.text.zarr --append   (grow the cache)
+
       semroute encode-text captions.jsonl --llm Qwen/Qwen3-VL-4B-Instruct --layers all --out data.text.zarr --estimate
 
       accelerate launch --num_processes 8 cli.py encode-text captions.jsonl --llm ./qwen3 --out data.text.zarr --resume
@@ -123,7 +126,7 @@ def encode_text_cmd(
         data=str(data), out=out, llm=llm, layers=layers, max_length=max_length, instruction=instruction,
         chat_template=chat_template, storage=storage, dtype=dtype, device=device, batch_tokens=batch_tokens,
         shard_mb=shard_mb, text_key=text_key, id_key=id_key, input_format=input_format,
-        storage_options=_storage_options(storage_options), skip_bad=skip_bad, resume=resume,
+        storage_options=_storage_options(storage_options), skip_bad=skip_bad, resume=resume, append=append,
         overwrite=overwrite, estimate=estimate, progress=not no_progress,
     )
     summary = encode_text(cfg)
@@ -262,6 +265,7 @@ def train_cmd(
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile each DiT block (config key compile).", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.", show_default=False)] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key (YAML value), repeatable: --set ema=true --set model.adaln=true.")] = None,
+    allow_new_data: Annotated[bool, typer.Option("--allow-new-data", help="With --resume: accept caches that grew (--append) since the run started.")] = False,
     cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Node-local folder keeping whole shards of s3:// caches once read.")] = None,
     cache_size: Annotated[Optional[str], typer.Option("--cache-size", help="Bound of --cache-dir, e.g. 200G (least recently used shards go first).")] = None,
     storage_options: StorageOptions = None,
@@ -289,7 +293,8 @@ def train_cmd(
 
     flags = dict(text_cache=text_cache, latent_cache=latent_cache, preset=preset, out=out, max_steps=max_steps,
                  max_minutes=max_minutes, batch_size=batch_size, lr=lr, num_workers=num_workers, cache_dir=cache_dir,
-                 cache_size=cache_size, storage_options=_storage_options(storage_options), compile=compile_)
+                 cache_size=cache_size, storage_options=_storage_options(storage_options), compile=compile_,
+                 allow_new_data=allow_new_data or None)
     config_file = str(config) if config else None
     if resume and config_file is None and out and RunFolder.is_run(out):
         config_file = str(RunFolder(out).config_path)  # a resumed run keeps its own config unless told otherwise

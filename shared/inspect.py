@@ -94,7 +94,14 @@ def _text_verify(path: str, attrs: dict) -> tuple[int, list[str]]:
         problems += found
     try:
         offsets = np.asarray(group["offsets"][:])
-        if offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != attrs["total_tokens"]:
+        if "lengths" in group:  # an appended cache (format 2): rows between segments are unused
+            lengths = np.asarray(group["lengths"][:])
+            if (offsets[0] != 0 or len(lengths) != len(offsets) - 1 or np.any(lengths <= 0)
+                    or np.any(offsets[:-1] + lengths > offsets[1:]) or lengths.sum() != attrs["total_tokens"]
+                    or offsets[-1] != attrs["layout"]["rows"]):
+                problems.append(f"{path}/offsets, lengths: not valid for {attrs['total_tokens']} tokens in "
+                                f"{attrs['layout']['rows']} rows")
+        elif offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != attrs["total_tokens"]:
             problems.append(f"{path}/offsets: not a valid CSR offsets array for {attrs['total_tokens']} tokens")
         index = read_parquet(path, "index.parquet", columns=["start", "n_tokens"])
         if index.num_rows != attrs["n_captions"] or not np.array_equal(index.column("start").to_numpy(), offsets[:-1]):

@@ -38,6 +38,12 @@ import torch
 from semroute.shared.errors import SemrouteError
 
 FORMAT_VERSION = 1
+# Version 2: a text cache grown by `encode-text --append`. Each appended segment starts at a shard boundary
+# (so no written shard file is ever rewritten), which leaves unused rows after the last caption of the
+# previous segment: offsets[i] is still caption i's first row, its row count comes from the `lengths` array
+# (diff(offsets) in version 1). Readers take both versions; fresh caches are still written as version 1.
+APPENDED_VERSION = 2
+READ_VERSIONS = (FORMAT_VERSION, APPENDED_VERSION)
 TEXT_KIND = "semroute.text-cache"
 ATTR_KEY = "semroute"
 
@@ -84,7 +90,7 @@ def open_group(location: str | os.PathLike, mode: str = "r"):
 
 # What a semroute create may find in a folder it is allowed to replace: the entries its own stores write
 # (text and latent caches), so that an interrupted create (group written, attributes not yet) can be redone.
-_STORE_ENTRIES = {"zarr.json", "features", "scales", "offsets", "null_features", "null_scales", "progress",
+_STORE_ENTRIES = {"zarr.json", "features", "scales", "offsets", "lengths", "null_features", "null_scales", "progress",
                   "buckets", "index.parquet", "bad_records.jsonl", "skipped.jsonl"}
 
 
@@ -192,10 +198,10 @@ def read_attrs(location) -> dict:
     if attrs is None:
         raise SemrouteError(f"{location} is a Zarr group but not a semroute cache (no '{ATTR_KEY}' attributes)")
     version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise SemrouteError(
-            f"{location} has cache format version {version}; this semroute reads version {FORMAT_VERSION}. "
-            "Re-encode the data with this version."
+            f"{location} has cache format version {version}; this semroute reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}. Re-encode the data with this version."
         )
     return attrs
 
@@ -862,10 +868,81 @@ class TextCacheWriter:
         attrs = dict(group.attrs).get(ATTR_KEY)
         if not attrs or attrs.get("kind") != TEXT_KIND:
             raise SemrouteError(f"{location} exists but is not a semroute text cache")
-        if attrs.get("format_version") != FORMAT_VERSION:
+        if attrs.get("format_version") not in READ_VERSIONS:
             raise SemrouteError(f"{location} has format version {attrs.get('format_version')}, this semroute "
-                                f"writes {FORMAT_VERSION}; start a new cache")
+                                f"writes {', '.join(map(str, READ_VERSIONS))}; start a new cache")
         return cls(location, group, attrs)
+
+    def lengths(self, offsets: np.ndarray | None = None) -> np.ndarray:
+        """Tokens per caption (the stored ``lengths`` of an appended cache, else ``diff(offsets)``)."""
+        if "lengths" in self.group:
+            return np.asarray(self.group["lengths"][:], dtype=np.int64)
+        return np.diff(np.asarray(self.group["offsets"][:], dtype=np.int64) if offsets is None else offsets)
+
+    def append(self, *, offsets: np.ndarray, index, input_sha256: str, source: str, extra: dict | None = None) -> None:
+        """Grow a finished cache by new captions (``offsets``: their CSR offsets from 0; ``index``: their rows
+        of index.parquet, numbered from 0). Their rows start at the next shard boundary: existing shard files
+        are never rewritten; arrays are resized (metadata only), the done flags extended with zeros, offsets,
+        lengths and the index rewritten whole. The cache is marked incomplete first, so no reader uses it
+        half-grown; encoding the new shards and ``finish()`` complete it. Safe to run again after a crash
+        (it starts over from the segment list)."""
+        import pyarrow as pa
+
+        attrs = self.attrs
+        segments = list(attrs.get("segments") or [{"source": attrs.get("source"), "first_caption": 0,
+                                                    "n_captions": attrs["n_captions"], "start_row": 0,
+                                                    "input_sha256": attrs["input_sha256"]}])
+        pending_seg = attrs.get("appending")
+        if pending_seg is None:
+            update_attrs(self.group, complete=False, appending={"source": source, "input_sha256": input_sha256,
+                                                                "segments_before": segments,
+                                                                "rows_before": self.layout.rows,
+                                                                "n_truncated_before": attrs.get("n_truncated", 0)})
+            pending_seg = dict(self.group.attrs)[ATTR_KEY]["appending"]
+        else:
+            segments = pending_seg["segments_before"]
+        rows_before = pending_seg["rows_before"]
+        n_before = sum(s["n_captions"] for s in segments)
+        old = ShardLayout(rows_before, self.layout.rows_per_shard, self.layout.rows_per_chunk)
+        start = old.n_shards * old.rows_per_shard
+        new_lengths = np.diff(np.asarray(offsets, dtype=np.int64))
+        all_offsets = np.asarray(self.group["offsets"][:n_before], dtype=np.int64)
+        lengths = self.lengths()[:n_before] if "lengths" in self.group else np.diff(
+            np.asarray(self.group["offsets"][:n_before + 1], dtype=np.int64))
+        rows = start + int(offsets[-1])
+        all_offsets = np.concatenate([all_offsets, start + np.asarray(offsets, dtype=np.int64)])
+        lengths = np.concatenate([lengths, new_lengths])
+        layout = ShardLayout(rows, old.rows_per_shard, old.rows_per_chunk)
+        # 1. Arrays grow (zarr rewrites only their metadata), flags get zeros for the new shards.
+        for name in self.array_names:
+            arr = self.group[name]
+            arr.resize((rows, *arr.shape[1:]))
+            self.flags[name].array.resize((layout.n_shards,))
+        if "progress/storage_error" in self.group:
+            self.group["progress/storage_error"].resize((layout.n_shards, 3))
+        # 2. Offsets, lengths and the index, whole.
+        create_plain_array(self.group, "offsets", all_offsets)
+        create_plain_array(self.group, "lengths", lengths)
+        old_index = read_parquet(self.location, "index.parquet").slice(0, n_before)
+        new_index = index.set_column(index.schema.get_field_index("caption"), "caption",
+                                     pa.array(np.arange(n_before, n_before + index.num_rows, dtype=np.int64)))
+        new_index = new_index.set_column(new_index.schema.get_field_index("start"), "start",
+                                         pa.array(all_offsets[n_before:-1]))
+        write_parquet(self.location, "index.parquet", pa.concat_tables([old_index, new_index.select(
+            old_index.column_names)]))
+        # 3. Attributes last: the new layout and counts, still incomplete until the new shards are written.
+        segments = segments + [{"source": source, "first_caption": n_before, "n_captions": index.num_rows,
+                                "start_row": start, "input_sha256": input_sha256}]
+        extra = dict(extra or {})
+        n_truncated = int(pending_seg.get("n_truncated_before") or 0)
+        update_attrs(self.group, format_version=APPENDED_VERSION, n_captions=n_before + index.num_rows,
+                     total_tokens=int(lengths.sum()), layout={"rows": layout.rows,
+                                                              "rows_per_shard": layout.rows_per_shard,
+                                                              "rows_per_chunk": layout.rows_per_chunk},
+                     segments=segments, input_sha256=input_sha256, appending=None, complete=False,
+                     n_truncated=n_truncated + int(extra.pop("n_truncated", 0)), **extra)
+        self.attrs = dict(self.group.attrs)[ATTR_KEY]
+        self.layout = layout
 
     def pending(self, shards) -> list[int]:
         done = np.ones(self.layout.n_shards, dtype=bool)
@@ -948,6 +1025,7 @@ class TextCacheReader:
         self.hidden_size = int(self.attrs["hidden_size"])
         self.n_captions = int(self.attrs["n_captions"])
         self._offsets: np.ndarray | None = None
+        self._lengths: np.ndarray | None = None
         self._files: dict[str, object] | None = None
         self._index = None
 
@@ -963,7 +1041,12 @@ class TextCacheReader:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Tokens per caption: the stored ``lengths`` (appended caches, format 2), else ``diff(offsets)``."""
+        if self._lengths is None:
+            group = open_group(self.location)
+            self._lengths = (np.asarray(group["lengths"][:], dtype=np.int64) if "lengths" in group
+                             else np.diff(self.offsets))
+        return self._lengths
 
     @property
     def index(self):
@@ -1009,8 +1092,8 @@ class TextCacheReader:
         scales; ``decode_bits`` of them is ``caption(i)``."""
         if not 0 <= i < self.n_captions:
             raise IndexError(f"caption {i} out of range 0..{self.n_captions - 1}")
-        o = self.offsets
-        return self._bits(*self._rows(int(o[i]), int(o[i + 1])))
+        start = int(self.offsets[i])
+        return self._bits(*self._rows(start, start + int(self.lengths[i])))
 
     def caption(self, i: int) -> torch.Tensor:
         """Caption ``i``'s features ``[n_tokens, n_layers, D]``."""

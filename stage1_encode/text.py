@@ -41,6 +41,7 @@ from semroute.shared.store import (
     TextStorage,
     dir_size,
     is_url,
+    read_parquet,
 )
 from semroute.shared.text_encoder import DEFAULT_INSTRUCTION, PromptFormat, TextEncoder
 from semroute.stage1_encode.distributed import ProcessInfo, process_info
@@ -70,6 +71,7 @@ class EncodeTextConfig:
     storage_options: dict | None = None  # fsspec options for URLs (endpoint, credentials)
     skip_bad: bool = False
     resume: bool = False
+    append: bool = False  # add the captions of `data` to the existing cache `out` (new shards only)
     overwrite: bool = False
     estimate: bool = False
     progress: bool = True
@@ -164,10 +166,14 @@ class ShardWork:
     alone: list[int]  # captions crossing a boundary of this shard, encoded one at a time
 
 
-def shard_work(shard: int, layout: ShardLayout, offsets: np.ndarray, cfg: EncodeTextConfig) -> ShardWork:
+def shard_work(shard: int, layout: ShardLayout, offsets: np.ndarray, cfg: EncodeTextConfig,
+               lengths: np.ndarray | None = None) -> ShardWork:
+    """``lengths``: tokens per caption where rows between captions are unused (an appended cache, whose new
+    captions start at a shard boundary); default: ``diff(offsets)``."""
     a, b = layout.shard_rows(shard)
-    starts, ends = offsets[:-1], offsets[1:]
-    lengths = ends - starts
+    starts = offsets[:-1]
+    lengths = np.diff(offsets) if lengths is None else lengths
+    ends = starts + lengths
     first = int(np.searchsorted(ends, a, side="right"))  # first caption that ends after row a
     last = int(np.searchsorted(starts, b, side="left"))  # captions [first, last) touch [a, b)
     touching = np.arange(first, last)
@@ -350,10 +356,11 @@ def encode_text(cfg: EncodeTextConfig, *, proc: ProcessInfo | None = None, llm: 
     # 3. Encode this process's shards.
     writer = TextCacheWriter.open(cfg.out)
     offsets = np.asarray(writer.group["offsets"][:], dtype=np.int64)
+    lengths = writer.lengths(offsets)
     mine = writer.layout.split(proc.rank, proc.world_size)
     pending = writer.pending(mine)
     t0 = time.perf_counter()
-    stats = _encode_shards(writer, encoder, offsets, pending, cfg, show=show, rank=proc.rank)
+    stats = _encode_shards(writer, encoder, offsets, lengths, pending, cfg, show=show, rank=proc.rank)
     elapsed = time.perf_counter() - t0
     all_stats = proc.gather_object(stats)
     proc.barrier()
@@ -387,10 +394,43 @@ def encode_text(cfg: EncodeTextConfig, *, proc: ProcessInfo | None = None, llm: 
     return summary
 
 
+def _append(cfg: EncodeTextConfig, fingerprint: dict, plan: CaptionPlan) -> TextCacheWriter:
+    """``--append``: grow the cache by ``plan``'s captions, or continue an append of the same data."""
+    if not _store_exists(cfg.out):
+        raise SemrouteError(f"cannot append to {cfg.out}: there is no cache there (run without --append to create it)")
+    writer = TextCacheWriter.open(cfg.out)
+    want = {**fingerprint, "storage": cfg.storage}
+    require_match(writer.attrs["fingerprint"], want, sorted(want), f"cannot append to {cfg.out}: the existing cache")
+    segments = writer.attrs.get("segments") or []
+    appending = writer.attrs.get("appending") or {}
+    if len(segments) > 1 and segments[-1]["input_sha256"] == plan.input_sha256 and not writer.attrs.get("complete"):
+        return writer  # this append's shards are planned: encode the ones still missing
+    if appending.get("input_sha256") == plan.input_sha256:
+        pass  # an append of this data stopped while growing the arrays: grow them again
+    elif not writer.attrs.get("complete"):
+        raise SemrouteError(f"cannot append to {cfg.out}: it is not complete. Finish it first (the run that made it "
+                            "with --resume, or the unfinished --append with the same data).")
+    else:
+        index = read_parquet(cfg.out, "index.parquet", columns=["sample_id", "caption"])
+        have = dict(zip(index.column("sample_id").to_pylist(), index.column("caption").to_pylist()))
+        sources = writer.attrs.get("segments") or [{"source": writer.attrs.get("source"), "first_caption": 0}]
+        for sid, line in zip(plan.index.column("sample_id").to_pylist(), plan.index.column("line").to_pylist()):
+            if sid in have:
+                first = max((s for s in sources if s["first_caption"] <= have[sid]), key=lambda s: s["first_caption"])
+                raise SemrouteError(f"cannot append {cfg.data} to {cfg.out}: sample id {sid!r} (line {line}) is already "
+                                    f"in the cache, from {first['source']} (caption {have[sid]}). Sample ids must be "
+                                    "unique across all the data of a cache.")
+    writer.append(offsets=plan.offsets, index=plan.index, input_sha256=plan.input_sha256, source=str(cfg.data),
+                  extra={"n_truncated": plan.n_truncated})
+    return writer
+
+
 def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: CaptionPlan) -> None:
     exists = _store_exists(cfg.out)
     fingerprint = encoder.fingerprint()
-    if exists and cfg.resume and not cfg.overwrite:
+    if cfg.append:
+        writer = _append(cfg, fingerprint, plan)
+    elif exists and cfg.resume and not cfg.overwrite:
         writer = TextCacheWriter.open(cfg.out)
         have = writer.attrs["fingerprint"]
         want = {**fingerprint, "storage": cfg.storage}
@@ -416,13 +456,12 @@ def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: Caption
         writer.write_null(features[0].cpu(), text=encoder.fmt.render("", encoder.llm.tokenizer))
 
 
-def _encode_shards(writer: TextCacheWriter, encoder: TextEncoder, offsets: np.ndarray, shards: list[int],
-                   cfg: EncodeTextConfig, *, show: bool, rank: int) -> dict:
+def _encode_shards(writer: TextCacheWriter, encoder: TextEncoder, offsets: np.ndarray, lengths: np.ndarray,
+                   shards: list[int], cfg: EncodeTextConfig, *, show: bool, rank: int) -> dict:
     from tqdm.auto import tqdm
 
     layout = writer.layout
     L, D = len(encoder.layers), encoder.llm.hidden_size
-    lengths = np.diff(offsets)
     texts = IndexTexts(cfg.out)
     total_rows = sum(b - a for a, b in (layout.shard_rows(s) for s in shards))
     bar = tqdm(total=total_rows, unit="tok", unit_scale=True, desc=f"encode-text[{rank}]", disable=not show,
@@ -433,13 +472,14 @@ def _encode_shards(writer: TextCacheWriter, encoder: TextEncoder, offsets: np.nd
     background = ShardWriterThread(writer)
     try:
         for shard in shards:
-            work = shard_work(shard, layout, offsets, cfg)
+            work = shard_work(shard, layout, offsets, cfg, lengths)
             a, b = work.rows
             rows = torch.empty((b - a, L, D), dtype=encoder.llm.dtype)
             filled = 0
 
             def place(caption: int, feats: torch.Tensor) -> int:
-                s, e = int(offsets[caption]), int(offsets[caption + 1])
+                s = int(offsets[caption])
+                e = s + int(lengths[caption])
                 lo, hi = max(s, a), min(e, b)
                 rows[lo - a: hi - a] = feats[lo - s: hi - s]
                 return hi - lo
@@ -461,7 +501,7 @@ def _encode_shards(writer: TextCacheWriter, encoder: TextEncoder, offsets: np.nd
                 got = place(c, feats)
                 filled += got
                 bar.update(got)
-                if int(offsets[c + 1]) > b:
+                if int(offsets[c]) + int(lengths[c]) > b:
                     carried[c] = feats
             if filled != b - a:
                 raise RuntimeError(f"shard {shard}: filled {filled} of {b - a} rows (plan bug)")

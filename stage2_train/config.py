@@ -59,7 +59,7 @@ NUMERIC_RULES = {
     "sample_guidance": {},
 }
 BOOL_KEYS = ("decay_fusion_logits", "gradient_checkpointing", "compile", "ema", "ema_warmup", "length_batching",
-             "tensorboard", "log_samples")
+             "tensorboard", "log_samples", "allow_new_data")
 
 
 @dataclass
@@ -77,6 +77,9 @@ class TrainConfig:
     """Upper bound of cache_dir's size (least recently used shards are dropped)."""
     storage_options: dict = field(default_factory=dict)
     """fsspec options for s3:// caches (endpoint_url, key, secret ...); default: the AWS environment variables."""
+    allow_new_data: bool = False
+    """On resume, accept caches that grew (encode-text/-images --append) since the run started: training goes
+    on over the union (the sample order of the current epoch changes)."""
     expect_text: dict = field(default_factory=dict)
     """Fingerprint entries the text cache must have, e.g. {llm_weights_sha256: ..., prompt_instruction: ...}."""
 

@@ -53,8 +53,16 @@ def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resumi
     if cfg.expect_text:
         require_match(text_fp, dict(cfg.expect_text), sorted(cfg.expect_text), f"text cache {cfg.text_cache}")
     record = {"text_cache": cfg.text_cache, "latent_cache": cfg.latent_cache, "text_fingerprint": text_fp,
-              "latent_fingerprint": latent_fp, "text_layers_stored": dataset.text.stored_layers}
+              "latent_fingerprint": latent_fp, "text_layers_stored": dataset.text.stored_layers,
+              "text_captions": dataset.text.n_captions, "latent_samples": len(dataset.latents)}
     before = run.record(required=False) if resuming else {}
+    grown = [f"{name}: {before[key]} -> {now}" for name, key, now in
+             (("text cache captions", "text_captions", dataset.text.n_captions),
+              ("latent cache images", "latent_samples", len(dataset.latents))) if key in before and before[key] != now]
+    if grown and not cfg.allow_new_data:
+        raise SemrouteError(f"the caches changed size since this run started ({'; '.join(grown)}): data was appended. "
+                            "Pass --allow-new-data to go on training over all of it (the sample order of the current "
+                            "epoch changes), or resume with the caches as they were.")
     if before:
         require_match(text_fp, before["text_fingerprint"], None, f"text cache {cfg.text_cache} (run started on "
                                                                    f"{before['text_cache']})")
