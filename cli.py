@@ -120,7 +120,8 @@ def encode_text_cmd(
 
       accelerate launch --num_processes 8 cli.py encode-text captions.jsonl --llm ./qwen3 --out data.text.zarr --resume
     """
-    from semroute.stage1_encode.text import EncodeTextConfig, encode_text, format_bytes
+    from semroute.shared.store import format_bytes
+    from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 
     cfg = EncodeTextConfig(
         data=str(data), out=out, llm=llm, layers=layers, max_length=max_length, instruction=instruction,
@@ -206,8 +207,8 @@ def encode_images_cmd(
 
       accelerate launch --num_processes 8 cli.py encode-images data.jsonl --vae ./sd3/vae --buckets auto --out data.latents.zarr --resume
     """
+    from semroute.shared.store import format_bytes
     from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
-    from semroute.stage1_encode.text import format_bytes
 
     if batch_size < 1:
         raise SemrouteError(f"--batch-size must be at least 1, not {batch_size}")
@@ -409,7 +410,7 @@ def demo_cmd(
 
       semroute demo --images 120 --heldout 12 --train-minutes 0.5 --samples-per-prompt 1 --steps 4
     """
-    from semroute.stage2_train.demo import DemoConfig, run_demo
+    from semroute.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=str(out), images=images, heldout=heldout, train_minutes=train_minutes,
                         max_steps=max_steps, fusion=fusion, preset=preset, llm=llm,

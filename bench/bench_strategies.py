@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from semroute.stage2_train import shape_checker
-    from semroute.stage2_train.demo import DemoConfig, evaluate, prepare_data, train_strategy
+    from semroute.demo import DemoConfig, evaluate, prepare_data, train_strategy
 
     cfg = DemoConfig(out=args.out, images=args.images, heldout=args.heldout, samples_per_prompt=args.samples_per_prompt,
                      preset=args.preset, train_minutes=args.minutes, max_steps=args.steps, seed=args.seed,

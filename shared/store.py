@@ -222,6 +222,25 @@ def dir_size(location) -> int:
     return sum(p.stat().st_size for p in Path(location).rglob("*") if p.is_file())
 
 
+def store_exists(location: str) -> bool:
+    """Whether a zarr store already exists at ``location`` (folder or URL)."""
+    if is_url(location):
+        from semroute.shared.remote import call, filesystem
+
+        fs, path = filesystem(location)
+        return call(location, fs.exists, f"{path}/zarr.json")
+    return (Path(location) / "zarr.json").exists()
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 # ---------------------------------------------------------------------------------------------
 # Shard layout
 # ---------------------------------------------------------------------------------------------

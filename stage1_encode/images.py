@@ -53,10 +53,10 @@ from semroute.shared.latent_store import (
 )
 from semroute.shared.manifest import Problem
 from semroute.shared.sources import ImageRange, read_image_bytes, read_source, split_locator
-from semroute.shared.store import dir_size, read_parquet
+from semroute.shared.distributed import ProcessInfo, process_info
+from semroute.shared.store import dir_size, read_parquet, store_exists
 from semroute.shared.vae import LatentEncoder, VAEInfo, describe_vae, load_encoder, store_dtype_name
-from semroute.stage1_encode.distributed import ProcessInfo, process_info
-from semroute.stage1_encode.text import ShardWriterThread, _store_exists
+from semroute.stage1_encode.encode_run import ShardWriterThread
 
 
 @dataclass
@@ -366,7 +366,7 @@ def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -
 
 
 def _decide(cfg: EncodeImagesConfig, want: dict, sha: str) -> str:
-    exists = _store_exists(cfg.out)
+    exists = store_exists(cfg.out)
     if exists and cfg.resume and not cfg.overwrite:
         writer = LatentCacheWriter.open(cfg.out)
         require_match(writer.attrs["fingerprint"], want, sorted(want), f"cannot resume {cfg.out}: the existing cache")

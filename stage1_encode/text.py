@@ -18,8 +18,6 @@ processes, and any resume point, writes the same bits as one uninterrupted run.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 
 from semroute.shared.checks import check_number
+from semroute.shared.distributed import ProcessInfo, process_info
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import require_match, sha256_text
 from semroute.shared.layers import parse_layers
@@ -42,9 +41,10 @@ from semroute.shared.store import (
     dir_size,
     is_url,
     read_parquet,
+    store_exists,
 )
 from semroute.shared.text_encoder import DEFAULT_INSTRUCTION, PromptFormat, TextEncoder
-from semroute.stage1_encode.distributed import ProcessInfo, process_info
+from semroute.stage1_encode.encode_run import ShardWriterThread
 
 log = logging.getLogger(__name__)
 
@@ -197,51 +197,6 @@ def padding_efficiency(layout: ShardLayout, offsets: np.ndarray, cfg: EncodeText
     return real / max(padded, 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing in the background
-# ---------------------------------------------------------------------------------------------
-class ShardWriterThread:
-    """Writes finished shards on a background thread so the next forward passes do not wait for disk.
-
-    At most ``depth`` shards wait in the queue (bounding memory); an error on the thread is re-raised
-    in the caller at the next ``put`` or at ``close``.
-    """
-
-    def __init__(self, writer: TextCacheWriter, depth: int = 2):
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.written: list[int] = []
-        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue  # drain after a failure
-            shard, rows = item
-            try:
-                self.writer.write_shard(shard, rows)
-                self.written.append(shard)
-            except BaseException as err:  # noqa: BLE001 - handed to the main thread
-                self.error = err
-
-    def put(self, shard: int, rows: torch.Tensor) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((shard, rows))
-
-    def close(self, raise_error: bool = True) -> None:
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-        if raise_error and self.error is not None:
-            raise self.error
-
-
 class IndexTexts:
     """Caption texts by index range, read from ``index.parquet`` one row group at a time, so a
     process never holds every caption of a large dataset in memory."""
@@ -269,23 +224,6 @@ class IndexTexts:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def _store_exists(location: str) -> bool:
-    if is_url(location):
-        from semroute.shared.remote import call, filesystem
-
-        fs, path = filesystem(location)
-        return call(location, fs.exists, f"{path}/zarr.json")
-    return (Path(location) / "zarr.json").exists()
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def estimate_text(plan: CaptionPlan, encoder: TextEncoder, cfg: EncodeTextConfig) -> dict:
     """Exact sizes of the arrays the run will write, known from token counts alone."""
     L, D = len(encoder.layers), encoder.llm.hidden_size
@@ -396,7 +334,7 @@ def encode_text(cfg: EncodeTextConfig, *, proc: ProcessInfo | None = None, llm: 
 
 def _append(cfg: EncodeTextConfig, fingerprint: dict, plan: CaptionPlan) -> TextCacheWriter:
     """``--append``: grow the cache by ``plan``'s captions, or continue an append of the same data."""
-    if not _store_exists(cfg.out):
+    if not store_exists(cfg.out):
         raise SemrouteError(f"cannot append to {cfg.out}: there is no cache there (run without --append to create it)")
     writer = TextCacheWriter.open(cfg.out)
     want = {**fingerprint, "storage": cfg.storage}
@@ -426,7 +364,7 @@ def _append(cfg: EncodeTextConfig, fingerprint: dict, plan: CaptionPlan) -> Text
 
 
 def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: CaptionPlan) -> None:
-    exists = _store_exists(cfg.out)
+    exists = store_exists(cfg.out)
     fingerprint = encoder.fingerprint()
     if cfg.append:
         writer = _append(cfg, fingerprint, plan)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import diffusers
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
@@ -233,7 +234,7 @@ class SemroutePipeline(DiffusionPipeline):
         save_file({"null": self.null_features.contiguous()}, str(out / TEXT_DIR / NULL_FILE))
         index = {
             "_class_name": type(self).__name__,
-            "_diffusers_version": __import__("diffusers").__version__,
+            "_diffusers_version": diffusers.__version__,
             "transformer": [type(self.transformer).__module__, type(self.transformer).__name__],
             "vae": [type(self.vae).__module__, type(self.vae).__name__],
             "scheduler": ["diffusers", type(self.scheduler).__name__],

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from semroute.shared.checks import check_number
+from semroute.shared.distributed import process_info
 from semroute.shared.errors import SemrouteError
-from semroute.stage1_encode.distributed import process_info
 from semroute.stage2_train.prompt_files import PromptEntry, detect_format, layout_for, read_prompts, save_image
 
 

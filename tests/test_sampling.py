@@ -150,7 +150,7 @@ def test_routing_command_writes_heatmap_and_csv(trained_run, tmp_path):
 
 
 def test_demo_end_to_end_at_a_tiny_size(tmp_path, smollm2_llm):
-    from semroute.stage2_train.demo import DemoConfig, run_demo
+    from semroute.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=str(tmp_path / "demo"), images=36, heldout=6, samples_per_prompt=1, train_minutes=5,
                      max_steps=3, batch_size=8, sample_steps=2, num_workers=0, progress=False)

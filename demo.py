@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from semroute.shared.errors import SemrouteError
@@ -122,7 +123,7 @@ def _ground_truth(cfg: DemoConfig, folder: Path) -> Path:
     prompts = read_prompts(Path(cfg.out) / "heldout_prompts.jsonl", "geneval")
     layout = layout_for("geneval", folder, n_per_prompt=1)
     for entry in layout.pending(prompts):
-        rng = __import__("numpy").random.default_rng([cfg.seed, 7, entry.index])
+        rng = np.random.default_rng([cfg.seed, 7, entry.index])
         image = shapes.render(shapes.layout_scene(entry.record, cfg.size, rng), cfg.size)
         layout.prepare(entry)
         save_image(image, layout.image_path(entry, 0))
