@@ -7,7 +7,6 @@ Run folders are stage two's (``stage2_train/run_info.py``); the CLI sends them t
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -18,7 +17,6 @@ from semroute.shared.store import (
     TEXT_KIND,
     DoneFlags,
     dir_size,
-    is_url,
     join,
     open_group,
     read_attrs,
