@@ -52,6 +52,7 @@ from semroute.shared.latent_store import (
     read_skipped,
 )
 from semroute.shared.manifest import Problem
+from semroute.shared.remote import STATS as remote_stats
 from semroute.shared.sources import ImageRange, read_image_bytes, read_source, split_locator
 from semroute.shared.distributed import ProcessInfo, process_info
 from semroute.shared.store import dir_size, read_parquet, store_exists
@@ -517,7 +518,8 @@ def _encode_units(writer: LatentCacheWriter, encoder: LatentEncoder, opts: im.Im
             remaining[0] -= len(ks) + len(failures)
             bar.update(len(ks) + len(failures))
             rate = encoded / max(time.perf_counter() - t_start, 1e-9)
-            bar.set_postfix_str(f"{rate:.1f} img/s encoded, {failed} skipped", refresh=False)
+            retries = f", {remote_stats.retries} storage retries" if remote_stats.retries else ""
+            bar.set_postfix_str(f"{rate:.1f} img/s encoded, {failed} skipped{retries}", refresh=False)
             if remaining[0] == 0:
                 background.put(units[u], payload)
                 del buffers[u]

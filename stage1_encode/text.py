@@ -469,5 +469,8 @@ def _run(encoder: TextEncoder, captions: list[int], texts: IndexTexts, lengths: 
 
 
 def _postfix(bar, n_captions: int, n_tokens: int, t_start: float) -> None:
+    from semroute.shared.remote import STATS
+
     dt = max(time.perf_counter() - t_start, 1e-9)
-    bar.set_postfix_str(f"{n_captions / dt:.1f} cap/s", refresh=False)
+    retries = f", {STATS.retries} storage retries" if STATS.retries else ""
+    bar.set_postfix_str(f"{n_captions / dt:.1f} cap/s{retries}", refresh=False)

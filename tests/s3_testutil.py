@@ -17,8 +17,13 @@ class LoopbackS3:
     ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
            "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 
-    def __init__(self):
+    def __init__(self, separate_process: bool = False):
+        """``separate_process``: run the server as its own process (``python -m moto.server``), so that its
+        Python work does not share this process's GIL (benchmarks); no fault switch then."""
         from moto.server import ThreadedMotoServer
+
+        self.separate_process = separate_process
+        self.process = None
 
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -75,11 +80,30 @@ class LoopbackS3:
         os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                           AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=self.endpoint,
                           AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-        self.server.start()
+        if self.separate_process:
+            import subprocess
+            import sys
+            import time
+
+            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                             str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.2)
+        else:
+            self.server.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.stop()
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        else:
+            self.server.stop()
         for k, v in self._saved.items():
             if v is None:
                 os.environ.pop(k, None)

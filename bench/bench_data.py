@@ -1,0 +1,220 @@
+"""Benchmarks for data at scale (issue 16), each measured side by side in one run.
+
+1. Reader throughput, captions/s over random batches of 64, from a loopback S3 server (moto's server, its own process on
+   127.0.0.1, started here) against the local reader on the same cache: local cold (page cache dropped with
+   posix_fadvise) and warm; S3 cold (ranged reads of the inner chunks) and with the node-local shard cache
+   warm. Each batch read one caption after another, and with 16 threads (how a loader can overlap requests).
+2. ``encode-images`` from WebDataset tar shards against the same JPEGs as files + manifest (pixel codec).
+3. ``encode-text --append`` of 10% new captions against a full encode of all of them (SmolLM2, float32).
+
+    python bench/bench_data.py [--captions 1200] [--images 400] [--append-captions 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+import conftest  # noqa: E402,F401  (imports semroute from this checkout)
+
+from semroute.shared import remote  # noqa: E402
+from semroute.shared.store import TextCacheReader, TextCacheWriter  # noqa: E402
+
+
+# -- 1. reader ------------------------------------------------------------------------------------
+def synthetic_text_cache(location: str, n: int, layers: int, hidden: int, seed: int = 0) -> None:
+    """A text cache of random bf16 features with caption lengths like real ones (8..72 tokens)."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(8, 73, n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    index = pa.table({"caption": np.arange(n), "sample_id": [str(i) for i in range(n)],
+                      "start": offsets[:-1], "n_tokens": lengths.astype(np.int32)})
+    fp = {"compute_dtype": "bfloat16", "layers": list(range(1, layers + 1))}
+    w = TextCacheWriter.create(location, offsets=offsets, index=index, fingerprint=fp, n_layers=layers,
+                               hidden_size=hidden, storage="exact", shard_bytes=8 << 20, chunk_bytes=128 << 10,
+                               input_sha256="bench")
+    g = torch.Generator().manual_seed(seed)
+    for s in range(w.layout.n_shards):
+        a, b = w.layout.shard_rows(s)
+        w.write_shard(s, torch.randn((b - a, layers, hidden), generator=g).to(torch.bfloat16))
+    w.write_null(torch.zeros((3, layers, hidden), dtype=torch.bfloat16), text="")
+    w.finish()
+
+
+def drop_page_cache(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def opened(reader: TextCacheReader) -> TextCacheReader:
+    """The reader with its metadata read (attributes, offsets, array headers): a once-per-run cost."""
+    reader.offsets, reader.lengths, reader._arrays()
+    return reader
+
+
+def read_rate(reader: TextCacheReader, batches: list[np.ndarray], threads: int) -> float:
+    opened(reader)
+    t0 = time.perf_counter()
+    if threads <= 1:
+        for batch in batches:
+            for i in batch:
+                reader.caption(int(i))
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            for batch in batches:
+                list(pool.map(lambda i: reader.caption(int(i)), batch))
+    return sum(len(b) for b in batches) / (time.perf_counter() - t0)
+
+
+def bench_reader(tmp: Path, n: int, n_batches: int) -> dict:
+    from s3_testutil import LoopbackS3
+
+    layers, hidden = 8, 256
+    local = tmp / "r.text.zarr"
+    synthetic_text_cache(str(local), n, layers, hidden)
+    rng = np.random.default_rng(1)
+    out = {"captions": n, "layers": layers, "hidden": hidden, "bytes": sum(p.stat().st_size for p in local.rglob("*")
+                                                                          if p.is_file())}
+    with LoopbackS3(separate_process=True) as s3:
+        s3.make_bucket("bench")
+        url = "s3://bench/r.text.zarr"
+        t0 = time.perf_counter()
+        synthetic_text_cache(url, n, layers, hidden)  # same seed: the same bytes
+        out["upload_s"] = round(time.perf_counter() - t0, 1)
+        for threads in (1, 16):
+            # Fresh batches per measurement, so nothing measured re-reads what the previous one fetched.
+            picks = lambda: [rng.choice(n, 64, replace=False) for _ in range(n_batches)]  # noqa: E731
+            drop_page_cache(local)
+            r = {"local_cold": read_rate(TextCacheReader(local), picks(), threads)}
+            reader = TextCacheReader(local)
+            read_rate(reader, [np.arange(n)], 1)  # everything in the page cache
+            r["local_warm"] = read_rate(reader, picks(), threads)
+            r["s3_cold"] = read_rate(TextCacheReader(url), picks(), threads)
+            cache = remote.ShardCache(tmp / f"shards{threads}", max_bytes=4 * out["bytes"])
+            warmup = TextCacheReader(url, shard_cache=cache)
+            read_rate(warmup, [np.arange(n)], 16)
+            cache.wait()
+            r["s3_cache_warm"] = read_rate(TextCacheReader(url, shard_cache=cache), picks(), threads)
+            r["ratio_cold"] = r["s3_cold"] / r["local_cold"]
+            r["ratio_warm"] = r["s3_cache_warm"] / r["local_warm"]
+            out[f"threads_{threads}"] = {k: round(v, 3 if k.startswith("ratio") else 1) for k, v in r.items()}
+        out["retries"] = remote.STATS.retries
+    return out
+
+
+# -- 2. encode-images from tars ---------------------------------------------------------------------
+def bench_tars(tmp: Path, n: int) -> dict:
+    from images_testutil import random_rgb
+
+    from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
+
+    folder, shards = tmp / "imgs", tmp / "wds"
+    folder.mkdir()
+    shards.mkdir()
+    records = []
+    for i in range(n):
+        random_rgb(160, 128, seed=i).save(folder / f"{i:05d}.jpg", quality=90)
+        records.append({"id": f"{i:05d}", "image": str(folder / f"{i:05d}.jpg")})
+    (tmp / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    per = 100
+    for s in range(0, n, per):
+        with tarfile.open(shards / f"d-{s // per:04d}.tar", "w") as tf:
+            for r in records[s: s + per]:
+                tf.add(r["image"], arcname=f"{r['id']}.jpg")
+                data = f"caption {r['id']}".encode()
+                info = tarfile.TarInfo(f"{r['id']}.txt")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    spec = str(shards / f"d-{{0000..{(n - 1) // per:04d}}}.tar")
+    common = dict(vae="pixel", resolution=64, device="cpu", workers=1, progress=False)
+    times = {}
+    for rnd in range(2):  # alternate, best of two each
+        for name, data in (("files", str(tmp / "m.jsonl")), ("tars", spec)):
+            t0 = time.perf_counter()
+            encode_images(EncodeImagesConfig(data=data, out=str(tmp / f"{name}{rnd}.zarr"), **common))
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    return {"images": n, "files_s": round(best["files"], 2), "tars_s": round(best["tars"], 2),
+            "images_per_s_files": round(n / best["files"], 1), "images_per_s_tars": round(n / best["tars"], 1),
+            "ratio": round(best["files"] / best["tars"], 3)}
+
+
+# -- 3. encode-text --append ------------------------------------------------------------------------
+def bench_append(tmp: Path, n: int) -> dict:
+    from testkit import random_captions
+
+    from semroute.shared.llm import load_llm
+    from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+
+    llm = load_llm("smollm2", device="cpu", dtype="float32")
+    records = [{**r, "id": f"s{i}"} for i, r in enumerate(random_captions(n + n // 10, seed=7))]
+
+    def manifest(name, recs):
+        (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return str(tmp / name)
+
+    full, old, new = manifest("all.jsonl", records), manifest("old.jsonl", records[:n]), manifest("new.jsonl", records[n:])
+    common = dict(llm="smollm2", dtype="float32", storage="bf16", device="cpu", progress=False, layers="all")
+    encode_text(EncodeTextConfig(data=old, out=str(tmp / "grown.zarr"), **common), llm=llm)
+    t0 = time.perf_counter()
+    encode_text(EncodeTextConfig(data=new, out=str(tmp / "grown.zarr"), append=True, **common), llm=llm)
+    t_append = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    encode_text(EncodeTextConfig(data=full, out=str(tmp / "full.zarr"), **common), llm=llm)
+    t_full = time.perf_counter() - t0
+    a, b = TextCacheReader(tmp / "grown.zarr"), TextCacheReader(tmp / "full.zarr")
+    return {"captions_full": b.n_captions, "captions_appended": b.n_captions - TextCacheReader(
+        tmp / "grown.zarr").attrs["segments"][1]["first_caption"], "append_s": round(t_append, 2),
+            "full_s": round(t_full, 2), "ratio": round(t_append / t_full, 3),
+            "same_captions": a.n_captions == b.n_captions}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--captions", type=int, default=1200)
+    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--append-captions", type=int, default=300)
+    ap.add_argument("--only", default="reader,tars,append")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if "reader" in args.only:
+            (tmp / "reader").mkdir()
+            out["reader"] = bench_reader(tmp / "reader", args.captions, args.batches)
+            print(json.dumps(out["reader"], indent=1), flush=True)
+        if "tars" in args.only:
+            (tmp / "tars").mkdir()
+            out["tars"] = bench_tars(tmp / "tars", args.images)
+            print(json.dumps(out["tars"], indent=1), flush=True)
+        if "append" in args.only:
+            (tmp / "append").mkdir()
+            out["append"] = bench_append(tmp / "append", args.append_captions)
+            print(json.dumps(out["append"], indent=1), flush=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
