@@ -184,6 +184,7 @@ def encode_images_cmd(
     id_key: IdKey = "id",
     input_format: InputFormat = "auto",
     storage_options: StorageOptions = None,
+    append: Annotated[bool, typer.Option("--append", help="Add DATA's images to the existing cache --out (same autoencoder and settings; new shards only; run again to continue an interrupted append).")] = False,
     skip_bad: SkipBad = False,
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -218,7 +219,7 @@ def encode_images_cmd(
         allow_outside_root=allow_outside_root, image_key=image_key, id_key=id_key,
         background=background, allow_upscale=allow_upscale, max_pixels=max_pixels, resample=resample, dtype=dtype,
         device=device, batch_size=batch_size, workers=workers, shard_mb=shard_mb, input_format=input_format,
-        storage_options=_storage_options(storage_options), skip_bad=skip_bad, resume=resume,
+        storage_options=_storage_options(storage_options), skip_bad=skip_bad, resume=resume, append=append,
         overwrite=overwrite, estimate=estimate, progress=not no_progress,
     )
     summary = encode_images(cfg)

@@ -223,6 +223,59 @@ class LatentCacheWriter:
                                 f"writes {FORMAT_VERSION}; start a new cache")
         return cls(location, group, attrs)
 
+    def append(self, *, buckets: list[Bucket], index, input_sha256: str, source: str, skipped: list[dict]) -> None:
+        """Grow a finished cache by new images: ``buckets`` as planned for the new images alone (rows from 0),
+        ``index`` their rows of index.parquet. In a bucket the cache has, the new rows start at its next
+        shard boundary (no written shard file changes; the rows between are never referenced by the
+        index); new buckets get new arrays. Marked incomplete first; encoding the new units and
+        ``finish()`` complete it. Safe to run again after a crash (it starts over from the saved state)."""
+        import pyarrow as pa
+
+        marker = self.attrs.get("appending")
+        if marker is None:
+            marker = {"source": source, "input_sha256": input_sha256, "buckets_before": self.attrs["buckets"],
+                      "n_records_before": self.attrs["n_records"], "segments_before": self.attrs.get("segments") or [
+                          {"source": self.attrs.get("source"), "first_record": 0, "n_records": self.attrs["n_records"],
+                           "input_sha256": self.attrs["input_sha256"]}]}
+            update_attrs(self.group, complete=False, appending=marker)
+        before = {b["name"]: Bucket.from_attrs(b) for b in marker["buckets_before"]}
+        out = dict(before)
+        shift: dict[str, int] = {}
+        for new in buckets:
+            old = before.get(new.name)
+            if old is None:  # a bucket the cache did not have
+                for name in self.arrays:
+                    create_sharded_array(self.group, f"buckets/{new.name}/{name}", (new.rows, *new.latent_shape),
+                                         self.storage.numpy_dtype, new.layout)
+                create_sharded_array(self.group, f"buckets/{new.name}/status", (new.rows,), np.uint8,
+                                     ShardLayout(new.rows, new.layout.rows_per_shard, new.layout.rows_per_shard))
+                DoneFlags(self.group, new.name, new.layout.n_shards)
+                out[new.name], shift[new.name] = new, 0
+                continue
+            start = old.layout.n_shards * old.layout.rows_per_shard
+            rows = start + new.rows
+            layout = ShardLayout(rows, old.layout.rows_per_shard, old.layout.rows_per_chunk)
+            for name in [*self.arrays, "status"]:
+                arr = self.group[f"buckets/{new.name}/{name}"]
+                arr.resize((rows, *arr.shape[1:]))  # metadata only: existing shard files stay as they are
+            self.group[f"progress/{new.name}"].resize((layout.n_shards,))
+            out[new.name], shift[new.name] = Bucket(old.name, old.width, old.height, old.latent_shape, rows, layout), start
+        n_before = int(marker["n_records_before"])
+        rows_col = [None if b is None else int(r) + shift[b] for b, r in
+                    zip(index.column("bucket").to_pylist(), index.column("row").to_pylist())]
+        new_index = index.set_column(index.schema.get_field_index("row"), "row", pa.array(
+            [-1 if r is None else r for r in rows_col], pa.int64()))
+        old_index = read_parquet(self.location, "index.parquet").slice(0, n_before)
+        write_skipped(self.location, read_skipped(self.location) + skipped)
+        write_parquet(self.location, "index.parquet", pa.concat_tables([old_index, new_index.select(
+            old_index.column_names)], promote_options="default"))
+        segments = marker["segments_before"] + [{"source": source, "first_record": n_before,
+                                                 "n_records": index.num_rows, "input_sha256": input_sha256}]
+        update_attrs(self.group, buckets=[b.to_attrs() for b in out.values()], n_records=n_before + index.num_rows,
+                     n_planned=sum(b.rows for b in out.values()), input_sha256=input_sha256, segments=segments,
+                     appending=None, complete=False)
+        self.__init__(self.location, self.group, dict(self.group.attrs)[ATTR_KEY])
+
     # -- work units ------------------------------------------------------------------------------
     def units(self) -> list[tuple[int, int]]:
         return [(k, s) for k, b in enumerate(self.buckets) for s in range(b.layout.n_shards)]
@@ -549,7 +602,8 @@ def verify_latent_cache(path: str, attrs: dict) -> tuple[int, list[str]]:
             if name is not None:
                 per_bucket[name] = per_bucket.get(name, 0) + 1
         for b in buckets:
-            if per_bucket.get(b.name) != b.rows:
+            # An appended cache has unused rows before each appended part (no index entry names them).
+            if per_bucket.get(b.name, 0) > b.rows if attrs.get("segments") else per_bucket.get(b.name) != b.rows:
                 problems.append(f"{path}/index.parquet: {per_bucket.get(b.name)} rows in bucket {b.name}, "
                                 f"its arrays hold {b.rows}")
         checked += 1

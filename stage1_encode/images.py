@@ -88,6 +88,7 @@ class EncodeImagesConfig:
     chunk_kb: float = 64.0
     skip_bad: bool = False  # bad manifest records (bad images are always skipped and reported)
     resume: bool = False
+    append: bool = False  # add the images of `data` to the existing cache `out` (new shards only)
     overwrite: bool = False
     estimate: bool = False
     progress: bool = True
@@ -319,14 +320,14 @@ def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -
     # 1. Create or resume? (rank 0 decides; a resume checks the fingerprint and the manifest.)
     action = "create" if cfg.estimate else proc.run_on_main(lambda: _decide(cfg, want, sha))
 
-    # 2. Plan from headers: each rank reads its slice, rank 0 assembles, sizes and creates the store.
-    if action == "create":
+    # 2. Plan from headers: each rank reads its slice, rank 0 assembles, sizes and creates (or grows) the store.
+    if action in ("create", "append"):
         n, r, w = len(paths), proc.rank, proc.world_size
         mine = probe_all(paths[n * r // w: n * (r + 1) // w], opts, cfg.probe_threads, show,
                          ranges=ranges[n * r // w: n * (r + 1) // w], storage_options=cfg.storage_options)
         probes = [p for part in proc.gather_object(mine) for p in part]
         result = proc.run_on_main(lambda: _plan_and_create(cfg, info, opts, want, sha, records, paths, probes,
-                                                          manifest.problems, ranges))
+                                                          manifest.problems, ranges, grow=action == "append"))
         if cfg.estimate:
             return result if proc.is_main else {}
 
@@ -368,6 +369,21 @@ def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -
 
 def _decide(cfg: EncodeImagesConfig, want: dict, sha: str) -> str:
     exists = store_exists(cfg.out)
+    if cfg.append:
+        if not exists:
+            raise SemrouteError(f"cannot append to {cfg.out}: there is no cache there (run without --append to "
+                                "create it)")
+        writer = LatentCacheWriter.open(cfg.out)
+        require_match(writer.attrs["fingerprint"], want, sorted(want), f"cannot append to {cfg.out}: the existing cache")
+        segments = writer.attrs.get("segments") or []
+        if len(segments) > 1 and segments[-1]["input_sha256"] == sha and not writer.attrs.get("complete"):
+            return "resume"  # this append's units are planned: encode the ones still missing
+        if (writer.attrs.get("appending") or {}).get("input_sha256") == sha:
+            return "append"  # stopped while growing the arrays: grow them again
+        if not writer.attrs.get("complete"):
+            raise SemrouteError(f"cannot append to {cfg.out}: it is not complete. Finish it first (the run that made "
+                                "it with --resume, or the unfinished --append with the same data).")
+        return "append"
     if exists and cfg.resume and not cfg.overwrite:
         writer = LatentCacheWriter.open(cfg.out)
         require_match(writer.attrs["fingerprint"], want, sorted(want), f"cannot resume {cfg.out}: the existing cache")
@@ -384,10 +400,25 @@ def _decide(cfg: EncodeImagesConfig, want: dict, sha: str) -> str:
     return "create"
 
 
-def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problems, ranges=None):
+def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problems, ranges=None, grow=False):
     plan = build_plan(records, paths, probes, opts, problems, ranges)
     storage = LatentStorage(want["stored_dtype"])
     buckets = plan_buckets(plan, opts, info, storage.numpy_dtype.itemsize, cfg)
+    if grow:
+        writer = LatentCacheWriter.open(cfg.out)
+        if writer.attrs.get("appending") is None:  # ids must be unique over the grown cache
+            have = read_parquet(cfg.out, "index.parquet", columns=["sample_id"]).column("sample_id").to_pylist()
+            sources = writer.attrs.get("segments") or [{"source": writer.attrs.get("source"), "first_record": 0}]
+            known = {sid: k for k, sid in enumerate(have)}
+            for rec in records:
+                if rec.sample_id in known:
+                    k = known[rec.sample_id]
+                    first = max((s for s in sources if s["first_record"] <= k), key=lambda s: s["first_record"])
+                    raise SemrouteError(f"cannot append {cfg.data} to {cfg.out}: sample id {rec.sample_id!r} (line "
+                                        f"{rec.line}) is already in the cache, from {first['source']}. Sample ids "
+                                        "must be unique across all the data of a cache.")
+        writer.append(buckets=buckets, index=plan.index, input_sha256=sha, source=str(cfg.data), skipped=plan.skipped)
+        return None
     if cfg.estimate:
         return {"estimate": estimate_images(plan, buckets, info, cfg), "skipped": plan.skipped}
     if not buckets:

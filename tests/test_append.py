@@ -106,3 +106,38 @@ def test_a_run_refuses_a_grown_cache_unless_allowed(tmp_path, tiny_llama_dir):
     from semroute.stage2_train.data import PairedCaches
 
     assert len(PairedCaches(str(text), str(latents), text_layers=None)) == 24
+
+
+def test_encode_images_append_new_shards_and_new_buckets(tmp_path):
+    from images_testutil import write_images
+
+    from semroute.shared.latent_store import LatentCacheReader
+    from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
+
+    # Sizes cycle through 3 aspect ratios: with auto buckets the first part fills some buckets, the second
+    # adds rows to them (and one image of a new shape makes a new bucket).
+    records = [{**r, "image": str(tmp_path / "imgs" / r["image"])} for r in write_images(tmp_path / "imgs", 14)]
+    from images_testutil import random_rgb
+
+    random_rgb(96, 40, seed=99).save(tmp_path / "imgs" / "wide.jpg")
+    records.append({"id": "wide", "image": str(tmp_path / "imgs" / "wide.jpg")})
+    old, new = write_manifest(tmp_path / "old.jsonl", records[:10]), write_manifest(tmp_path / "new.jsonl", records[10:])
+    full = write_manifest(tmp_path / "all.jsonl", records)
+    common = dict(vae="pixel", resolution=32, buckets="auto:3", device="cpu", workers=0, progress=False, shard_mb=0.005)
+    cache = tmp_path / "l.zarr"
+    encode_images(EncodeImagesConfig(data=str(old), out=str(cache), **common))
+    before = {str(p.relative_to(cache)): hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in (cache / "buckets").rglob("c/*") if p.is_file()}
+    n_buckets = len(LatentCacheReader(cache).buckets)
+    encode_images(EncodeImagesConfig(data=str(new), out=str(cache), append=True, **common))
+    after = {str(p.relative_to(cache)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in (cache / "buckets").rglob("c/*") if p.is_file()}
+    assert {k: after[k] for k in before} == before  # no written shard file changed
+    encode_images(EncodeImagesConfig(data=str(full), out=str(tmp_path / "full.zarr"), **common))
+    a, b = LatentCacheReader(cache), LatentCacheReader(tmp_path / "full.zarr")
+    assert len(a.buckets) > n_buckets and sorted(a.sample_ids) == sorted(b.sample_ids)
+    for sid in b.sample_ids:
+        assert torch.equal(a.stored(a.position(sid))["latent"], b.stored(b.position(sid))["latent"])
+    assert verify(str(cache))[1] == []
+    with pytest.raises(SemrouteError, match=r"sample id 's10' \(line 1\) is already in the cache, from .*new\.jsonl"):
+        encode_images(EncodeImagesConfig(data=str(new), out=str(cache), append=True, **common))
