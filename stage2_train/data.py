@@ -376,7 +376,8 @@ class _ThreadedBatches:
         self.rings: list[queue.Queue] = [queue.Queue() for _ in range(n)]
         if loader.pin_memory:
             for ring in self.rings:
-                for _ in range(loader.depth + 3):  # queued + being built + being copied + in the step
+                for _ in range(loader.depth + 1):  # queued + being built; a slot whose copy is still
+                    # running is back in the ring with its event, which the builder waits for
                     ring.put((HostSlot(pin=True), None))
         self.threads = [threading.Thread(target=self._work, args=(w, n), daemon=True, name=f"semroute-loader-{w}")
                         for w in range(n)]
