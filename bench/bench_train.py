@@ -402,7 +402,7 @@ def main() -> None:
     # (c) compute only: exactly the batches (a) will load, in the same order, already on the device and
     # decoded (the plan and every per-sample draw are seeded, so a fresh loader yields the same batches).
     n = args.warmup + args.steps
-    preload_feed = feed(batch_size, 0)
+    preload_feed = feed(batch_size, args.workers)
     preloaded = [next(preload_feed) for _ in range(n)]
     import gc
 
