@@ -149,9 +149,10 @@ class TrainConfig:
     """Stop (with a checkpoint) after this much training time."""
     seed: int = 0
     num_workers: int = 1
-    """DataLoader worker processes (each opens the caches itself). On an H100 a batch of the paper preset
-    was read in ~0.025 s against a 0.22 s step, and more workers slowed the training process itself
-    (bench/RESULTS.md, training runs 1-7)."""
+    """Batch builders per process: threads (loader: thread) or DataLoader worker processes (loader:
+    process, each opening the caches itself); 0 builds each batch in the training thread when needed.
+    On an H100 a batch of the paper preset was read in ~0.025 s against a 0.22 s step, and more worker
+    processes slowed the training process itself (bench/RESULTS.md, training runs 1-7)."""
     loader: str = "thread"
     """How num_workers build batches: thread (threads of the training process, into reused pinned
     buffers; reads, checksums and copies release the GIL) or process (DataLoader worker processes)."""
