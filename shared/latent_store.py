@@ -266,7 +266,8 @@ class LatentCacheWriter:
         new_index = index.set_column(index.schema.get_field_index("row"), "row", pa.array(
             [-1 if r is None else r for r in rows_col], pa.int64()))
         old_index = read_parquet(self.location, "index.parquet").slice(0, n_before)
-        write_skipped(self.location, read_skipped(self.location) + skipped)
+        have = read_skipped(self.location)
+        write_skipped(self.location, have + [e for e in skipped if e not in have])  # a rerun adds nothing twice
         write_parquet(self.location, "index.parquet", pa.concat_tables([old_index, new_index.select(
             old_index.column_names)], promote_options="default"))
         segments = marker["segments_before"] + [{"source": source, "first_record": n_before,

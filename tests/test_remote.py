@@ -4,7 +4,6 @@ info/verify/train work on URLs, faults give errors naming the URL, transient 503
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from s3_testutil import LoopbackS3
@@ -172,3 +171,35 @@ def test_train_from_s3_caches_with_a_shard_cache(caches, tmp_path):
                       cache_dir=str(tmp_path / "shards"), cache_size="1G"), progress=False)
     assert (tmp_path / "run" / "checkpoints" / "step-0000003").exists()
     assert list((tmp_path / "shards").glob("*/*.shard"))
+
+
+def test_encode_images_from_webdataset_shards_on_s3(s3, tmp_path):
+    import io
+    import tarfile
+
+    from images_testutil import random_rgb
+
+    fs, _ = remote.filesystem("s3://bkt/wds/x")
+    for s in range(2):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for j in range(3):
+                for name, data in ((f"k{s}{j}.png", _png(random_rgb(40, 40, seed=10 * s + j))),
+                                   (f"k{s}{j}.txt", f"caption {s}{j}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        fs.pipe_file(f"bkt/wds/d-{s}.tar", buf.getvalue())
+    out = tmp_path / "l.zarr"
+    encode_images(EncodeImagesConfig(data="s3://bkt/wds/d-{0..1}.tar", out=str(out), vae="pixel", resolution=32,
+                                     device="cpu", workers=0, progress=False))
+    reader = LatentCacheReader(out)
+    assert reader.sample_ids == [f"k{s}{j}" for s in range(2) for j in range(3)]
+
+
+def _png(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
