@@ -48,6 +48,14 @@ class Manifest:
     path: str
     records: list[Record]
     problems: list[Problem] = field(default_factory=list)
+    positional_ids: bool = False
+    """Some records had no id, so their position is their id: two caches join correctly only when both were
+    made from the same file content (``content_sha256``)."""
+    content_sha256: str | None = None
+
+    def id_source(self) -> dict:
+        """What a cache records about its sample ids (checked when two caches are joined)."""
+        return {"positional": self.positional_ids, "content_sha256": self.content_sha256}
 
     @property
     def n_captions(self) -> int:
@@ -157,6 +165,7 @@ def read_manifest(
     records: list[Record] = []
     problems: list[Problem] = []
     seen_ids: dict[str, int] = {}
+    positional = False
 
     for position, (line, value) in enumerate(_iter_raw_records(path, raw)):
         try:
@@ -171,6 +180,7 @@ def read_manifest(
                 sample_id = str(raw_id)
             else:
                 sample_id = str(position)
+                positional = True
             texts: tuple[str, ...] = ()
             if need_text:
                 if text_key not in value:
@@ -196,7 +206,10 @@ def read_manifest(
     if not records:
         detail = f" ({len(problems)} bad records, first: {problems[0]})" if problems else ""
         raise ManifestError(f"{path}: no usable records{detail}")
-    return Manifest(path=path, records=records, problems=problems)
+    import hashlib
+
+    return Manifest(path=path, records=records, problems=problems, positional_ids=positional,
+                    content_sha256=hashlib.sha256(raw).hexdigest())
 
 
 def write_problem_report(problems: list[Problem], out_path: str | Path) -> None:

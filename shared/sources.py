@@ -231,12 +231,14 @@ class _Collector:
         self.records.append(record)
         self.ranges.append(image_range)
 
-    def result(self, path: str, kind: str) -> Source:
+    def result(self, path: str, kind: str, content_sha256: str | None = None) -> Source:
+        """``content_sha256``: given when ids are row positions (see :meth:`Manifest.id_source`)."""
         if not self.records:
             detail = f" ({len(self.problems)} bad records, first: {self.problems[0]})" if self.problems else ""
             raise ManifestError(f"{path}: no usable records{detail}")
         ranges = self.ranges if any(r is not None for r in self.ranges) else None
-        return Source(path=path, records=self.records, problems=self.problems, kind=kind, ranges=ranges)
+        return Source(path=path, records=self.records, problems=self.problems, kind=kind, ranges=ranges,
+                      positional_ids=content_sha256 is not None, content_sha256=content_sha256)
 
 
 def _caption_text(raw: bytes, where: str) -> str:
@@ -368,10 +370,20 @@ def read_table(files: list[str], kind: str, *, text_key: str, image_key: str, id
                need_image: bool, skip_bad: bool, storage_options: dict | None = None) -> Source:
     import pyarrow as pa
 
+    import hashlib
+
     out = _Collector(skip_bad)
     position = 0
+    content = hashlib.sha256()  # of every table's content, for ids taken from row positions
+    positional = False
     for path in files:
         table = _table(path, kind, storage_options)
+        if id_key not in table.column_names:
+            positional = True
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as stream:
+                stream.write_table(table)
+            content.update(sink.getvalue())
         needed = ([text_key] if need_text else []) + ([image_key] if need_image else [])
         missing = [c for c in needed if c not in table.column_names]
         if missing:
@@ -408,7 +420,8 @@ def read_table(files: list[str], kind: str, *, text_key: str, image_key: str, id
                 continue
             out.add(Record(sample_id=sample_id, line=line, texts=texts, image=image), f"{path} row {row}")
         position += table.num_rows
-    return out.result(files[0] if len(files) == 1 else f"{files[0]} ... ({len(files)} files)", kind)
+    return out.result(files[0] if len(files) == 1 else f"{files[0]} ... ({len(files)} files)", kind,
+                      content.hexdigest() if positional else None)
 
 
 def read_source(data: str | os.PathLike, *, kind: str = "auto", text_key: str = "text", image_key: str = "image",
@@ -427,7 +440,8 @@ def read_source(data: str | os.PathLike, *, kind: str = "auto", text_key: str = 
     if kind == "manifest":
         m = read_manifest(files[0], text_key=text_key, image_key=image_key, id_key=id_key, need_text=need_text,
                           need_image=need_image, skip_bad=skip_bad)
-        return Source(path=m.path, records=m.records, problems=m.problems, kind="manifest")
+        return Source(path=m.path, records=m.records, problems=m.problems, kind="manifest",
+                      positional_ids=m.positional_ids, content_sha256=m.content_sha256)
     if kind == "folder":
         if not Path(files[0]).is_dir():
             raise SemrouteError(f"{files[0]} is not a folder")

@@ -327,7 +327,8 @@ def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -
                          ranges=ranges[n * r // w: n * (r + 1) // w], storage_options=cfg.storage_options)
         probes = [p for part in proc.gather_object(mine) for p in part]
         result = proc.run_on_main(lambda: _plan_and_create(cfg, info, opts, want, sha, records, paths, probes,
-                                                          manifest.problems, ranges, grow=action == "append"))
+                                                          manifest.problems, ranges, grow=action == "append",
+                                                          id_source=manifest.id_source()))
         if cfg.estimate:
             return result if proc.is_main else {}
 
@@ -400,7 +401,8 @@ def _decide(cfg: EncodeImagesConfig, want: dict, sha: str) -> str:
     return "create"
 
 
-def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problems, ranges=None, grow=False):
+def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problems, ranges=None, grow=False,
+                     id_source=None):
     plan = build_plan(records, paths, probes, opts, problems, ranges)
     storage = LatentStorage(want["stored_dtype"])
     buckets = plan_buckets(plan, opts, info, storage.numpy_dtype.itemsize, cfg)
@@ -427,7 +429,7 @@ def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problem
     LatentCacheWriter.create(
         cfg.out, buckets=buckets, arrays=["mean", "logvar"] if info.posterior == "gaussian" else ["latent"],
         stored_dtype=storage.stored_dtype, index=plan.index, fingerprint=want, input_sha256=sha,
-        skipped=plan.skipped, extra={"source": str(cfg.data)},
+        skipped=plan.skipped, extra={"source": str(cfg.data), "sample_ids": id_source or {}},
         vae={"scaling_factor": info.scaling_factor, "shift_factor": info.shift_factor,
              "latent_channels": info.latent_channels, "downsample": info.downsample},
     )

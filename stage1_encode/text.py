@@ -87,6 +87,7 @@ class CaptionPlan:
     n_truncated: int
     input_sha256: str
     problems: list = field(default_factory=list)
+    id_source: dict = field(default_factory=dict)  # Manifest.id_source(): positional ids and the file's sha256
 
 
 def build_plan(cfg: EncodeTextConfig, encoder: TextEncoder, progress: bool = True) -> CaptionPlan:
@@ -127,7 +128,7 @@ def build_plan(cfg: EncodeTextConfig, encoder: TextEncoder, progress: bool = Tru
         "truncated": pa.array(truncated),
     })
     input_sha = sha256_text("\n".join(f"{s}\t{h}\t{k}" for s, h, k in zip(sample_ids, shas, lengths.tolist())))
-    return CaptionPlan(offsets, index, int(truncated.sum()), input_sha, manifest.problems)
+    return CaptionPlan(offsets, index, int(truncated.sum()), input_sha, manifest.problems, manifest.id_source())
 
 
 def plan_batches(captions: np.ndarray, lengths: np.ndarray, batch_tokens: int, max_batch: int,
@@ -379,7 +380,8 @@ def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: Caption
     elif exists and not cfg.overwrite:
         raise SemrouteError(f"{cfg.out} already exists. Pass --resume to continue it, or --overwrite to replace it.")
     else:
-        extra = {"n_truncated": plan.n_truncated, "n_bad_records": len(plan.problems), "source": str(cfg.data)}
+        extra = {"n_truncated": plan.n_truncated, "n_bad_records": len(plan.problems), "source": str(cfg.data),
+                 "sample_ids": plan.id_source}
         writer = TextCacheWriter.create(
             cfg.out, offsets=plan.offsets, index=plan.index, fingerprint=fingerprint,
             n_layers=len(encoder.layers), hidden_size=encoder.llm.hidden_size, storage=cfg.storage,

@@ -32,6 +32,22 @@ def _seed(*parts: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
+def check_id_sources(text_cache: str, text_attrs: dict, latent_cache: str, latent_attrs: dict) -> None:
+    """Ids that are record positions join correctly only when both caches were made from the same file
+    content: two manifests without ``id`` listing the images in other orders would pair every caption with
+    another sample's image. (Caches written before ids were described carry no ``sample_ids`` entry.)"""
+    a, b = text_attrs.get("sample_ids") or {}, latent_attrs.get("sample_ids") or {}
+    if not (a.get("positional") or b.get("positional")):
+        return
+    if a.get("content_sha256") is None or a.get("content_sha256") != b.get("content_sha256"):
+        which = " and ".join(name for name, ids in ((text_cache, a), (latent_cache, b)) if ids.get("positional"))
+        raise SemrouteError(
+            f"{which} joined by record position (no 'id' in the data), but {text_cache} and {latent_cache} were "
+            f"encoded from different data ({text_attrs.get('source')} sha256 {str(a.get('content_sha256'))[:12]}, "
+            f"{latent_attrs.get('source')} sha256 {str(b.get('content_sha256'))[:12]}): positions would pair "
+            "captions with other samples' images. Encode both from the same file, or give every record an 'id'")
+
+
 class PairedCaches(Dataset):
     """The samples present in both caches: one latent and one or more captions each.
 
@@ -47,6 +63,7 @@ class PairedCaches(Dataset):
         # shard_cache: a shared.remote.ShardCache, for caches on object storage
         self.text = TextCacheReader(text_cache, layers=text_layers, shard_cache=shard_cache)
         self.latents = LatentCacheReader(latent_cache, shard_cache=shard_cache)
+        check_id_sources(text_cache, self.text.attrs, latent_cache, self.latents.attrs)
         self.seed = seed
         self.caption_dropout = caption_dropout
 

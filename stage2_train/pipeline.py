@@ -304,12 +304,13 @@ class SemroutePipeline(DiffusionPipeline):
 
 
 def _null_from_cache(text_cache: str) -> torch.Tensor | None:
-    from semroute.shared.store import TextCacheReader
+    """The stored null caption; None when the cache is gone (moved or deleted: the caller re-encodes it).
+    A cache that is there but damaged is an error, never silently replaced."""
+    from semroute.shared.store import TextCacheReader, is_url
 
-    try:
-        return TextCacheReader(text_cache).null()
-    except SemrouteError:
+    if not is_url(text_cache) and not Path(text_cache).exists():
         return None
+    return TextCacheReader(text_cache).null()
 
 
 def _vae_from_fingerprint(fp: dict):

@@ -12,7 +12,9 @@
     RUN/routing/step-NNNNNNN.png    routing heatmap (+ .csv) at every checkpoint; latest.png
 
 A checkpoint is written to a temporary folder (``.step-NNNNNNN.tmp``) and renamed when complete, so a
-crash never leaves a half checkpoint that ``--resume`` would pick up.
+crash never leaves a half checkpoint that ``--resume`` would pick up. Its last file, ``complete.json``,
+lists every file with its size and crc32c (checkpoint_files.py): ``--resume latest`` and the model
+loaders take the newest checkpoint whose files match it and name any damaged one they pass over.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from semroute.shared.errors import SemrouteError
-from semroute.stage2_train import models
+from semroute.stage2_train import checkpoint_files, models
 
 CHECKPOINT_PREFIX = "step-"
 TRAIN_STATE = "train_state.json"
@@ -34,7 +37,8 @@ def checkpoint_name(step: int) -> str:
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (Path(path) / TRAIN_STATE).exists() or (Path(path) / "model").is_dir()
+    path = Path(path)
+    return (path / TRAIN_STATE).exists() or (path / "model").is_dir() or (path / checkpoint_files.MANIFEST).exists()
 
 
 class RunFolder:
@@ -133,15 +137,35 @@ class RunFolder:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def newest_intact(self, under: str | None = None) -> Path | None:
+        """The newest checkpoint whose files (those below ``under``, e.g. ``model``) match its
+        ``complete.json``; each newer damaged one is named on stderr. None when there is no checkpoint; an
+        error when every one is damaged."""
+        found = self.checkpoints()
+        skipped = []
+        for ckpt in reversed(found):
+            bad = checkpoint_files.problems(ckpt, under=under)
+            if not bad:
+                for name, why in skipped:
+                    print(f"warning: skipping damaged checkpoint {name}: {why}", file=sys.stderr)
+                return ckpt
+            skipped.append((ckpt.name, "; ".join(bad[:3])))
+        if skipped:
+            raise checkpoint_files.DamagedCheckpoint(
+                f"every checkpoint of {self.path} is damaged: " + " | ".join(f"{n}: {w}" for n, w in skipped)
+                + ". Start a new --out")
+        return None
+
     def resolve_resume(self, resume: str | None) -> Path | None:
-        """``latest`` -> the newest complete checkpoint of the run (None for a new run); else a path."""
+        """``latest`` -> the newest intact checkpoint of the run (None for a new run); else a path."""
         if resume in (None, "", "no"):
             return None
         if resume == "latest":
-            return self.latest_checkpoint()
+            return self.newest_intact()
         path = Path(resume)
-        if not (path / TRAIN_STATE).exists():
+        if not is_checkpoint(path):
             raise SemrouteError(f"--resume {resume}: not a checkpoint folder (expected {self.path}/checkpoints/step-*)")
+        checkpoint_files.require_intact(path)
         return path
 
     def checkpoint(self, checkpoint: str | Path | None = None) -> Path:
@@ -162,9 +186,12 @@ class RunFolder:
         return json.loads((Path(checkpoint) / TRAIN_STATE).read_text())
 
     def model_dir(self, ema: bool = False, checkpoint: str | Path | None = None) -> Path:
-        """The diffusers model folder (``model/`` or ``model_ema/``) of a checkpoint (default: the newest)."""
-        ckpt = self.checkpoint(checkpoint)
+        """The diffusers model folder (``model/`` or ``model_ema/``) of a checkpoint (default: the newest
+        whose model files are intact), its files checked against the checkpoint's ``complete.json``."""
         name = "model_ema" if ema else "model"
+        ckpt = self.checkpoint(checkpoint) if checkpoint is not None else (self.newest_intact(under=name)
+                                                                            or self.checkpoint())
+        checkpoint_files.require_intact(ckpt, under=name)
         if not (ckpt / name).is_dir():
             raise SemrouteError(f"{ckpt} has no {name}/ (was the run trained with ema: true?)")
         return ckpt / name
@@ -190,6 +217,7 @@ class RunFolder:
         drop all but the ``keep`` newest checkpoints."""
         name = checkpoint_name(step)
         final = self.checkpoints_dir / name
+        checkpoint_files.write_manifest(staged, step)  # last file of the checkpoint: lists all the others
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staged, final)  # only now does the checkpoint exist for --resume
         self.routing_dir.mkdir(exist_ok=True)

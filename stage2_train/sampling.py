@@ -53,6 +53,62 @@ def check_sample_options(cfg: SampleConfig) -> None:
     check_number("--resolution", cfg.resolution, integer=True, low=1, optional=True)
 
 
+RECORD = "sample_run.json"
+SETTINGS = ("model", "format", "n", "steps", "guidance", "seed", "resolution", "ema")
+
+
+def model_identity(checkpoint: str, ema: bool) -> dict:
+    """Which weights ``--checkpoint`` resolves to now: the model folder and its files' sizes and times (a
+    run that trained on, or a pipeline exported again, gives another identity)."""
+    from semroute.stage2_train.run_folder import RunFolder
+
+    path = Path(checkpoint)
+    if (path / "model_index.json").exists():
+        folder = path / "transformer"
+    else:
+        found = RunFolder.locate(path)
+        if found is None:
+            raise SemrouteError(f"--checkpoint {checkpoint}: not a run folder, a checkpoint folder or an exported "
+                                "pipeline")
+        run, ckpt = found
+        folder = run.model_dir(ema=ema, checkpoint=ckpt)
+    folder = folder.resolve()
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return {"folder": str(folder), "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+
+
+def claim_output(cfg: SampleConfig, fmt: str) -> dict:
+    """The settings that decide the images, recorded in ``OUT/sample_run.json`` before the first image is
+    written. An output folder holding images made with other settings (another model, seed, guidance, ...)
+    is refused: the skip-what-exists resume would otherwise mix old images with new ones."""
+    settings = {"checkpoint": cfg.checkpoint, "model": model_identity(cfg.checkpoint, cfg.ema), "format": fmt,
+                "n": cfg.n, "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
+                "resolution": cfg.resolution, "ema": cfg.ema}
+    out = Path(cfg.out)
+    record = out / RECORD
+    if record.exists():
+        try:
+            before = json.loads(record.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise SemrouteError(f"{record} is damaged; it says which settings made the images in {out}: "
+                                "sample into a new -o") from None
+        differ = [k for k in SETTINGS if before.get(k, settings[k]) != settings[k]]
+        if differ:
+            detail = ", ".join(f"{k} {before.get(k)!r} -> {settings[k]!r}" if k != "model" else
+                               f"model {before['model'].get('folder')} -> {settings['model']['folder']}"
+                               + (" (same folder, other weights)"
+                                  if before["model"].get("folder") == settings["model"]["folder"] else "")
+                               for k in differ)
+            raise SemrouteError(f"{out} holds images made with other settings ({detail}); sample into another -o "
+                                "(or delete the folder) so old and new images do not mix")
+    elif out.is_dir() and next(out.rglob("*.png"), None) is not None:
+        raise SemrouteError(f"-o {out} holds images but no {RECORD} saying which settings made them; sample into "
+                            "another -o so old and new images do not mix")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2) + "\n")
+    return settings
+
+
 def load_pipeline(checkpoint: str | Path, *, ema: bool = False, llm=None, device: str = "auto"):
     """A run folder, a checkpoint folder, or an exported pipeline folder."""
     from semroute.stage2_train.pipeline import SemroutePipeline
@@ -123,7 +179,7 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
     proc = process_info()
     fmt, entries = prompt_entries(cfg)
     layout = layout_for(fmt, cfg.out, n_per_prompt=cfg.n)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    settings = proc.run_on_main(lambda: claim_output(cfg, fmt))
     if proc.is_main:
         layout.write_index(entries)
     mine = layout.pending(entries[proc.rank:: proc.world_size])
@@ -154,10 +210,8 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
     proc.barrier()
     grid = None
     if proc.is_main:
-        record = {"checkpoint": cfg.checkpoint, "format": fmt, "n": cfg.n, "steps": cfg.steps,
-                  "guidance": cfg.guidance, "seed": cfg.seed, "world_size": proc.world_size,
-                  "images_written_per_process": counts}
-        (Path(cfg.out) / "sample_run.json").write_text(json.dumps(record, indent=2) + "\n")
+        record = {**settings, "world_size": proc.world_size, "images_written_per_process": counts}
+        (Path(cfg.out) / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         if cfg.grid:
             grid = write_grid(layout, entries, cfg.n, Path(cfg.out) / "grid.png")
     return {"format": fmt, "prompts": len(entries), "images_written": written,

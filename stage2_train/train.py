@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from semroute.shared.errors import SemrouteError
+from semroute.shared.errors import FingerprintMismatch, SemrouteError
 from semroute.shared.fingerprint import require_match
 from semroute.shared.remote import STATS as remote_stats
-from semroute.stage2_train import routing
+from semroute.stage2_train import checkpoint_files, resume_settings, routing
 from semroute.stage2_train.config import TrainConfig
 from semroute.stage2_train.data import BatchLoader, EpochBatches, PairedCaches, _seed
 from semroute.stage2_train.feed import DeviceFeed
@@ -24,6 +25,7 @@ from semroute.stage2_train.models import build_model
 from semroute.stage2_train.objective import flow_loss
 from semroute.stage2_train.perf import compile_blocks, dit_train_flops, peak_flops
 from semroute.stage2_train.run_folder import TRAIN_STATE, RunFolder, checkpoint_name
+from semroute.stage2_train.run_lock import RunLock
 
 
 @dataclass
@@ -46,15 +48,41 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------
 # Caches
 # ---------------------------------------------------------------------------------------------
+def cache_content_id(location: str, attrs: dict) -> str:
+    """What a cache holds, as one sha256: its index (one row per caption or image: ids, texts' sha256,
+    token counts, source paths, crops) and its fingerprint (the model and settings that encoded it). Two
+    caches with equal ids hold the same data; a cache moved or copied keeps its id."""
+    import hashlib
+
+    from semroute.shared.store import store_file
+
+    digest = hashlib.sha256(json.dumps(attrs.get("fingerprint"), sort_keys=True, default=str).encode())
+    with store_file(location, "index.parquet") as fh:
+        while block := fh.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def absolute_location(location: str) -> str:
+    """Local paths made absolute (a run resumed or sampled from another directory finds the same cache)."""
+    from semroute.shared.store import is_url
+
+    return location if not location or is_url(location) else str(Path(location).expanduser().resolve())
+
+
 def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resuming: bool) -> dict:
     """Refuse caches that do not fit: expected fingerprint entries, and on resume the caches the run
-    started with. Returns the record saved as run.json."""
+    started with (same content, wherever they now are). Returns the record saved as run.json."""
     text_fp, latent_fp = dataset.text.fingerprint, dataset.latents.fingerprint
     if cfg.expect_text:
         require_match(text_fp, dict(cfg.expect_text), sorted(cfg.expect_text), f"text cache {cfg.text_cache}")
     record = {"text_cache": cfg.text_cache, "latent_cache": cfg.latent_cache, "text_fingerprint": text_fp,
               "latent_fingerprint": latent_fp, "text_layers_stored": dataset.text.stored_layers,
-              "text_captions": dataset.text.n_captions, "latent_samples": len(dataset.latents)}
+              "text_captions": dataset.text.n_captions, "latent_samples": len(dataset.latents),
+              "text_content_sha256": cache_content_id(cfg.text_cache, dataset.text.attrs),
+              "latent_content_sha256": cache_content_id(cfg.latent_cache, dataset.latents.attrs),
+              "joined_samples": len(dataset), "text_only_ids": dataset.n_text_only,
+              "image_only_ids": dataset.n_image_only}
     before = run.record(required=False) if resuming else {}
     grown = [f"{name}: {before[key]} -> {now}" for name, key, now in
              (("text cache captions", "text_captions", dataset.text.n_captions),
@@ -68,6 +96,14 @@ def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resumi
                                                                    f"{before['text_cache']})")
         require_match(latent_fp, before["latent_fingerprint"], None, f"latent cache {cfg.latent_cache} (run "
                                                                        f"started on {before['latent_cache']})")
+        for kind, count in (("text", "text_captions"), ("latent", "latent_samples")):
+            was = before.get(f"{kind}_content_sha256")
+            appended = cfg.allow_new_data and before.get(count) != record[count]  # grown on purpose
+            if was is not None and was != record[f"{kind}_content_sha256"] and not appended:
+                raise FingerprintMismatch(
+                    f"cannot resume: {kind} cache {getattr(cfg, kind + '_cache')} holds other data than the "
+                    f"{kind} cache the run started on ({before[kind + '_cache']}): same encoder, other "
+                    "captions/images. Resume with the original cache, or start a new --out")
     return record
 
 
@@ -83,6 +119,7 @@ class Trainer:
 
         if not cfg.text_cache or not cfg.latent_cache:
             raise SemrouteError("train needs --text-cache and --latent-cache")
+        cfg.text_cache, cfg.latent_cache = absolute_location(cfg.text_cache), absolute_location(cfg.latent_cache)
         self.cfg = cfg
         self.run = RunFolder(cfg.out)
         self.run_dir = self.run.path
@@ -97,11 +134,30 @@ class Trainer:
             log_with="tensorboard" if cfg.tensorboard else None,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run.logs)),
         )
-        acc = self.accelerator
+        from semroute.shared.distributed import process_info
+
+        # One training process per run folder, held by the main process until train() ends; every process
+        # raises if the main one cannot take it.
+        self.lock = RunLock(self.run_dir)
+        process_info().run_on_main(lambda: bool(self.lock.acquire()))
+        try:
+            self._build(resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def _build(self, resume: str | None) -> None:
+        cfg, acc = self.cfg, self.accelerator
         cfg.check_global_batch(acc.num_processes)
         self.resume_from = self.run.resolve_resume(resume)
         if resume and resume != "latest" and self.resume_from is None:
             raise SemrouteError(f"--resume {resume}: no checkpoint found")
+        self.changed_on_resume = {}
+        if self.resume_from is not None:
+            self.changed_on_resume = resume_settings.compare(self._config_before(), cfg.to_dict())
 
         if torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
             # On a GPU the training process only launches kernels; a full set of CPU threads there
@@ -152,6 +208,7 @@ class Trainer:
              "weight_decay": cfg.weight_decay if cfg.decay_fusion_logits else 0.0},
         ]
         groups = [g for g in groups if g["params"]]
+        self.base_lrs = [g.get("lr", cfg.lr) for g in groups]  # what a resume with another lr re-applies
         # Fused AdamW on GPUs: one kernel per parameter group instead of several per tensor.
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=acc.device.type == "cuda")
         self.scheduler = _lr_schedule(self.optimizer, cfg)
@@ -172,12 +229,45 @@ class Trainer:
             record = {**self.record, "world_size": acc.num_processes,
                       "model_class": type(acc.unwrap_model(self.model)).__name__}
             self.run.save_record(record)
+            if self.dataset.n_text_only or self.dataset.n_image_only:
+                print(f"data: {len(self.dataset)} samples in both caches; left out: {self.dataset.n_text_only} "
+                      f"caption ids without an image, {self.dataset.n_image_only} images without a caption",
+                      file=sys.stderr)
         if self.resume_from is not None:
-            acc.load_state(str(self.resume_from))
+            self._load_checkpoint()
         acc.wait_for_everyone()
         if cfg.tensorboard:
             acc.init_trackers("tensorboard", config={k: v for k, v in cfg.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
+
+    def _config_before(self) -> dict:
+        """The settings the checkpoint was trained with (its own copy; older checkpoints: the run's)."""
+        from semroute.stage2_train.config import load_yaml
+
+        for path in (self.resume_from / "config.yaml", self.run.config_path):
+            if path.exists():
+                raw = load_yaml(path)
+                # keys added since the checkpoint was written count as their defaults
+                return TrainConfig(**{k: v for k, v in raw.items() if k in TrainConfig.keys()}).to_dict()
+        return self.cfg.to_dict()
+
+    def _load_checkpoint(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        try:
+            acc.load_state(str(self.resume_from))
+        except (RuntimeError, KeyError, ValueError, OSError, EOFError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SemrouteError(f"cannot resume from {self.resume_from}: its state does not load into the model "
+                                f"and optimizer built from this run's config ({type(err).__name__}: {first[:300]})"
+                                ) from None
+        if {"lr", "fusion_lr_scale"} & set(self.changed_on_resume):
+            resume_settings.apply_lr(self.optimizer, self.scheduler, self.base_lrs)
+        if self.changed_on_resume and acc.is_main_process:
+            changes = {k: list(v) for k, v in self.changed_on_resume.items()}
+            print(f"resuming {self.resume_from.name} with changed settings: "
+                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), file=sys.stderr)
+            self.run.log_metrics({"step": self.state.step, "event": "resume", "from": str(self.resume_from),
+                                  "changed": changes})
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -285,17 +375,30 @@ class Trainer:
                 samples_log.close()
             if cfg.tensorboard:
                 acc.end_training()
+            self.release()
         return {"step": state.step, "train_seconds": state.train_seconds, "last": last,
                 "checkpoint": str(self.run.latest_checkpoint()) if self.run.latest_checkpoint() else None}
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        try:
+            return self._save_checkpoint()
+        except OSError as err:
+            found = self.run.checkpoints()
+            raise SemrouteError(
+                f"writing checkpoint {checkpoint_name(self.state.step)} in {self.run.checkpoints_dir} failed: "
+                f"{err.strerror or err} ({err.filename or 'a checkpoint file'}); nothing was published, and "
+                + (f"--resume latest continues from {found[-1].name}" if found else "no checkpoint exists yet")
+            ) from None
+
+    def _save_checkpoint(self) -> Path:
         acc, state = self.accelerator, self.state
         tmp = self.run.staging_path(state.step)
         if acc.is_main_process:
             self.run.stage(state.step)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process's RNG state is on disk before publish lists the files
         final = self.run.checkpoints_dir / checkpoint_name(state.step)
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
@@ -306,6 +409,7 @@ class Trainer:
                 model.save_pretrained(tmp / "model_ema")
                 self.ema.restore(model.parameters())
             (tmp / TRAIN_STATE).write_text(json.dumps(state.state_dict()))
+            self.cfg.save(tmp / "config.yaml")  # what a resume from this checkpoint is compared with
             routing.save_routing(model, tmp, "routing", title=f"{self.cfg.fusion}, step {state.step}")
             self.run.publish(tmp, state.step, keep=self.cfg.keep_checkpoints)
         acc.wait_for_everyone()

@@ -1,0 +1,84 @@
+"""A checkpoint's list of files, written last: ``complete.json`` (size and crc32c of every file).
+
+A checkpoint is written into a temporary folder and renamed when complete, so a crash never leaves a
+half checkpoint under its final name. Files can still go missing or rot afterwards (a disk fault, a
+copy that stopped, a hand edit). ``complete.json`` is the checkpoint's table of contents: ``--resume
+latest`` takes the newest checkpoint whose files all match it (and says which it skipped and why), and
+``sample``/``export`` check the model files they load. crc32c (hardware-accelerated in the ``crc32c``
+package the cache reader uses) reads gigabytes per second, so checking a large checkpoint costs seconds.
+Checkpoints written before this file existed have no ``complete.json``; they are taken as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from semroute.shared.errors import SemrouteError
+
+MANIFEST = "complete.json"
+
+
+class DamagedCheckpoint(SemrouteError):
+    """A checkpoint whose files do not match its ``complete.json``."""
+
+
+def _crc32c_file(path: Path) -> int:
+    import crc32c
+
+    value = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(8 << 20):
+            value = crc32c.crc32c(block, value)
+    return value
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """Record every file of ``folder`` (call it last, before the rename that publishes the checkpoint)."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "crc32c": _crc32c_file(p)}
+             for p in _files(folder)}
+    tmp = folder / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"step": step, "files": files}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / MANIFEST)
+
+
+def problems(folder: Path, under: str | None = None) -> list[str]:
+    """What is wrong with a checkpoint (empty when every listed file is there, whole and unchanged).
+    ``under``: check only the files below that subfolder (e.g. ``model``)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        return [] if (folder / "train_state.json").exists() else [f"{folder} has no {MANIFEST} (never completed)"]
+    try:
+        listed = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        return [f"{path} is damaged ({err})"]
+    found = []
+    for name, want in listed.items():
+        if under is not None and not name.startswith(under.rstrip("/") + "/"):
+            continue
+        file = folder / name
+        if not file.is_file():
+            found.append(f"{file} is missing")
+        elif file.stat().st_size != want["size"]:
+            found.append(f"{file} has {file.stat().st_size} bytes, {want['size']} were written")
+        elif _crc32c_file(file) != want["crc32c"]:
+            found.append(f"{file} fails its crc32c checksum")
+    return found
+
+
+def require_intact(folder: Path, under: str | None = None) -> None:
+    found = problems(folder, under)
+    if found:
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {'; '.join(found[:5])}"
+                                + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")
+                                + "; resume from an earlier checkpoint (--resume RUN/checkpoints/step-N) or "
+                                  "retrain")

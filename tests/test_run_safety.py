@@ -1,0 +1,235 @@
+"""A run folder is safe to use: one trainer at a time, resume only onto what the checkpoint was trained
+with (same data, same architecture; lr and length may change and do), damaged checkpoints never picked,
+joins that cannot pair the wrong captions, sample outputs never mixed across settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from semroute.shared.errors import FingerprintMismatch, SemrouteError
+from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
+from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+from semroute.stage2_train.checkpoint_files import DamagedCheckpoint
+from semroute.stage2_train.config import TrainConfig
+from semroute.stage2_train.data import PairedCaches
+from semroute.stage2_train.run_lock import RunFolderBusy, RunLock
+from semroute.stage2_train.sampling import SampleConfig, sample
+from semroute.stage2_train.run_folder import RunFolder
+from semroute.stage2_train.train import Trainer, train
+from testkit import REPO, write_manifest, write_square_images
+
+
+def _cfg(caches, out: Path, **kw) -> TrainConfig:
+    text, latents = caches[:2]
+    base = dict(text_cache=text, latent_cache=latents, out=str(out), preset="tiny", fusion="static", batch_size=8,
+                num_workers=0, tensorboard=False, log_every=1, checkpoint_every=2, max_steps=4, lr=1e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run4(square_caches, tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4 (copied by the tests that damage it)."""
+    out = tmp_path_factory.mktemp("safety") / "run"
+    train(_cfg(square_caches, out), progress=False)
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+# -- the lock -------------------------------------------------------------------------------------
+def test_one_trainer_per_run_folder_and_a_dead_holder_blocks_nothing(square_caches, tmp_path):
+    out = tmp_path / "run"
+    first = Trainer(_cfg(square_caches, out, max_steps=2), progress=False)  # holds the lock until train() ends
+    with pytest.raises(RunFolderBusy, match=rf"{out} is in use by another training process \(pid {os.getpid()}"):
+        Trainer(_cfg(square_caches, out, max_steps=2), progress=False)
+    first.train()
+    Trainer(_cfg(square_caches, out, max_steps=4), resume="latest", progress=False).train()  # released: fine
+
+    # another process holds it: refused with its pid; killed with -9, its lock is gone with it
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time; sys.path.insert(0, {str(REPO.parent)!r})
+        sys.modules.pop("semroute", None)
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("semroute", {str(REPO / '__init__.py')!r},
+                                                      submodule_search_locations=[{str(REPO)!r}])
+        mod = importlib.util.module_from_spec(spec); sys.modules["semroute"] = mod; spec.loader.exec_module(mod)
+        from semroute.stage2_train.run_lock import RunLock
+        lock = RunLock({str(out)!r}).acquire(); print("held", flush=True); time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=rf"pid {holder.pid}"):
+            Trainer(_cfg(square_caches, out, max_steps=6), resume="latest", progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(out):
+        pass
+
+
+# -- resume: what may change, what may not -------------------------------------------------------
+def test_resume_applies_a_new_lr_and_logs_it(square_caches, run4, tmp_path, capsys):
+    run = _copy(run4, tmp_path)
+    cfg = _cfg(square_caches, run, max_steps=6, lr=0.5)
+    train(cfg, resume="latest", progress=False)
+    rows = _metrics(run)
+    lrs = {r["step"]: r["lr"] for r in rows if "loss" in r}
+    assert lrs[4] == pytest.approx(1e-3) and lrs[5] == lrs[6] == pytest.approx(0.5)
+    event = [r for r in rows if r.get("event") == "resume"][-1]
+    assert event["changed"]["lr"] == [1e-3, 0.5] and event["changed"]["max_steps"] == [4, 6]
+    assert "with changed settings: lr 0.001 -> 0.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change", [dict(fusion="depth"), dict(preset="small"), dict(seed=1), dict(batch_size=4),
+                                    dict(model={"num_blocks": 3}), dict(ema=True)])
+def test_resume_refuses_settings_the_checkpoint_fixes(square_caches, run4, tmp_path, change):
+    run = _copy(run4, tmp_path)
+    key = next(iter(change))
+    with pytest.raises(SemrouteError, match=rf"cannot resume with other settings .*{key}: "):
+        Trainer(_cfg(square_caches, run, max_steps=6, **change), resume="latest", progress=False)
+
+
+def test_resume_with_another_architecture_is_a_clean_error(square_caches, run4, tmp_path):
+    """A checkpoint whose recorded config was lost: the state does not fit the model, and that is said."""
+    run = _copy(run4, tmp_path)
+    for ckpt in (run / "checkpoints").iterdir():
+        (ckpt / "config.yaml").unlink()
+        (ckpt / "complete.json").unlink()
+    (run / "config.yaml").unlink()
+    with pytest.raises(SemrouteError, match=r"cannot resume from .*step-0000004: its state does not load"):
+        Trainer(_cfg(square_caches, run, max_steps=6, model={"num_blocks": 3}), resume="latest", progress=False)
+
+
+def test_resume_compares_cache_content_and_records_absolute_paths(tmp_path, tiny_llama_dir, monkeypatch):
+    records = [{**r, "id": f"s{i}"} for i, r in enumerate(write_square_images(tmp_path / "img", 16))]
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    other = write_manifest(tmp_path / "other.jsonl", [{**r, "text": " a purple star"} for r in records])
+    text, latents = tmp_path / "t.zarr", tmp_path / "l.zarr"
+    for data, out in ((manifest, text), (other, tmp_path / "o.zarr")):
+        encode_text(EncodeTextConfig(data=str(data), out=str(out), llm=str(tiny_llama_dir), dtype="float32",
+                                     device="cpu", progress=False))
+    encode_images(EncodeImagesConfig(data=str(manifest), out=str(latents), vae="pixel", resolution=32, workers=0,
+                                     device="cpu", progress=False))
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    train(_cfg(("t.zarr", "l.zarr"), run, max_steps=2), progress=False)
+    record = json.loads((run / "run.json").read_text())
+    assert record["text_cache"] == str(text) and record["latent_cache"] == str(latents)
+    # the same data moved elsewhere, named by a relative path from another directory: accepted
+    moved = tmp_path / "moved" / "t.zarr"
+    shutil.copytree(text, moved)
+    monkeypatch.chdir(tmp_path / "moved")
+    Trainer(_cfg(("t.zarr", str(latents)), run, max_steps=4), resume="latest", progress=False).release()
+    assert json.loads((run / "run.json").read_text())["text_cache"] == str(moved)
+    # other captions encoded by the same LLM: refused
+    with pytest.raises(FingerprintMismatch, match=r"text cache .*o.zarr holds other data than the text cache"):
+        Trainer(_cfg((str(tmp_path / "o.zarr"), str(latents)), run, max_steps=4), resume="latest", progress=False)
+
+
+# -- damaged checkpoints --------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["delete", "flip", "truncate"])
+def test_resume_latest_skips_a_damaged_checkpoint(square_caches, run4, tmp_path, damage, capsys):
+    run = _copy(run4, tmp_path)
+    newest = run / "checkpoints" / "step-0000004"
+    victim = next(p for p in sorted(newest.rglob("*.safetensors")) if "model" in p.parts)
+    if damage == "delete":
+        victim.unlink()
+    elif damage == "flip":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        victim.write_bytes(bytes(data))
+    else:
+        victim.write_bytes(victim.read_bytes()[:-7])
+    assert RunFolder(run).resolve_resume("latest").name == "step-0000002"
+    assert "skipping damaged checkpoint step-0000004" in capsys.readouterr().err
+    assert RunFolder(run).model_dir().parent.name == "step-0000002"
+    with pytest.raises(DamagedCheckpoint, match=rf"step-0000004 is damaged: {victim}"):
+        RunFolder(run).resolve_resume(str(newest))
+    with pytest.raises(DamagedCheckpoint):
+        RunFolder(run).model_dir(checkpoint=newest)
+    shutil.rmtree(run / "checkpoints" / "step-0000002" / "model")
+    with pytest.raises(DamagedCheckpoint, match="every checkpoint of .* is damaged"):
+        RunFolder(run).resolve_resume("latest")
+
+
+def test_a_checkpoint_that_failed_to_write_is_named_and_never_published(square_caches, run4, tmp_path,
+                                                                         monkeypatch):
+    run = _copy(run4, tmp_path)
+    trainer = Trainer(_cfg(square_caches, run, max_steps=6), resume="latest", progress=False)
+    import semroute.stage2_train.checkpoint_files as cf
+
+    def disk_full(folder, step):
+        raise OSError(28, "No space left on device", str(folder / "complete.json"))
+
+    monkeypatch.setattr(cf, "write_manifest", disk_full)
+    with pytest.raises(SemrouteError, match=r"writing checkpoint step-0000006 .* failed: No space left on device"
+                                            r".*--resume latest continues from step-0000004"):
+        trainer.train()
+    assert not (run / "checkpoints" / "step-0000006").exists()
+    assert RunFolder(run).resolve_resume("latest").name == "step-0000004"
+
+
+# -- joins ----------------------------------------------------------------------------------------
+def test_positional_ids_must_come_from_the_same_data(tmp_path, tiny_llama_dir, capsys):
+    records = [{"image": r["image"], "text": r["text"]} for r in write_square_images(tmp_path / "img", 12)]
+    a = write_manifest(tmp_path / "a.jsonl", records)
+    b = write_manifest(tmp_path / "b.jsonl", records[::-1])
+    text = tmp_path / "t.zarr"
+    encode_text(EncodeTextConfig(data=str(a), out=str(text), llm=str(tiny_llama_dir), dtype="float32", device="cpu",
+                                 progress=False))
+    common = dict(vae="pixel", resolution=32, workers=0, device="cpu", progress=False)
+    encode_images(EncodeImagesConfig(data=str(a), out=str(tmp_path / "same.zarr"), **common))
+    encode_images(EncodeImagesConfig(data=str(b), out=str(tmp_path / "reordered.zarr"), **common))
+    assert len(PairedCaches(str(text), str(tmp_path / "same.zarr"), text_layers=None)) == 12
+    with pytest.raises(SemrouteError, match=r"joined by record position .* encoded from different data"):
+        PairedCaches(str(text), str(tmp_path / "reordered.zarr"), text_layers=None)
+
+    # with ids, partial joins are fine and counted at the start of training
+    with_ids = [{**r, "id": f"s{i}"} for i, r in enumerate(records)]
+    c = write_manifest(tmp_path / "c.jsonl", with_ids)
+    d = write_manifest(tmp_path / "d.jsonl", with_ids[:9][::-1])
+    encode_text(EncodeTextConfig(data=str(c), out=str(tmp_path / "tc.zarr"), llm=str(tiny_llama_dir),
+                                 dtype="float32", device="cpu", progress=False))
+    encode_images(EncodeImagesConfig(data=str(d), out=str(tmp_path / "ld.zarr"), **common))
+    capsys.readouterr()
+    trainer = Trainer(_cfg((str(tmp_path / "tc.zarr"), str(tmp_path / "ld.zarr")), tmp_path / "run", batch_size=4),
+                      progress=False)
+    trainer.release()
+    assert ("data: 9 samples in both caches; left out: 3 caption ids without an image, 0 images without a caption"
+            in capsys.readouterr().err)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["text_only_ids"] == 3
+
+
+# -- sample outputs -------------------------------------------------------------------------------
+def test_sample_never_mixes_outputs_of_other_settings(run4, tmp_path):
+    out = tmp_path / "s"
+    base = dict(checkpoint=str(run4), out=str(out), prompts=["a red square on the left"], steps=2, progress=False,
+                device="cpu")
+    assert sample(SampleConfig(**base))["images_written"] == 1
+    assert sample(SampleConfig(**base))["images_written"] == 0  # resume: same settings, nothing to do
+    for change in (dict(seed=1), dict(guidance=2.0), dict(steps=3), dict(checkpoint=str(run4 / "checkpoints" /
+                                                                                          "step-0000002"))):
+        with pytest.raises(SemrouteError, match=r"holds images made with other settings \((seed|guidance|steps|"
+                                                r"model)"):
+            sample(SampleConfig(**{**base, **change}))
+    # a folder of images that sample did not record
+    (tmp_path / "foreign").mkdir()
+    shutil.copy(next(out.glob("*.png")), tmp_path / "foreign" / "x.png")
+    with pytest.raises(SemrouteError, match="holds images but no sample_run.json"):
+        sample(SampleConfig(**{**base, "out": str(tmp_path / "foreign")}))
