@@ -299,7 +299,9 @@ def train_cmd(
                  allow_new_data=allow_new_data or None)
     config_file = str(config) if config else None
     if resume and config_file is None and out and RunFolder.is_run(out):
-        config_file = str(RunFolder(out).config_path)  # a resumed run keeps its own config unless told otherwise
+        # a resumed run keeps the config its checkpoint was trained with unless told otherwise
+        run = RunFolder(out)
+        config_file = str(run.config_file(run.resolve_resume(resume)))
     cfg = TrainConfig.build(config_file=config_file, fusion=fusion, flags=flags, overrides=set_ or [])
     summary = train(cfg, resume=resume, progress=not no_progress)
     last = summary["last"]
@@ -383,7 +385,7 @@ def routing_cmd(
     from semroute.stage2_train.run_folder import RunFolder, open_model
 
     model, where = open_model(run, ema=ema)
-    png, csv_path = save_routing(model, out or (RunFolder(run).routing_dir if (run / "run.json").exists() else run), "routing",
+    png, csv_path = save_routing(model, out or (RunFolder(run).routing_dir if RunFolder.is_run(run) else run), "routing",
                                  title=f"{model.config.fusion}: {where}")
     typer.echo(f"wrote {png} and {csv_path}")
 
@@ -457,19 +459,23 @@ def verify_cmd(
     path: Annotated[str, typer.Argument(help="A text or latent cache (folder or s3:// URL).", show_default=False)],
     storage_options: StorageOptions = None,
 ) -> None:
-    """Check every chunk's crc32c checksum and the cache's bookkeeping; name any bad shard.
+    """Check every byte a reader relies on: each chunk's crc32c and shard index, the done flags, the small
+    arrays, index.parquet and the attributes (against the sha256s sealed when the cache was finished), and
+    the index against the arrays. Each problem names its file and what to do.
 
     Example:  semroute verify data.text.zarr      semroute verify s3://bucket/data.text.zarr
     """
     _storage_options(storage_options)
     from semroute.shared.inspect import verify
 
-    checked, problems = verify(path)
+    checked, problems, notes = verify(path)
+    for note in notes:
+        typer.echo(f"note {note}")
     for problem in problems:
         typer.secho(f"BAD  {problem}", fg=typer.colors.RED)
     if problems:
-        raise SemrouteError(f"{path}: {len(problems)} problem(s) found in {checked} readable chunks")
-    typer.echo(f"OK   {path}: {checked} chunks, all checksums match")
+        raise SemrouteError(f"{path}: {len(problems)} problem(s) found ({checked} chunks and files were readable)")
+    typer.echo(f"OK   {path}: {checked} chunks and files, all checksums match")
 
 
 def main() -> None:

@@ -15,3 +15,8 @@ class ManifestError(SemrouteError):
 
 class FingerprintMismatch(SemrouteError):
     """A cache whose fingerprint does not fit the run that wants to use it."""
+
+
+class CacheDamaged(SemrouteError):
+    """Bytes of a cache that fail a checksum, are missing or do not decode; the message names the store, the
+    file (array, chunk or shard) and the command that lists all damage (``semroute verify``)."""

@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from semroute.shared.errors import SemrouteError
-from semroute.shared.latent_store import LATENT_KIND, describe_latent_cache, verify_latent_cache
+from semroute.shared.errors import CacheDamaged, SemrouteError
+from semroute.shared.latent_store import LATENT_KIND, describe_latent_cache
 from semroute.shared.store import (
     TEXT_KIND,
     DoneFlags,
@@ -21,7 +21,6 @@ from semroute.shared.store import (
     open_group,
     read_attrs,
     read_parquet,
-    verify_array,
 )
 
 
@@ -31,16 +30,21 @@ def describe(path: str) -> dict:
     kind = attrs.get("kind")
     if kind not in DESCRIBERS:
         raise SemrouteError(f"{path}: unknown cache kind {kind!r}")
-    return DESCRIBERS[kind](path, attrs)
+    try:
+        return DESCRIBERS[kind](path, attrs)
+    except SemrouteError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zarr/pyarrow errors of a damaged file name neither store nor file
+        raise CacheDamaged(f"{path}: a file of the cache is damaged ({type(err).__name__}: {err}); run "
+                           f"`semroute verify {path}` to find it") from None
 
 
-def verify(path: str) -> tuple[int, list[str]]:
-    """Check a cache; returns (chunks checked, problems naming shard files)."""
-    attrs = read_attrs(path)
-    kind = attrs.get("kind")
-    if kind not in VERIFIERS:
-        raise SemrouteError(f"{path}: unknown cache kind {kind!r}")
-    return VERIFIERS[kind](path, attrs)
+def verify(path: str) -> tuple[int, list[str], list[str]]:
+    """Check a cache; returns (chunks and files checked, problems naming files and fixes, notes). See
+    shared/verify.py for what is covered; nothing there raises for a damaged cache."""
+    from semroute.shared.verify import verify_store
+
+    return verify_store(path)
 
 
 def _text_describe(path: str, attrs: dict) -> dict:
@@ -80,42 +84,5 @@ def _text_describe(path: str, attrs: dict) -> dict:
     return info
 
 
-def _text_verify(path: str, attrs: dict) -> tuple[int, list[str]]:
-    group = open_group(path)
-    problems: list[str] = []
-    checked = 0
-    names = ["features", "scales"] if attrs["storage"] == "fp8" else ["features"]
-    for name in names:
-        done = DoneFlags(group, name).done()
-        n, found = verify_array(path, name, done)
-        checked += n
-        problems += found
-    try:
-        offsets = np.asarray(group["offsets"][:])
-        if "lengths" in group:  # an appended cache (format 2): rows between segments are unused
-            lengths = np.asarray(group["lengths"][:])
-            if (offsets[0] != 0 or len(lengths) != len(offsets) - 1 or np.any(lengths <= 0)
-                    or np.any(offsets[:-1] + lengths > offsets[1:]) or lengths.sum() != attrs["total_tokens"]
-                    or offsets[-1] != attrs["layout"]["rows"]):
-                problems.append(f"{path}/offsets, lengths: not valid for {attrs['total_tokens']} tokens in "
-                                f"{attrs['layout']['rows']} rows")
-        elif offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != attrs["total_tokens"]:
-            problems.append(f"{path}/offsets: not a valid CSR offsets array for {attrs['total_tokens']} tokens")
-        index = read_parquet(path, "index.parquet", columns=["start", "n_tokens"])
-        if index.num_rows != attrs["n_captions"] or not np.array_equal(index.column("start").to_numpy(), offsets[:-1]):
-            problems.append(f"{path}/index.parquet: does not match offsets")
-        checked += 1
-    except Exception as err:  # a corrupt small array or index: report it, keep checking the rest
-        problems.append(f"{path}: offsets/index unreadable: {err}")
-    if "null_features" not in group:
-        problems.append(f"{path}: no null caption (the run did not finish; use --resume)")
-    if not attrs.get("complete"):
-        problems.append(f"{path}: not marked complete")
-    return checked, problems
-
-
 DESCRIBERS: dict[str, Callable[[str, dict], dict]] = {TEXT_KIND: _text_describe, LATENT_KIND: describe_latent_cache}
-VERIFIERS: dict[str, Callable[[str, dict], tuple[int, list[str]]]] = {TEXT_KIND: _text_verify,
-                                                                     LATENT_KIND: verify_latent_cache}
-
-__all__ = ["describe", "verify", "DESCRIBERS", "VERIFIERS"]
+__all__ = ["describe", "verify", "DESCRIBERS"]

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from semroute.shared import images as im
+from semroute.shared import integrity
 from semroute.shared.errors import SemrouteError
 from semroute.shared.store import (
     ATTR_KEY,
@@ -52,7 +53,6 @@ from semroute.shared.store import (
     read_parquet,
     store_file,
     update_attrs,
-    verify_array,
     write_parquet,
 )
 
@@ -347,7 +347,7 @@ class LatentCacheWriter:
         counts = {"n_encoded": status.count("ok"), "n_skipped_images": index.num_rows - status.count("ok"),
                   "n_bad_records": sum(1 for s in skipped if "sample_id" not in s)}
         update_attrs(self.group, complete=True, **counts, **summary)
-        self.attrs = dict(self.group.attrs)[ATTR_KEY]
+        self.attrs = integrity.seal(self.group, self.location, [])
         return counts
 
 
@@ -424,7 +424,7 @@ class LatentCacheReader:
         self._positions: dict[str, int] | None = None
 
     def _load_index(self, from_status_arrays: bool) -> None:
-        index = read_parquet(self.location, "index.parquet", columns=["sample_id", "bucket", "row", "status"])
+        index = integrity.read_index(self.location, self.attrs, columns=["sample_id", "bucket", "row", "status"])
         names = {b.name: k for k, b in enumerate(self.buckets)}
         bucket = index.column("bucket").to_pylist()
         rows = index.column("row").to_numpy()
@@ -451,7 +451,7 @@ class LatentCacheReader:
     @property
     def index(self):
         """The full index (every manifest record, skipped ones included) as a pyarrow Table."""
-        return read_parquet(self.location, "index.parquet")
+        return integrity.read_index(self.location, self.attrs)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -581,38 +581,6 @@ def describe_latent_cache(path: str, attrs: dict) -> dict:
             reasons[key] = reasons.get(key, 0) + 1
         info["skipped by reason"] = reasons
     return info
-
-
-def verify_latent_cache(path: str, attrs: dict) -> tuple[int, list[str]]:
-    group = open_group(path)
-    problems: list[str] = []
-    checked = 0
-    buckets = [Bucket.from_attrs(b) for b in attrs["buckets"]]
-    for b in buckets:
-        done = DoneFlags(group, b.name).done()
-        for name in [*attrs["arrays"], "status"]:
-            n, found = verify_array(path, f"buckets/{b.name}/{name}", done)
-            checked += n
-            problems += found
-    try:
-        index = read_parquet(path, "index.parquet", columns=["bucket", "row", "status"])
-        if index.num_rows != attrs["n_records"]:
-            problems.append(f"{path}/index.parquet: {index.num_rows} rows, the attributes say {attrs['n_records']}")
-        per_bucket = {b.name: 0 for b in buckets}
-        for name in index.column("bucket").to_pylist():
-            if name is not None:
-                per_bucket[name] = per_bucket.get(name, 0) + 1
-        for b in buckets:
-            # An appended cache has unused rows before each appended part (no index entry names them).
-            if per_bucket.get(b.name, 0) > b.rows if attrs.get("segments") else per_bucket.get(b.name) != b.rows:
-                problems.append(f"{path}/index.parquet: {per_bucket.get(b.name)} rows in bucket {b.name}, "
-                                f"its arrays hold {b.rows}")
-        checked += 1
-    except Exception as err:  # a damaged index: report it, keep checking the rest
-        problems.append(f"{path}/index.parquet: unreadable: {err}")
-    if not attrs.get("complete"):
-        problems.append(f"{path}: not marked complete (resume the encoding run)")
-    return checked, problems
 
 
 __all__ = ["LATENT_KIND", "LatentCacheWriter", "LatentCacheReader", "LatentStorage", "Bucket", "ShardPayload",

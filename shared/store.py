@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semroute.shared.errors import SemrouteError
+from semroute.shared import integrity
+from semroute.shared.errors import CacheDamaged, SemrouteError
 
 FORMAT_VERSION = 1
 # Version 2: a text cache grown by `encode-text --append`. Each appended segment starts at a shard boundary
@@ -193,8 +194,17 @@ def read_parquet(location, name: str, columns: list[str] | None = None):
 
 
 def read_attrs(location) -> dict:
-    group = open_group(location)
-    attrs = dict(group.attrs).get(ATTR_KEY)
+    """The store's semroute attributes, checked against the store's seal (shared/integrity.py)."""
+    try:
+        group = open_group(location)
+        attrs = dict(group.attrs).get(ATTR_KEY)
+    except SemrouteError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zarr raises JSON/Unicode/Value errors for a damaged zarr.json
+        raise CacheDamaged(f"{location}/zarr.json is damaged ({type(err).__name__}: {err}); re-encode the cache"
+                           ) from None
+    if attrs is not None and not isinstance(attrs, dict):
+        raise CacheDamaged(f"{location}/zarr.json: the '{ATTR_KEY}' attributes are not a mapping; re-encode the cache")
     if attrs is None:
         raise SemrouteError(f"{location} is a Zarr group but not a semroute cache (no '{ATTR_KEY}' attributes)")
     version = attrs.get("format_version")
@@ -203,6 +213,7 @@ def read_attrs(location) -> dict:
             f"{location} has cache format version {version}; this semroute reads versions "
             f"{', '.join(map(str, READ_VERSIONS))}. Re-encode the data with this version."
         )
+    integrity.check_attrs(location, attrs)
     return attrs
 
 
@@ -392,8 +403,8 @@ def shards_present(location, name: str) -> set[int]:
 # ---------------------------------------------------------------------------------------------
 # Fast local reads and checksum verification (the shard format is zarr's sharding_indexed codec)
 # ---------------------------------------------------------------------------------------------
-class ChecksumError(SemrouteError):
-    pass
+class ChecksumError(CacheDamaged):
+    """A chunk or shard index whose bytes fail their crc32c, or are cut short."""
 
 
 def _crc32c(data) -> int:
@@ -418,7 +429,11 @@ class ShardedArrayFile:
         import zarr
 
         self.remote = is_url(root)
-        arr = zarr.open_array(join(root, name), mode="r", **_zarr_options(root))
+        try:
+            arr = zarr.open_array(join(root, name), mode="r", **_zarr_options(root))
+        except Exception as err:  # noqa: BLE001 - a missing or damaged zarr.json of the array
+            raise CacheDamaged(f"{root}/{name}/zarr.json is missing or damaged ({type(err).__name__}: {err}); "
+                               f"{integrity.verify_hint(root)}") from None
         meta = arr.metadata
         codecs = meta.to_dict()["codecs"]
         if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
@@ -516,7 +531,7 @@ class ShardedArrayFile:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                raise SemrouteError(f"shard file {path} is missing; run `semroute verify` on the cache") from None
+                raise CacheDamaged(f"shard file {path} is missing; {integrity.verify_hint(self.root)}") from None
             self._fds[shard] = fd
             if len(self._fds) > self._max_open:
                 os.close(self._fds.popitem(last=False)[1])
@@ -531,7 +546,8 @@ class ShardedArrayFile:
             n = self.chunks_per_shard * _INDEX_ENTRY + _CRC
             raw = self._pread(shard, n, size - n)
             if len(raw) != n or struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(raw[:-_CRC]):
-                raise ChecksumError(f"{self.shard_path(shard)}: the shard index is corrupt (checksum mismatch)")
+                raise ChecksumError(f"{self.shard_path(shard)}: the shard index is corrupt (checksum mismatch); "
+                                    f"{integrity.verify_hint(self.root)}")
             index = np.frombuffer(raw[:-_CRC], dtype="<u8").reshape(-1, 2)
             self._index[shard] = index
         return index
@@ -541,10 +557,11 @@ class ShardedArrayFile:
         shard, inner = divmod(chunk, self.chunks_per_shard)
         offset, nbytes = self._shard_index(shard)[inner]
         if offset == _EMPTY:
-            raise SemrouteError(f"{self.shard_path(shard)}: chunk {inner} was never written")
+            raise CacheDamaged(f"{self.shard_path(shard)}: chunk {inner} was never written; "
+                               f"{integrity.verify_hint(self.root)}")
         raw = self._pread(shard, int(nbytes), int(offset))
         if len(raw) != nbytes:
-            raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} is truncated")
+            raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} is truncated; {integrity.verify_hint(self.root)}")
         return self._check_chunk(memoryview(raw), shard, inner)
 
     def read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -565,13 +582,14 @@ class ShardedArrayFile:
             lo_inner, hi_inner = first - shard * self.chunks_per_shard, last - shard * self.chunks_per_shard
             offsets, sizes = index[lo_inner: hi_inner + 1, 0], index[lo_inner: hi_inner + 1, 1]
             if (offsets == _EMPTY).any():
-                raise SemrouteError(f"{self.shard_path(shard)}: a chunk was never written")
+                raise CacheDamaged(f"{self.shard_path(shard)}: a chunk was never written; {integrity.verify_hint(self.root)}")
             begin = int(offsets[0])
             end = int(offsets[-1] + sizes[-1])
             contiguous = np.array_equal(offsets[1:], offsets[:-1] + sizes[:-1])
             raw = self._pread(shard, end - begin, begin) if contiguous else None
             if raw is not None and len(raw) != end - begin:
-                raise ChecksumError(f"{self.shard_path(shard)}: the shard file is truncated")
+                raise ChecksumError(f"{self.shard_path(shard)}: the shard file is truncated; "
+                                    f"{integrity.verify_hint(self.root)}")
             for k, chunk in enumerate(range(first, last + 1)):
                 if raw is None:
                     data = self.read_chunk(chunk)
@@ -586,7 +604,8 @@ class ShardedArrayFile:
 
     def _check_chunk(self, raw, shard: int, inner: int) -> np.ndarray:
         if self.check_crc and struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(raw[:-_CRC]):
-            raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} fails its crc32c checksum")
+            raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} fails its crc32c checksum; "
+                                f"{integrity.verify_hint(self.root)}")
         return np.frombuffer(raw, dtype=self.dtype, count=(len(raw) - _CRC) // self.dtype.itemsize).reshape(
             -1, *self.row_shape
         )
@@ -1004,7 +1023,10 @@ class TextCacheWriter:
         if "null_features" not in self.group:
             raise SemrouteError(f"{self.location} has no null caption yet; run again with --resume")
         update_attrs(self.group, complete=True, **summary)
-        self.attrs = dict(self.group.attrs)[ATTR_KEY]
+        self.attrs = integrity.seal(self.group, self.location, TEXT_SMALL_ARRAYS)
+
+
+TEXT_SMALL_ARRAYS = ["offsets", "lengths", "null_features", "null_scales"]  # read whole; sealed by sha256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1055,7 +1077,8 @@ class TextCacheReader:
     @property
     def offsets(self) -> np.ndarray:
         if self._offsets is None:
-            self._offsets = np.asarray(open_group(self.location)["offsets"][:], dtype=np.int64)
+            offsets = integrity.read_small_array(self.location, open_group(self.location), "offsets", self.attrs)
+            self._offsets = np.asarray(offsets, dtype=np.int64)
         return self._offsets
 
     @property
@@ -1063,15 +1086,15 @@ class TextCacheReader:
         """Tokens per caption: the stored ``lengths`` (appended caches, format 2), else ``diff(offsets)``."""
         if self._lengths is None:
             group = open_group(self.location)
-            self._lengths = (np.asarray(group["lengths"][:], dtype=np.int64) if "lengths" in group
-                             else np.diff(self.offsets))
+            self._lengths = (np.asarray(integrity.read_small_array(self.location, group, "lengths", self.attrs),
+                                        dtype=np.int64) if "lengths" in group else np.diff(self.offsets))
         return self._lengths
 
     @property
     def index(self):
         """The caption index as a pyarrow Table (caption, sample_id, text, n_tokens, truncated, ...)."""
         if self._index is None:
-            self._index = read_parquet(self.location, "index.parquet")
+            self._index = integrity.read_index(self.location, self.attrs)
         return self._index
 
     def __len__(self) -> int:
@@ -1120,8 +1143,9 @@ class TextCacheReader:
 
     def null_bits(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         group = open_group(self.location)
-        scales = group["null_scales"][:] if self.attrs["storage"] == "fp8" else None
-        return self._bits(group["null_features"][:], scales)
+        read = integrity.read_small_array
+        scales = read(self.location, group, "null_scales", self.attrs) if self.attrs["storage"] == "fp8" else None
+        return self._bits(read(self.location, group, "null_features", self.attrs), scales)
 
     def null(self) -> torch.Tensor:
         """The null caption's features ``[n_tokens, n_layers, D]``."""

@@ -290,7 +290,7 @@ def load_yaml(path: Path) -> dict:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise SemrouteError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise SemrouteError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise SemrouteError(f"config file {path} must hold a mapping of keys to values")

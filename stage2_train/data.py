@@ -362,11 +362,39 @@ class BatchLoader:
                 wid, nw = (info.id, info.num_workers) if info else (0, 1)
                 for n, (epoch, index, samples) in enumerate(plan.iterate(*start)):
                     if n % nw == wid:  # worker w builds every nw-th batch; DataLoader interleaves them in order
-                        yield loader_self.build(epoch, index, samples)
+                        try:
+                            batch = loader_self.build(epoch, index, samples)
+                        except SemrouteError as err:
+                            # Handed over as a value: raised in a worker, torch would re-raise it wrapped in
+                            # "Caught ... in DataLoader worker process N" and the worker's traceback.
+                            yield _Failed(err)
+                            return
+                        yield batch
 
         loader = DataLoader(_Batches(), batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, prefetch_factor=2 * self.depth, persistent_workers=False)
-        return iter(loader)
+        return _Unwrapped(iter(loader))
+
+
+class _Unwrapped:
+    """Batches from a DataLoader; a :class:`_Failed` from a worker is raised here as the reader's own error."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.it)
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        shutdown = getattr(self.it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 class _Failed:

@@ -279,12 +279,15 @@ class SemroutePipeline(DiffusionPipeline):
         """Build the pipeline from a training run folder: its newest checkpoint (or ``checkpoint``), the
         caches' fingerprints recorded in run.json, the training shift."""
         from semroute.shared.llm import resolve_device
+        from semroute.stage2_train import models
         from semroute.stage2_train.run_folder import RunFolder
 
         run = RunFolder(run_dir)
-        record = run.record()
-        cfg = run.config()
-        transformer = run.load_model(ema=ema, checkpoint=checkpoint)
+        model_dir = run.model_dir(ema=ema, checkpoint=checkpoint)
+        # the checkpoint's own copies of run.json and config.yaml (checked by its complete.json)
+        record = run.record(checkpoint=model_dir.parent)
+        cfg = run.config(checkpoint=model_dir.parent)
+        transformer = models.load_model(model_dir)
         vae, size = _vae_from_fingerprint(record["latent_fingerprint"])
         scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.shift)
         target = resolve_device(device)

@@ -16,6 +16,7 @@ MAY_CHANGE = (
     "lr", "fusion_lr_scale", "grad_clip", "max_steps", "max_minutes", "num_workers", "checkpoint_every",
     "keep_checkpoints", "log_every", "tensorboard", "log_samples", "gradient_checkpointing", "expect_text",
     "compile", "text_buckets", "loader", "peak_tflops", "global_batch", "sample_steps", "sample_guidance",
+    "allow_new_data", "cache_dir", "cache_size", "storage_options",
     # the caches may move (their content is compared), and so may the run folder
     "text_cache", "latent_cache", "out",
 )

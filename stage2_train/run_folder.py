@@ -53,17 +53,17 @@ class RunFolder:
     # -- finding runs ----------------------------------------------------------------------------
     @staticmethod
     def is_run(path: str | Path) -> bool:
-        """A folder written by ``train`` (it has config.yaml)."""
-        return (Path(path) / "config.yaml").exists()
+        """A folder written by ``train`` (it has config.yaml; a checkpoint, which holds a copy, is not one)."""
+        return (Path(path) / "config.yaml").exists() and not is_checkpoint(path)
 
     @classmethod
     def locate(cls, path: str | Path) -> tuple[RunFolder, Path | None] | None:
         """A run folder -> (run, None); a checkpoint folder of a run -> (run, checkpoint); else None."""
         path = Path(path)
+        if is_checkpoint(path) and (path.parent.parent / "run.json").exists():
+            return cls(path.parent.parent), path  # (checked first: a checkpoint holds a copy of run.json)
         if (path / "run.json").exists():
             return cls(path), None
-        if is_checkpoint(path) and (path.parent.parent / "run.json").exists():
-            return cls(path.parent.parent), path
         return None
 
     # -- files -----------------------------------------------------------------------------------
@@ -94,34 +94,76 @@ class RunFolder:
     def create(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
 
-    def config(self):
-        """The run's ``TrainConfig`` (keys a run of an older version lacks take today's defaults)."""
+    def config_file(self, checkpoint: str | Path | None = None) -> Path:
+        """The config a checkpoint was trained with: its own copy (checked by its complete.json), else the
+        run's config.yaml (checkpoints written before the copy existed)."""
+        if checkpoint is not None and (Path(checkpoint) / "config.yaml").exists():
+            return Path(checkpoint) / "config.yaml"
+        return self.config_path
+
+    def config(self, checkpoint: str | Path | None = None):
+        """The run's ``TrainConfig`` (keys a run of an older version lacks take today's defaults); with a
+        checkpoint, the one that checkpoint was trained with."""
         from semroute.stage2_train.config import TrainConfig
 
-        if not self.config_path.exists():
+        path = self.config_file(checkpoint)
+        if not path.exists():
             raise SemrouteError(f"{self.path} is not a training run folder (no config.yaml)")
-        return TrainConfig.build(config_file=str(self.config_path))
+        return TrainConfig.build(config_file=str(path))
 
-    def record(self, required: bool = True) -> dict:
-        """run.json: the caches and fingerprints the run trains on ({} if absent and not ``required``)."""
-        if not self.record_path.exists():
+    def record(self, required: bool = True, checkpoint: str | Path | None = None) -> dict:
+        """run.json: the caches and fingerprints the run trains on ({} if absent and not ``required``); with
+        a checkpoint, that checkpoint's copy when it has one."""
+        path = self.record_path
+        if checkpoint is not None and (Path(checkpoint) / "run.json").exists():
+            path = Path(checkpoint) / "run.json"
+        if not path.exists():
             if required:
                 raise SemrouteError(f"{self.path} is not a training run folder (no run.json)")
             return {}
-        return json.loads(self.record_path.read_text())
+        try:
+            record = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise SemrouteError(f"{path} is damaged ({type(err).__name__}: {err}); "
+                                + ("the checkpoint's copy is checked by its complete.json" if path != self.record_path
+                                   else "a resume rewrites it from the newest checkpoint's copy")) from None
+        if not isinstance(record, dict):
+            raise SemrouteError(f"{path} is damaged (not a JSON object)")
+        return record
 
     def save_record(self, record: dict) -> None:
         self.record_path.write_text(json.dumps(record, indent=2, default=str))
 
     def log_metrics(self, row: dict) -> None:
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        with open(self.metrics_path, "a+b") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell():  # a line cut short (a crash mid-write) must not swallow the next one
+                fh.seek(-1, os.SEEK_END)
+                torn = fh.read(1) != b"\n"
+            else:
+                torn = False
+            fh.write((("\n" if torn else "") + json.dumps(row, default=str) + "\n").encode())
 
     def metrics(self) -> list[dict]:
-        """Every row of logs/metrics.jsonl (losses and checkpoint events), in order."""
+        """Every row of logs/metrics.jsonl (losses and checkpoint events), in order. The log is appended to
+        as training goes, so a line cut short by a crash (or damaged) is left out, with a warning."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows, bad = [], []
+        for n, line in enumerate(self.metrics_path.read_bytes().splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except (ValueError, UnicodeDecodeError):
+                bad.append(n)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            elif row is not None:
+                bad.append(n)
+        if bad:
+            print(f"warning: {self.metrics_path}: left out {len(bad)} unreadable line(s) (first: line {bad[0]})",
+                  file=sys.stderr)
+        return rows
 
     def samples_log_path(self, rank: int) -> Path:
         return self.logs / f"samples-rank{rank}.jsonl"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def absolute_location(location: str) -> str:
     return location if not location or is_url(location) else str(Path(location).expanduser().resolve())
 
 
-def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resuming: bool) -> dict:
+def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resuming: Path | None) -> dict:
     """Refuse caches that do not fit: expected fingerprint entries, and on resume the caches the run
     started with (same content, wherever they now are). Returns the record saved as run.json."""
     text_fp, latent_fp = dataset.text.fingerprint, dataset.latents.fingerprint
@@ -83,7 +84,7 @@ def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resumi
               "latent_content_sha256": cache_content_id(cfg.latent_cache, dataset.latents.attrs),
               "joined_samples": len(dataset), "text_only_ids": dataset.n_text_only,
               "image_only_ids": dataset.n_image_only}
-    before = run.record(required=False) if resuming else {}
+    before = run.record(required=False, checkpoint=resuming or None) if resuming else {}
     grown = [f"{name}: {before[key]} -> {now}" for name, key, now in
              (("text cache captions", "text_captions", dataset.text.n_captions),
               ("latent cache images", "latent_samples", len(dataset.latents))) if key in before and before[key] != now]
@@ -188,7 +189,7 @@ class Trainer:
             if shape[-1] % patch or shape[-2] % patch:
                 raise SemrouteError(f"latent bucket {bucket.name} has shape {tuple(shape)}; its height and width "
                                     f"must be multiples of the DiT patch size {patch}")
-        self.record = check_caches(cfg, self.dataset, self.run, resuming=self.resume_from is not None)
+        self.record = check_caches(cfg, self.dataset, self.run, resuming=self.resume_from)
         self.plan = EpochBatches(self.dataset.bucket_ids(), self.dataset.text_lengths(), cfg.batch_size,
                                  seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
                                  length_batching=cfg.length_batching)
@@ -409,7 +410,9 @@ class Trainer:
                 model.save_pretrained(tmp / "model_ema")
                 self.ema.restore(model.parameters())
             (tmp / TRAIN_STATE).write_text(json.dumps(state.state_dict()))
-            self.cfg.save(tmp / "config.yaml")  # what a resume from this checkpoint is compared with
+            # what a resume from this checkpoint is compared with, and what sample reads (checked by complete.json)
+            self.cfg.save(tmp / "config.yaml")
+            shutil.copyfile(self.run.record_path, tmp / "run.json")
             routing.save_routing(model, tmp, "routing", title=f"{self.cfg.fusion}, step {state.step}")
             self.run.publish(tmp, state.step, keep=self.cfg.keep_checkpoints)
         acc.wait_for_everyone()

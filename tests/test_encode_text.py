@@ -173,13 +173,13 @@ def test_resume_refuses_other_layers_instruction_or_captions(tmp_path, tiny_llam
 
 def test_verify_names_the_shard_with_a_flipped_byte(tmp_path, tiny_llama_dir):
     cfg, _ = _encode(tmp_path, tiny_llama_dir, random_captions(40), shard_mb=0.02)
-    checked, problems = verify(cfg.out)
+    checked, problems, _ = verify(cfg.out)
     assert problems == [] and checked > 3
     shard = Path(cfg.out) / "features" / "c" / "2" / "0" / "0"
     data = bytearray(shard.read_bytes())
     data[100] ^= 0x01
     shard.write_bytes(bytes(data))
-    checked, problems = verify(cfg.out)
+    checked, problems, _ = verify(cfg.out)
     assert len(problems) == 1 and "features/c/2/0/0" in problems[0] and "crc32c" in problems[0]
     proc = run_cli("verify", cfg.out, check=False)
     assert proc.returncode == 1 and "features/c/2/0/0" in proc.stdout

@@ -54,7 +54,7 @@ def test_s3_caches_read_like_local_ones(caches):
     # info and verify on URLs
     assert describe(url_t)["complete"] and describe(url_l)
     for url in (url_t, url_l):
-        checked, problems = verify(url)
+        checked, problems, _ = verify(url)
         assert checked > 0 and problems == []
 
 
@@ -124,7 +124,7 @@ def test_a_shard_deleted_under_a_running_reader(s3, tiny_llama_dir, tmp_path):
     fs.rm(features.shard_path(int(reader.offsets[last]) // features.rows_per_shard))
     with pytest.raises(SemrouteError, match=r"does not exist \(was it deleted while this job ran\?\).*verify"):
         reader.caption(last)
-    checked, problems = verify(url)
+    checked, problems, _ = verify(url)
     assert any("del.text.zarr/features" in p for p in problems)
     # --resume rewrites shards whose objects are gone, though their done flags are set.
     encode_text(EncodeTextConfig(data=str(manifest), out=url, llm=str(tiny_llama_dir), dtype="float32",

@@ -119,7 +119,9 @@ def test_resume_with_another_architecture_is_a_clean_error(square_caches, run4, 
 def test_resume_compares_cache_content_and_records_absolute_paths(tmp_path, tiny_llama_dir, monkeypatch):
     records = [{**r, "id": f"s{i}"} for i, r in enumerate(write_square_images(tmp_path / "img", 16))]
     manifest = write_manifest(tmp_path / "m.jsonl", records)
-    other = write_manifest(tmp_path / "other.jsonl", [{**r, "text": " a purple star"} for r in records])
+    other = write_manifest(tmp_path / "other.jsonl", [  # as many captions, other words
+        {**r, "text": [" a purple star"] * len(r["text"]) if isinstance(r["text"], list) else " a purple star"}
+        for r in records])
     text, latents = tmp_path / "t.zarr", tmp_path / "l.zarr"
     for data, out in ((manifest, text), (other, tmp_path / "o.zarr")):
         encode_text(EncodeTextConfig(data=str(data), out=str(out), llm=str(tiny_llama_dir), dtype="float32",
