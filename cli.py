@@ -29,7 +29,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from semroute.shared.errors import SemrouteError
+from semroute.shared.errors import SemrouteError, write_faults_named
 
 app = typer.Typer(
     name="semroute",
@@ -130,7 +130,8 @@ def encode_text_cmd(
         storage_options=_storage_options(storage_options), skip_bad=skip_bad, resume=resume, append=append,
         overwrite=overwrite, estimate=estimate, progress=not no_progress,
     )
-    summary = encode_text(cfg)
+    with write_faults_named(out, f"what was written is kept: run the same command with --resume to finish {out}"):
+        summary = encode_text(cfg)
     if not summary:
         return
     for problem in summary.get("problems", []):
@@ -222,7 +223,8 @@ def encode_images_cmd(
         storage_options=_storage_options(storage_options), skip_bad=skip_bad, resume=resume, append=append,
         overwrite=overwrite, estimate=estimate, progress=not no_progress,
     )
-    summary = encode_images(cfg)
+    with write_faults_named(out, f"what was written is kept: run the same command with --resume to finish {out}"):
+        summary = encode_images(cfg)
     if not summary:
         return
     skipped = summary.get("skipped", [])

@@ -1,5 +1,8 @@
 """Errors that the CLI shows to a user as one readable message instead of a traceback."""
 
+import errno
+from contextlib import contextmanager
+
 
 class SemrouteError(Exception):
     """A known, user-facing failure: bad input, a mismatched cache, a missing file.
@@ -20,3 +23,19 @@ class FingerprintMismatch(SemrouteError):
 class CacheDamaged(SemrouteError):
     """Bytes of a cache that fail a checksum, are missing or do not decode; the message names the store, the
     file (array, chunk or shard) and the command that lists all damage (``semroute verify``)."""
+
+
+# Errors that only a write meets: the file-size limit, a full disk or quota, a read-only file system.
+WRITE_ERRNOS = {errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+@contextmanager
+def write_faults_named(target, then: str):
+    """Turn a failed write under ``target`` into one message naming the file (or ``target``) and saying
+    ``then`` (how to go on: what was finished is kept). Other OSErrors pass unchanged."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        raise SemrouteError(f"writing {err.filename or target} failed: {err.strerror or err}; {then}") from None

@@ -384,11 +384,13 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         try:
             return self._save_checkpoint()
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError (iostream error)
             found = self.run.checkpoints()
+            what = (f"{err.strerror or err} ({err.filename or 'a checkpoint file'})" if isinstance(err, OSError)
+                    else str(err).strip().splitlines()[-1][:200])
             raise SemrouteError(
                 f"writing checkpoint {checkpoint_name(self.state.step)} in {self.run.checkpoints_dir} failed: "
-                f"{err.strerror or err} ({err.filename or 'a checkpoint file'}); nothing was published, and "
+                f"{what}; nothing was published, and "
                 + (f"--resume latest continues from {found[-1].name}" if found else "no checkpoint exists yet")
             ) from None
 
