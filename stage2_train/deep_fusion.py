@@ -33,9 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from semroute.shared.errors import SemrouteError
@@ -50,7 +48,7 @@ from semroute.stage2_train.deep_attention import (
     rope_cos_sin,
 )
 from semroute.stage2_train.fusion import resolve_layer_indices
-from semroute.stage2_train.image_side import ImageSideMixin
+from semroute.stage2_train.dit_base import DiTBase
 from semroute.stage2_train.presets import PRESETS
 
 FROZEN_PREFIX = "llm_layers."  # parameter names of the frozen LLM weights
@@ -92,7 +90,7 @@ class DeepTextContext:
 # --------------------------------------------------------------------------------------------------
 
 
-class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
+class DeepFusionDiT(DiTBase):
     """FuseDiT-style deep fusion: DiT block i attends jointly to its image tokens and LLM layer ``first + i``.
 
     Same call interface as ``SemrouteDiT`` (``forward``, ``prepare_text``, ``layer_positions``,
@@ -121,7 +119,6 @@ class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         text_layers: the ``hidden_states`` indices the model reads, in block order.
     """
 
-    _supports_gradient_checkpointing = True
     _no_split_modules = ["DeepFusionBlock"]
 
     @register_to_config
@@ -182,32 +179,22 @@ class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         self.llm_layers.requires_grad_(False)
 
         # 2. Image side: patch embedding, optional adaLN timestep embedding, output head; the blocks.
-        self.build_image_side(in_channels, patch_size, hidden_size, norm_eps, adaln)
-        self.blocks = nn.ModuleList(
-            DeepFusionBlock(hidden_size, llm_num_heads, llm_num_kv_heads, llm_head_dim, mlp_hidden_size, norm_eps, adaln)
-            for _ in range(num_blocks)
-        )
-
-        self.gradient_checkpointing = False
-        self.initialize_weights()
+        self.build_dit(in_channels, patch_size, hidden_size, norm_eps, adaln, num_blocks, lambda: DeepFusionBlock(
+            hidden_size, llm_num_heads, llm_num_kv_heads, llm_head_dim, mlp_hidden_size, norm_eps, adaln))
 
     # ----------------------------------------------------------------------------------------------
     # Construction
     # ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> DeepFusionDiT:
-        """A named size of ``presets.PRESETS`` with random stand-in LLM weights (tests, benchmarks).
-
-        The preset's ``num_heads``/``num_kv_heads``/``head_dim`` become the LLM attention layout
-        (``paper``: 32/8 of 128, Qwen3-VL-4B's); its sigma-gate sizes are unused.
-        """
-        if name not in PRESETS:
-            raise SemrouteError(f"Unknown DiT preset {name!r}. Choose one of: {', '.join(PRESETS)}.")
-        preset = {k: v for k, v in PRESETS[name].items() if k not in ("gate_embed_dim", "gate_hidden_dim")}
+    def preset_fields(cls, preset: dict) -> dict:
+        """``from_preset`` builds with random stand-in LLM weights (tests, benchmarks): the preset's
+        ``num_heads``/``num_kv_heads``/``head_dim`` become the LLM attention layout (``paper``: 32/8 of 128,
+        Qwen3-VL-4B's); its sigma-gate sizes are unused."""
+        preset = {k: v for k, v in preset.items() if k not in ("gate_embed_dim", "gate_hidden_dim")}
         for dit_key in ("num_heads", "num_kv_heads", "head_dim"):
             preset[f"llm_{dit_key}"] = preset.pop(dit_key)
-        return cls(**{**preset, **overrides})
+        return preset
 
     @classmethod
     def from_llm(cls, llm, *, preset: str = "small", first: int | None = None, **overrides) -> DeepFusionDiT:
@@ -319,17 +306,8 @@ class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         Returns:
             A ``DeepTextContext`` for ``forward(..., text_context=...)``, reusable across sampling steps.
         """
-        L, D = len(self.text_layers), self.config.text_dim
-        if text_features.ndim != 4 or text_features.shape[2:] != (L, D):
-            raise SemrouteError(
-                f"text_features must be [batch, tokens, {L} layers, {D}] for this model (hidden_states {self.text_layers}), "
-                f"got {list(text_features.shape)}; gather the cache with `model.layer_positions(...)`."
-            )
-        B, T = text_features.shape[:2]
-        device = text_features.device
-        mask = torch.ones(B, T, dtype=torch.bool, device=device) if text_mask is None else text_mask.bool()
-        if mask.shape != (B, T):
-            raise SemrouteError(f"text_mask must be [batch, tokens] = {[B, T]}, got {list(mask.shape)}")
+        mask = self.check_text(text_features, text_mask)
+        T, device = text_features.shape[1], text_features.device
         lengths = mask.sum(dim=1)
         if not torch.equal(mask, torch.arange(T, device=device)[None] < lengths[:, None]):
             raise SemrouteError("--fusion deep needs right-padded text (each mask row True then False): text positions are 0..len-1 as in the LLM")
@@ -348,70 +326,21 @@ class DeepFusionDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         return rope_cos_sin(positions, inv_freq, self.config.llm_rope_scaling)
 
     # ----------------------------------------------------------------------------------------------
-    # Forward
+    # Forward (the skeleton is DiTBase.forward) and routing (a fixed pairing, so logs and plots treat
+    # every strategy alike)
     # ----------------------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor | float,
-        text_features: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        *,
-        text_context: DeepTextContext | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Predict the flow velocity ``eps - x0``.
-
-        Args:
-            latents: ``[B, C, H, W]`` noisy latents; H and W multiples of ``patch_size``.
-            timestep: ``[B]`` (or a scalar) ``1000 * sigma``; used only with ``adaln``.
-            text_features, text_mask: as in ``prepare_text``; or pass ``text_context`` from it instead.
-        Returns:
-            ``Transformer2DModelOutput(sample=[B, C, H, W])``, or ``(sample,)`` when ``return_dict=False``.
-        """
-        B, C = latents.shape[:2]
-        if text_context is None:
-            if text_features is None:
-                raise ValueError("pass either `text_features` (with `text_mask`) or `text_context`")
-            text_context = self.prepare_text(text_features, text_mask)
-
-        # 1. Patchify: [B, C, H, W] -> [B, N, hidden] image tokens (row-major patches).
-        x, h, w = self.embed_patches(latents)
+    def block_inputs(self, text_context: DeepTextContext, timestep: torch.Tensor, h: int, w: int, device) -> tuple:
+        """The image grid's RoPE after each prompt's real tokens, every block's text keys/values, and the key
+        mask of the joint sequence: image queries see the real text tokens and every image token, ``[B, 1, 1, T + N]``."""
         rope = self.image_rope_tables(text_context.lengths, h, w)
-        # Image queries see the real text tokens and every image token: [B, 1, 1, T + N].
-        image_keys = torch.ones(B, h * w, dtype=torch.bool, device=latents.device)
+        image_keys = torch.ones(len(text_context.lengths), h * w, dtype=torch.bool, device=device)
         attn_mask = torch.cat([text_context.mask, image_keys], dim=1)[:, None, None, :]
-        temb = self.timestep_embedding(timestep, B, x)  # [B, hidden] with adaLN, else None
+        return rope, text_context.kv, attn_mask
 
-        # 2. Blocks, block i with the keys/values of LLM layer first + i.
-        for block, (key, value) in zip(self.blocks, text_context.kv):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, rope, key, value, attn_mask, temb)
-            else:
-                x = block(x, rope, key, value, attn_mask, temb)
-
-        # 3. Final norm, zero-initialised projection, unpatchify back to [B, C, H, W].
-        sample = self.output_head(x, temb, C, h, w)
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
-
-    # ----------------------------------------------------------------------------------------------
-    # Routing inspection (fixed pairing, so logs and plots treat every strategy alike)
-    # ----------------------------------------------------------------------------------------------
-
-    def routing_weights(self, sigma: torch.Tensor | float | Sequence[float] | None = None) -> torch.Tensor:
-        """The fixed pairing as one-hot weights over ``text_layers``: ``[blocks, L]`` (the identity), ``[S, blocks, L]`` with S sigmas."""
-        weights = torch.eye(len(self.text_layers))
-        if sigma is None:
-            return weights
-        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
-        return weights.expand(len(sigma), *weights.shape)
-
-    @torch.no_grad()
-    def routing_summary(self, sigma: float = 0.5) -> dict[str, list]:
-        """As ``SemrouteDiT.routing_summary``: ``weights`` ``[blocks][L]``, ``entropy`` (0), ``top_layer`` = ``first + i``."""
-        weights = self.routing_weights()
-        return {"weights": weights.tolist(), "entropy": [0.0] * len(self.text_layers), "top_layer": list(self.text_layers)}
+    def layer_weights(self, sigma: torch.Tensor | None) -> torch.Tensor:
+        """The fixed pairing as one-hot weights over ``text_layers``: ``[blocks, L]``, the identity."""
+        return torch.eye(len(self.text_layers))
 
 
 def build_deep_model(cfg, text_fingerprint: dict, stored_layers: Sequence[int], overrides: dict) -> DeepFusionDiT:

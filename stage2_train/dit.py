@@ -18,17 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import FeedForward
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
 from semroute.shared.errors import SemrouteError
 from semroute.shared.layers import parse_layers
 from semroute.stage2_train.attention import CrossAttention, SelfAttention, rope_2d
-from semroute.stage2_train.image_side import ImageSideMixin
+from semroute.stage2_train.dit_base import DiTBase
 from semroute.stage2_train.fusion import (
     FUSIONS,
     SIGMA_EMBED_SCALE,
@@ -37,7 +35,6 @@ from semroute.stage2_train.fusion import (
     layer_norm_layers,
     resolve_layer_indices,
 )
-from semroute.stage2_train.presets import PRESETS
 
 # Text path of the cross-attention: what the context embedder maps the fused LLM features to (the config
 # key is `context_embedder_type`: a key named like the `context_embedder` module would shadow it).
@@ -102,7 +99,7 @@ class DiTBlock(nn.Module):
         return x + (gate2 * h if self.modulation is not None else h)
 
 
-class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
+class SemrouteDiT(DiTBase):
     """DiT conditioned on many LLM layers fused by a routing strategy (``fusion``, see ``fusion.FUSIONS``).
 
     Args:
@@ -136,7 +133,6 @@ class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         text_layers: the resolved layer list.
     """
 
-    _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
     # The routing logits are tiny; keep them (and their softmax) in fp32 when loading in bf16.
     _keep_in_fp32_modules = ["router"]
@@ -194,25 +190,12 @@ class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         self.context_embedder = nn.Sequential(RMSNorm(text_dim, eps=norm_eps), nn.Linear(text_dim, context_dim))
 
         # 2. Image side: patch embedding, optional adaLN timestep embedding, output head; the blocks.
-        self.build_image_side(in_channels, patch_size, hidden_size, norm_eps, adaln)
-        self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, num_kv_heads, head_dim, mlp_hidden_size, norm_eps, adaln, context_dim)
-            for _ in range(num_blocks)
-        )
-
-        self.gradient_checkpointing = False
-        self.initialize_weights()
+        self.build_dit(in_channels, patch_size, hidden_size, norm_eps, adaln, num_blocks, lambda: DiTBlock(
+            hidden_size, num_heads, num_kv_heads, head_dim, mlp_hidden_size, norm_eps, adaln, context_dim))
 
     # ----------------------------------------------------------------------------------------------
     # Construction helpers
     # ----------------------------------------------------------------------------------------------
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> SemrouteDiT:
-        """Build a named size from ``presets.PRESETS`` (``tiny``, ``small``, ``base``, ``paper``), any field overridden."""
-        if name not in PRESETS:
-            raise SemrouteError(f"Unknown DiT preset {name!r}. Choose one of: {', '.join(PRESETS)}.")
-        return cls(**{**PRESETS[name], **overrides})
 
     def initialize_weights(self) -> None:
         """Xavier-uniform Linear weights, zero biases; then the inits that must win over it.
@@ -253,15 +236,7 @@ class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         Returns:
             A ``TextContext`` to pass as ``forward(..., text_context=...)``, reusable across sampling steps.
         """
-        if text_features.ndim != 4 or text_features.shape[2:] != (len(self.text_layers), self.config.text_dim):
-            raise SemrouteError(
-                f"text_features must be [batch, tokens, {len(self.text_layers)} layers, {self.config.text_dim}] for this model "
-                f"(layers {self.text_layers}), got {list(text_features.shape)}; gather the cache with `model.layer_positions(...)`."
-            )
-        B, T = text_features.shape[:2]
-        mask = torch.ones(B, T, dtype=torch.bool, device=text_features.device) if text_mask is None else text_mask.bool()
-        if mask.shape != (B, T):
-            raise SemrouteError(f"text_mask must be [batch, tokens] = {[B, T]}, got {list(mask.shape)}")
+        mask = self.check_text(text_features, text_mask)
         # A row without any real token attends to all positions, whose values are zeroed below -> output 0.
         attn_mask = (mask | ~mask.any(dim=1, keepdim=True))[:, None, None, :]  # [B, 1, 1, T]
         hidden_ln = layer_norm_layers(text_features)  # [B, T, L, D] fp32, once per forward
@@ -284,83 +259,23 @@ class SemrouteDiT(ImageSideMixin, ModelMixin, ConfigMixin):
         return tuple(kv)
 
     # ----------------------------------------------------------------------------------------------
-    # Forward
+    # Forward (the skeleton is DiTBase.forward) and routing
     # ----------------------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor | float,
-        text_features: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        *,
-        text_context: TextContext | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Predict the flow velocity ``eps - x0``.
-
-        Args:
-            latents: ``[B, C, H, W]`` noisy latents; H and W multiples of ``patch_size``.
-            timestep: ``[B]`` (or a scalar) ``1000 * sigma``, sigma in [0, 1].
-            text_features, text_mask: as in ``prepare_text``; or pass ``text_context`` from it instead.
-        Returns:
-            ``Transformer2DModelOutput(sample=[B, C, H, W])``, or ``(sample,)`` when ``return_dict=False``.
-        """
-        B, C = latents.shape[:2]
-        if text_context is None:
-            if text_features is None:
-                raise ValueError("pass either `text_features` (with `text_mask`) or `text_context`")
-            text_context = self.prepare_text(text_features, text_mask)
-        timestep = torch.as_tensor(timestep, device=latents.device, dtype=torch.float32).reshape(-1).expand(B)
-
-        # 1. Text keys/values for every block (recomputed only for sigma-dependent gates).
+    def block_inputs(self, text_context: TextContext, timestep: torch.Tensor, h: int, w: int, device) -> tuple:
+        """2D RoPE of the image grid, every block's text keys/values (recomputed at this sigma only for
+        sigma-dependent gates), the text key mask."""
         kv = text_context.kv
         if kv is None:
             kv = self._text_kv(text_context.hidden_ln, text_context.mask, sigma=timestep / 1000.0)
+        rope = rope_2d(h, w, self.config.head_dim, self.config.rope_theta, device=device)
+        return rope, kv, text_context.attn_mask
 
-        # 2. Patchify: [B, C, H, W] -> [B, N, hidden] image tokens (row-major patches), 2D RoPE.
-        x, h, w = self.embed_patches(latents)
-        rope = rope_2d(h, w, self.config.head_dim, self.config.rope_theta, device=latents.device)
-        temb = self.timestep_embedding(timestep, B, x)  # [B, hidden] with adaLN, else None
+    @property
+    def routing_depends_on_sigma(self) -> bool:
+        return self.router.time_dependent
 
-        # 3. Blocks.
-        for block, (key, value) in zip(self.blocks, kv):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, rope, key, value, text_context.attn_mask, temb)
-            else:
-                x = block(x, rope, key, value, text_context.attn_mask, temb)
-
-        # 4. Final norm, zero-initialised projection, unpatchify back to [B, C, H, W].
-        sample = self.output_head(x, temb, C, h, w)
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
-
-    # ----------------------------------------------------------------------------------------------
-    # Routing inspection
-    # ----------------------------------------------------------------------------------------------
-
-    def routing_weights(self, sigma: torch.Tensor | float | Sequence[float] | None = None) -> torch.Tensor:
-        """Current routing weights over ``text_layers`` (fp32, rows sum to 1).
-
-        Without ``sigma``: ``[L]`` for penultimate (one-hot)/uniform/static, ``[blocks, L]`` for depth;
-        ``time``/``joint`` need ``sigma``. With ``S`` sigmas in [0, 1]: a leading ``[S]`` axis for every
-        strategy (``[S, L]`` time, ``[S, blocks, L]`` joint; repeated for the sigma-free ones).
-        """
-        if sigma is None:
-            return self.router.weights(None)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
-        if self.router.time_dependent:
-            return self.router.weights(sigma)
-        weights = self.router.weights(None)
-        return weights.expand(len(sigma), *weights.shape)
-
-    @torch.no_grad()
-    def routing_summary(self, sigma: float = 0.5) -> dict[str, list]:
-        """Per-block routing for logs: ``weights`` ``[blocks][L]``, ``entropy`` (nats; max ln L) and
-        ``top_layer`` (a hidden_states index) per block. Shared strategies repeat one row for every block;
-        ``sigma`` is used by ``time``/``joint`` only.
-        """
-        weights = self.routing_weights([sigma])[0]  # [L] or [blocks, L]
-        weights = weights.expand(self.config.num_blocks, -1) if weights.ndim == 1 else weights
-        entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
-        top = [self.text_layers[i] for i in weights.argmax(-1).tolist()]
-        return {"weights": weights.tolist(), "entropy": entropy.tolist(), "top_layer": top}
+    def layer_weights(self, sigma: torch.Tensor | None) -> torch.Tensor:
+        """The router's weights: ``[L]`` for penultimate (one-hot)/uniform/static, ``[blocks, L]`` for depth;
+        ``[S, L]`` time and ``[S, blocks, L]`` joint at S sigmas."""
+        return self.router.weights(sigma)
