@@ -8,10 +8,10 @@ zarr's crc32c covers the bytes of every chunk that exists, but not the rest of w
   re-pairs captions and images;
 - the attributes in ``zarr.json`` (scaling factor, layer list, ...) are plain JSON.
 
-When a store is finished its writer calls :func:`seal`, which records, in the store's own attributes
+When a store is finished its writer calls :func:`store.seal`, which records, in the store's own attributes
 under ``integrity``: the sha256 of ``index.parquet``, of each small array's bytes, and of the other
 attributes. Every reader checks what it reads against the seal (:func:`check_attrs`,
-:func:`read_index`, :func:`read_small_array`) and ``verify`` checks all of it. A mismatch is a
+:func:`store.read_index`, :func:`read_small_array`) and ``verify`` checks all of it. A mismatch is a
 :class:`CacheDamaged` error naming the file, never silent use. Stores finished before seals existed
 have no ``integrity`` entry: they open as before (the format version is unchanged) and ``verify`` says
 that these parts are not covered.
@@ -20,7 +20,6 @@ that these parts are not covered.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 
 import numpy as np
@@ -44,20 +43,6 @@ def verify_hint(location) -> str:
     return f"run `semroute verify {location}` for the full list of damage"
 
 
-def seal(group, location, small_arrays: list[str]) -> dict:
-    """Record the checksums of a finished store (call after its last write). Returns the new attrs."""
-    from semroute.shared.store import ATTR_KEY, store_file, update_attrs
-
-    with store_file(location, INDEX) as fh:
-        index_sha = hashlib.sha256(fh.read()).hexdigest()
-    arrays = {name: array_sha256(np.asarray(group[name][...])) for name in small_arrays if name in group}
-    update_attrs(group, **{SEAL_KEY: None})
-    attrs = dict(group.attrs)[ATTR_KEY]
-    record = {"index_sha256": index_sha, "arrays_sha256": arrays, "attrs_sha256": attrs_sha256(attrs)}
-    update_attrs(group, **{SEAL_KEY: record})
-    return dict(group.attrs)[ATTR_KEY]
-
-
 def sealed(attrs: dict) -> dict | None:
     """The seal of a finished store (None while a store is written or grown: ``complete`` is then false and
     the seal, if any, is the previous one's, renewed by the next finish)."""
@@ -70,28 +55,6 @@ def check_attrs(location, attrs: dict) -> None:
     if record is not None and record.get("attrs_sha256") != attrs_sha256(attrs):
         raise CacheDamaged(f"{location}/zarr.json: the cache's attributes differ from those it was written with "
                            "(sha256 mismatch: edited or damaged); re-encode the cache")
-
-
-def read_index(location, attrs: dict, columns: list[str] | None = None):
-    """``index.parquet`` as a pyarrow Table, after checking it against the seal."""
-    import pyarrow.parquet as pq
-
-    from semroute.shared.store import store_file
-
-    try:
-        with store_file(location, INDEX) as fh:
-            raw = fh.read()
-    except FileNotFoundError:
-        raise CacheDamaged(f"{location}/{INDEX} is missing; re-encode the cache") from None
-    record = sealed(attrs)
-    if record is not None and hashlib.sha256(raw).hexdigest() != record.get("index_sha256"):
-        raise CacheDamaged(f"{location}/{INDEX} differs from the index the cache was written with (sha256 mismatch); "
-                           "re-encode the cache")
-    try:
-        return pq.read_table(io.BytesIO(raw), columns=columns)
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-        raise CacheDamaged(f"{location}/{INDEX} is unreadable ({type(err).__name__}: {err}); re-encode the cache"
-                           ) from None
 
 
 def read_small_array(location, group, name: str, attrs: dict) -> np.ndarray:

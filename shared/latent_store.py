@@ -50,7 +50,9 @@ from semroute.shared.store import (
     shards_present,
     open_group,
     read_attrs,
+    read_index,
     read_parquet,
+    seal,
     store_file,
     update_attrs,
     write_parquet,
@@ -347,7 +349,7 @@ class LatentCacheWriter:
         counts = {"n_encoded": status.count("ok"), "n_skipped_images": index.num_rows - status.count("ok"),
                   "n_bad_records": sum(1 for s in skipped if "sample_id" not in s)}
         update_attrs(self.group, complete=True, **counts, **summary)
-        self.attrs = integrity.seal(self.group, self.location, [])
+        self.attrs = seal(self.group, self.location, [])
         return counts
 
 
@@ -424,7 +426,7 @@ class LatentCacheReader:
         self._positions: dict[str, int] | None = None
 
     def _load_index(self, from_status_arrays: bool) -> None:
-        index = integrity.read_index(self.location, self.attrs, columns=["sample_id", "bucket", "row", "status"])
+        index = read_index(self.location, self.attrs, columns=["sample_id", "bucket", "row", "status"])
         names = {b.name: k for k, b in enumerate(self.buckets)}
         bucket = index.column("bucket").to_pylist()
         rows = index.column("row").to_numpy()
@@ -451,7 +453,7 @@ class LatentCacheReader:
     @property
     def index(self):
         """The full index (every manifest record, skipped ones included) as a pyarrow Table."""
-        return integrity.read_index(self.location, self.attrs)
+        return read_index(self.location, self.attrs)
 
     def __len__(self) -> int:
         return len(self.sample_ids)

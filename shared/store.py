@@ -25,6 +25,8 @@ which ``verify`` and the fast reader check.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import struct
@@ -191,6 +193,39 @@ def read_parquet(location, name: str, columns: list[str] | None = None):
             return pq.read_table(fh, columns=columns)
     except FileNotFoundError:
         raise SemrouteError(f"{location} has no {name}; is it a semroute cache?") from None
+
+
+def seal(group, location, small_arrays: list[str]) -> dict:
+    """Record the checksums of a finished store (call after its last write; shared/integrity.py). Returns the
+    new attrs."""
+    with store_file(location, integrity.INDEX) as fh:
+        index_sha = hashlib.sha256(fh.read()).hexdigest()
+    arrays = {name: integrity.array_sha256(np.asarray(group[name][...])) for name in small_arrays if name in group}
+    update_attrs(group, **{integrity.SEAL_KEY: None})
+    attrs = dict(group.attrs)[ATTR_KEY]
+    record = {"index_sha256": index_sha, "arrays_sha256": arrays, "attrs_sha256": integrity.attrs_sha256(attrs)}
+    update_attrs(group, **{integrity.SEAL_KEY: record})
+    return dict(group.attrs)[ATTR_KEY]
+
+
+def read_index(location, attrs: dict, columns: list[str] | None = None):
+    """``index.parquet`` as a pyarrow Table, after checking it against the seal (shared/integrity.py)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with store_file(location, integrity.INDEX) as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise CacheDamaged(f"{location}/{integrity.INDEX} is missing; re-encode the cache") from None
+    record = integrity.sealed(attrs)
+    if record is not None and hashlib.sha256(raw).hexdigest() != record.get("index_sha256"):
+        raise CacheDamaged(f"{location}/{integrity.INDEX} differs from the index the cache was written with (sha256 mismatch); "
+                           "re-encode the cache")
+    try:
+        return pq.read_table(io.BytesIO(raw), columns=columns)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise CacheDamaged(f"{location}/{integrity.INDEX} is unreadable ({type(err).__name__}: {err}); re-encode the cache"
+                           ) from None
 
 
 def read_attrs(location) -> dict:
@@ -1023,7 +1058,7 @@ class TextCacheWriter:
         if "null_features" not in self.group:
             raise SemrouteError(f"{self.location} has no null caption yet; run again with --resume")
         update_attrs(self.group, complete=True, **summary)
-        self.attrs = integrity.seal(self.group, self.location, TEXT_SMALL_ARRAYS)
+        self.attrs = seal(self.group, self.location, TEXT_SMALL_ARRAYS)
 
 
 TEXT_SMALL_ARRAYS = ["offsets", "lengths", "null_features", "null_scales"]  # read whole; sealed by sha256
@@ -1094,7 +1129,7 @@ class TextCacheReader:
     def index(self):
         """The caption index as a pyarrow Table (caption, sample_id, text, n_tokens, truncated, ...)."""
         if self._index is None:
-            self._index = integrity.read_index(self.location, self.attrs)
+            self._index = read_index(self.location, self.attrs)
         return self._index
 
     def __len__(self) -> int:

@@ -27,7 +27,15 @@ import numpy as np
 
 from semroute.shared import integrity
 from semroute.shared.errors import SemrouteError
-from semroute.shared.store import ATTR_KEY, READ_VERSIONS, TEXT_KIND, ShardedArrayFile, ShardLayout, open_group
+from semroute.shared.store import (
+    ATTR_KEY,
+    READ_VERSIONS,
+    TEXT_KIND,
+    ShardedArrayFile,
+    ShardLayout,
+    open_group,
+    read_index,
+)
 
 LATENT_KIND = "semroute.latent-cache"
 REENCODE = "re-encode the cache (encode-... --overwrite)"
@@ -165,7 +173,7 @@ def _small(path: str, group, name: str, attrs: dict, report: Report, fix: str) -
 
 def _index(path: str, attrs: dict, report: Report, columns: list[str]):
     try:
-        table = integrity.read_index(path, attrs, columns=columns)
+        table = read_index(path, attrs, columns=columns)
     except SemrouteError as err:
         report.bad(f"{path}/{integrity.INDEX}", str(err).removeprefix(f"{path}/{integrity.INDEX} ")
                    .removesuffix("; re-encode the cache"), REENCODE)
