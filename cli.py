@@ -30,6 +30,7 @@ from typing import Annotated, Optional
 import typer
 
 from semroute.shared.errors import SemrouteError, write_faults_named
+from semroute.stage2_train.config import config_names, field_help
 
 app = typer.Typer(
     name="semroute",
@@ -255,23 +256,23 @@ def encode_images_cmd(
 
 @app.command("train")
 def train_cmd(
-    text_cache: Annotated[Optional[str], typer.Option("--text-cache", help="Text cache from encode-text.")] = None,
-    latent_cache: Annotated[Optional[str], typer.Option("--latent-cache", help="Latent cache from encode-images.")] = None,
-    fusion: Annotated[Optional[str], typer.Option("--fusion", help="penultimate | uniform | static | time | depth | joint | deep.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config (e.g. configs/depth-wise.yaml); flags override it.")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="DiT size: tiny | small | base | paper.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps to train for.")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop (with a checkpoint) after this much training time.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Samples per process per micro-step.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate.")] = None,
+    text_cache: Annotated[Optional[str], typer.Option("--text-cache", help=field_help("text_cache"))] = None,
+    latent_cache: Annotated[Optional[str], typer.Option("--latent-cache", help=field_help("latent_cache"))] = None,
+    fusion: Annotated[Optional[str], typer.Option("--fusion", help=field_help("fusion"))] = None,
+    config: Annotated[Optional[str], typer.Option("--config", help="A YAML file, or the name of one under configs/: " + ", ".join(config_names()) + ". Flags override it.")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help=field_help("preset"))] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help=field_help("out"))] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help=field_help("max_steps"))] = None,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help=field_help("max_minutes"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=field_help("batch_size"))] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=field_help("lr"))] = None,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="Loader threads (or processes: --set loader=process) per process.")] = None,
-    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile each DiT block (config key compile).", show_default=False)] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=field_help("compile"), show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.", show_default=False)] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key (YAML value), repeatable: --set ema=true --set model.adaln=true.")] = None,
-    allow_new_data: Annotated[bool, typer.Option("--allow-new-data", help="With --resume: accept caches that grew (--append) since the run started.")] = False,
-    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Node-local folder keeping whole shards of s3:// caches once read.")] = None,
-    cache_size: Annotated[Optional[str], typer.Option("--cache-size", help="Bound of --cache-dir, e.g. 200G (least recently used shards go first).")] = None,
+    allow_new_data: Annotated[bool, typer.Option("--allow-new-data", help=field_help("allow_new_data"))] = False,
+    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help=field_help("cache_dir"))] = None,
+    cache_size: Annotated[Optional[str], typer.Option("--cache-size", help=field_help("cache_size"))] = None,
     storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
 ) -> None:
@@ -281,7 +282,9 @@ def train_cmd(
 
       semroute train --text-cache data.text.zarr --latent-cache data.latents.zarr --fusion depth --out runs/depth
 
-      semroute train --config configs/joint.yaml --text-cache t.zarr --latent-cache l.zarr --set lr=2e-4 --set ema=true
+      semroute train --config joint --text-cache t.zarr --latent-cache l.zarr --set lr=2e-4 --set ema=true
+
+      semroute train --config paper/depth-wise --text-cache t.zarr --latent-cache l.zarr   (the reference's run)
 
       semroute train --out runs/depth --resume latest     (continue a run with its saved config)
 

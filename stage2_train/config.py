@@ -1,6 +1,10 @@
 """The training configuration: one flat dataclass, filled from defaults, then a YAML file, then
 command-line flags, then ``--set key=value`` overrides. The resolved config is saved in the run folder.
 
+The dataclass is the one source of truth: each field carries its default and, as its docstring, its help
+(``field_help``; the CLI's options show it). Config files hold only what differs from the defaults;
+``--config`` takes a file or the name of one under ``configs/`` (``depth-wise``, ``paper/joint``).
+
 Defaults follow the reference study (docs/method.md): rectified flow with logit-normal sigma and
 shift 3.0, caption dropout 0.1, AdamW lr 1e-4 / wd 1e-4 (applied to the fusion logits too), grad clip
 1.0, bf16 autocast where the hardware has it. ``configs/paper/`` holds the reference's exact runs; the
@@ -10,6 +14,7 @@ README's "Differences from the reference" lists where the defaults differ.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +117,7 @@ class TrainConfig:
     """Samples per optimizer step the run must have: batch_size x processes x grad_accum. When set, a launch
     whose product differs is refused (with the grad_accum or batch_size that fits). The reference: 512 = 8 x 64 x 1."""
     lr: float = 1e-4
+    """AdamW learning rate."""
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     decay_fusion_logits: bool = True
@@ -145,6 +151,7 @@ class TrainConfig:
 
     # -- run ---------------------------------------------------------------------------------
     max_steps: int = 10000
+    """Optimizer steps to train for."""
     max_minutes: float | None = None
     """Stop (with a checkpoint) after this much training time."""
     seed: int = 0
@@ -242,14 +249,15 @@ class TrainConfig:
     @classmethod
     def build(cls, *, config_file: str | None = None, fusion: str | None = None, flags: dict | None = None,
               overrides: list[str] | None = None) -> "TrainConfig":
-        """Defaults <- the fusion's preset file (or ``config_file``) <- flags <- ``key=value`` overrides."""
+        """Defaults <- the fusion's preset file (or ``config_file``: a path or a name under configs/) <- flags
+        <- ``key=value`` overrides."""
         values: dict = {}
         if config_file is None and fusion is not None and fusion in FUSION_CONFIGS:
             preset_file = CONFIG_DIR / FUSION_CONFIGS[fusion]
             if preset_file.exists():
                 values.update(load_yaml(preset_file))
         if config_file is not None:
-            values.update(load_yaml(Path(config_file)))
+            values.update(load_yaml(resolve_config(config_file)))
         if fusion is not None:
             values["fusion"] = fusion
         values.update({k: v for k, v in (flags or {}).items() if v is not None})
@@ -275,6 +283,42 @@ class TrainConfig:
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def config_names() -> list[str]:
+    """Names ``--config`` accepts: the YAML files under configs/ without their suffix (``paper/joint``, ...)."""
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def resolve_config(spec: str | Path) -> Path:
+    """``--config``: an existing file, or a name of ``config_names()`` (``depth-wise``, ``paper/depth-wise``)."""
+    path = Path(spec)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path  # a missing .yaml file is reported by load_yaml, naming it
+    named = CONFIG_DIR / f"{spec}.yaml"
+    if named.exists():
+        return named
+    raise SemrouteError(f"--config {spec}: no such file, and not a config name; names: {', '.join(config_names())}")
+
+
+def field_help(name: str) -> str:
+    """The docstring under field ``name`` of ``TrainConfig`` (its help text), '' if it has none."""
+    return _field_docs().get(name, "")
+
+
+@functools.cache
+def _field_docs() -> dict[str, str]:
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
 
 
 def _yaml11_float(name: str, raw: str) -> float:

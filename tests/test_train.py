@@ -17,7 +17,15 @@ import torch
 
 from semroute.shared.errors import FingerprintMismatch, SemrouteError
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
-from semroute.stage2_train.config import CONFIG_DIR, FUSION_CONFIGS, TrainConfig
+from semroute.stage2_train.config import (
+    CONFIG_DIR,
+    FUSION_CONFIGS,
+    TrainConfig,
+    config_names,
+    field_help,
+    load_yaml,
+    resolve_config,
+)
 from semroute.stage2_train.data import EpochBatches, PairedCaches
 from semroute.stage2_train.train import Trainer, train
 from testkit import CLI, run_cli
@@ -159,6 +167,27 @@ def test_configs_and_overrides(tmp_path):
         TrainConfig.build(fusion="wide")
     cfg.save(tmp_path / "c.yaml")
     assert TrainConfig.build(config_file=str(tmp_path / "c.yaml")) == cfg
+
+
+def test_config_files_hold_only_what_differs_and_load_by_name():
+    """configs/*.yaml state only the strategy (the defaults live in TrainConfig alone); --config takes a name.
+    configs/paper/ pins the reference's whole recipe on purpose and is not checked here."""
+    defaults = TrainConfig()
+    for path in CONFIG_DIR.glob("*.yaml"):
+        restated = {k: v for k, v in load_yaml(path).items() if k != "fusion" and getattr(defaults, k) == v}
+        assert not restated, f"{path.name} restates defaults {restated}"
+    assert TrainConfig.build(config_file="time-wise").fusion == "time"
+    assert resolve_config("paper/joint") == CONFIG_DIR / "paper" / "joint.yaml"
+    assert "paper/depth-wise" in config_names() and "joint" in config_names()
+    with pytest.raises(SemrouteError, match="not a config name"):
+        TrainConfig.build(config_file="wide")
+    assert field_help("batch_size") == "Samples per process per micro-step."
+    import typer
+
+    from semroute.cli import app
+
+    options = {p.name: p.help for p in typer.main.get_command(app).commands["train"].params}
+    assert options["batch_size"] == field_help("batch_size") and options["lr"] == field_help("lr") != ""
 
 
 def test_epoch_batches_are_disjoint_deterministic_and_resumable():
