@@ -137,6 +137,7 @@ class Trainer:
         )
         from semroute.shared.distributed import process_info
 
+        cfg.check_global_batch(self.accelerator.num_processes)  # before the lock creates the run folder
         # One training process per run folder, held by the main process until train() ends; every process
         # raises if the main one cannot take it.
         self.lock = RunLock(self.run_dir)
@@ -152,7 +153,6 @@ class Trainer:
 
     def _build(self, resume: str | None) -> None:
         cfg, acc = self.cfg, self.accelerator
-        cfg.check_global_batch(acc.num_processes)
         self.resume_from = self.run.resolve_resume(resume)
         if resume and resume != "latest" and self.resume_from is None:
             raise SemrouteError(f"--resume {resume}: no checkpoint found")
