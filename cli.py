@@ -269,6 +269,9 @@ def train_cmd(
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="Loader threads (or processes: --set loader=process) per process.")] = None,
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=field_help("compile"), show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.", show_default=False)] = None,
+    holdout: Annotated[Optional[int], typer.Option("--holdout", help="Samples kept out of training (by seed, listed in run.json) for validation loss and sample grids.")] = None,
+    validate_every: Annotated[Optional[int], typer.Option("--validate-every", help="Validate (loss + samples of held-out captions) every N steps; default: at each checkpoint.")] = None,
+    report_to: Annotated[Optional[str], typer.Option("--report-to", help="Tracker: tensorboard | wandb | none (metrics.jsonl is always written).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key (YAML value), repeatable: --set ema=true --set model.adaln=true.")] = None,
     allow_new_data: Annotated[bool, typer.Option("--allow-new-data", help=field_help("allow_new_data"))] = False,
     cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help=field_help("cache_dir"))] = None,
@@ -292,6 +295,8 @@ def train_cmd(
 
       semroute train --text-cache s3://bkt/d.text.zarr --latent-cache s3://bkt/d.latents.zarr --cache-dir /scratch/shards --cache-size 200G
 
+      semroute train --text-cache t.zarr --latent-cache l.zarr --holdout 256 --validate-every 500 --report-to wandb
+
       accelerate launch --num_processes 8 cli.py train --text-cache t.zarr --latent-cache l.zarr --fusion depth --preset paper
     """
     from semroute.stage2_train.config import TrainConfig
@@ -301,7 +306,8 @@ def train_cmd(
     flags = dict(text_cache=text_cache, latent_cache=latent_cache, preset=preset, out=out, max_steps=max_steps,
                  max_minutes=max_minutes, batch_size=batch_size, lr=lr, num_workers=num_workers, cache_dir=cache_dir,
                  cache_size=cache_size, storage_options=_storage_options(storage_options), compile=compile_,
-                 allow_new_data=allow_new_data or None)
+                 allow_new_data=allow_new_data or None, holdout=holdout, validate_every=validate_every,
+                 report_to=report_to)
     config_file = str(config) if config else None
     if resume and config_file is None and out and RunFolder.is_run(out):
         # a resumed run keeps the config its checkpoint was trained with unless told otherwise
@@ -424,6 +430,28 @@ def demo_cmd(
                         max_steps=max_steps, fusion=fusion, preset=preset, llm=llm,
                         samples_per_prompt=samples_per_prompt, sample_steps=steps, batch_size=batch_size, seed=seed,
                         progress=not no_progress))
+
+
+@app.command("report")
+def report_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="One or more training run folders.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
+    title: Annotated[str, typer.Option("--title", help="Page title.")] = "semroute runs",
+) -> None:
+    """Write one self-contained HTML page (no server, no network): loss and validation-loss curves, routing
+    heatmaps and sample grids over training, the resolved config and both caches' fingerprints. With several
+    runs, their curves are overlaid and a table compares final validation losses (and checker scores).
+
+    Examples:
+
+      semroute report runs/depth --out depth.html
+
+      semroute report runs/depth runs/static runs/penultimate --out strategies.html
+    """
+    from semroute.stage2_train.report import write_report
+
+    path = write_report([str(r) for r in runs], out, title=title)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) for {len(runs)} run(s)")
 
 
 @app.command("info")

@@ -3,11 +3,12 @@
 1. Generate colored-shape images with GenEval-style captions (``shared/shapes.py``).
 2. Stage one, once: encode the captions with SmolLM2 (all 30 layers) and the images with the exact
    pixel codec.
-3. Stage two: train the ``depth`` strategy (one softmax over LLM layers per DiT block) with the ``small``
-   preset for a bounded time, from the caches only.
+3. Stage two: train the ``depth`` strategy (one softmax over LLM layers per DiT block) with a narrow
+   4-block DiT for a bounded time, from the caches only, validating on held-out samples (loss on a
+   fixed noise grid and sample grids in ``run-depth/samples/``) as it goes.
 4. Sample held-out prompts in GenEval's layout, plot the routing weights, and score the samples with
    the built-in shape checker (accuracy per GenEval tag), next to the checker's score on ground-truth
-   images of the same prompts.
+   images of the same prompts; write ``report.html`` (curves, routing and samples over training).
 
 Each step reuses what an earlier run of the demo already wrote in the output folder.
 The strategy comparison benchmark (``bench/bench_strategies.py``) runs steps 3-4 once per strategy.
@@ -38,6 +39,13 @@ class DemoConfig:
     samples_per_prompt: int = 4
     fusion: str = "depth"
     preset: str = "small"
+    # The DiT for a CPU budget of minutes: narrower and shallower than the `small` preset, so that many
+    # more optimizer steps fit (bench/RESULTS.md, "Demo recipe"). 0 keeps the preset's value.
+    width: int = 128
+    """hidden_size (heads of 64, half as many KV heads, SwiGLU 3x width)."""
+    blocks: int = 4
+    adaln: bool = True
+    """A timestep input (adaLN-Zero). The reference DiT has none; at this budget it is needed (see RESULTS)."""
     llm: str = "smollm2"
     train_minutes: float = 8.0
     max_steps: int = 100_000
@@ -51,6 +59,9 @@ class DemoConfig:
     warmup_steps: int = 100
     ema: bool = True
     ema_decay: float = 0.995
+    holdout: int = 32
+    """Training samples kept out for the validation loss and the sample grids during training."""
+    validate_every: int = 100
     sample_steps: int = 25
     guidance: float = 6.0
     seed: int = 0
@@ -140,17 +151,36 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
     if latest is not None:
         done = RunFolder.train_state(latest)
         _say(f"{run_dir} is already trained ({done['step']} steps); reusing it")
-        return {"step": done["step"], "train_seconds": done["train_seconds"]}
+        return {"step": done["step"], "train_seconds": done["train_seconds"],
+                "validation_seconds": done.get("validation_seconds", 0.0)}
     tcfg = TrainConfig(
         text_cache=str(data["text_cache"]), latent_cache=str(data["latent_cache"]), out=str(run_dir), fusion=fusion,
-        preset=cfg.preset, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule="warmup", warmup_steps=cfg.warmup_steps,
-        fusion_lr_scale=cfg.fusion_lr_scale, shift=cfg.shift,
-        max_steps=cfg.max_steps, max_minutes=cfg.train_minutes, checkpoint_every=max(cfg.max_steps, 1),
-        keep_checkpoints=1, log_every=20, seed=cfg.seed, num_workers=cfg.num_workers, ema=cfg.ema,
-        ema_decay=cfg.ema_decay, tensorboard=False,
+        preset=cfg.preset, model=model_overrides(cfg), batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule="warmup",
+        warmup_steps=cfg.warmup_steps, fusion_lr_scale=cfg.fusion_lr_scale, shift=cfg.shift,
+        max_steps=cfg.max_steps, max_minutes=cfg.train_minutes,
+        # A checkpoint (hence a routing heatmap) at each validation, for the report's routing over training.
+        checkpoint_every=cfg.validate_every, keep_checkpoints=1, log_every=20, seed=cfg.seed,
+        num_workers=cfg.num_workers, ema=cfg.ema, ema_decay=cfg.ema_decay, report_to="tensorboard",
+        holdout=min(cfg.holdout, cfg.images // 8), validate_every=cfg.validate_every, val_guidance=cfg.guidance,
     )
-    _say(f"training {fusion} ({cfg.preset} preset) for up to {cfg.train_minutes:g} minutes ...")
+    size = f"{cfg.blocks or 'preset'} blocks x {cfg.width or 'preset'} wide"
+    _say(f"training {fusion} ({cfg.preset} preset, {size}) for up to {cfg.train_minutes:g} minutes ...")
+    if cfg.adaln:
+        _say("note: this DiT gets a timestep input (adaLN-Zero), which the reference DiT does not have; with "
+             "minutes of CPU training it is needed to draw the shapes (bench/RESULTS.md, 'Demo recipe')")
     return Trainer(tcfg, progress=cfg.progress).train()
+
+
+def model_overrides(cfg: DemoConfig) -> dict:
+    """The demo's DiT size on top of its preset."""
+    out: dict = {"adaln": cfg.adaln}
+    if cfg.blocks:
+        out["num_blocks"] = cfg.blocks
+    if cfg.width:
+        heads = max(1, cfg.width // 64)
+        out.update(hidden_size=cfg.width, num_heads=heads, num_kv_heads=max(1, heads // 2), head_dim=64,
+                   mlp_hidden_size=3 * cfg.width)
+    return out
 
 
 def evaluate(cfg: DemoConfig, data: dict, run_dir: Path, out: Path) -> dict:
@@ -177,6 +207,7 @@ def evaluate(cfg: DemoConfig, data: dict, run_dir: Path, out: Path) -> dict:
 def run_demo(cfg: DemoConfig, llm=None) -> dict:
     """All four steps; ``llm`` may be passed already loaded (tests)."""
     from semroute.stage2_train import shape_checker
+    from semroute.stage2_train.report import write_report
 
     if cfg.size % 2:
         raise SemrouteError(f"--size must be even (the pixel codec's patch is 2), got {cfg.size}")
@@ -192,13 +223,17 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
     shutil.copyfile(run_dir / "routing" / "latest.png", out / "routing.png")
     shutil.copyfile(run_dir / "routing" / "latest.csv", out / "routing.csv")
     shutil.copyfile(Path(report["samples_dir"]) / "grid.png", out / "grid.png")
-    report.update({"config": asdict(cfg), "train_steps": trained.get("step"),
-                   "train_seconds": trained.get("train_seconds"), "prepare_seconds": prep_seconds,
+    report.update({"config": asdict(cfg), "run_dir": str(run_dir), "train_steps": trained.get("step"),
+                   "train_seconds": trained.get("train_seconds"), "validation_seconds": trained.get("validation_seconds"),
+                   "prepare_seconds": prep_seconds,
                    "total_seconds": time.perf_counter() - t0})
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    _say(f"trained {report['train_steps']} steps in {report['train_seconds']:.0f}s; sampled "
+    html = write_report([run_dir], out / "report.html", title=f"semroute demo: {cfg.fusion}")
+    val = report["validation_seconds"] or 0.0
+    _say(f"trained {report['train_steps']} steps in {report['train_seconds']:.0f}s, of which validation "
+         f"{val:.0f}s ({val / max(report['train_seconds'] - val, 1e-9):.1%} of the training time); sampled "
          f"{report['samples']['n_images']} images in {report['sample_seconds']:.0f}s")
     _say("checker on generated samples:\n" + shape_checker.format_summary(report["samples"]))
     _say("checker on ground-truth images of the same prompts:\n" + shape_checker.format_summary(report["ground_truth"]))
-    _say(f"grid: {out / 'grid.png'}   routing: {out / 'routing.png'}   report: {out / 'report.json'}")
+    _say(f"grid: {out / 'grid.png'}   routing: {out / 'routing.png'}   report: {html} (and report.json)")
     return report

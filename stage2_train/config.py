@@ -33,6 +33,7 @@ FUSION_CONFIGS = {  # --fusion name -> preset file in configs/
     "joint": "joint.yaml",
     "deep": "deep.yaml",
 }
+REPORT_TO = ("tensorboard", "wandb", "none")
 
 # Allowed range of every numeric key (checked on every build: defaults, YAML, flags and --set alike).
 _POSITIVE = dict(low=0.0, low_open=True)
@@ -62,9 +63,15 @@ NUMERIC_RULES = {
     "global_batch": dict(integer=True, low=1, optional=True),
     "sample_steps": dict(integer=True, low=1),
     "sample_guidance": {},
+    "holdout": dict(integer=True, low=0),
+    "validate_every": dict(integer=True, low=1, optional=True),
+    "val_sigmas": dict(integer=True, low=1),
+    "val_samples": dict(integer=True, low=0),
+    "val_sample_steps": dict(integer=True, low=1),
+    "val_guidance": {},
 }
 BOOL_KEYS = ("decay_fusion_logits", "gradient_checkpointing", "compile", "ema", "ema_warmup", "length_batching",
-             "tensorboard", "log_samples", "allow_new_data")
+             "log_samples", "allow_new_data")
 
 
 @dataclass
@@ -168,7 +175,11 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10
-    tensorboard: bool = True
+    report_to: str = "tensorboard"
+    """Tracker for scalars and sample grids (through accelerate): tensorboard | wandb | none. Everything
+    also goes to RUN/logs/metrics.jsonl."""
+    tensorboard: bool | None = None
+    """Deprecated (configs written before report_to): false means report_to: none."""
     log_samples: bool = False
     """Debug: record which sample ids each process trains on (logs/samples-rank<r>.jsonl)."""
 
@@ -178,7 +189,25 @@ class TrainConfig:
     sample_guidance: float = 6.0
     """Classifier-free guidance `semroute sample` uses for this run unless --guidance is given."""
 
+    # -- watching the run --------------------------------------------------------------------
+    holdout: int = 0
+    """Samples of the caches kept out of training (chosen by seed, listed in run.json): their cached
+    captions and latents are the validation set. 0: no validation."""
+    validate_every: int | None = None
+    """Validation loss and sample grid every N steps (default: at each checkpoint) and at the end."""
+    val_sigmas: int = 8
+    """Noise levels of the validation loss: the midpoints (k + 0.5) / n, k < n, with fixed noise."""
+    val_samples: int = 4
+    """Held-out captions drawn at each validation (RUN/samples/step-*.png); 0: none."""
+    val_sample_steps: int = 20
+    """Euler steps of those samples."""
+    val_guidance: float = 6.0
+    """Classifier-free guidance of those samples (against the stored null caption)."""
+
     def __post_init__(self):
+        if self.tensorboard is False and self.report_to == "tensorboard":
+            self.report_to = "none"
+        self.tensorboard = None
         self.validate()
 
     def validate(self) -> None:
@@ -202,6 +231,8 @@ class TrainConfig:
         for name in ("text_cache", "latent_cache", "out", "fusion", "preset", "lr_schedule", "mixed_precision"):
             if not isinstance(getattr(self, name), str):
                 raise SemrouteError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.report_to not in REPORT_TO:
+            raise SemrouteError(f"report_to {self.report_to!r}: use {', '.join(REPORT_TO)}")
         for name in ("model", "expect_text"):
             if not isinstance(getattr(self, name), dict):
                 raise SemrouteError(f"{name} must be a mapping (e.g. --set {name}.key=value), got {getattr(self, name)!r}")

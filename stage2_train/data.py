@@ -249,7 +249,12 @@ class EpochBatches:
     """
 
     def __init__(self, buckets: np.ndarray, lengths: np.ndarray, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, length_batching: bool = False):
+                 world_size: int = 1, length_batching: bool = False, samples: np.ndarray | None = None):
+        # ``samples``: the dataset indices to train on (the rest is held out); ``buckets`` and ``lengths``
+        # describe those samples, in that order. Batches hold dataset indices either way.
+        self.samples = np.arange(len(buckets)) if samples is None else np.asarray(samples, dtype=np.int64)
+        if len(self.samples) != len(buckets):
+            raise ValueError(f"{len(self.samples)} samples but {len(buckets)} bucket ids")
         self.buckets = buckets
         self.lengths = lengths
         self.batch_size = batch_size
@@ -278,7 +283,7 @@ class EpochBatches:
                     chunk = members[s: s + window]
                     members[s: s + window] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
             batches += [members[i: i + self.batch_size] for i in range(0, n_full, self.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        return [self.samples[batches[i]] for i in rng.permutation(len(batches))]
 
     @property
     def n_batches(self) -> int:

@@ -102,6 +102,13 @@ class SemroutePipeline(DiffusionPipeline):
         self.text_settings = dict(settings)
         self.null_features = null_features
 
+    def attach_cached_text(self, stored_layers: list[int], null_features: torch.Tensor) -> None:
+        """Text from a cache only, no LLM (samples during training): prompts are then given to ``__call__``
+        as ``prompt_features``. ``null_features``: ``[n, L_stored, D]`` of the cache's ``stored_layers``."""
+        self.text_encoder = None
+        self.text_settings = {"layers": list(stored_layers)}
+        self.null_features = null_features
+
     def _model_layers(self) -> list[int]:
         positions = self.transformer.layer_positions(self.text_settings["layers"])
         return positions
@@ -123,20 +130,27 @@ class SemroutePipeline(DiffusionPipeline):
 
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 25, guidance_scale: float = 6.0,
+    def __call__(self, prompt: str | list[str] | None = None, num_inference_steps: int = 25, guidance_scale: float = 6.0,
                  height: int | None = None, width: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, num_images_per_prompt: int = 1,
-                 output_type: str = "pil", reuse_text: bool = True, return_dict: bool = True):
+                 output_type: str = "pil", reuse_text: bool = True, return_dict: bool = True,
+                 prompt_features: list[torch.Tensor] | None = None):
         """Generate images with Euler flow-matching steps and classifier-free guidance
         ``uncond + w * (cond - uncond)`` against the stored null caption.
+
+        ``prompt_features``: instead of ``prompt``, cached captions (each ``[n_tokens, L, D]`` of the layers
+        the DiT reads, as a text cache holds them); the LLM does not run.
 
         ``generator``: one per image for per-image reproducibility (image i is then independent of its
         batch-mates), or one for all. ``reuse_text=False`` recomputes the text keys/values at every step
         (only for measuring what the reuse saves; results are the same).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        n = len(prompts)
+        if prompt_features is not None:
+            cond = [f for f in prompt_features for _ in range(num_images_per_prompt)]
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            cond = self.encode_prompts([p for p in prompts for _ in range(num_images_per_prompt)])
+        n = len(cond)
         device = self.transformer.device
         dtype = self.transformer.dtype
         height = height or (self.default_size[0] if self.default_size else None)
@@ -149,7 +163,6 @@ class SemroutePipeline(DiffusionPipeline):
         h, w = height // down, width // down
 
         # 1. Text: conditional prompts and (for guidance) the stored null caption, padded together.
-        cond = self.encode_prompts(prompts)
         guided = guidance_scale != 1.0
         items = cond + ([self.null_features[:, self._model_layers()]] * n if guided else [])
         text, mask = pad_batch(items)
@@ -182,15 +195,17 @@ class SemroutePipeline(DiffusionPipeline):
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
         # 4. Decode: the DiT's space -> the autoencoder's -> pixels in [0, 1].
-        z = latents / self.vae_scaling + self.vae_shift
-        decoded = self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]
-        images = ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
+        images = self.decode_latents(latents)
         if output_type == "pil":
-            from PIL import Image
-
-            arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-            images = [Image.fromarray(a) for a in arrays]
+            images = to_pil(images)
         return SemroutePipelineOutput(images=images) if return_dict else (images,)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in the DiT's space ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in [0, 1] on the CPU."""
+        z = latents / self.vae_scaling + self.vae_shift
+        decoded = self.vae.decode(z.to(self.vae.device, self.vae_dtype), return_dict=False)[0]
+        return ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
 
     # -- autoencoder facts -----------------------------------------------------------------------
     @property
@@ -304,6 +319,14 @@ class SemroutePipeline(DiffusionPipeline):
             feats, _ = pipe.text_encoder.forward([tok.ids])
             pipe.null_features = feats[0].cpu()
         return pipe
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """``[B, 3, H, W]`` in [0, 1] -> PIL images."""
+    from PIL import Image
+
+    arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
 
 
 def _null_from_cache(text_cache: str) -> torch.Tensor | None:

@@ -8,8 +8,11 @@
                                     train_state.json, routing.{png,csv}
                                     + model/ (and model_ema/) as diffusers folders for `sample` / `export`
     RUN/logs/metrics.jsonl          loss, grad norm, lr, samples/s, routing entropy and top layer per block
-    RUN/logs/tensorboard/           the same scalars through accelerate's tracker
+    RUN/logs/tensorboard/           the same scalars (and sample grids) through accelerate's tracker
+                                    (--report-to tensorboard | wandb | none)
     RUN/routing/step-NNNNNNN.png    routing heatmap (+ .csv) at every checkpoint; latest.png
+    RUN/samples/step-NNNNNNN.png    with --holdout: held-out captions drawn at each validation, beside
+                                    their ground truth (validation losses are in metrics.jsonl)
 
 A checkpoint is written to a temporary folder (``.step-NNNNNNN.tmp``) and renamed when complete, so a
 crash never leaves a half checkpoint that ``--resume`` would pick up. Its last file, ``complete.json``,
@@ -90,6 +93,14 @@ class RunFolder:
     @property
     def routing_dir(self) -> Path:
         return self.path / "routing"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    def sample_grid_path(self, step: int) -> Path:
+        """The sheet of held-out samples drawn at a validation."""
+        return self.samples_dir / f"{checkpoint_name(step)}.png"
 
     def create(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from semroute.shared.errors import FingerprintMismatch, SemrouteError
@@ -27,6 +28,7 @@ from semroute.stage2_train.objective import flow_loss
 from semroute.stage2_train.perf import compile_blocks, dit_train_flops, peak_flops
 from semroute.stage2_train.run_folder import TRAIN_STATE, RunFolder, checkpoint_name
 from semroute.stage2_train.run_lock import RunLock
+from semroute.stage2_train.validation import SampleGrid, ValidationLoss, holdout_split
 
 
 @dataclass
@@ -38,6 +40,7 @@ class TrainState:
     index: int = 0  # next batch of the epoch, counted over all processes (EpochBatches: elastic resume)
     samples: int = 0
     train_seconds: float = 0.0
+    validation_seconds: float = 0.0  # part of train_seconds spent validating and sampling
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -92,7 +95,15 @@ def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resumi
         raise SemrouteError(f"the caches changed size since this run started ({'; '.join(grown)}): data was appended. "
                             "Pass --allow-new-data to go on training over all of it (the sample order of the current "
                             "epoch changes), or resume with the caches as they were.")
+    held = [dataset.latents.sample_ids[dataset.latent_pos[i]] for i in holdout_split(len(dataset), cfg.holdout, cfg.seed)]
+    if grown and before.get("holdout"):
+        held = before["holdout"]["sample_ids"]  # grown caches (--allow-new-data) keep the run's validation set
+    record["holdout"] = {"seed": cfg.seed, "sample_ids": held}
     if before:
+        held_before = before.get("holdout", {}).get("sample_ids", [])
+        if held_before != record["holdout"]["sample_ids"]:
+            raise SemrouteError(f"{run.record_path} holds out {len(held_before)} samples but this resume would hold "
+                                f"out {cfg.holdout} others (holdout and seed must stay as the run started)")
         require_match(text_fp, before["text_fingerprint"], None, f"text cache {cfg.text_cache} (run started on "
                                                                    f"{before['text_cache']})")
         require_match(latent_fp, before["latent_fingerprint"], None, f"latent cache {cfg.latent_cache} (run "
@@ -132,7 +143,7 @@ class Trainer:
             cpu=not torch.cuda.is_available(),
             mixed_precision=mixed,
             gradient_accumulation_steps=cfg.grad_accum,
-            log_with="tensorboard" if cfg.tensorboard else None,
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run.logs)),
         )
         from semroute.shared.distributed import process_info
@@ -190,9 +201,23 @@ class Trainer:
                 raise SemrouteError(f"latent bucket {bucket.name} has shape {tuple(shape)}; its height and width "
                                     f"must be multiples of the DiT patch size {patch}")
         self.record = check_caches(cfg, self.dataset, self.run, resuming=self.resume_from)
-        self.plan = EpochBatches(self.dataset.bucket_ids(), self.dataset.text_lengths(), cfg.batch_size,
-                                 seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
-                                 length_batching=cfg.length_batching)
+        # Held-out samples (the same on every process) are validated on, never trained on.
+        index_of = {self.dataset.latents.sample_ids[p]: i for i, p in enumerate(self.dataset.latent_pos)}
+        self.heldout = np.array(sorted(index_of[s] for s in self.record["holdout"]["sample_ids"]), dtype=np.int64)
+        training = np.setdiff1d(np.arange(len(self.dataset)), self.heldout)
+        self.plan = EpochBatches(self.dataset.bucket_ids()[training], self.dataset.text_lengths()[training],
+                                 cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
+                                 world_size=acc.num_processes, length_batching=cfg.length_batching, samples=training)
+        self.validation = self.samples_grid = None
+        if cfg.holdout:
+            self.validation = ValidationLoss(self.dataset, self.heldout, n_sigmas=cfg.val_sigmas,
+                                             batch_size=cfg.batch_size, rank=acc.process_index,
+                                             world_size=acc.num_processes)
+            if cfg.val_samples and acc.is_main_process:
+                self.samples_grid = SampleGrid(
+                    self.dataset, self.heldout, n=cfg.val_samples, stored_layers=probe.text.stored_layers,
+                    null_features=probe.null, latent_fingerprint=probe.latents.fingerprint, shift=cfg.shift,
+                    steps=cfg.val_sample_steps, guidance=cfg.val_guidance)
 
         # 2. Optimizer: AdamW over trainable parameters; the routing gates decay or not by config.
         if cfg.gradient_checkpointing:
@@ -237,8 +262,11 @@ class Trainer:
         if self.resume_from is not None:
             self._load_checkpoint()
         acc.wait_for_everyone()
-        if cfg.tensorboard:
-            acc.init_trackers("tensorboard", config={k: v for k, v in cfg.to_dict().items()
+        if cfg.report_to != "none":
+            wandb = {"wandb": {"name": self.run_dir.name, "dir": str(self.run.logs)}}
+            acc.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else "semroute",
+                              init_kwargs=wandb if cfg.report_to == "wandb" else {},
+                              config={k: v for k, v in cfg.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
 
     def _config_before(self) -> dict:
@@ -358,13 +386,16 @@ class Trainer:
                     if last["grad_norm"] is not None:
                         scalars["grad_norm"] = last["grad_norm"]
                     scalars["routing_entropy_mean"] = sum(route["entropy"]) / len(route["entropy"])
-                    if cfg.tensorboard:
+                    if cfg.report_to != "none":
                         acc.log(scalars, step=state.step)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{last['samples_per_s']:.1f}", refresh=False,
                                     **({"retries": remote_stats.retries} if remote_stats.retries else {}))
                     window_loss, window_n, window_t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
                     window_samples, window_flops = 0, 0.0
                 bar.update(1)
+                if self.validation is not None and (state.step % self.validate_every == 0 or done):
+                    spent = self.validate()
+                    window_t0 += spent  # samples/s counts training only
                 if state.step % cfg.checkpoint_every == 0 or done:
                     self.save_checkpoint()
                 if over_time:
@@ -374,11 +405,68 @@ class Trainer:
             bar.close()
             if samples_log is not None:
                 samples_log.close()
-            if cfg.tensorboard:
+            if cfg.report_to != "none":
                 acc.end_training()
-            self.release()
-        return {"step": state.step, "train_seconds": state.train_seconds, "last": last,
+        return {"step": state.step, "train_seconds": state.train_seconds, "validation_seconds": state.validation_seconds,
+                "last": last,
                 "checkpoint": str(self.run.latest_checkpoint()) if self.run.latest_checkpoint() else None}
+
+    # -- validation ------------------------------------------------------------------------------
+    @property
+    def validate_every(self) -> int:
+        return self.cfg.validate_every or self.cfg.checkpoint_every
+
+    def validate(self) -> float:
+        """Validation loss (current and EMA weights) on every process, samples on the main one; logged to
+        metrics.jsonl and the tracker. Returns the seconds it took."""
+        acc, state, cfg = self.accelerator, self.state, self.cfg
+        t0 = time.perf_counter()
+        model = acc.unwrap_model(self.model)
+        self.model.eval()
+        weights = {"": None}
+        if self.ema is not None:
+            weights["_ema"] = self.ema
+        record: dict = {"step": state.step, "event": "validation", "holdout": len(self.heldout)}
+        columns = {}
+        for suffix, ema in weights.items():
+            if ema is not None:
+                ema.store(model.parameters())
+                ema.copy_to(model.parameters())
+            try:
+                per_sigma = self.validation.compute(model, acc)  # unwrapped: DDP's forward is a collective
+                record[f"val_loss{suffix}"] = sum(per_sigma.values()) / len(per_sigma)
+                record[f"val_loss{suffix}_sigma"] = {f"{s:.4f}": v for s, v in per_sigma.items()}
+                if self.samples_grid is not None:
+                    columns["EMA" if ema is not None else "current"] = self.samples_grid.draw(model)
+            finally:
+                if ema is not None:
+                    ema.restore(model.parameters())
+        self.model.train()
+        grid = None
+        if self.samples_grid is not None:
+            pipe = self.samples_grid.pipeline(model)
+            columns = {"truth": self.samples_grid.truth(pipe), **columns}
+            path = self.run.sample_grid_path(state.step)
+            grid = self.samples_grid.write(columns, path, f"{cfg.fusion}, step {state.step}")
+            record["samples"] = str(path.relative_to(self.run_dir))
+        seconds = time.perf_counter() - t0
+        state.validation_seconds += seconds
+        record["seconds"] = round(seconds, 3)
+        record["validation_seconds"] = round(state.validation_seconds, 2)
+        if acc.is_main_process:
+            self.run.log_metrics(record)
+        if cfg.report_to != "none":
+            scalars = {f"val/loss{s}": record[f"val_loss{s}"] for s in weights}
+            for s in weights:
+                scalars.update({f"val/loss{s}_sigma_{k}": v for k, v in record[f"val_loss{s}_sigma"].items()})
+            acc.log(scalars, step=state.step)
+            if grid is not None:
+                for tracker in acc.trackers:
+                    # TensorBoard takes an HWC array; wandb takes a list of images.
+                    image = np.asarray(grid)
+                    tracker.log_images({"samples": image if tracker.name == "tensorboard" else [image]},
+                                       step=state.step, **({"dataformats": "HWC"} if tracker.name == "tensorboard" else {}))
+        return seconds
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:

@@ -29,7 +29,7 @@ def trained_run(square_caches, tmp_path_factory):
     text, latents, _ = square_caches
     out = tmp_path_factory.mktemp("run") / "depth"
     cfg = TrainConfig(text_cache=text, latent_cache=latents, out=str(out), preset="tiny", fusion="depth",
-                      batch_size=8, num_workers=0, tensorboard=False, max_steps=6, checkpoint_every=6, lr=1e-3,
+                      batch_size=8, num_workers=0, report_to="none", max_steps=6, checkpoint_every=6, lr=1e-3,
                       ema=True, ema_decay=0.5)
     train(cfg, progress=False)
     return out
@@ -58,7 +58,7 @@ def test_bf16_storage_is_reproduced_at_sampling_time(square_caches, tiny_llama_d
                                  storage="bf16", progress=False))
     run = tmp_path / "run"
     train(TrainConfig(text_cache=str(bf16), latent_cache=latents, out=str(run), preset="tiny", batch_size=8,
-                      num_workers=0, tensorboard=False, max_steps=1, checkpoint_every=1), progress=False)
+                      num_workers=0, report_to="none", max_steps=1, checkpoint_every=1), progress=False)
     pipe = SemroutePipeline.from_run(run, device="cpu")
     reader = TextCacheReader(bf16)
     assert reader.caption(0).dtype == torch.bfloat16
@@ -156,8 +156,10 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, smollm2_llm):
                      max_steps=3, batch_size=8, sample_steps=2, num_workers=0, progress=False)
     report = run_demo(cfg, llm=smollm2_llm)
     out = Path(cfg.out)
-    for name in ("grid.png", "routing.png", "routing.csv", "report.json", "results.jsonl"):
+    for name in ("grid.png", "routing.png", "routing.csv", "report.json", "results.jsonl", "report.html"):
         assert (out / name).exists(), name
+    assert (out / "run-depth" / "samples" / "step-0000003.png").exists()  # validated at the end
+    assert "samples at step 3" in (out / "report.html").read_text()
     assert report["train_steps"] == 3
     assert report["samples"]["n_images"] == 6 and set(report["samples"]["per_tag"]) == {
         "single_object", "two_object", "counting", "colors", "position", "color_attr"}

@@ -194,3 +194,45 @@ def test_score_folder_in_geneval_layout(tmp_path, train_set):
     first = json.loads(lines[0])
     assert first["filename"].endswith("00000/samples/0000.png") and json.loads(first["metadata"]) == metas[0]
     assert set(json.loads(first["details"])) == {o["class"] for o in picked[0]["objects"]}
+
+
+def _meta(tag, *include, exclude=None):
+    meta = {"tag": tag, "include": list(include), "prompt": tag}
+    if exclude:
+        meta["exclude"] = exclude
+    return meta
+
+
+_CIRCLE_LEFT_OF_SQUARE = _meta("position", {"class": "square", "count": 1},
+                               {"class": "circle", "count": 1, "position": ["left of", 0]})
+_THREE_TRIANGLES = _meta("counting", {"class": "triangle", "count": 3}, exclude=[{"class": "triangle", "count": 4}])
+_RED_CIRCLE = _meta("colors", {"class": "circle", "count": 1, "color": "red"})
+
+
+@pytest.mark.parametrize("meta, right, wrong, reason", [
+    # wrong kind: a red square for "a red circle"
+    (_RED_CIRCLE, [("circle", "red", (10, 10, 22, 22))], [("square", "red", (10, 10, 22, 22))],
+     "expected circle>=1, found 0"),
+    # wrong color: a blue circle
+    (_RED_CIRCLE, [("circle", "red", (10, 10, 22, 22))], [("circle", "blue", (10, 10, 22, 22))],
+     "expected red circle>=1, found 0 red"),
+    # wrong count: two triangles, then four, for "three triangles"
+    (_THREE_TRIANGLES, [("triangle", "green", (2, 2, 12, 12)), ("triangle", "green", (18, 2, 28, 12)),
+                        ("triangle", "green", (10, 18, 20, 28))],
+     [("triangle", "green", (2, 2, 12, 12)), ("triangle", "green", (18, 2, 28, 12))], "expected triangle>=3, found 2"),
+    (_THREE_TRIANGLES, [("triangle", "green", (2, 2, 12, 12)), ("triangle", "green", (18, 2, 28, 12)),
+                        ("triangle", "green", (2, 18, 12, 28))],
+     [("triangle", "green", (2, 2, 12, 12)), ("triangle", "green", (18, 2, 28, 12)),
+      ("triangle", "green", (2, 18, 12, 28)), ("triangle", "green", (18, 18, 28, 28))], "expected triangle<4, found 4"),
+    # wrong position: the circle right of the square
+    (_CIRCLE_LEFT_OF_SQUARE, [("circle", "blue", (2, 10, 13, 21)), ("square", "red", (19, 10, 30, 21))],
+     [("circle", "blue", (19, 10, 30, 21)), ("square", "red", (2, 10, 13, 21))], "expected circle left of target"),
+])
+def test_checker_fails_wrong_kind_count_color_and_position(meta, right, wrong, reason):
+    def draw(objs):
+        return shapes.render([shapes.Shape(c, col, box) for c, col, box in objs], 32)
+
+    good = checker.score_image(draw(right), meta)
+    assert good.correct, good.reason  # the same scene drawn as asked passes
+    bad = checker.score_image(draw(wrong), meta)
+    assert not bad.correct and reason in bad.reason, bad.reason

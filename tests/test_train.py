@@ -30,13 +30,13 @@ from semroute.stage2_train.data import EpochBatches, PairedCaches
 from semroute.stage2_train.train import Trainer, train
 from testkit import CLI, run_cli
 
-FAST = ["--preset", "tiny", "--batch-size", "8", "--num-workers", "0", "--no-progress", "--set", "tensorboard=false"]
+FAST = ["--preset", "tiny", "--batch-size", "8", "--num-workers", "0", "--no-progress", "--set", "report_to=none"]
 
 
 def _cfg(square_caches, tmp_path, **kw) -> TrainConfig:
     text, latents, _ = square_caches
     base = dict(text_cache=text, latent_cache=latents, out=str(tmp_path / "run"), preset="tiny", batch_size=8,
-                num_workers=0, tensorboard=False, log_every=1, checkpoint_every=1000)
+                num_workers=0, report_to="none", log_every=1, checkpoint_every=1000)
     return TrainConfig(**{**base, **kw})
 
 
@@ -100,7 +100,8 @@ def test_two_processes_see_disjoint_samples_and_share_one_step_count(square_cach
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(CLI),
          "train", "--text-cache", text, "--latent-cache", latents, "--fusion", "depth", "--out", str(run),
-         "--max-steps", "8", *FAST, "--set", "log_samples=true", "--set", "log_every=1"],
+         "--max-steps", "8", *FAST, "--set", "log_samples=true", "--set", "log_every=1", "--set", "holdout=12",
+         "--set", "val_samples=1", "--set", "val_sample_steps=2"],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -112,6 +113,16 @@ def test_two_processes_see_disjoint_samples_and_share_one_step_count(square_cach
         seen = [{s for e in log if e["epoch"] == epoch for s in e["sample_ids"]} for log in logs]
         assert seen[0] and seen[1] and not (seen[0] & seen[1])
     assert sorted(_losses(run)) == list(range(1, 9))
+    # Held-out samples: trained on by neither process; their validation loss, split over the two
+    # processes, equals one process's computation on the saved weights.
+    held = json.loads((run / "run.json").read_text())["holdout"]["sample_ids"]
+    assert len(held) == 12 and not {s for log in logs for e in log for s in e["sample_ids"]} & set(held)
+    from test_watch import single_process_validation
+
+    logged = [json.loads(l) for l in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if r.get("event") == "validation"]
+    assert [r["step"] for r in logged] == [8] and (run / logged[0]["samples"]).exists()
+    assert single_process_validation(run, "step-0000008", 12, seed=0) == pytest.approx(logged[0]["val_loss"], rel=1e-5)
 
 
 def test_caption_dropout_uses_the_stored_null_caption(square_caches):
