@@ -23,9 +23,10 @@ flags=(--headless --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir="
 
 # 2. The DOM after rendering, with the console log of that load.
 "$browser" "${flags[@]}" --dump-dom "file://$page" >"$work/dom.html" 2>"$work/dom.log"
-svgs=$(grep -o '<svg' "$work/dom.html" | wc -l)
-imgs=$(grep -o '<img' "$work/dom.html" | wc -l)
-broken=$(grep -o 'src="data:image/png;base64,"' "$work/dom.html" | wc -l)
+count() { { grep -o "$1" "$2" || true; } | wc -l; }
+svgs=$(count '<svg' "$work/dom.html")
+imgs=$(count '<img' "$work/dom.html")
+broken=$(count 'src="data:image/png;base64,"' "$work/dom.html")
 # Chromium logs page console messages as "CONSOLE(line)" lines; resource failures as "Failed to load" / "Not allowed".
 console=$(cat "$work/shot.log" "$work/dom.log" | grep -E 'CONSOLE|Uncaught|Failed to load|Not allowed to load' || true)
 echo "page: $page ($(du -h "$page" | cut -f1))"

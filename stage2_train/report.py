@@ -130,7 +130,8 @@ def _chart(series: list[tuple[str, list, list, str]], title: str, xlabel: str, y
     for label, xs, ys, style in series:
         color = colors[names.index(label.split(" (")[0]) % len(colors)]
         ax.plot(xs, ys, style, color=color, label=label, linewidth=1.4, markersize=3)
-    if log_y:
+    values = [y for _, _, ys, _ in series for y in ys if y is not None and y > 0]
+    if log_y and values and max(values) > 5 * min(values):  # log only where it spreads the curves out
         ax.set_yscale("log")
     if log_x:
         ax.set_xscale("log")

@@ -94,7 +94,7 @@ def test_several_runs_overlay_and_compare_with_checker_scores(two_runs, tmp_path
         out = run_cli("report", str(static), str(depth), "--out", str(tmp_path / "cmp.html"))
     finally:
         (depth.parent / "report.json").unlink()
-    assert "2 run(s)" in out
+    assert "2 run(s)" in out.stdout
     page, p = _parse(tmp_path / "cmp.html")
     for title in ("Training loss", "Validation loss (mean over noise levels)"):
         assert title in p.svg_text
