@@ -24,6 +24,7 @@ import torch
 from semroute.stage2_train.data import PairedCaches, _seed
 from semroute.stage2_train.objective import noisy_input
 
+LABEL_WIDTH, HEADER_HEIGHT = 300, 32  # sample sheets: caption column, title + column names
 HOLDOUT_SALT = 0x401D0  # mixed into the seed: the split differs from the batch order
 
 
@@ -153,15 +154,14 @@ class SampleGrid:
         w, h = columns[names[0]][0].size
         scale = max(1, 96 // max(w, h))  # 32-pixel samples are enlarged to be seen
         cw, ch = w * scale, h * scale
-        label_w, head = 300, 18
+        label_w, head = LABEL_WIDTH, HEADER_HEIGHT
         sheet = Image.new("RGB", (cw * len(names) + label_w, head + ch * len(self.items)), (255, 255, 255))
         draw = ImageDraw.Draw(sheet)
-        draw.text((4, 3), title, fill=(0, 0, 0))
+        draw.text((4, 2), title, fill=(0, 0, 0))
         for c, name in enumerate(names):
+            draw.text((c * cw + 4, 17), name, fill=(90, 90, 90))
             for r, img in enumerate(columns[name]):
                 sheet.paste(img.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST), (c * cw, head + r * ch))
-        for c, name in enumerate(names):
-            draw.text((c * cw + 3, head + 2), name, fill=(90, 90, 90))
         for r, caption in enumerate(self.captions):
             draw.text((cw * len(names) + 6, head + r * ch + ch // 2 - 6), caption[:48], fill=(0, 0, 0))
         path.parent.mkdir(parents=True, exist_ok=True)

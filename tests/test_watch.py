@@ -14,7 +14,7 @@ from semroute.shared.errors import SemrouteError
 from semroute.stage2_train.config import TrainConfig
 from semroute.stage2_train.data import PairedCaches
 from semroute.stage2_train.train import Trainer, train
-from semroute.stage2_train.validation import ValidationLoss, holdout_split, sigma_grid
+from semroute.stage2_train.validation import HEADER_HEIGHT, LABEL_WIDTH, ValidationLoss, holdout_split, sigma_grid
 
 
 def _cfg(square_caches, tmp_path, name="run", **kw) -> TrainConfig:
@@ -69,7 +69,7 @@ def test_validation_loss_samples_and_ema_at_fixed_points(square_caches, tmp_path
     from PIL import Image
 
     sheet = Image.open(run / "samples" / "step-0000010.png")
-    assert sheet.height == 18 + 3 * 96 and sheet.width == 3 * 96 + 300
+    assert sheet.height == HEADER_HEIGHT + 3 * 96 and sheet.width == 3 * 96 + LABEL_WIDTH
 
     # The logged number is the validation loss of the saved weights (fixed noise, all held-out samples).
     assert single_process_validation(run, "step-0000010", 16, cfg.seed) == pytest.approx(vals[-1]["val_loss"], rel=1e-5)
