@@ -56,7 +56,7 @@ class DemoConfig:
     lr: float = 1e-3
     fusion_lr_scale: float = 10.0
     shift: float = 1.0
-    warmup_steps: int = 100
+    warmup_steps: int = 20
     ema: bool = True
     ema_decay: float = 0.995
     holdout: int = 32

@@ -161,7 +161,9 @@ class SampleGrid:
         for c, name in enumerate(names):
             draw.text((c * cw + 4, 17), name, fill=(90, 90, 90))
             for r, img in enumerate(columns[name]):
-                sheet.paste(img.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST), (c * cw, head + r * ch))
+                x, y = c * cw, head + r * ch
+                sheet.paste(img.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST), (x, y))
+                draw.rectangle([x, y, x + cw - 1, y + ch - 1], outline=(215, 215, 215))  # cells on white stay apart
         for r, caption in enumerate(self.captions):
             draw.text((cw * len(names) + 6, head + r * ch + ch // 2 - 6), caption[:48], fill=(0, 0, 0))
         path.parent.mkdir(parents=True, exist_ok=True)
