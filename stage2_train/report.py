@@ -71,32 +71,26 @@ def _checker_scores(run: Path) -> dict | None:
 
 
 def load_run(path: str | Path, name: str | None = None) -> RunData:
-    run = Path(path)
-    if not (run / "run.json").exists():
-        raise SemrouteError(f"{run} is not a training run folder (no run.json)")
-    try:
-        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    except FileNotFoundError:
-        config = {}
-    data = RunData(run, name or run.name, config, json.loads((run / "run.json").read_text()))
-    metrics = run / "logs" / "metrics.jsonl"
+    from semroute.stage2_train.run_folder import RunFolder
+
+    run = RunFolder(path)
+    record = run.record()  # a clear error for a folder that is not a run
+    config = run.config().to_dict() if run.config_path.exists() else {}
+    data = RunData(run.path, name or run.path.name, config, record)
     validations: dict[int, dict] = {}
-    if metrics.exists():
-        for n, line in enumerate(metrics.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise SemrouteError(f"{metrics}:{n}: not a JSON line") from None
-            if row.get("event") == "validation":
-                validations[row["step"]] = row  # a resumed run may validate a step again: keep the latest
-            elif "loss" in row and row.get("event") is None:
-                data.losses[int(row["step"])] = float(row["loss"])
+    try:
+        rows = run.metrics()
+    except json.JSONDecodeError as err:
+        raise SemrouteError(f"{run.metrics_path}: not JSON lines ({err})") from None
+    for row in rows:
+        if row.get("event") == "validation":
+            validations[row["step"]] = row  # a resumed run may validate a step again: keep the latest
+        elif "loss" in row and row.get("event") is None:
+            data.losses[int(row["step"])] = float(row["loss"])
     data.validations = [validations[s] for s in sorted(validations)]
-    data.routing = [(s, p) for s, p in _steps_of(run / "routing")]
-    data.samples = _steps_of(run / "samples")
-    data.checker = _checker_scores(run)
+    data.routing = _steps_of(run.routing_dir)
+    data.samples = _steps_of(run.samples_dir)
+    data.checker = _checker_scores(run.path)
     return data
 
 
