@@ -92,11 +92,13 @@ class ValidationLoss:
         sums = torch.zeros(len(self.sigmas), dtype=torch.float64, device=device)
         for text, mask, x0, eps in self.batches():
             text, mask, x0, eps = text.to(device), mask.to(device), x0.to(device), eps.to(device)
+            with accelerator.autocast():
+                context = model.prepare_text(text, mask)  # the text side once for all sigmas, as sampling does
             for k, s in enumerate(self.sigmas):
                 sigma = torch.full((x0.shape[0],), s, device=device)
                 xt, target = noisy_input(x0, sigma, eps)  # [B, C, h, w] each
                 with accelerator.autocast():
-                    pred = model(xt, sigma * 1000.0, text, mask, return_dict=False)[0]
+                    pred = model(xt, sigma * 1000.0, text_context=context, return_dict=False)[0]
                 sums[k] += (pred.float() - target.float()).pow(2).flatten(1).mean(1).sum().double()
         sums = accelerator.reduce(sums, "sum")
         return {s: float(v) / self.total for s, v in zip(self.sigmas, sums.tolist())}
