@@ -26,7 +26,7 @@ from pathlib import Path
 def measure(name: str, data: Path, out: Path, steps: int, model: dict, preset: str, holdout: int,
             every: list[int]) -> dict:
     from semroute.stage2_train.config import TrainConfig
-    from semroute.stage2_train.demo import DemoConfig
+    from semroute.demo import DemoConfig
     from semroute.stage2_train.train import Trainer
 
     demo = DemoConfig()
@@ -53,7 +53,7 @@ def measure(name: str, data: Path, out: Path, steps: int, model: dict, preset: s
 
 
 def main() -> None:
-    from semroute.stage2_train.demo import DemoConfig, model_overrides
+    from semroute.demo import DemoConfig, model_overrides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
