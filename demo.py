@@ -40,7 +40,7 @@ class DemoConfig:
     fusion: str = "depth"
     preset: str = "small"
     # The DiT for a CPU budget of minutes: narrower and shallower than the `small` preset, so that many
-    # more optimizer steps fit (bench/RESULTS.md, "Demo recipe"). 0 keeps the preset's value.
+    # more optimizer steps fit (bench/RESULTS.md, "Watching a run and the demo recipe"). 0 keeps the preset's value.
     width: int = 128
     """hidden_size (heads of 64, half as many KV heads, SwiGLU 3x width)."""
     blocks: int = 4
@@ -169,7 +169,7 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
     _say(f"training {fusion} ({cfg.preset} preset, {size}) for up to {cfg.train_minutes:g} minutes ...")
     if cfg.adaln:
         _say("note: this DiT gets a timestep input (adaLN-Zero), which the reference DiT does not have; with "
-             "minutes of CPU training it is needed to draw the shapes (bench/RESULTS.md, 'Demo recipe')")
+             "minutes of CPU training it is needed to draw the shapes (bench/RESULTS.md, 'Watching a run and the demo recipe')")
     return Trainer(tcfg, progress=cfg.progress).train()
 
 
