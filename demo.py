@@ -45,7 +45,7 @@ class DemoConfig:
     """hidden_size (heads of 64, half as many KV heads, SwiGLU 3x width)."""
     blocks: int = 4
     adaln: bool = True
-    """A timestep input (adaLN-Zero). The reference DiT has none; at this budget it is needed (see RESULTS)."""
+    """A timestep input (adaLN-Zero). The reference DiT has none; the demo's recipe uses one (bench/RESULTS.md)."""
     llm: str = "smollm2"
     train_minutes: float = 8.0
     max_steps: int = 100_000
@@ -168,8 +168,8 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
     size = f"{cfg.blocks or 'preset'} blocks x {cfg.width or 'preset'} wide"
     _say(f"training {fusion} ({cfg.preset} preset, {size}) for up to {cfg.train_minutes:g} minutes ...")
     if cfg.adaln:
-        _say("note: this DiT gets a timestep input (adaLN-Zero), which the reference DiT does not have; with "
-             "minutes of CPU training it is needed to draw the shapes (bench/RESULTS.md, 'Watching a run and the demo recipe')")
+        _say("note: this DiT gets a timestep input (adaLN-Zero), which the reference DiT does not have; the demo's "
+             "short-budget recipe uses it (bench/RESULTS.md, 'Watching a run and the demo recipe')")
     return Trainer(tcfg, progress=cfg.progress).train()
 
 
