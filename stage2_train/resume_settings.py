@@ -17,6 +17,8 @@ MAY_CHANGE = (
     "keep_checkpoints", "log_every", "tensorboard", "log_samples", "gradient_checkpointing", "expect_text",
     "compile", "text_buckets", "loader", "peak_tflops", "global_batch", "sample_steps", "sample_guidance",
     "allow_new_data", "cache_dir", "cache_size", "storage_options",
+    # watching the run (holdout is fixed: it decides what is trained on)
+    "report_to", "validate_every", "val_sigmas", "val_samples", "val_sample_steps", "val_guidance",
     # the caches may move (their content is compared), and so may the run folder
     "text_cache", "latent_cache", "out",
 )

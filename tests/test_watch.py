@@ -49,7 +49,7 @@ def test_held_out_samples_are_never_trained_on_and_recorded(square_caches, tmp_p
     assert not trained & set(held)
     # a resume that would hold out other samples is refused
     other = _cfg(square_caches, tmp_path, holdout=8, max_steps=14, val_samples=0)
-    with pytest.raises(SemrouteError, match="hold out"):
+    with pytest.raises(SemrouteError, match="holdout: 16 -> 8"):
         Trainer(other, resume="latest", progress=False)
 
 
