@@ -296,7 +296,9 @@ class TrainConfig:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise SemrouteError(f"--set {item!r}: expected key=value")
-            key, value = key.strip(), yaml.safe_load(raw)
+            key = key.strip()
+            # A text-valued key keeps the text as typed: YAML would read `no`/`off` as False (mixed_precision=no).
+            value = raw.strip() if cls.field_type(key) == "str" else yaml.safe_load(raw)
             head, dot, sub = key.partition(".")
             if dot:  # model.adaln=true sets one entry of a dict-valued key
                 if head not in ("model", "expect_text"):
@@ -308,6 +310,14 @@ class TrainConfig:
         if unknown:
             raise SemrouteError(f"unknown config key(s) {unknown}; valid keys: {', '.join(cls.keys())}")
         return cls(**values)
+
+    @classmethod
+    def field_type(cls, key: str) -> str | None:
+        """The annotation of field ``key`` as written (this module's annotations are strings), or None."""
+        for f in dataclasses.fields(cls):
+            if f.name == key:
+                return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", None)
+        return None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
