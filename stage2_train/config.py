@@ -298,7 +298,9 @@ class TrainConfig:
                 raise SemrouteError(f"--set {item!r}: expected key=value")
             key = key.strip()
             # A text-valued key keeps the text as typed: YAML would read `no`/`off` as False (mixed_precision=no).
-            value = raw.strip() if cls.field_type(key) == "str" else yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
+            if cls.field_type(key) == "str" and not isinstance(value, str):
+                value = raw.strip()
             head, dot, sub = key.partition(".")
             if dot:  # model.adaln=true sets one entry of a dict-valued key
                 if head not in ("model", "expect_text"):

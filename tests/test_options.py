@@ -129,5 +129,5 @@ def test_set_keeps_text_values_as_typed():
     # YAML reads `no` as False; a text-valued key must get the word the user typed.
     from semroute.stage2_train.config import TrainConfig
 
-    cfg = TrainConfig.build(fusion="depth", overrides=["mixed_precision=no", "lr_schedule=warmup"])
+    cfg = TrainConfig.build(fusion="depth", overrides=["mixed_precision=no", "lr_schedule='warmup'"])
     assert cfg.mixed_precision == "no" and cfg.lr_schedule == "warmup"
