@@ -407,6 +407,7 @@ class Trainer:
                 samples_log.close()
             if cfg.report_to != "none":
                 acc.end_training()
+            self.release()
         return {"step": state.step, "train_seconds": state.train_seconds, "validation_seconds": state.validation_seconds,
                 "last": last,
                 "checkpoint": str(self.run.latest_checkpoint()) if self.run.latest_checkpoint() else None}
