@@ -19,7 +19,7 @@ import torch
 from semroute.shared.errors import FingerprintMismatch, SemrouteError
 from semroute.shared.fingerprint import require_match
 from semroute.shared.remote import STATS as remote_stats
-from semroute.stage2_train import checkpoint_files, resume_settings, routing
+from semroute.stage2_train import checkpoint_files, ranks, resume_settings, routing
 from semroute.stage2_train.config import TrainConfig
 from semroute.stage2_train.data import BatchLoader, EpochBatches, PairedCaches, _seed
 from semroute.stage2_train.feed import DeviceFeed
@@ -547,6 +547,7 @@ def _lr_schedule(optimizer, cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True) -> dict:
-    return Trainer(cfg, resume=resume, progress=progress).train()
+    with ranks.fail_together():  # one rank failing ends the others (no wait in a collective)
+        return Trainer(cfg, resume=resume, progress=progress).train()
 
 
