@@ -96,6 +96,14 @@ class PairedCaches(Dataset):
     def __len__(self) -> int:
         return len(self.latent_pos)
 
+    def use_text_layers(self, layers: list[int]) -> None:
+        """Read only ``layers`` (hidden_states indices) of the text cache from now on: the ones the model uses
+        (known once the model is built from what the caches hold). The join is kept; only the text reader,
+        which opens its files lazily, is replaced."""
+        if list(layers) != self.text.layers:
+            self.text = type(self.text)(self.text.location, layers=list(layers), shard_cache=self.text.shard_cache)
+            self._null, self._null_bits = None, None
+
     @property
     def null(self) -> torch.Tensor:
         if self._null is None:

@@ -19,7 +19,7 @@ import torch
 from semroute.shared.errors import FingerprintMismatch, SemrouteError
 from semroute.shared.fingerprint import require_match
 from semroute.shared.remote import STATS as remote_stats
-from semroute.stage2_train import checkpoint_files, ranks, resume_settings, routing
+from semroute.stage2_train import ranks, resume_settings, routing
 from semroute.stage2_train.config import TrainConfig
 from semroute.stage2_train.data import BatchLoader, EpochBatches, PairedCaches, _seed
 from semroute.stage2_train.feed import DeviceFeed
@@ -123,34 +123,24 @@ def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resumi
 # The trainer
 # ---------------------------------------------------------------------------------------------
 class Trainer:
-    """Builds everything from a :class:`TrainConfig`, then ``train()`` runs the loop."""
+    """Builds everything from a :class:`TrainConfig`, then ``train()`` runs the loop.
+
+    Building takes the run lock (one training process per run folder, held until ``train()`` ends or
+    ``release()``), then 1. the data, 2. the model's optimization, 3. the run folder and the resumed state.
+    """
 
     def __init__(self, cfg: TrainConfig, *, resume: str | None = None, progress: bool = True):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from semroute.shared.distributed import process_info
 
         if not cfg.text_cache or not cfg.latent_cache:
             raise SemrouteError("train needs --text-cache and --latent-cache")
         cfg.text_cache, cfg.latent_cache = absolute_location(cfg.text_cache), absolute_location(cfg.latent_cache)
-        self.cfg = cfg
+        self.cfg, self.progress = cfg, progress
         self.run = RunFolder(cfg.out)
         self.run_dir = self.run.path
-        self.progress = progress
-        mixed = cfg.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=mixed,
-            gradient_accumulation_steps=cfg.grad_accum,
-            log_with=None if cfg.report_to == "none" else cfg.report_to,
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run.logs)),
-        )
-        from semroute.shared.distributed import process_info
-
+        self.accelerator = _accelerator(cfg, self.run)
         cfg.check_global_batch(self.accelerator.num_processes)  # before the lock creates the run folder
-        # One training process per run folder, held by the main process until train() ends; every process
-        # raises if the main one cannot take it.
+        # Held by the main process until train() ends; every process raises if the main one cannot take it.
         self.lock = RunLock(self.run_dir)
         process_info().run_on_main(lambda: bool(self.lock.acquire()))
         try:
@@ -163,45 +153,30 @@ class Trainer:
         self.lock.release()
 
     def _build(self, resume: str | None) -> None:
-        cfg, acc = self.cfg, self.accelerator
+        from accelerate.utils import set_seed
+
         self.resume_from = self.run.resolve_resume(resume)
         if resume and resume != "latest" and self.resume_from is None:
             raise SemrouteError(f"--resume {resume}: no checkpoint found")
         self.changed_on_resume = {}
         if self.resume_from is not None:
-            self.changed_on_resume = resume_settings.compare(self._config_before(), cfg.to_dict())
+            self.changed_on_resume = resume_settings.compare(self._config_before(), self.cfg.to_dict())
+        _limit_cpu_threads()
+        set_seed(self.cfg.seed)  # the model's initial weights come from the global RNG: a run is reproducible
+        self._build_data()
+        self._build_optimization()
+        self._open_run()
 
-        if torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-            # On a GPU the training process only launches kernels; a full set of CPU threads there
-            # competes with the DataLoader workers and slowed a launch-bound step ~1.5x in our H100
-            # measurement (bench/RESULTS.md). A few threads suffice.
-            torch.set_num_threads(min(torch.get_num_threads(), 4))
-
-        # The model's initial weights come from the global RNG: seed it so a run is reproducible.
-        from accelerate.utils import set_seed
-
-        set_seed(cfg.seed)
-
-        # 1. Data: both caches joined; the model reads only the layers it uses.
-        from semroute.shared.remote import ShardCache, parse_size, set_storage_options
-
-        if cfg.storage_options:
-            set_storage_options(cfg.storage_options)
-        shard_cache = ShardCache(cfg.cache_dir, parse_size(cfg.cache_size)) if cfg.cache_dir else None
-        probe = PairedCaches(cfg.text_cache, cfg.latent_cache, text_layers=None, seed=cfg.seed,
-                             caption_dropout=cfg.caption_dropout)
-        self.model = build_model(cfg, probe.text.fingerprint, probe.text.stored_layers,
-                                 probe.latents.latent_channels)
-        self.dataset = PairedCaches(cfg.text_cache, cfg.latent_cache, text_layers=list(self.model.text_layers),
-                                    seed=cfg.seed, caption_dropout=cfg.caption_dropout, shard_cache=shard_cache)
-        patch = int(self.model.config.patch_size)
-        for bucket in self.dataset.latents.buckets:
-            shape = bucket.latent_shape
-            if shape[-1] % patch or shape[-2] % patch:
-                raise SemrouteError(f"latent bucket {bucket.name} has shape {tuple(shape)}; its height and width "
-                                    f"must be multiples of the DiT patch size {patch}")
+    def _build_data(self) -> None:
+        """1. Data: both caches opened and joined once; the model, sized by them, then picks the layers read.
+        Held-out samples (the same on every process) are validated on, never trained on."""
+        cfg, acc = self.cfg, self.accelerator
+        self.dataset = _open_caches(cfg)
+        stored = self.dataset.text  # every stored layer: what the sample grid's null caption is given as
+        self.model = build_model(cfg, stored.fingerprint, stored.stored_layers, self.dataset.latents.latent_channels)
+        self.dataset.use_text_layers(list(self.model.text_layers))
+        _check_patch_size(self.dataset, int(self.model.config.patch_size))
         self.record = check_caches(cfg, self.dataset, self.run, resuming=self.resume_from)
-        # Held-out samples (the same on every process) are validated on, never trained on.
         index_of = {self.dataset.latents.sample_ids[p]: i for i, p in enumerate(self.dataset.latent_pos)}
         self.heldout = np.array(sorted(index_of[s] for s in self.record["holdout"]["sample_ids"]), dtype=np.int64)
         training = np.setdiff1d(np.arange(len(self.dataset)), self.heldout)
@@ -215,11 +190,15 @@ class Trainer:
                                              world_size=acc.num_processes)
             if cfg.val_samples and acc.is_main_process:
                 self.samples_grid = SampleGrid(
-                    self.dataset, self.heldout, n=cfg.val_samples, stored_layers=probe.text.stored_layers,
-                    null_features=probe.null, latent_fingerprint=probe.latents.fingerprint, shift=cfg.shift,
-                    steps=cfg.val_sample_steps, guidance=cfg.val_guidance)
+                    self.dataset, self.heldout, n=cfg.val_samples, stored_layers=stored.stored_layers,
+                    null_features=stored.null(), latent_fingerprint=self.dataset.latents.fingerprint,
+                    shift=cfg.shift, steps=cfg.val_sample_steps, guidance=cfg.val_guidance)
 
-        # 2. Optimizer: AdamW over trainable parameters; the routing gates decay or not by config.
+    def _build_optimization(self) -> None:
+        """2. AdamW over the trainable parameters (the routing gates in their own group, with their lr scale
+        and decay setting), its lr schedule, the EMA of the weights; everything a checkpoint holds is
+        registered with accelerate."""
+        cfg, acc = self.cfg, self.accelerator
         if cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.model.to(acc.device)  # before the optimizer: fused AdamW wants its parameters on the device
@@ -239,22 +218,24 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=acc.device.type == "cuda")
         self.scheduler = _lr_schedule(self.optimizer, cfg)
         self.ema = build_ema(self.model, cfg) if cfg.ema else None
+        if self.ema is not None:
+            self.ema.to(acc.device)
         self.state = TrainState()
         # The scheduler is not handed to accelerate: its wrapper steps once per process per optimizer
         # step, which would make warm-up depend on the number of processes. We step it ourselves.
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
-        acc.register_for_checkpointing(self.scheduler)
-        if self.ema is not None:
-            self.ema.to(acc.device)
-            acc.register_for_checkpointing(self.ema)
-        acc.register_for_checkpointing(self.state)
+        for stateful in (self.scheduler, self.ema, self.state):
+            if stateful is not None:
+                acc.register_for_checkpointing(stateful)
 
+    def _open_run(self) -> None:
+        """3. The run folder (config, run.json), the state of the checkpoint resumed from, the tracker."""
+        cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
             self.run.create()
             cfg.save(self.run.config_path)
-            record = {**self.record, "world_size": acc.num_processes,
-                      "model_class": type(acc.unwrap_model(self.model)).__name__}
-            self.run.save_record(record)
+            self.run.save_record({**self.record, "world_size": acc.num_processes,
+                                  "model_class": type(acc.unwrap_model(self.model)).__name__})
             if self.dataset.n_text_only or self.dataset.n_image_only:
                 print(f"data: {len(self.dataset)} samples in both caches; left out: {self.dataset.n_text_only} "
                       f"caption ids without an image, {self.dataset.n_image_only} images without a caption",
@@ -266,8 +247,7 @@ class Trainer:
             wandb = {"wandb": {"name": self.run_dir.name, "dir": str(self.run.logs)}}
             acc.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else "semroute",
                               init_kwargs=wandb if cfg.report_to == "wandb" else {},
-                              config={k: v for k, v in cfg.to_dict().items()
-                                                     if isinstance(v, (int, float, str, bool))})
+                              config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
     def _config_before(self) -> dict:
         """The settings the checkpoint was trained with (its own copy; older checkpoints: the run's)."""
@@ -281,7 +261,7 @@ class Trainer:
         return self.cfg.to_dict()
 
     def _load_checkpoint(self) -> None:
-        cfg, acc = self.cfg, self.accelerator
+        acc = self.accelerator
         try:
             acc.load_state(str(self.resume_from))
         except (RuntimeError, KeyError, ValueError, OSError, EOFError) as err:
@@ -300,117 +280,94 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
+        """Optimizer steps until ``max_steps`` or the time budget: step, log, validate, checkpoint. Releases
+        the run lock when it ends, however it ends."""
         from tqdm.auto import tqdm
 
         cfg, acc, state = self.cfg, self.accelerator, self.state
-        unwrapped = acc.unwrap_model(self.model)
         loader = BatchLoader(self.dataset, self.plan, num_workers=cfg.num_workers, start_epoch=state.epoch,
                              start_index=state.index, pin_memory=acc.device.type == "cuda", workers=cfg.loader,
                              buckets=cfg.text_length_buckets())
-        peak = peak_flops(acc.device, cfg.peak_tflops)
-        window_flops = 0.0
+        feed = DeviceFeed(loader, acc.device, self.dataset.text)  # batches on the device, the next one in flight
         bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
                    disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
-        samples_log = (open(self.run.samples_log_path(acc.process_index), "a")
-                       if cfg.log_samples else None)
-        window_loss, window_n, window_t0, window_samples = torch.zeros((), device=acc.device), 0, time.perf_counter(), 0
-        last = {}
-        started = time.perf_counter()
-        base_seconds, first_step = state.train_seconds, state.step
-        batches = DeviceFeed(loader, acc.device, self.dataset.text)
+        budget = TimeBudget(cfg, state, acc)
+        window = MetricsWindow(self, feed, bar)
+        samples_log = open(self.run.samples_log_path(acc.process_index), "a") if cfg.log_samples else None
         self.model.train()
         try:
             while state.step < cfg.max_steps:
-                step_loss = torch.zeros((), device=acc.device)  # stays on the device: no sync per step
-                grad_norm = None
-                for micro in range(cfg.grad_accum):
-                    batch = next(batches)  # on the device, text decoded; the next one is being copied
-                    flops = dit_train_flops(unwrapped.config, _image_tokens(batch, unwrapped.config),
-                                            batch.text_tokens / len(batch.sample_ids), len(batch.sample_ids))
-                    window_flops += flops or 0.0
-                    with acc.accumulate(self.model):
-                        g = torch.Generator(acc.device).manual_seed(
-                            _seed(cfg.seed, state.step, acc.process_index, micro))
-                        with acc.autocast():
-                            loss = flow_loss(self.model, batch.latents, batch.text, batch.text_mask,
-                                             shift=cfg.shift, mean=cfg.logit_mean, std=cfg.logit_std, generator=g)
-                        acc.backward(loss)
-                        if acc.sync_gradients:
-                            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                        self.optimizer.step()  # a no-op until gradients sync (accumulation)
-                        if acc.sync_gradients:
-                            self.scheduler.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    step_loss += loss.detach() / cfg.grad_accum
-                    state.epoch, state.index = self.plan.after(batch.epoch, batch.index)
-                    if samples_log is not None:
-                        samples_log.write(json.dumps({"step": state.step, "micro": micro, "epoch": batch.epoch,
-                                                      "index": batch.index, "sample_ids": batch.sample_ids}) + "\n")
-                state.step += 1
-                state.samples += cfg.batch_size * cfg.grad_accum * acc.num_processes
-                if self.ema is not None:
-                    update_ema(self.ema, state.step, self.model.parameters(), cfg.ema_every)
-                window_loss += step_loss
-                window_n += 1
-                window_samples += cfg.batch_size * cfg.grad_accum * acc.num_processes
-                state.train_seconds = base_seconds + time.perf_counter() - started
-                over_time = False
-                if cfg.max_minutes is not None and (state.step % cfg.log_every == 0 or state.step == 1):
-                    # Every process must stop at the same step: agree on it (a collective, so not every step).
-                    late = float(state.train_seconds >= cfg.max_minutes * 60)
-                    over_time = bool(acc.reduce(torch.tensor(late, device=acc.device), "max").item())
+                window.add(*self.step(feed, samples_log))
+                over_time = budget.check()
                 done = state.step >= cfg.max_steps or over_time
-                if cfg.max_minutes is not None:
-                    # Under a time budget the bar ends where the budget runs out at the current pace (the
-                    # check runs every log_every steps), not at max_steps, which would show an ETA of days.
-                    pace = (state.step - first_step) / max(time.perf_counter() - started, 1e-9)
-                    left = max(cfg.max_minutes * 60 - state.train_seconds, 0.0)
-                    end = -(-(state.step + int(left * pace) + 1) // cfg.log_every) * cfg.log_every
-                    bar.total = min(cfg.max_steps, state.step if done else max(end, state.step + 1))
-
+                budget.show(bar, done)
                 if state.step % cfg.log_every == 0 or done:
-                    dt = time.perf_counter() - window_t0
-                    mean_loss = acc.reduce((window_loss / window_n).float(), "mean").item()
-                    route = routing.summary(unwrapped)
-                    last = {"step": state.step, "loss": mean_loss,
-                            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                            "lr": self.scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(dt, 1e-9),
-                            "epoch": state.epoch, "train_seconds": round(state.train_seconds, 2),
-                            "routing_entropy": route["entropy"], "routing_top_layer": route["top_layer"],
-                            "loader_wait_s": batches.take_wait() / window_n,
-                            "tflops_per_s": window_flops / max(dt, 1e-9) / 1e12 if window_flops else None,
-                            "mfu": window_flops / max(dt, 1e-9) / peak if window_flops and peak else None}
-                    if acc.is_main_process:
-                        self.run.log_metrics(last)
-                    scalars = {k: last[k] for k in ("loss", "lr", "samples_per_s") if last[k] is not None}
-                    if last["grad_norm"] is not None:
-                        scalars["grad_norm"] = last["grad_norm"]
-                    scalars["routing_entropy_mean"] = sum(route["entropy"]) / len(route["entropy"])
-                    if cfg.report_to != "none":
-                        acc.log(scalars, step=state.step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{last['samples_per_s']:.1f}", refresh=False,
-                                    **({"retries": remote_stats.retries} if remote_stats.retries else {}))
-                    window_loss, window_n, window_t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
-                    window_samples, window_flops = 0, 0.0
+                    window.log()
                 bar.update(1)
                 if self.validation is not None and (state.step % self.validate_every == 0 or done):
-                    spent = self.validate()
-                    window_t0 += spent  # samples/s counts training only
+                    window.t0 += self.validate()  # samples/s counts training only
                 if state.step % cfg.checkpoint_every == 0 or done:
                     self.save_checkpoint()
                 if over_time:
                     break
         finally:
-            batches.close()
+            feed.close()
             bar.close()
             if samples_log is not None:
                 samples_log.close()
             if cfg.report_to != "none":
                 acc.end_training()
             self.release()
+        latest = self.run.latest_checkpoint()
         return {"step": state.step, "train_seconds": state.train_seconds, "validation_seconds": state.validation_seconds,
-                "last": last,
-                "checkpoint": str(self.run.latest_checkpoint()) if self.run.latest_checkpoint() else None}
+                "last": window.last, "checkpoint": str(latest) if latest else None}
+
+    def step(self, feed, samples_log=None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """One optimizer step over ``grad_accum`` micro-batches. Returns the mean loss (a device tensor: no
+        sync per step), the gradient norm before clipping (None until gradients sync), and the step's model
+        FLOPs (0 when unknown)."""
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        config = acc.unwrap_model(self.model).config
+        step_loss = torch.zeros((), device=acc.device)
+        grad_norm, flops = None, 0.0
+        for micro in range(cfg.grad_accum):
+            batch = next(feed)  # on the device, text decoded; the next one is being copied
+            flops += dit_train_flops(config, _image_tokens(batch, config), batch.text_tokens / len(batch.sample_ids),
+                                     len(batch.sample_ids)) or 0.0
+            with acc.accumulate(self.model):
+                # The noise and sigmas of a micro-step depend on (seed, step, rank, micro) only: exact resume.
+                g = torch.Generator(acc.device).manual_seed(_seed(cfg.seed, state.step, acc.process_index, micro))
+                with acc.autocast():
+                    loss = flow_loss(self.model, batch.latents, batch.text, batch.text_mask,
+                                     shift=cfg.shift, mean=cfg.logit_mean, std=cfg.logit_std, generator=g)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()  # a no-op until gradients sync (accumulation)
+                if acc.sync_gradients:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / cfg.grad_accum
+            state.epoch, state.index = self.plan.after(batch.epoch, batch.index)
+            if samples_log is not None:
+                samples_log.write(json.dumps({"step": state.step, "micro": micro, "epoch": batch.epoch,
+                                              "index": batch.index, "sample_ids": batch.sample_ids}) + "\n")
+        state.step += 1
+        state.samples += self.samples_per_step
+        if self.ema is not None:
+            update_ema(self.ema, state.step, self.model.parameters(), cfg.ema_every)
+        return step_loss, grad_norm, flops
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
+
+    def log(self, record: dict, scalars: dict) -> None:
+        """One row of metrics.jsonl (main process) and ``scalars`` to the tracker (``report_to``)."""
+        if self.accelerator.is_main_process:
+            self.run.log_metrics(record)
+        if self.cfg.report_to != "none":
+            self.accelerator.log(scalars, step=self.state.step)
 
     # -- validation ------------------------------------------------------------------------------
     @property
@@ -423,25 +380,17 @@ class Trainer:
         acc, state, cfg = self.accelerator, self.state, self.cfg
         t0 = time.perf_counter()
         model = acc.unwrap_model(self.model)
-        self.model.eval()
-        weights = {"": None}
-        if self.ema is not None:
-            weights["_ema"] = self.ema
+        weights = {"": None} if self.ema is None else {"": None, "_ema": self.ema}
         record: dict = {"step": state.step, "event": "validation", "holdout": len(self.heldout)}
         columns = {}
+        self.model.eval()
         for suffix, ema in weights.items():
-            if ema is not None:
-                ema.store(model.parameters())
-                ema.copy_to(model.parameters())
-            try:
+            with _weights(model, ema):
                 per_sigma = self.validation.compute(model, acc)  # unwrapped: DDP's forward is a collective
                 record[f"val_loss{suffix}"] = sum(per_sigma.values()) / len(per_sigma)
                 record[f"val_loss{suffix}_sigma"] = {f"{s:.4f}": v for s, v in per_sigma.items()}
                 if self.samples_grid is not None:
                     columns["EMA" if ema is not None else "current"] = self.samples_grid.draw(model)
-            finally:
-                if ema is not None:
-                    ema.restore(model.parameters())
         self.model.train()
         grid = None
         if self.samples_grid is not None:
@@ -454,19 +403,17 @@ class Trainer:
         state.validation_seconds += seconds
         record["seconds"] = round(seconds, 3)
         record["validation_seconds"] = round(state.validation_seconds, 2)
-        if acc.is_main_process:
-            self.run.log_metrics(record)
-        if cfg.report_to != "none":
-            scalars = {f"val/loss{s}": record[f"val_loss{s}"] for s in weights}
-            for s in weights:
-                scalars.update({f"val/loss{s}_sigma_{k}": v for k, v in record[f"val_loss{s}_sigma"].items()})
-            acc.log(scalars, step=state.step)
-            if grid is not None:
-                for tracker in acc.trackers:
-                    # TensorBoard takes an HWC array; wandb takes a list of images.
-                    image = np.asarray(grid)
-                    tracker.log_images({"samples": image if tracker.name == "tensorboard" else [image]},
-                                       step=state.step, **({"dataformats": "HWC"} if tracker.name == "tensorboard" else {}))
+        scalars = {}
+        for s in weights:
+            scalars[f"val/loss{s}"] = record[f"val_loss{s}"]
+            scalars.update({f"val/loss{s}_sigma_{k}": v for k, v in record[f"val_loss{s}_sigma"].items()})
+        self.log(record, scalars)
+        if grid is not None and cfg.report_to != "none":
+            for tracker in acc.trackers:
+                # TensorBoard takes an HWC array; wandb takes a list of images.
+                image = np.asarray(grid)
+                tracker.log_images({"samples": image if tracker.name == "tensorboard" else [image]},
+                                   step=state.step, **({"dataformats": "HWC"} if tracker.name == "tensorboard" else {}))
         return seconds
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -496,10 +443,8 @@ class Trainer:
             model = acc.unwrap_model(self.model)
             model.save_pretrained(tmp / "model")
             if self.ema is not None:
-                self.ema.store(model.parameters())
-                self.ema.copy_to(model.parameters())
-                model.save_pretrained(tmp / "model_ema")
-                self.ema.restore(model.parameters())
+                with _weights(model, self.ema):
+                    model.save_pretrained(tmp / "model_ema")
             (tmp / TRAIN_STATE).write_text(json.dumps(state.state_dict()))
             # what a resume from this checkpoint is compared with, and what sample reads (checked by complete.json)
             self.cfg.save(tmp / "config.yaml")
@@ -508,6 +453,145 @@ class Trainer:
             self.run.publish(tmp, state.step, keep=self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
         return final
+
+
+class TimeBudget:
+    """``max_minutes``: the training time so far (``state.train_seconds``, carried over a resume), when to
+    stop, and where the progress bar ends."""
+
+    def __init__(self, cfg: TrainConfig, state: TrainState, acc):
+        self.cfg, self.state, self.acc = cfg, state, acc
+        self.started = time.perf_counter()
+        self.base_seconds, self.first_step = state.train_seconds, state.step
+
+    def check(self) -> bool:
+        """After a step: whether the budget is spent. Every process must stop at the same step, so they agree
+        on it (a collective, hence only every ``log_every`` steps and at step 1)."""
+        cfg, state = self.cfg, self.state
+        state.train_seconds = self.base_seconds + time.perf_counter() - self.started
+        if cfg.max_minutes is None or not (state.step % cfg.log_every == 0 or state.step == 1):
+            return False
+        late = float(state.train_seconds >= cfg.max_minutes * 60)
+        return bool(self.acc.reduce(torch.tensor(late, device=self.acc.device), "max").item())
+
+    def show(self, bar, done: bool) -> None:
+        """Under a time budget the bar ends where the budget runs out at the current pace (the check runs
+        every log_every steps), not at max_steps, which would show an ETA of days."""
+        cfg, state = self.cfg, self.state
+        if cfg.max_minutes is None:
+            return
+        pace = (state.step - self.first_step) / max(time.perf_counter() - self.started, 1e-9)
+        left = max(cfg.max_minutes * 60 - state.train_seconds, 0.0)
+        end = -(-(state.step + int(left * pace) + 1) // cfg.log_every) * cfg.log_every
+        bar.total = min(cfg.max_steps, state.step if done else max(end, state.step + 1))
+
+
+class MetricsWindow:
+    """Losses, samples and FLOPs since the last log line; ``log()`` writes one row of metrics.jsonl, the
+    tracker's scalars and the bar's postfix, then starts a new window. ``t0`` is where the window's time
+    starts (the loop moves it past validations: samples/s counts training only)."""
+
+    def __init__(self, trainer: Trainer, feed: DeviceFeed, bar):
+        self.trainer, self.feed, self.bar = trainer, feed, bar
+        self.peak = peak_flops(trainer.accelerator.device, trainer.cfg.peak_tflops)
+        self.last: dict = {}
+        self.grad_norm = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss = torch.zeros((), device=self.trainer.accelerator.device)  # stays on the device: no sync
+        self.steps, self.samples, self.flops, self.t0 = 0, 0, 0.0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm, flops: float) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.samples += self.trainer.samples_per_step
+        self.flops += flops
+        self.grad_norm = grad_norm
+
+    def log(self) -> dict:
+        t, acc = self.trainer, self.trainer.accelerator
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        mean_loss = acc.reduce((self.loss / self.steps).float(), "mean").item()
+        route = routing.summary(acc.unwrap_model(t.model))
+        self.last = last = {
+            "step": t.state.step, "loss": mean_loss,
+            "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
+            "lr": t.scheduler.get_last_lr()[0], "samples_per_s": self.samples / dt,
+            "epoch": t.state.epoch, "train_seconds": round(t.state.train_seconds, 2),
+            "routing_entropy": route["entropy"], "routing_top_layer": route["top_layer"],
+            "loader_wait_s": self.feed.take_wait() / self.steps,
+            "tflops_per_s": self.flops / dt / 1e12 if self.flops else None,
+            "mfu": self.flops / dt / self.peak if self.flops and self.peak else None,
+        }
+        scalars = {k: last[k] for k in ("loss", "lr", "samples_per_s", "grad_norm") if last[k] is not None}
+        scalars["routing_entropy_mean"] = sum(route["entropy"]) / len(route["entropy"])
+        t.log(last, scalars)
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{last['samples_per_s']:.1f}", refresh=False,
+                             **({"retries": remote_stats.retries} if remote_stats.retries else {}))
+        self._reset()
+        return last
+
+
+class _weights:
+    """``with _weights(model, ema):`` the model holds the EMA's weights inside the block (nothing when
+    ``ema`` is None), its own again after."""
+
+    def __init__(self, model: torch.nn.Module, ema):
+        self.model, self.ema = model, ema
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+
+
+def _accelerator(cfg: TrainConfig, run: RunFolder):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    mixed = cfg.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=mixed,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(run.path), logging_dir=str(run.logs)),
+    )
+
+
+def _limit_cpu_threads() -> None:
+    if torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # On a GPU the training process only launches kernels; a full set of CPU threads there
+        # competes with the DataLoader workers and slowed a launch-bound step ~1.5x in our H100
+        # measurement (bench/RESULTS.md). A few threads suffice.
+        torch.set_num_threads(min(torch.get_num_threads(), 4))
+
+
+def _open_caches(cfg: TrainConfig) -> PairedCaches:
+    """Both caches joined (every stored text layer until ``use_text_layers``), remote ones through the
+    node-local shard cache when ``cache_dir`` is set."""
+    from semroute.shared.remote import ShardCache, parse_size, set_storage_options
+
+    if cfg.storage_options:
+        set_storage_options(cfg.storage_options)
+    shard_cache = ShardCache(cfg.cache_dir, parse_size(cfg.cache_size)) if cfg.cache_dir else None
+    return PairedCaches(cfg.text_cache, cfg.latent_cache, text_layers=None, seed=cfg.seed,
+                        caption_dropout=cfg.caption_dropout, shard_cache=shard_cache)
+
+
+def _check_patch_size(dataset: PairedCaches, patch: int) -> None:
+    for bucket in dataset.latents.buckets:
+        shape = bucket.latent_shape
+        if shape[-1] % patch or shape[-2] % patch:
+            raise SemrouteError(f"latent bucket {bucket.name} has shape {tuple(shape)}; its height and width "
+                                f"must be multiples of the DiT patch size {patch}")
 
 
 def _image_tokens(batch, config) -> int:

@@ -145,6 +145,25 @@ def test_caption_dropout_uses_the_stored_null_caption(square_caches):
     assert torch.equal(a["latent"], b["latent"]) and a["caption"] == b["caption"]
 
 
+def test_caches_are_opened_and_joined_once_and_the_model_reads_only_its_layers(square_caches, tmp_path,
+                                                                              monkeypatch):
+    import semroute.stage2_train.data as data
+
+    joins = []
+    check = data.check_id_sources
+    monkeypatch.setattr(data, "check_id_sources", lambda *a: joins.append(a) or check(*a))
+    trainer = Trainer(_cfg(square_caches, tmp_path, fusion="penultimate", holdout=8, val_samples=2), progress=False)
+    try:
+        assert len(joins) == 1  # one PairedCaches: the model is sized from it, then it narrows its text reader
+        stored = trainer.dataset.text.stored_layers
+        assert trainer.dataset.text.layers == list(trainer.model.text_layers) == [stored[-2]]
+        assert trainer.dataset.null.shape[1] == 1 and trainer.dataset.text.caption(0).shape[1] == 1
+        # the sample grid's null caption covers every stored layer (the pipeline picks the model's from it)
+        assert trainer.samples_grid.null.shape[1] == len(stored) > 1
+    finally:
+        trainer.release()
+
+
 def test_refuses_a_cache_with_fewer_layers_or_another_llm(square_caches, tmp_path, tiny_llama_dir, tiny_qwen_dir):
     text, latents, manifest = square_caches
     few = tmp_path / "few.text.zarr"
