@@ -55,16 +55,14 @@ StorageOptions = Annotated[Optional[str], typer.Option(
 def _storage_options(text: str | None) -> dict | None:
     if not text:
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SemrouteError(f"--storage-options is not valid JSON ({err.msg}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise SemrouteError(f"--storage-options must be a JSON object, got {text!r}")
+    from semroute.shared.checks import json_object
     from semroute.shared.remote import set_storage_options
 
+    value = json_object(text, "--storage-options")
     set_storage_options(value)  # for every URL this process and its workers open (caches and inputs)
     return value
+
+
 TextKey = Annotated[str, typer.Option("--text-key", help="Key of the caption (a string or a list of strings).")]
 ImageKey = Annotated[str, typer.Option("--image-key", help="Key of the image path.")]
 IdKey = Annotated[str, typer.Option("--id-key", help="Key of the optional sample id (else the record's position).")]
@@ -254,28 +252,58 @@ def encode_images_cmd(
     typer.echo(f"cache: {out} ({format_bytes(summary['bytes'])})")
 
 
+# -- options of `train`: each one a TrainConfig field, parsed to the field's type, its help the field's docstring
+def _train_option(name: str, *decls: str) -> object:
+    """The option setting field ``name``; None when not given (the config file's value or the default stays)."""
+    from semroute.stage2_train.config import TrainConfig
+
+    default = TrainConfig.default(name)
+    shown = f" [default: {default}]" if default not in (None, "", False) else ""
+    return Annotated[Optional[TrainConfig.option_type(name)],
+                     typer.Option(*decls, help=field_help(name) + shown, show_default=False)]
+
+
+TextCache = _train_option("text_cache", "--text-cache")
+LatentCache = _train_option("latent_cache", "--latent-cache")
+Fusion = _train_option("fusion", "--fusion")
+Preset = _train_option("preset", "--preset")
+RunOut = _train_option("out", "--out", "-o")
+MaxSteps = _train_option("max_steps", "--max-steps")
+MaxMinutes = _train_option("max_minutes", "--max-minutes")
+BatchSize = _train_option("batch_size", "--batch-size")
+LearningRate = _train_option("lr", "--lr")
+NumWorkers = _train_option("num_workers", "--num-workers")
+Compile = _train_option("compile", "--compile/--no-compile")
+Holdout = _train_option("holdout", "--holdout")
+ValidateEvery = _train_option("validate_every", "--validate-every")
+ReportTo = _train_option("report_to", "--report-to")
+AllowNewData = _train_option("allow_new_data", "--allow-new-data")
+CacheDir = _train_option("cache_dir", "--cache-dir")
+CacheSize = _train_option("cache_size", "--cache-size")
+
+
 @app.command("train")
 def train_cmd(
-    text_cache: Annotated[Optional[str], typer.Option("--text-cache", help=field_help("text_cache"))] = None,
-    latent_cache: Annotated[Optional[str], typer.Option("--latent-cache", help=field_help("latent_cache"))] = None,
-    fusion: Annotated[Optional[str], typer.Option("--fusion", help=field_help("fusion"))] = None,
+    text_cache: TextCache = None,
+    latent_cache: LatentCache = None,
+    fusion: Fusion = None,
     config: Annotated[Optional[str], typer.Option("--config", help="A YAML file, or the name of one under configs/: " + ", ".join(config_names()) + ". Flags override it.")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help=field_help("preset"))] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help=field_help("out"))] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help=field_help("max_steps"))] = None,
-    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help=field_help("max_minutes"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=field_help("batch_size"))] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help=field_help("lr"))] = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="Loader threads (or processes: --set loader=process) per process.")] = None,
-    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=field_help("compile"), show_default=False)] = None,
+    preset: Preset = None,
+    out: RunOut = None,
+    max_steps: MaxSteps = None,
+    max_minutes: MaxMinutes = None,
+    batch_size: BatchSize = None,
+    lr: LearningRate = None,
+    num_workers: NumWorkers = None,
+    compile_: Compile = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.", show_default=False)] = None,
-    holdout: Annotated[Optional[int], typer.Option("--holdout", help="Samples kept out of training (by seed, listed in run.json) for validation loss and sample grids.")] = None,
-    validate_every: Annotated[Optional[int], typer.Option("--validate-every", help="Validate (loss + samples of held-out captions) every N steps; default: at each checkpoint.")] = None,
-    report_to: Annotated[Optional[str], typer.Option("--report-to", help="Tracker: tensorboard | wandb | none (metrics.jsonl is always written).")] = None,
+    holdout: Holdout = None,
+    validate_every: ValidateEvery = None,
+    report_to: ReportTo = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key (YAML value), repeatable: --set ema=true --set model.adaln=true.")] = None,
-    allow_new_data: Annotated[bool, typer.Option("--allow-new-data", help=field_help("allow_new_data"))] = False,
-    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help=field_help("cache_dir"))] = None,
-    cache_size: Annotated[Optional[str], typer.Option("--cache-size", help=field_help("cache_size"))] = None,
+    allow_new_data: AllowNewData = None,
+    cache_dir: CacheDir = None,
+    cache_size: CacheSize = None,
     storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
 ) -> None:
@@ -303,17 +331,17 @@ def train_cmd(
     from semroute.stage2_train.run_folder import RunFolder
     from semroute.stage2_train.train import train
 
-    flags = dict(text_cache=text_cache, latent_cache=latent_cache, preset=preset, out=out, max_steps=max_steps,
-                 max_minutes=max_minutes, batch_size=batch_size, lr=lr, num_workers=num_workers, cache_dir=cache_dir,
-                 cache_size=cache_size, storage_options=_storage_options(storage_options), compile=compile_,
-                 allow_new_data=allow_new_data or None, holdout=holdout, validate_every=validate_every,
-                 report_to=report_to)
     config_file = str(config) if config else None
     if resume and config_file is None and out and RunFolder.is_run(out):
         # a resumed run keeps the config its checkpoint was trained with unless told otherwise
         run = RunFolder(out)
         config_file = str(run.config_file(run.resolve_resume(resume)))
-    cfg = TrainConfig.build(config_file=config_file, fusion=fusion, flags=flags, overrides=set_ or [])
+    cfg = TrainConfig.build(
+        config_file=config_file, overrides=set_ or [], text_cache=text_cache, latent_cache=latent_cache,
+        fusion=fusion, preset=preset, out=out, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
+        lr=lr, num_workers=num_workers, compile=compile_, holdout=holdout, validate_every=validate_every,
+        report_to=report_to, allow_new_data=allow_new_data, cache_dir=cache_dir, cache_size=cache_size,
+        storage_options=_storage_options(storage_options))
     summary = train(cfg, resume=resume, progress=not no_progress)
     last = summary["last"]
     if last:

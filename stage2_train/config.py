@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,6 +166,7 @@ class TrainConfig:
     num_workers: int = 1
     """Batch builders per process: threads (loader: thread) or DataLoader worker processes (loader:
     process, each opening the caches itself); 0 builds each batch in the training thread when needed.
+
     On an H100 a batch of the paper preset was read in ~0.025 s against a 0.22 s step, and more worker
     processes slowed the training process itself (bench/RESULTS.md, training runs 1-7)."""
     loader: str = "thread"
@@ -278,20 +280,26 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def build(cls, *, config_file: str | None = None, fusion: str | None = None, flags: dict | None = None,
-              overrides: list[str] | None = None) -> "TrainConfig":
-        """Defaults <- the fusion's preset file (or ``config_file``: a path or a name under configs/) <- flags
-        <- ``key=value`` overrides."""
+    def build(cls, *, config_file: str | None = None, overrides: list[str] | None = None,
+              **fields) -> "TrainConfig":
+        """Defaults <- the fusion's preset file (or ``config_file``: a path or a name under configs/) <- ``fields``
+        <- ``key=value`` overrides.
+
+        ``fields`` are field values already of the field's type (the CLI's options parse them so, see
+        ``option_type``); None means not given. ``overrides`` are ``--set`` texts, read as YAML."""
+        unknown = sorted(set(fields) - set(cls.keys()))
+        if unknown:
+            raise SemrouteError(f"unknown config field(s) {unknown}; valid fields: {', '.join(cls.keys())}")
+        given = {k: v for k, v in fields.items() if v is not None}
         values: dict = {}
-        if config_file is None and fusion is not None and fusion in FUSION_CONFIGS:
+        fusion = given.get("fusion")
+        if config_file is None and fusion in FUSION_CONFIGS:
             preset_file = CONFIG_DIR / FUSION_CONFIGS[fusion]
             if preset_file.exists():
                 values.update(load_yaml(preset_file))
         if config_file is not None:
             values.update(load_yaml(resolve_config(config_file)))
-        if fusion is not None:
-            values["fusion"] = fusion
-        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        values.update(given)
         for item in overrides or []:
             key, sep, raw = item.partition("=")
             if not sep:
@@ -312,6 +320,22 @@ class TrainConfig:
         if unknown:
             raise SemrouteError(f"unknown config key(s) {unknown}; valid keys: {', '.join(cls.keys())}")
         return cls(**values)
+
+    @classmethod
+    def option_type(cls, key: str) -> type:
+        """The type a command-line option of field ``key`` parses to: the field's annotation without its
+        ``None`` (``float | None`` -> float). Fields of several types (text_layers) take ``--set`` instead."""
+        hint = typing.get_type_hints(cls)[key]
+        kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+        if len(kinds) != 1:
+            raise TypeError(f"field {key} ({hint}) has no single option type")
+        return kinds[0]
+
+    @classmethod
+    def default(cls, key: str):
+        """The default of field ``key`` (a fresh one for list and dict fields)."""
+        f = cls.__dataclass_fields__[key]
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
     @classmethod
     def field_type(cls, key: str) -> str | None:
@@ -345,7 +369,8 @@ def resolve_config(spec: str | Path) -> Path:
 
 
 def field_help(name: str) -> str:
-    """The docstring under field ``name`` of ``TrainConfig`` (its help text), '' if it has none."""
+    """The first paragraph of the docstring under field ``name`` of ``TrainConfig`` (its help text; later
+    paragraphs are notes for readers of this file), '' if it has none."""
     return _field_docs().get(name, "")
 
 
@@ -360,7 +385,7 @@ def _field_docs() -> dict[str, str]:
     for node, after in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
                 and isinstance(after.value.value, str):
-            docs[node.target.id] = " ".join(after.value.value.split())
+            docs[node.target.id] = " ".join(after.value.value.strip().split("\n\n")[0].split())
     return docs
 
 

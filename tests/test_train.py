@@ -188,7 +188,7 @@ def test_configs_and_overrides(tmp_path):
         cfg = TrainConfig.build(fusion=fusion)
         assert cfg.fusion == fusion and (CONFIG_DIR / name).exists()
         assert cfg.lr == 1e-4 and cfg.weight_decay == 1e-4 and cfg.caption_dropout == 0.1 and cfg.shift == 3.0
-    cfg = TrainConfig.build(config_file=str(CONFIG_DIR / "joint.yaml"), flags={"lr": 3e-4},
+    cfg = TrainConfig.build(config_file=str(CONFIG_DIR / "joint.yaml"), lr=3e-4,
                             overrides=["ema=true", "model.adaln=true", "betas=[0.9, 0.95]"])
     assert (cfg.fusion, cfg.lr, cfg.ema, cfg.model, cfg.betas) == ("joint", 3e-4, True, {"adaln": True}, [0.9, 0.95])
     with pytest.raises(SemrouteError, match="unknown config key"):
@@ -212,12 +212,39 @@ def test_config_files_hold_only_what_differs_and_load_by_name():
     with pytest.raises(SemrouteError, match="not a config name"):
         TrainConfig.build(config_file="wide")
     assert field_help("batch_size") == "Samples per process per micro-step."
+    assert field_help("num_workers").endswith("when needed.")  # later paragraphs are notes, not help
+
+
+def test_train_options_take_type_help_and_default_from_the_config_fields(monkeypatch):
+    """Each train option that sets a TrainConfig field parses to the field's type, shows the field's docstring
+    and default, and reaches TrainConfig.build typed (None: not given)."""
     import typer
+    from typer.testing import CliRunner
 
     from semroute.cli import app
 
-    options = {p.name: p.help for p in typer.main.get_command(app).commands["train"].params}
-    assert options["batch_size"] == field_help("batch_size") and options["lr"] == field_help("lr") != ""
+    params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    fields = {name.rstrip("_"): p for name, p in params.items() if name.rstrip("_") in TrainConfig.keys()}
+    assert {"text_cache", "lr", "batch_size", "holdout", "report_to", "num_workers", "compile"} <= set(fields)
+    for name, p in fields.items():
+        if name == "storage_options":  # JSON text, parsed to the field's dict by the command
+            continue
+        assert p.help.startswith(field_help(name)) and field_help(name), name
+        assert (p.bare_type(), name) == (TrainConfig.option_type(name).__name__, name)
+    assert params["batch_size"].help == "Samples per process per micro-step. [default: 32]"
+    seen = {}
+
+    def build(**kw):
+        seen.update(kw)
+        raise SemrouteError("stop here")
+
+    monkeypatch.setattr(TrainConfig, "build", build)
+    result = CliRunner().invoke(app, ["train", "--lr", "1e-3", "--holdout", "4", "--no-compile", "--allow-new-data",
+                                      "--set", "ema=true"])
+    assert isinstance(result.exception, SemrouteError)
+    given = {k: v for k, v in seen.items() if v is not None}
+    assert given == {"lr": 1e-3, "holdout": 4, "compile": False, "allow_new_data": True, "overrides": ["ema=true"]}
+    assert type(given["lr"]) is float and type(given["holdout"]) is int
 
 
 def test_epoch_batches_are_disjoint_deterministic_and_resumable():
