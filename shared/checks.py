@@ -1,4 +1,4 @@
-"""Range and type checks for numeric options: one place that words the error the same way everywhere.
+"""Range and type checks for options and small JSON inputs: one place that words the error the same way everywhere.
 
 Typer and YAML hand over whatever they parsed (``--lr inf``, ``--set shift=.nan``, ``--set ema='false'``
 as a string); these checks turn anything outside an option's allowed range into a :class:`SemrouteError`
@@ -7,6 +7,7 @@ naming the option, the value received and what is allowed, before any work start
 
 from __future__ import annotations
 
+import json
 import math
 
 from semroute.shared.errors import SemrouteError
@@ -42,4 +43,19 @@ def check_bool(name: str, value) -> bool:
     as truthy."""
     if not isinstance(value, bool):
         raise SemrouteError(f"{name} must be true or false, got {_kind(value)}")
+    return value
+
+
+def json_object(text: str, where: str, *, error: type[Exception] = SemrouteError, expected: str = "a JSON object",
+                error_line: bool = False) -> dict:
+    """``text`` parsed as JSON, which must be an object. Otherwise ``error`` naming ``where`` (a file and line,
+    or an option): the parser's message and column, or what was found instead of ``expected``. With
+    ``error_line`` (``text`` is a whole file) a syntax error names its line too."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        at = f"{where}:{err.lineno}" if error_line else where
+        raise error(f"{at}: malformed JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise error(f"{where}: expected {expected}, got a {type(value).__name__}")
     return value

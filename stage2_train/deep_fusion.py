@@ -244,14 +244,7 @@ class DeepFusionDiT(DiTBase):
     def initialize_weights(self) -> None:
         """Xavier-uniform DiT Linears, zero biases, zero output projection and adaLN modulations; the frozen LLM
         layers get transformers' init (normal 0.02, unit norms) as stand-ins until real weights are loaded."""
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                if name.startswith(FROZEN_PREFIX):
-                    nn.init.normal_(module.weight, std=0.02)
-                else:
-                    nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        self.init_linears(stand_ins=FROZEN_PREFIX)
         self.zero_init_outputs()
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:

@@ -205,11 +205,7 @@ class SemrouteDiT(DiTBase):
         gated strategies start uniform. With ``context_embedder_type="reference"`` its Linear gets N(0, 0.02).
         Call this, not a generic ``model.apply(init)``, to re-initialise.
         """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        self.init_linears()
         if self.config.context_embedder_type == "reference":
             nn.init.normal_(self.context_embedder[1].weight, std=0.02)
         self.zero_init_outputs()

@@ -201,6 +201,19 @@ class DiTBase(ModelMixin, ConfigMixin):
         self.out_modulation = nn.Linear(hidden_size, 2 * hidden_size) if adaln else None
         self.proj_out = nn.Linear(hidden_size, patch_dim)
 
+    def init_linears(self, stand_ins: str | None = None) -> None:
+        """The generic init both DiTs start from: Xavier-uniform weights and zero biases for every Linear.
+        Linears whose names start with ``stand_ins`` (frozen weights loaded later) get transformers' init,
+        normal(0.02), instead."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if stand_ins is not None and name.startswith(stand_ins):
+                    nn.init.normal_(module.weight, std=0.02)
+                else:
+                    nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
     def zero_init_outputs(self) -> None:
         """Zero the output projection (the model starts predicting 0) and every adaLN modulation, after the
         generic init of the Linears."""

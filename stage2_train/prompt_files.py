@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from semroute.shared.checks import json_object
 from semroute.shared.errors import SemrouteError
 
 FORMATS = ("text", "jsonl", "geneval", "genaibench", "drawbench", "drawbench_json")
@@ -141,16 +142,8 @@ def detect_format(path: str | Path) -> str:
 
 
 def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
-    out = []
-    for line_no, line in _lines(text):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PromptFileError(f"{path}:{line_no}: malformed JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise PromptFileError(f"{path}:{line_no}: record is {type(record).__name__}, expected a JSON object")
-        out.append((line_no, record))
-    return out
+    return [(line_no, json_object(line, f"{path}:{line_no}", error=PromptFileError, expected="a JSON object record"))
+            for line_no, line in _lines(text)]
 
 
 def _prompt_of(path: Path, line: int, record: dict, key: str, what: str) -> str:
@@ -179,12 +172,8 @@ def _key_lines(text: str, keys: list[str]) -> list[int]:
 
 def _read_keyed_json(path: Path, text: str, prompt_key: str, what: str) -> list[tuple[int, str, dict]]:
     """``(line, key, value)`` for each entry of a JSON object of records, in file order."""
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise PromptFileError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
-    if not isinstance(whole, dict):
-        raise PromptFileError(f"{path}: expected a JSON object keyed by id ({what}), got a {type(whole).__name__}")
+    whole = json_object(text, str(path), error=PromptFileError, expected=f"a JSON object keyed by id ({what})",
+                        error_line=True)
     out = []
     for (key, value), line in zip(whole.items(), _key_lines(text, list(whole))):
         if not isinstance(value, dict):

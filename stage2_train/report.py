@@ -226,6 +226,15 @@ def _fingerprints(record: dict) -> str:
     return f'<table class="fingerprints">{"".join(rows)}</table>'
 
 
+def _over_training(title: str, what: str, images: list, css_class: str, empty: str) -> str:
+    """A heading and up to MAX_IMAGES of ``images`` (``(step, png path)``, evenly spread), or ``empty`` (HTML)."""
+    if not images:
+        return f'<h3>{title}</h3>\n<p class="empty">{empty}</p>'
+    figs = "".join(f'<figure><img alt="{what} at step {s}" src="{_png(p)}"><figcaption>step {s}</figcaption></figure>'
+                   for s, p in _spread(images))
+    return f'<h3>{title}</h3>\n<div class="{css_class}">{figs}</div>'
+
+
 def _run_section(r: RunData, idx: int) -> str:
     parts = [f'<h2 id="run-{idx}">{html.escape(r.name)}</h2>',
              f"<p><code>{html.escape(str(r.path))}</code> · fusion <b>{html.escape(str(r.config.get('fusion', '?')))}</b>"
@@ -235,20 +244,10 @@ def _run_section(r: RunData, idx: int) -> str:
         parts.append("<p>Shape checker on the demo's samples: overall <b>"
                      f"{_fmt(r.checker.get('overall'), 3)}</b> (" + ", ".join(
                          f"{html.escape(t)} {_fmt(v, 3)}" for t, v in r.checker.get("per_tag", {}).items()) + ")</p>")
-    parts.append("<h3>Routing over training</h3>")
-    if r.routing:
-        figs = "".join(f'<figure><img alt="routing at step {s}" src="{_png(p)}"><figcaption>step {s}</figcaption></figure>'
-                       for s, p in _spread(r.routing))
-        parts.append(f'<div class="multiples">{figs}</div>')
-    else:
-        parts.append('<p class="empty">No routing heatmap (no checkpoint yet, or a strategy without gates).</p>')
-    parts.append("<h3>Samples of held-out captions over training</h3>")
-    if r.samples:
-        figs = "".join(f'<figure><img alt="samples at step {s}" src="{_png(p)}"><figcaption>step {s}</figcaption></figure>'
-                       for s, p in _spread(r.samples))
-        parts.append(f'<div class="grids">{figs}</div>')
-    else:
-        parts.append('<p class="empty">No sample grids (train with <code>--holdout N</code> to get them).</p>')
+    parts.append(_over_training("Routing over training", "routing", r.routing, "multiples",
+                                "No routing heatmap (no checkpoint yet, or a strategy without gates)."))
+    parts.append(_over_training("Samples of held-out captions over training", "samples", r.samples, "grids",
+                                "No sample grids (train with <code>--holdout N</code> to get them)."))
     parts.append("<h3>Caches</h3>" + _fingerprints(r.record))
     parts.append("<details><summary>Resolved configuration</summary><pre>"
                  + html.escape(yaml.safe_dump(r.config, sort_keys=False)) + "</pre></details>")

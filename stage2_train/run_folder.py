@@ -44,6 +44,16 @@ def is_checkpoint(path: Path) -> bool:
     return (path / TRAIN_STATE).exists() or (path / "model").is_dir() or (path / checkpoint_files.MANIFEST).exists()
 
 
+class _Inside:
+    """A path inside the run folder, read as an attribute: ``run.logs`` is ``run.path / "logs"``."""
+
+    def __init__(self, *parts: str):
+        self.parts = parts
+
+    def __get__(self, run: "RunFolder | None", owner=None):
+        return self if run is None else run.path.joinpath(*self.parts)
+
+
 class RunFolder:
     """A training run's folder: its config, cache record, logs, checkpoints and their models."""
 
@@ -69,34 +79,14 @@ class RunFolder:
             return cls(path), None
         return None
 
-    # -- files -----------------------------------------------------------------------------------
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def record_path(self) -> Path:
-        return self.path / "run.json"
-
-    @property
-    def logs(self) -> Path:
-        return self.path / "logs"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.logs / "metrics.jsonl"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def routing_dir(self) -> Path:
-        return self.path / "routing"
-
-    @property
-    def samples_dir(self) -> Path:
-        return self.path / "samples"
+    # -- files (the layout drawn above) ----------------------------------------------------------
+    config_path = _Inside("config.yaml")
+    record_path = _Inside("run.json")
+    logs = _Inside("logs")
+    metrics_path = _Inside("logs", "metrics.jsonl")
+    checkpoints_dir = _Inside("checkpoints")
+    routing_dir = _Inside("routing")
+    samples_dir = _Inside("samples")
 
     def sample_grid_path(self, step: int) -> Path:
         """The sheet of held-out samples drawn at a validation."""

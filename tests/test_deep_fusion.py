@@ -16,7 +16,7 @@ from semroute.shared.store import TextCacheReader
 from semroute.shared.text_encoder import PromptFormat, TextEncoder
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from semroute.stage2_train.deep_fusion import DeepFusionDiT
-from testkit import random_captions, save_tiny_llm, write_manifest
+from testkit import perturb, random_captions, save_tiny_llm, text_batch, write_manifest
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -56,30 +56,11 @@ def save_llm(folder, arch: str, layers: int = 6, shard: bool = False, **config_o
     return folder
 
 
-def perturb(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
-    """Move the trainable parameters off their init (zero-initialised outputs would hide most bugs)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-
-
 def tiny(**overrides) -> DeepFusionDiT:
     torch.manual_seed(0)
     model = DeepFusionDiT.from_preset("tiny", **overrides).eval()
     perturb(model)
     return model
-
-
-def text_batch(model, lengths: list[int], seed: int = 0):
-    """Right-padded random features ``[B, max_len, blocks, D]`` (zeros in padding) and the mask."""
-    gen = torch.Generator().manual_seed(seed)
-    T, L, D = max(lengths), len(model.text_layers), model.config.text_dim
-    features, mask = torch.zeros(len(lengths), T, L, D), torch.zeros(len(lengths), T, dtype=torch.bool)
-    for i, n in enumerate(lengths):
-        features[i, :n] = torch.randn(n, L, D, generator=gen)
-        mask[i, :n] = True
-    return features, mask
 
 
 def record_safetensors_reads(monkeypatch, folder) -> list[str]:

@@ -10,16 +10,9 @@ from semroute.shared.errors import SemrouteError
 from semroute.stage2_train.dit import SemrouteDiT
 from semroute.stage2_train.fusion import FUSIONS
 from semroute.stage2_train.presets import PRESETS
+from testkit import perturb, text_batch
 
 ALL = list(FUSIONS)
-
-
-def perturb(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
-    """Move every parameter off its init: zero-initialised outputs and gates would hide most bugs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def tiny(fusion: str = "depth", **overrides) -> SemrouteDiT:
@@ -27,18 +20,6 @@ def tiny(fusion: str = "depth", **overrides) -> SemrouteDiT:
     model = SemrouteDiT.from_preset("tiny", fusion=fusion, **overrides).eval()
     perturb(model)
     return model
-
-
-def text_batch(model: SemrouteDiT, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded random features ``[B, max_len, L, D]`` (zeros in padding, as a loader pads) and the mask."""
-    gen = torch.Generator().manual_seed(seed)
-    T, L, D = max(lengths), len(model.text_layers), model.config.text_dim
-    features = torch.zeros(len(lengths), T, L, D)
-    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
-    for i, n in enumerate(lengths):
-        features[i, :n] = torch.randn(n, L, D, generator=gen)
-        mask[i, :n] = True
-    return features, mask
 
 
 @pytest.mark.parametrize("fusion", ALL)

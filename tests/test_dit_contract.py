@@ -14,26 +14,7 @@ from semroute.shared.errors import SemrouteError
 from semroute.stage2_train.deep_fusion import DeepFusionDiT
 from semroute.stage2_train.dit import SemrouteDiT
 from semroute.stage2_train.fusion import FUSIONS
-
-
-def perturb(model, seed: int = 0, scale: float = 0.05) -> None:
-    """Move every trainable parameter off its init: zero-initialised outputs and gates would hide most bugs."""
-    gen = torch.Generator().manual_seed(seed)
-    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters()
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def text_batch(model, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded random features ``[B, max_len, L, D]`` (zeros in padding, as a loader pads) and the mask."""
-    gen = torch.Generator().manual_seed(seed)
-    T, L, D = max(lengths), len(model.text_layers), model.config.text_dim
-    features, mask = torch.zeros(len(lengths), T, L, D), torch.zeros(len(lengths), T, dtype=torch.bool)
-    for i, n in enumerate(lengths):
-        features[i, :n] = torch.randn(n, L, D, generator=gen)
-        mask[i, :n] = True
-    return features, mask
+from testkit import perturb, text_batch
 
 
 class DiTContract:

@@ -156,7 +156,7 @@ def test_plain_text(tmp_path):
 @pytest.mark.parametrize("name, content, fmt, match", [
     ("a.jsonl", '{"prompt": "x"}\n{"prompt": "y"\n', None, r"a\.jsonl:2: malformed JSON"),
     ("b.jsonl", '{"prompt": "x"}\n\n{"text": "y"}\n', None, r"b\.jsonl:3: record has no 'prompt'"),
-    ("c.jsonl", '{"prompt": "x"}\n[1, 2]\n', None, r"c\.jsonl:2: record is list"),
+    ("c.jsonl", '{"prompt": "x"}\n[1, 2]\n', None, r"c\.jsonl:2: expected a JSON object record, got a list"),
     ("d.jsonl", '{"tag": "t", "include": [], "prompt": "x"}\n{"tag": "t", "prompt": "y"}\n', None,
      r"d\.jsonl:2: GenEval record has no 'include'"),
     ("e.jsonl", '{"prompt": "x"}\n', "geneval", r"e\.jsonl:1: GenEval record has no 'tag'"),

@@ -127,3 +127,26 @@ def write_square_images(folder: Path, n: int, size: int = 32, seed: int = 0) -> 
         text = f" a {color} square on the {side}"
         records.append({"image": str(path), "text": [text, f" one {color} square, {side}"] if i % 3 == 0 else text})
     return records
+
+
+# -- DiT tests (test_dit.py, test_deep_fusion.py, test_dit_contract.py) -----------------------------
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """Move every trainable parameter off its init (a deep-fusion DiT's frozen LLM weights stay): zero-initialised
+    outputs and gates would hide most bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters()
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def text_batch(model, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded random features ``[B, max_len, L, D]`` (zeros in padding, as a loader pads) and the mask
+    ``[B, max_len]``, for a DiT reading ``L = len(model.text_layers)`` layers of width ``model.config.text_dim``."""
+    gen = torch.Generator().manual_seed(seed)
+    T, L, D = max(lengths), len(model.text_layers), model.config.text_dim
+    features, mask = torch.zeros(len(lengths), T, L, D), torch.zeros(len(lengths), T, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        features[i, :n] = torch.randn(n, L, D, generator=gen)
+        mask[i, :n] = True
+    return features, mask
