@@ -252,58 +252,46 @@ def encode_images_cmd(
     typer.echo(f"cache: {out} ({format_bytes(summary['bytes'])})")
 
 
-# -- options of `train`: each one a TrainConfig field, parsed to the field's type, its help the field's docstring
-def _train_option(name: str, *decls: str) -> object:
-    """The option setting field ``name``; None when not given (the config file's value or the default stays)."""
-    from semroute.stage2_train.config import TrainConfig
+# -- options of `train` that set a TrainConfig field: `lr: Field["lr"] = None` is the option --lr, parsed to
+# the field's type, its help the field's docstring; None when not given (the config file's value or the default stays)
+class _FieldOptions:
+    DECLS = {"out": ("--out", "-o"), "compile": ("--compile/--no-compile",)}  # else --name-with-dashes
 
-    default = TrainConfig.default(name)
-    shown = f" [default: {default}]" if default not in (None, "", False) else ""
-    return Annotated[Optional[TrainConfig.option_type(name)],
-                     typer.Option(*decls, help=field_help(name) + shown, show_default=False)]
+    def __getitem__(self, name: str) -> object:
+        from semroute.stage2_train.config import TrainConfig
+
+        default = TrainConfig.default(name)
+        shown = f" (default: {default})" if default not in (None, "", False) else ""
+        decls = self.DECLS.get(name, ("--" + name.replace("_", "-"),))
+        return Annotated[Optional[TrainConfig.option_type(name)],
+                         typer.Option(*decls, help=field_help(name) + shown, show_default=False)]
 
 
-TextCache = _train_option("text_cache", "--text-cache")
-LatentCache = _train_option("latent_cache", "--latent-cache")
-Fusion = _train_option("fusion", "--fusion")
-Preset = _train_option("preset", "--preset")
-RunOut = _train_option("out", "--out", "-o")
-MaxSteps = _train_option("max_steps", "--max-steps")
-MaxMinutes = _train_option("max_minutes", "--max-minutes")
-BatchSize = _train_option("batch_size", "--batch-size")
-LearningRate = _train_option("lr", "--lr")
-NumWorkers = _train_option("num_workers", "--num-workers")
-Compile = _train_option("compile", "--compile/--no-compile")
-Holdout = _train_option("holdout", "--holdout")
-ValidateEvery = _train_option("validate_every", "--validate-every")
-ReportTo = _train_option("report_to", "--report-to")
-AllowNewData = _train_option("allow_new_data", "--allow-new-data")
-CacheDir = _train_option("cache_dir", "--cache-dir")
-CacheSize = _train_option("cache_size", "--cache-size")
+Field = _FieldOptions()
 
 
 @app.command("train")
 def train_cmd(
-    text_cache: TextCache = None,
-    latent_cache: LatentCache = None,
-    fusion: Fusion = None,
+    text_cache: Field["text_cache"] = None,
+    latent_cache: Field["latent_cache"] = None,
+    fusion: Field["fusion"] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="A YAML file, or the name of one under configs/: " + ", ".join(config_names()) + ". Flags override it.")] = None,
-    preset: Preset = None,
-    out: RunOut = None,
-    max_steps: MaxSteps = None,
-    max_minutes: MaxMinutes = None,
-    batch_size: BatchSize = None,
-    lr: LearningRate = None,
-    num_workers: NumWorkers = None,
-    compile_: Compile = None,
+    preset: Field["preset"] = None,
+    out: Field["out"] = None,
+    max_steps: Field["max_steps"] = None,
+    max_minutes: Field["max_minutes"] = None,
+    batch_size: Field["batch_size"] = None,
+    lr: Field["lr"] = None,
+    num_workers: Field["num_workers"] = None,
+    compile_: Field["compile"] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.", show_default=False)] = None,
-    holdout: Holdout = None,
-    validate_every: ValidateEvery = None,
-    report_to: ReportTo = None,
+    holdout: Field["holdout"] = None,
+    validate_every: Field["validate_every"] = None,
+    report_to: Field["report_to"] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key (YAML value), repeatable: --set ema=true --set model.adaln=true.")] = None,
-    allow_new_data: AllowNewData = None,
-    cache_dir: CacheDir = None,
-    cache_size: CacheSize = None,
+    allow_new_data: Field["allow_new_data"] = None,
+    cache_dir: Field["cache_dir"] = None,
+    cache_size: Field["cache_size"] = None,
     storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
 ) -> None:

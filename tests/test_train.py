@@ -231,7 +231,7 @@ def test_train_options_take_type_help_and_default_from_the_config_fields(monkeyp
             continue
         assert p.help.startswith(field_help(name)) and field_help(name), name
         assert (p.bare_type(), name) == (TrainConfig.option_type(name).__name__, name)
-    assert params["batch_size"].help == "Samples per process per micro-step. [default: 32]"
+    assert params["batch_size"].help == "Samples per process per micro-step. (default: 32)"
     seen = {}
 
     def build(**kw):
