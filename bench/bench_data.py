@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import conftest  # noqa: E402,F401  (imports semroute from this checkout)
 
 from semroute.shared import remote  # noqa: E402
-from semroute.shared.store import TextCacheReader, TextCacheWriter  # noqa: E402
+from semroute.shared.text_store import TextCacheReader, TextCacheWriter  # noqa: E402
 
 
 # -- 1. reader ------------------------------------------------------------------------------------

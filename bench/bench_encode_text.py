@@ -45,8 +45,9 @@ def write_manifest(path: Path, texts: list[str]) -> Path:
 
 def bench_throughput(llm, texts, tmp: Path, batch_tokens: int, storage: str, tag: str = "") -> dict:
     from semroute.shared.layers import parse_layers
-    from semroute.shared.store import ShardLayout, TextStorage
+    from semroute.shared.store import ShardLayout
     from semroute.shared.text_encoder import PromptFormat, TextEncoder
+    from semroute.shared.text_store import TextStorage
     from semroute.stage1_encode.text import EncodeTextConfig, build_plan, encode_text, padding_efficiency, shard_work
 
     manifest = write_manifest(tmp / "m.jsonl", texts)
@@ -99,7 +100,7 @@ def bench_throughput(llm, texts, tmp: Path, batch_tokens: int, storage: str, tag
 def bench_reads(store: Path, tmp: Path, batches: int = 50, batch_size: int = 64, seed: int = 0) -> dict:
     import zarr
 
-    from semroute.shared.store import TextCacheReader
+    from semroute.shared.text_store import TextCacheReader
 
     reader = TextCacheReader(store)
     offsets = reader.offsets

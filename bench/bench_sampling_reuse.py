@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from semroute.shared.store import pad_batch
+    from semroute.shared.text_store import pad_batch
     from semroute.stage2_train.dit import SemrouteDiT
 
     torch.manual_seed(0)

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from semroute.shared import images as im
-from semroute.shared import integrity
 from semroute.shared.errors import SemrouteError
 from semroute.shared.store import (
     ATTR_KEY,
@@ -44,15 +42,16 @@ from semroute.shared.store import (
     ShardLayout,
     check_replaceable,
     create_sharded_array,
+    describe_header,
     dir_size,
-    is_url,
     join,
-    shards_present,
+    open_for_writing,
     open_group,
-    read_attrs,
+    read_cache_attrs,
     read_index,
     read_parquet,
     seal,
+    shards_present,
     store_file,
     update_attrs,
     write_parquet,
@@ -142,9 +141,6 @@ def bucket_nbytes(bucket: Bucket, arrays: list[str], itemsize: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast whole-shard writes for local stores
-# ---------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------
 # Writer
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -215,14 +211,8 @@ class LatentCacheWriter:
 
     @classmethod
     def open(cls, location) -> "LatentCacheWriter":
-        group = open_group(location, mode="r+")
-        attrs = dict(group.attrs).get(ATTR_KEY)
-        if not attrs or attrs.get("kind") != LATENT_KIND:
-            raise SemrouteError(f"{location} exists but is not a semroute latent cache (if an encode-images run was "
-                                "interrupted while creating it, pass --overwrite)")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise SemrouteError(f"{location} has format version {attrs.get('format_version')}, this semroute "
-                                f"writes {FORMAT_VERSION}; start a new cache")
+        group, attrs = open_for_writing(location, LATENT_KIND, "latent cache", hint=(
+            " (if an encode-images run was interrupted while creating it, pass --overwrite)"))
         return cls(location, group, attrs)
 
     def append(self, *, buckets: list[Bucket], index, input_sha256: str, source: str, skipped: list[dict]) -> None:
@@ -407,12 +397,7 @@ class LatentCacheReader:
                  shard_cache=None):
         self.location = str(location)
         self.shard_cache = shard_cache  # shared.remote.ShardCache for caches on object storage
-        self.attrs = read_attrs(location)
-        if self.attrs.get("kind") != LATENT_KIND:
-            raise SemrouteError(f"{location} is a {self.attrs.get('kind')}, not a latent cache")
-        if not self.attrs.get("complete") and not allow_incomplete:
-            raise SemrouteError(f"{location} is not complete (the encoding run stopped early); "
-                                "finish it with `semroute encode-images ... --resume`")
+        self.attrs = read_cache_attrs(location, LATENT_KIND, "latent cache", "encode-images", allow_incomplete)
         self.buckets = [Bucket.from_attrs(b) for b in self.attrs["buckets"]]
         self.arrays: list[str] = list(self.attrs["arrays"])
         self.posterior_kind: str = self.attrs["posterior"]
@@ -550,19 +535,13 @@ class LatentCacheReader:
 # ---------------------------------------------------------------------------------------------
 def describe_latent_cache(path: str, attrs: dict) -> dict:
     fp = attrs["fingerprint"]
-    group = open_group(path)
     buckets = [Bucket.from_attrs(b) for b in attrs["buckets"]]
-    done = sum(int(DoneFlags(group, b.name).done().sum()) for b in buckets)
-    total = sum(b.layout.n_shards for b in buckets)
     itemsize = LatentStorage(attrs["stored_dtype"]).numpy_dtype.itemsize
     planned = max(1, attrs["n_planned"])
     data = sum(dir_size(join(path, f"buckets/{b.name}")) for b in buckets)
     raw = sum(b.rows * int(np.prod(b.latent_shape)) * itemsize for b in buckets)
     info = {
-        "kind": "latent cache",
-        "path": path,
-        "complete": bool(attrs.get("complete")),
-        "shards written": f"{done} / {total}",
+        **describe_header("latent cache", path, attrs, [b.name for b in buckets]),
         "manifest records": attrs["n_records"],
         "images encoded": attrs.get("n_encoded", "(not finished)"),
         "images skipped": attrs.get("n_skipped_images", attrs["n_records"] - attrs["n_planned"]),

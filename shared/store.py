@@ -1,22 +1,15 @@
-"""The cache store: sharded Zarr v3 arrays written whole shard by whole shard, with a completion record.
+"""The cache store's generic part: sharded Zarr v3 arrays written whole shard by whole shard, with done
+flags and a completion record. Both stages import it; the text cache (``shared/text_store.py``) and the
+latent cache (``shared/latent_store.py``) are built from these pieces:
 
-Both stages import this module. It holds the generic machinery (shard layout, whole-shard writes,
-done flags, a fast local reader, checksum verification) and the text cache's writer/reader pair;
-the latent cache builds on the same pieces (``shared/latent_store.py``).
-
-Layout of a text cache (``NAME.text.zarr/``)::
-
-    zarr.json                 group attributes under "semroute": kind, format_version, fingerprint,
-                              layers, hidden size, storage mode, counts, "complete"
-    features/                 [total_tokens, n_layers, D]  token-major, ragged, no padding stored
-                              (bf16 is stored as its uint16 bit pattern: Zarr v3 has no bfloat16)
-    scales/                   [total_tokens, n_layers] float32, fp8 storage only
-    offsets/                  [n_captions + 1] int64, CSR: caption i is rows offsets[i]:offsets[i+1]
-    null_features/ (+ null_scales/)   the null caption (instruction alone)
-    progress/<array>/         one uint8 flag per shard, set only after the shard is fully written
-    progress/storage_error/   per-shard [sum sq. error, sum sq. value, max abs error] (bf16/fp8 storage)
-    index.parquet             one row per caption: caption, sample_id, line, text, sha256,
-                              start, n_tokens, n_tokens_full, truncated
+- opening stores by path or URL, their attributes (the reader's and the writer's checks of a store's kind,
+  version and completeness), the parquet files beside the arrays, the seal, and the guard that ``--out``
+  never empties a folder that is not a cache (``check_replaceable``);
+- ``ShardLayout``: rows -> shards -> inner chunks; ``DoneFlags``: one flag per shard, set only after the
+  shard is fully written; ``shards_present``: which shard files still exist;
+- ``ShardedArrayMeta``: the one parser of a sharded array's zarr metadata, used by the shard file writer
+  (``ShardFileWriter``) and the fast reader (``ShardedArrayFile``) alike;
+- ``verify_array``: every inner chunk's crc32c and every shard index checked, problems named by shard file.
 
 Every shard is written whole by exactly one process (zarr-python does not support concurrent partial
 shard writes), then its flag is set. Each inner chunk and each shard index carries a crc32c checksum,
@@ -35,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from semroute.shared import integrity
 from semroute.shared.errors import CacheDamaged, SemrouteError
@@ -47,7 +39,6 @@ FORMAT_VERSION = 1
 # (diff(offsets) in version 1). Readers take both versions; fresh caches are still written as version 1.
 APPENDED_VERSION = 2
 READ_VERSIONS = (FORMAT_VERSION, APPENDED_VERSION)
-TEXT_KIND = "semroute.text-cache"
 ATTR_KEY = "semroute"
 
 DEFAULT_SHARD_BYTES = 128 << 20
@@ -252,6 +243,31 @@ def read_attrs(location) -> dict:
     return attrs
 
 
+def read_cache_attrs(location, kind: str, what: str, command: str, allow_incomplete: bool = False) -> dict:
+    """A reader's ``read_attrs``: refuses another kind of store (``what``: "text cache", ...) and, unless
+    ``allow_incomplete``, one whose encoding run (``command``) has not finished."""
+    attrs = read_attrs(location)
+    if attrs.get("kind") != kind:
+        raise SemrouteError(f"{location} is a {attrs.get('kind')}, not a {what}")
+    if not attrs.get("complete") and not allow_incomplete:
+        raise SemrouteError(f"{location} is not complete (the encoding run stopped early); "
+                            f"finish it with `semroute {command} ... --resume`")
+    return attrs
+
+
+def open_for_writing(location, kind: str, what: str, versions=(FORMAT_VERSION,), hint: str = ""):
+    """A writer's ``(group, attrs)`` of an existing store: refuses another kind of store (``what``: "text
+    cache", ...; ``hint`` is added to that message) and a format version it cannot continue."""
+    group = open_group(location, mode="r+")
+    attrs = dict(group.attrs).get(ATTR_KEY)
+    if not attrs or attrs.get("kind") != kind:
+        raise SemrouteError(f"{location} exists but is not a semroute {what}{hint}")
+    if attrs.get("format_version") not in versions:
+        raise SemrouteError(f"{location} has format version {attrs.get('format_version')}, this semroute "
+                            f"writes {', '.join(map(str, versions))}; start a new cache")
+    return group, attrs
+
+
 def update_attrs(group, **changes) -> None:
     attrs = dict(group.attrs.get(ATTR_KEY, {}))
     attrs.update(changes)
@@ -408,6 +424,15 @@ class DoneFlags:
         return [s for s in shards if not flags[s]]
 
 
+def describe_header(kind: str, path: str, attrs: dict, flag_names: list[str]) -> dict:
+    """The first lines of ``info`` for any cache: its kind, path, completeness and the shards written (the
+    done flags ``progress/<name>`` of ``flag_names``, summed)."""
+    group = open_group(path)
+    flags = [DoneFlags(group, name).done() for name in flag_names]
+    return {"kind": kind, "path": path, "complete": bool(attrs.get("complete")),
+            "shards written": f"{sum(int(f.sum()) for f in flags)} / {sum(len(f) for f in flags)}"}
+
+
 def shards_present(location, name: str) -> set[int]:
     """Numbers of the shards of array ``name`` whose file (object) exists: one listing, not a request per shard.
 
@@ -450,20 +475,19 @@ def _crc32c(data) -> int:
     return crc32c.crc32c(data)
 
 
-class ShardedArrayFile:
-    """Reads rows of one sharded array straight from its local shard files.
+class ShardedArrayMeta:
+    """One sharded array's geometry and file naming, parsed from its zarr metadata: the single parser that
+    the shard file writer and the fast reader share.
 
-    zarr-python spends a few milliseconds of Python/async overhead on every small read; a training
-    loader reads thousands of short captions per second, so for local stores we read the shard index
-    once and ``pread`` the inner chunks we need, checking each chunk's crc32c as zarr would. Remote
-    stores (URLs) go through zarr itself.
+    The arrays semroute creates (``create_sharded_array``) use zarr's ``sharding_indexed`` codec with plain
+    little-endian inner chunks followed by a crc32c, and the ``[chunks, 2]`` uint64 (offset, nbytes) index
+    plus its crc32c at the end of the shard file; anything else is refused. A missing or unreadable
+    ``zarr.json`` of the array is ``CacheDamaged``.
     """
 
-    def __init__(self, root: str | Path, name: str, *, check_crc: bool = True, max_open: int = 64,
-                 shard_cache=None):
+    def __init__(self, root: str | Path, name: str):
         import zarr
 
-        self.remote = is_url(root)
         try:
             arr = zarr.open_array(join(root, name), mode="r", **_zarr_options(root))
         except Exception as err:  # noqa: BLE001 - a missing or damaged zarr.json of the array
@@ -471,20 +495,65 @@ class ShardedArrayFile:
                                f"{integrity.verify_hint(root)}") from None
         meta = arr.metadata
         codecs = meta.to_dict()["codecs"]
-        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
-            raise SemrouteError(f"{root}/{name} is not a sharded array written by semroute")
-        cfg = codecs[0]["configuration"]
-        self.root = str(root).rstrip("/") if self.remote else Path(root)
-        self.shard_cache = shard_cache  # shared.remote.ShardCache: whole remote shards kept on local disk
+
+        def plain(chain) -> bool:  # little-endian bytes (no endianness for 1-byte types), then crc32c
+            return [c["name"] for c in chain] == ["bytes", "crc32c"] and \
+                (chain[0].get("configuration") or {}).get("endian", "little") == "little"
+
+        cfg = (codecs[0].get("configuration") or {}) if len(codecs) == 1 else {}
+        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed" or not plain(cfg.get("codecs", [])) \
+                or not plain(cfg.get("index_codecs", [])) or cfg.get("index_location") != "end":
+            raise SemrouteError(f"{root}/{name}: not a sharded array as semroute creates them")
+        self.remote = is_url(root)
+        self.root: str | Path = str(root).rstrip("/") if self.remote else Path(root)
         self.name = name
-        self.shape = tuple(arr.shape)
+        self.shape = tuple(int(n) for n in arr.shape)
         self.dtype = np.dtype(str(arr.dtype)).newbyteorder("<")
+        self.fill_value = meta.fill_value
         self.rows_per_shard = int(meta.chunk_grid.chunk_shape[0])
         self.rows_per_chunk = int(cfg["chunk_shape"][0])
         self.chunks_per_shard = self.rows_per_shard // self.rows_per_chunk
-        self.row_shape = self.shape[1:]
-        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
         self._key = meta.encode_chunk_key
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def layout(self) -> ShardLayout:
+        return ShardLayout(self.rows, self.rows_per_shard, self.rows_per_chunk)
+
+    def shard_path(self, shard: int) -> Path | str:
+        """The shard's file (local) or object URL (remote)."""
+        key = self._key((shard,) + (0,) * len(self.row_shape))
+        return f"{self.root}/{self.name}/{key}" if self.remote else self.root / self.name / key
+
+
+class ShardedArrayFile:
+    """Reads rows of one sharded array straight from its shard files (local) or objects (remote).
+
+    zarr-python spends a few milliseconds of Python/async overhead on every small read; a training
+    loader reads thousands of short captions per second, so we read the shard index once and ``pread``
+    (locally) or fetch by ranged GET (remotely, ``shared/remote.py``) the inner chunks we need, checking
+    each chunk's crc32c as zarr would.
+    """
+
+    def __init__(self, root: str | Path, name: str, *, check_crc: bool = True, max_open: int = 64,
+                 shard_cache=None):
+        self.meta = meta = ShardedArrayMeta(root, name)
+        self.remote, self.root, self.name = meta.remote, meta.root, name
+        self.shard_cache = shard_cache  # shared.remote.ShardCache: whole remote shards kept on local disk
+        self.shape, self.dtype, self.row_shape, self.row_bytes = meta.shape, meta.dtype, meta.row_shape, meta.row_bytes
+        self.rows_per_shard, self.rows_per_chunk = meta.rows_per_shard, meta.rows_per_chunk
+        self.chunks_per_shard = meta.chunks_per_shard
         self.check_crc = check_crc
         self._max_open = max_open
         self._fds: OrderedDict[int, int] = OrderedDict()
@@ -511,8 +580,7 @@ class ShardedArrayFile:
             pass
 
     def shard_path(self, shard: int) -> Path | str:
-        key = self._key((shard,) + (0,) * len(self.row_shape))
-        return f"{self.root}/{self.name}/{key}" if self.remote else self.root / self.name / key
+        return self.meta.shard_path(shard)
 
     def _remote(self, shard: int):
         """The shard's object (remote stores): its size and ranged reads, with retries."""
@@ -658,29 +726,14 @@ class ShardFileWriter:
     """
 
     def __init__(self, root: str | Path, name: str):
-        import zarr
-
-        arr = zarr.open_array(join(root, name), mode="r", **_zarr_options(root))
-        meta = arr.metadata
-        (codec,) = meta.to_dict()["codecs"]
-        cfg = codec["configuration"]
-
-        def plain(codecs) -> bool:  # little-endian bytes (no endianness for 1-byte types), then crc32c
-            return [c["name"] for c in codecs] == ["bytes", "crc32c"] and \
-                (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
-
-        if codec["name"] != "sharding_indexed" or not plain(cfg["codecs"]) or not plain(cfg["index_codecs"]) \
-                or cfg["index_location"] != "end" or meta.fill_value != 0:
-            raise SemrouteError(f"{root}/{name}: not a sharded array as semroute creates them")
-        self.remote = is_url(root)
-        self.root, self.name = (str(root).rstrip("/") if self.remote else Path(root)), name
-        self.rows = int(arr.shape[0])
-        self.row_shape = tuple(arr.shape[1:])
-        self.dtype = np.dtype(str(arr.dtype)).newbyteorder("<")
-        self.rows_per_shard = int(meta.chunk_grid.chunk_shape[0])
-        self.rows_per_chunk = int(cfg["chunk_shape"][0])
-        self.chunks_per_shard = self.rows_per_shard // self.rows_per_chunk
-        self._key = meta.encode_chunk_key
+        self.meta = meta = ShardedArrayMeta(root, name)
+        if meta.fill_value != 0:  # a short last chunk is padded with zeros below
+            raise SemrouteError(f"{root}/{name}: not a sharded array as semroute creates them (fill value "
+                                f"{meta.fill_value})")
+        self.remote, self.root, self.name = meta.remote, meta.root, name
+        self.rows, self.row_shape, self.dtype = meta.rows, meta.row_shape, meta.dtype
+        self.rows_per_shard, self.rows_per_chunk = meta.rows_per_shard, meta.rows_per_chunk
+        self.chunks_per_shard = meta.chunks_per_shard
 
     def write(self, shard: int, data: np.ndarray) -> None:
         import crc32c
@@ -694,28 +747,27 @@ class ShardFileWriter:
         n_chunks = -(-(b - a) // self.rows_per_chunk)
         if flat.size < n_chunks * chunk:  # a short last chunk is padded with the fill value (0)
             flat = np.concatenate([flat, np.zeros(n_chunks * chunk - flat.size, np.uint8)])
-        index_bytes = self.chunks_per_shard * 16
-        buf = np.empty(n_chunks * (chunk + 4) + index_bytes + 4, dtype=np.uint8)
+        index_bytes = self.chunks_per_shard * _INDEX_ENTRY
+        buf = np.empty(n_chunks * (chunk + _CRC) + index_bytes + _CRC, dtype=np.uint8)
         # 1. Inner chunks: [n_chunks, chunk bytes + crc32c], one vectorized copy, then each chunk's checksum.
-        body = buf[: n_chunks * (chunk + 4)].reshape(n_chunks, chunk + 4)
+        body = buf[: n_chunks * (chunk + _CRC)].reshape(n_chunks, chunk + _CRC)
         body[:, :chunk] = flat.reshape(n_chunks, chunk)
         crcs = np.fromiter((crc32c.crc32c(row) for row in body[:, :chunk]), dtype="<u4", count=n_chunks)
-        body[:, chunk:] = crcs.view(np.uint8).reshape(n_chunks, 4)
+        body[:, chunk:] = crcs.view(np.uint8).reshape(n_chunks, _CRC)
         # 2. The index: (offset, nbytes) per inner chunk, empty (2^64 - 1) past the array's end; its crc32c.
-        index = np.full((self.chunks_per_shard, 2), np.iinfo(np.uint64).max, dtype="<u8")
-        index[:n_chunks, 0] = np.arange(n_chunks, dtype=np.uint64) * (chunk + 4)
-        index[:n_chunks, 1] = chunk + 4
-        tail = n_chunks * (chunk + 4)
+        index = np.full((self.chunks_per_shard, 2), _EMPTY, dtype="<u8")
+        index[:n_chunks, 0] = np.arange(n_chunks, dtype=np.uint64) * (chunk + _CRC)
+        index[:n_chunks, 1] = chunk + _CRC
+        tail = n_chunks * (chunk + _CRC)
         buf[tail:tail + index_bytes] = index.view(np.uint8).reshape(-1)
         buf[tail + index_bytes:] = np.frombuffer(
-            int(crc32c.crc32c(buf[tail:tail + index_bytes])).to_bytes(4, "little"), np.uint8)
-        key = self._key((shard,) + (0,) * len(self.row_shape))
+            int(crc32c.crc32c(buf[tail:tail + index_bytes])).to_bytes(_CRC, "little"), np.uint8)
         if self.remote:  # one PUT of the whole shard: atomic, so no reader ever sees part of it
             from semroute.shared.remote import write_bytes
 
-            write_bytes(f"{self.root}/{self.name}/{key}", buf.data)
+            write_bytes(self.meta.shard_path(shard), buf.data)
             return
-        path = self.root / self.name / key
+        path = self.meta.shard_path(shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run; this shard is ours
             stale.unlink(missing_ok=True)
@@ -725,481 +777,36 @@ class ShardFileWriter:
         os.replace(tmp, path)
 
 
-def verify_array(root: str | Path, name: str, done: np.ndarray | None = None) -> tuple[int, list[str]]:
-    """Check every chunk checksum of a local sharded array. Returns (chunks checked, problems), each
-    problem naming the shard file and chunk."""
+NOT_COMPLETED = "shard not completed"
+
+
+def verify_array(root: str | Path, name: str, done: np.ndarray | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """Check a sharded array (local or remote) shard by shard: its index's and every inner chunk's crc32c.
+
+    Returns ``(chunks checked, problems)``; a problem is ``(shard file, what is wrong)``, at most one per
+    shard. A shard whose done flag in ``done`` is unset is not read: its problem is ``NOT_COMPLETED``.
+    Raises (``CacheDamaged``, ``SemrouteError``) only when the array's own metadata is missing or not
+    an array semroute writes."""
     reader = ShardedArrayFile(root, name)
-    layout = ShardLayout(reader.shape[0], reader.rows_per_shard, reader.rows_per_chunk)
-    problems: list[str] = []
+    layout = reader.meta.layout
+    problems: list[tuple[str, str]] = []
     checked = 0
-    for shard in range(layout.n_shards):
-        if done is not None and not done[shard]:
-            problems.append(f"{reader.shard_path(shard)}: shard not completed (resume the encoding run)")
-            continue
-        a, b = layout.shard_rows(shard)
-        first = a // reader.rows_per_chunk
-        last = math.ceil(b / reader.rows_per_chunk)
-        try:
-            reader._shard_index(shard)
-        except SemrouteError as err:
-            problems.append(str(err))
-            continue
-        for chunk in range(first, last):
+    try:
+        for shard in range(layout.n_shards):
+            where = str(reader.shard_path(shard))
+            if done is not None and shard < len(done) and not done[shard]:
+                problems.append((where, NOT_COMPLETED))
+                continue
+            a, b = layout.shard_rows(shard)
             try:
-                reader.read_chunk(chunk)
-                checked += 1
-            except SemrouteError as err:
-                problems.append(str(err))
-    reader.close()
+                reader._shard_index(shard)
+                for chunk in range(a // reader.rows_per_chunk, math.ceil(b / reader.rows_per_chunk)):
+                    reader.read_chunk(chunk)
+                    checked += 1
+            except SemrouteError as err:  # the message without its file (given apart) and `verify` hint
+                problems.append((where, str(err).split("; run `semroute verify")[0].removeprefix(f"{where}: ")))
+            except Exception as err:  # noqa: BLE001 - e.g. an index pointing past the end of the file
+                problems.append((where, f"unreadable ({type(err).__name__}: {err})"))
+    finally:
+        reader.close()
     return checked, problems
-
-
-# ---------------------------------------------------------------------------------------------
-# Text cache: storage codecs
-# ---------------------------------------------------------------------------------------------
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-class TextStorage:
-    """How features of the compute dtype become stored arrays, and back.
-
-    ``exact``: the model's own bits (bf16 as uint16 bit patterns, fp16/fp32 natively), lossless.
-    ``bf16``: rounded to bfloat16 (2 bytes per value); for an fp32 compute dtype, e.g. on CPUs where
-    bf16 matmuls are slow. Same as ``exact`` when the compute dtype is bf16.
-    ``fp8``: float8 e4m3 with one float32 scale per token and layer (absmax / 448), about 1 byte per
-    value. The lossy modes are opt-in; their error against exact is measured on every value while
-    encoding and shown by ``info``.
-    """
-
-    MODES = ("exact", "bf16", "fp8")
-
-    def __init__(self, mode: str, compute_dtype: torch.dtype):
-        if mode not in self.MODES:
-            raise SemrouteError(f"--storage {mode!r} is not supported; use exact, bf16 or fp8")
-        if mode == "bf16" and compute_dtype == torch.bfloat16:
-            mode = "exact"  # nothing to round
-        self.mode = mode
-        self.compute_dtype = compute_dtype
-
-    @property
-    def lossy(self) -> bool:
-        return self.mode != "exact"
-
-    @property
-    def stored_torch_dtype(self) -> torch.dtype:
-        return {"exact": self.compute_dtype, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[self.mode]
-
-    @property
-    def read_dtype(self) -> torch.dtype:
-        """What a reader returns by default: the stored precision, widened only where needed (fp8)."""
-        return self.compute_dtype if self.mode == "fp8" else self.stored_torch_dtype
-
-    @property
-    def feature_dtype(self) -> np.dtype:
-        return {torch.bfloat16: np.dtype("uint16"), torch.float16: np.dtype("float16"),
-                torch.float32: np.dtype("float32"), torch.float8_e4m3fn: np.dtype("uint8")}[self.stored_torch_dtype]
-
-    @property
-    def stored_dtype_name(self) -> str:
-        return str(self.stored_torch_dtype).removeprefix("torch.")
-
-    def row_bytes(self, n_layers: int, hidden: int) -> dict[str, int]:
-        out = {"features": n_layers * hidden * self.feature_dtype.itemsize}
-        if self.mode == "fp8":
-            out["scales"] = n_layers * 4
-        return out
-
-    def encode(self, x: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """``x``: ``[T, L, D]`` in the compute dtype -> arrays to store, and for the lossy modes the error
-        stats ``[sum squared error, sum squared value, max abs error]``."""
-        if not torch.isfinite(x).all():
-            raise SemrouteError("the LLM produced non-finite hidden states (inf/NaN); with --dtype float16 "
-                                "this is an overflow: use bfloat16 or float32")
-        x = x.to(self.compute_dtype).contiguous().cpu()
-        if self.mode == "exact":
-            return {"features": _bits(x)}, None
-        xf = x.float()
-        if self.mode == "bf16":
-            q = x.to(torch.bfloat16)
-            arrays, approx = {"features": _bits(q)}, q.float()
-        else:
-            amax = xf.abs().amax(dim=-1)  # [T, L]
-            scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-            q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            arrays, approx = {"features": q.view(torch.uint8).numpy(), "scales": scale.numpy()}, q.float() * scale[..., None]
-        err = approx - xf
-        stats = np.array([float((err**2).sum()), float((xf**2).sum()), float(err.abs().max()) if err.numel() else 0.0])
-        return arrays, stats
-
-    def decode(self, features: np.ndarray, scales: np.ndarray | None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        t, s = self.bits(features, scales)
-        return self.decode_bits(t, s, out_dtype)
-
-    @staticmethod
-    def bits(features: np.ndarray, scales: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stored arrays as tensors of the same bytes: bf16 bit patterns viewed as bfloat16 (free), fp8 kept
-        as uint8 codes beside its float32 scales. What a loader moves to the GPU before ``decode_bits``."""
-        t = torch.from_numpy(np.ascontiguousarray(features))
-        if t.dtype == torch.uint16:
-            t = t.view(torch.bfloat16)
-        return t, (torch.from_numpy(np.ascontiguousarray(scales)) if scales is not None else None)
-
-    def decode_bits(self, features: torch.Tensor, scales: torch.Tensor | None,
-                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``bits``' tensors (on any device) -> features in ``out_dtype``: a cast, or for fp8 codes x scale."""
-        out_dtype = out_dtype or self.read_dtype
-        if self.mode != "fp8":
-            return features.to(out_dtype)
-        return (features.view(torch.float8_e4m3fn).float() * scales[..., None]).to(out_dtype)
-
-    def roundtrip(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``x`` as a reader of this storage would return it: what the sampler feeds the DiT, so prompts
-        at sampling time carry exactly the precision the training captions had."""
-        arrays, _ = self.encode(x)
-        return self.decode(arrays["features"], arrays.get("scales"), out_dtype)
-
-
-def _bits(x: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as the numpy array to store (bf16 as its uint16 bit pattern: Zarr v3 has no bf16)."""
-    return x.view(torch.uint16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# Text cache writer
-# ---------------------------------------------------------------------------------------------
-class TextCacheWriter:
-    """Creates a text cache and writes it whole shard by whole shard.
-
-    Typical use (one process; several processes each call ``open`` and write their own shards)::
-
-        writer = TextCacheWriter.create(url, offsets=..., index=..., ...)   # before any forward pass
-        for shard in writer.pending(writer.layout.split(rank, world)):
-            writer.write_shard(shard, features_of_rows)                     # [rows, L, D]
-        writer.write_null(null_features)
-        writer.finish()                                                     # checks every flag
-    """
-
-    def __init__(self, location, group, attrs: dict):
-        self.location = location
-        self.group = group
-        self.attrs = attrs
-        self.layout = ShardLayout(**attrs["layout"])
-        self.storage = TextStorage(attrs["storage"], getattr(torch, attrs["fingerprint"]["compute_dtype"]))
-        self.flags = {name: DoneFlags(group, name) for name in self.array_names}
-        self._files: dict[str, ShardFileWriter] = {}
-
-    @property
-    def array_names(self) -> list[str]:
-        return ["features", "scales"] if self.attrs["storage"] == "fp8" else ["features"]
-
-    @classmethod
-    def create(cls, location, *, offsets: np.ndarray, index, fingerprint: dict, n_layers: int, hidden_size: int,
-               storage: str = "exact", shard_bytes: int = DEFAULT_SHARD_BYTES,
-               chunk_bytes: int = DEFAULT_CHUNK_BYTES, input_sha256: str, extra: dict | None = None
-               ) -> "TextCacheWriter":
-        """Create the store: arrays, offsets, index.parquet and attributes (``complete`` = False)."""
-        compute = getattr(torch, fingerprint["compute_dtype"])
-        codec = TextStorage(storage, compute)
-        total = int(offsets[-1])
-        row_bytes = codec.row_bytes(n_layers, hidden_size)
-        layout = ShardLayout.plan(total, row_bytes["features"], shard_bytes, chunk_bytes)
-        check_replaceable(location, TEXT_KIND)
-        group = open_group(location, mode="w")
-        create_sharded_array(group, "features", (total, n_layers, hidden_size), codec.feature_dtype, layout)
-        if storage == "fp8":
-            create_sharded_array(group, "scales", (total, n_layers), np.float32, layout)
-        if codec.lossy:
-            from zarr.codecs import Crc32cCodec
-
-            group.create_array("progress/storage_error", shape=(layout.n_shards, 3), dtype="float64", chunks=(1, 3),
-                               fill_value=0.0, compressors=[Crc32cCodec()], overwrite=True)
-        create_plain_array(group, "offsets", np.asarray(offsets, dtype=np.int64))
-        attrs = {
-            "kind": TEXT_KIND,
-            "format_version": FORMAT_VERSION,
-            "fingerprint": {**fingerprint, "storage": storage, "stored_dtype": codec.stored_dtype_name},
-            "layers": list(fingerprint["layers"]),
-            "hidden_size": hidden_size,
-            "storage": storage,
-            "n_captions": len(offsets) - 1,
-            "total_tokens": total,
-            "layout": {"rows": layout.rows, "rows_per_shard": layout.rows_per_shard,
-                       "rows_per_chunk": layout.rows_per_chunk},
-            "input_sha256": input_sha256,
-            "complete": False,
-            **(extra or {}),
-        }
-        group.attrs.update({ATTR_KEY: attrs})
-        for name in (["features", "scales"] if storage == "fp8" else ["features"]):
-            DoneFlags(group, name, layout.n_shards)
-        write_parquet(location, "index.parquet", index)
-        return cls(location, group, attrs)
-
-    @classmethod
-    def open(cls, location) -> "TextCacheWriter":
-        group = open_group(location, mode="r+")
-        attrs = dict(group.attrs).get(ATTR_KEY)
-        if not attrs or attrs.get("kind") != TEXT_KIND:
-            raise SemrouteError(f"{location} exists but is not a semroute text cache")
-        if attrs.get("format_version") not in READ_VERSIONS:
-            raise SemrouteError(f"{location} has format version {attrs.get('format_version')}, this semroute "
-                                f"writes {', '.join(map(str, READ_VERSIONS))}; start a new cache")
-        return cls(location, group, attrs)
-
-    def lengths(self, offsets: np.ndarray | None = None) -> np.ndarray:
-        """Tokens per caption (the stored ``lengths`` of an appended cache, else ``diff(offsets)``)."""
-        if "lengths" in self.group:
-            return np.asarray(self.group["lengths"][:], dtype=np.int64)
-        return np.diff(np.asarray(self.group["offsets"][:], dtype=np.int64) if offsets is None else offsets)
-
-    def append(self, *, offsets: np.ndarray, index, input_sha256: str, source: str, extra: dict | None = None) -> None:
-        """Grow a finished cache by new captions (``offsets``: their CSR offsets from 0; ``index``: their rows
-        of index.parquet, numbered from 0). Their rows start at the next shard boundary: existing shard files
-        are never rewritten; arrays are resized (metadata only), the done flags extended with zeros, offsets,
-        lengths and the index rewritten whole. The cache is marked incomplete first, so no reader uses it
-        half-grown; encoding the new shards and ``finish()`` complete it. Safe to run again after a crash
-        (it starts over from the segment list)."""
-        import pyarrow as pa
-
-        attrs = self.attrs
-        segments = list(attrs.get("segments") or [{"source": attrs.get("source"), "first_caption": 0,
-                                                    "n_captions": attrs["n_captions"], "start_row": 0,
-                                                    "input_sha256": attrs["input_sha256"]}])
-        pending_seg = attrs.get("appending")
-        if pending_seg is None:
-            update_attrs(self.group, complete=False, appending={"source": source, "input_sha256": input_sha256,
-                                                                "segments_before": segments,
-                                                                "rows_before": self.layout.rows,
-                                                                "n_truncated_before": attrs.get("n_truncated", 0)})
-            pending_seg = dict(self.group.attrs)[ATTR_KEY]["appending"]
-        else:
-            segments = pending_seg["segments_before"]
-        rows_before = pending_seg["rows_before"]
-        n_before = sum(s["n_captions"] for s in segments)
-        old = ShardLayout(rows_before, self.layout.rows_per_shard, self.layout.rows_per_chunk)
-        start = old.n_shards * old.rows_per_shard
-        new_lengths = np.diff(np.asarray(offsets, dtype=np.int64))
-        all_offsets = np.asarray(self.group["offsets"][:n_before], dtype=np.int64)
-        lengths = self.lengths()[:n_before] if "lengths" in self.group else np.diff(
-            np.asarray(self.group["offsets"][:n_before + 1], dtype=np.int64))
-        rows = start + int(offsets[-1])
-        all_offsets = np.concatenate([all_offsets, start + np.asarray(offsets, dtype=np.int64)])
-        lengths = np.concatenate([lengths, new_lengths])
-        layout = ShardLayout(rows, old.rows_per_shard, old.rows_per_chunk)
-        # 1. Arrays grow (zarr rewrites only their metadata), flags get zeros for the new shards.
-        for name in self.array_names:
-            arr = self.group[name]
-            arr.resize((rows, *arr.shape[1:]))
-            self.flags[name].array.resize((layout.n_shards,))
-        if "progress/storage_error" in self.group:
-            self.group["progress/storage_error"].resize((layout.n_shards, 3))
-        # 2. Offsets, lengths and the index, whole.
-        create_plain_array(self.group, "offsets", all_offsets)
-        create_plain_array(self.group, "lengths", lengths)
-        old_index = read_parquet(self.location, "index.parquet").slice(0, n_before)
-        new_index = index.set_column(index.schema.get_field_index("caption"), "caption",
-                                     pa.array(np.arange(n_before, n_before + index.num_rows, dtype=np.int64)))
-        new_index = new_index.set_column(new_index.schema.get_field_index("start"), "start",
-                                         pa.array(all_offsets[n_before:-1]))
-        write_parquet(self.location, "index.parquet", pa.concat_tables([old_index, new_index.select(
-            old_index.column_names)]))
-        # 3. Attributes last: the new layout and counts, still incomplete until the new shards are written.
-        segments = segments + [{"source": source, "first_caption": n_before, "n_captions": index.num_rows,
-                                "start_row": start, "input_sha256": input_sha256}]
-        extra = dict(extra or {})
-        n_truncated = int(pending_seg.get("n_truncated_before") or 0)
-        update_attrs(self.group, format_version=APPENDED_VERSION, n_captions=n_before + index.num_rows,
-                     total_tokens=int(lengths.sum()), layout={"rows": layout.rows,
-                                                              "rows_per_shard": layout.rows_per_shard,
-                                                              "rows_per_chunk": layout.rows_per_chunk},
-                     segments=segments, input_sha256=input_sha256, appending=None, complete=False,
-                     n_truncated=n_truncated + int(extra.pop("n_truncated", 0)), **extra)
-        self.attrs = dict(self.group.attrs)[ATTR_KEY]
-        self.layout = layout
-
-    def pending(self, shards) -> list[int]:
-        done = np.ones(self.layout.n_shards, dtype=bool)
-        for name, flags in self.flags.items():
-            done &= flags.done()
-            present = np.zeros_like(done)
-            present[[s for s in shards_present(self.location, name) if s < len(present)]] = True
-            done &= present
-        return [s for s in shards if not done[s]]
-
-    def write_shard(self, shard: int, rows: torch.Tensor) -> None:
-        """Write shard ``shard`` whole from ``rows``: ``[rows_in_shard, L, D]`` in the compute dtype."""
-        a, b = self.layout.shard_rows(shard)
-        if rows.shape[0] != b - a:
-            raise ValueError(f"shard {shard} has {b - a} rows, got {rows.shape[0]}")
-        arrays, stats = self.storage.encode(rows)
-        for name, data in arrays.items():
-            # The shard file assembled in numpy (zarr's per-chunk pipeline holds the GIL), written or uploaded whole.
-            if name not in self._files:
-                self._files[name] = ShardFileWriter(self.location, name)
-            self._files[name].write(shard, data)
-        if stats is not None:
-            self.group["progress/storage_error"][shard] = stats
-        # Flags last: a shard only counts once every one of its arrays is on disk.
-        for name in arrays:
-            self.flags[name].set(shard)
-
-    def write_null(self, features: torch.Tensor, text: str) -> None:
-        arrays, _ = self.storage.encode(features)
-        for name, data in arrays.items():
-            create_plain_array(self.group, f"null_{name}", data)
-        update_attrs(self.group, null_text=text, null_n_tokens=int(features.shape[0]))
-        self.attrs = dict(self.group.attrs)[ATTR_KEY]
-
-    def finish(self, **summary) -> None:
-        missing = self.pending(range(self.layout.n_shards))
-        if missing:
-            raise SemrouteError(f"{len(missing)} shards of {self.location} are not written yet "
-                                f"(first: {missing[:5]}); run again with --resume")
-        if "null_features" not in self.group:
-            raise SemrouteError(f"{self.location} has no null caption yet; run again with --resume")
-        update_attrs(self.group, complete=True, **summary)
-        self.attrs = seal(self.group, self.location, TEXT_SMALL_ARRAYS)
-
-
-TEXT_SMALL_ARRAYS = ["offsets", "lengths", "null_features", "null_scales"]  # read whole; sealed by sha256
-
-
-# ---------------------------------------------------------------------------------------------
-# Text cache reader
-# ---------------------------------------------------------------------------------------------
-class TextCacheReader:
-    """Random access to a finished text cache.
-
-    ``caption(i)`` -> ``[n_tokens, n_layers, D]``; ``batch(indices)`` -> right-padded
-    ``[B, T, n_layers, D]`` features and a ``[B, T]`` bool mask. ``layers`` selects a subset of the stored
-    layers (hidden_states indices); asking for a layer the cache lacks is an error naming it.
-    Safe to pickle into DataLoader workers: each process reopens the files itself.
-    """
-
-    def __init__(self, location, *, layers: list[int] | None = None, out_dtype: torch.dtype | None = None,
-                 allow_incomplete: bool = False, shard_cache=None):
-        self.location = str(location)
-        self.shard_cache = shard_cache  # shared.remote.ShardCache for caches on object storage
-        self.attrs = read_attrs(location)
-        if self.attrs.get("kind") != TEXT_KIND:
-            raise SemrouteError(f"{location} is a {self.attrs.get('kind')}, not a text cache")
-        if not self.attrs.get("complete") and not allow_incomplete:
-            raise SemrouteError(f"{location} is not complete (the encoding run stopped early); "
-                                "finish it with `semroute encode-text ... --resume`")
-        self.stored_layers: list[int] = list(self.attrs["layers"])
-        if layers is None:
-            layers = self.stored_layers
-        missing = [i for i in layers if i not in self.stored_layers]
-        if missing:
-            raise SemrouteError(f"{location} stores layers {self.stored_layers} but {missing} were asked for; "
-                                "re-encode with --layers covering them")
-        self.layers = list(layers)
-        self._pick = None if self.layers == self.stored_layers else [self.stored_layers.index(i) for i in self.layers]
-        compute = getattr(torch, self.attrs["fingerprint"]["compute_dtype"])
-        self.storage = TextStorage(self.attrs["storage"], compute)
-        self.out_dtype = out_dtype or self.storage.read_dtype
-        self.hidden_size = int(self.attrs["hidden_size"])
-        self.n_captions = int(self.attrs["n_captions"])
-        self._offsets: np.ndarray | None = None
-        self._lengths: np.ndarray | None = None
-        self._files: dict[str, object] | None = None
-        self._index = None
-
-    @property
-    def fingerprint(self) -> dict:
-        return self.attrs["fingerprint"]
-
-    @property
-    def offsets(self) -> np.ndarray:
-        if self._offsets is None:
-            offsets = integrity.read_small_array(self.location, open_group(self.location), "offsets", self.attrs)
-            self._offsets = np.asarray(offsets, dtype=np.int64)
-        return self._offsets
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """Tokens per caption: the stored ``lengths`` (appended caches, format 2), else ``diff(offsets)``."""
-        if self._lengths is None:
-            group = open_group(self.location)
-            self._lengths = (np.asarray(integrity.read_small_array(self.location, group, "lengths", self.attrs),
-                                        dtype=np.int64) if "lengths" in group else np.diff(self.offsets))
-        return self._lengths
-
-    @property
-    def index(self):
-        """The caption index as a pyarrow Table (caption, sample_id, text, n_tokens, truncated, ...)."""
-        if self._index is None:
-            self._index = read_index(self.location, self.attrs)
-        return self._index
-
-    def __len__(self) -> int:
-        return self.n_captions
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_files"] = None
-        state["_index"] = None
-        return state
-
-    def _arrays(self) -> dict:
-        if self._files is None:
-            names = ["features", "scales"] if self.attrs["storage"] == "fp8" else ["features"]
-            # Local files or remote objects alike: our reader, ranged reads of the inner chunks needed.
-            self._files = {n: ShardedArrayFile(self.location, n, shard_cache=self.shard_cache) for n in names}
-        return self._files
-
-    def _rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-        out = []
-        for name, arr in self._arrays().items():
-            out.append(arr.read_rows(start, stop) if isinstance(arr, ShardedArrayFile) else arr[start:stop])
-        return out[0], (out[1] if len(out) > 1 else None)
-
-    def _bits(self, features: np.ndarray, scales: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._pick is not None:
-            features = features[:, self._pick]
-            scales = scales[:, self._pick] if scales is not None else None
-        return self.storage.bits(features, scales)
-
-    def decode_bits(self, features: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-        """What ``caption_bits`` returned (moved anywhere, e.g. to the GPU) -> ``caption``'s features."""
-        return self.storage.decode_bits(features, scales, self.out_dtype)
-
-    def caption_bits(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Caption ``i`` as stored: ``[n_tokens, n_layers, D]`` bits and, for fp8, ``[n_tokens, n_layers]``
-        scales; ``decode_bits`` of them is ``caption(i)``."""
-        if not 0 <= i < self.n_captions:
-            raise IndexError(f"caption {i} out of range 0..{self.n_captions - 1}")
-        start = int(self.offsets[i])
-        return self._bits(*self._rows(start, start + int(self.lengths[i])))
-
-    def caption(self, i: int) -> torch.Tensor:
-        """Caption ``i``'s features ``[n_tokens, n_layers, D]``."""
-        return self.decode_bits(*self.caption_bits(i))
-
-    def null_bits(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        group = open_group(self.location)
-        read = integrity.read_small_array
-        scales = read(self.location, group, "null_scales", self.attrs) if self.attrs["storage"] == "fp8" else None
-        return self._bits(read(self.location, group, "null_features", self.attrs), scales)
-
-    def null(self) -> torch.Tensor:
-        """The null caption's features ``[n_tokens, n_layers, D]``."""
-        return self.decode_bits(*self.null_bits())
-
-    def batch(self, indices, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions ``indices`` right-padded (zeros) to the longest: ``[B, T, L, D]`` and mask ``[B, T]``."""
-        return pad_batch([self.caption(int(i)) for i in indices], pad_to=pad_to)
-
-
-def pad_batch(items: list[torch.Tensor], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad ``[n_i, ...]`` tensors with zeros to ``[B, T, ...]`` plus a ``[B, T]`` bool mask."""
-    t_max = max(x.shape[0] for x in items)
-    if pad_to is not None:
-        t_max = max(t_max, pad_to)
-    first = items[0]
-    out = first.new_zeros((len(items), t_max, *first.shape[1:]))
-    mask = torch.zeros((len(items), t_max), dtype=torch.bool)
-    for row, x in enumerate(items):
-        out[row, : x.shape[0]] = x
-        mask[row, : x.shape[0]] = True
-    return out, mask

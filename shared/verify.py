@@ -20,24 +20,15 @@ before seals existed are checked for everything but the seal, and the report say
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import numpy as np
 
 from semroute.shared import integrity
 from semroute.shared.errors import SemrouteError
-from semroute.shared.store import (
-    ATTR_KEY,
-    READ_VERSIONS,
-    TEXT_KIND,
-    ShardedArrayFile,
-    ShardLayout,
-    open_group,
-    read_index,
-)
+from semroute.shared.latent_store import LATENT_KIND, Bucket
+from semroute.shared.store import ATTR_KEY, NOT_COMPLETED, READ_VERSIONS, open_group, read_index, store_file, verify_array
+from semroute.shared.text_store import TEXT_KIND
 
-LATENT_KIND = "semroute.latent-cache"
 REENCODE = "re-encode the cache (encode-... --overwrite)"
 
 
@@ -81,8 +72,6 @@ def _read_attrs(path: str) -> tuple[dict | None, Report]:
     report = Report(path, "encode-...")
     meta = f"{path}/zarr.json"
     try:
-        from semroute.shared.store import store_file
-
         with store_file(path, "zarr.json") as fh:
             doc = json.loads(fh.read())
         attrs = (doc.get("attributes") or {}).get(ATTR_KEY)
@@ -135,30 +124,14 @@ def _flags(path: str, group, name: str, n_shards: int, report: Report) -> np.nda
 
 def _sharded(path: str, name: str, done: np.ndarray, report: Report) -> None:
     try:
-        reader = ShardedArrayFile(path, name)
+        checked, problems = verify_array(path, name, done)
     except Exception as err:  # noqa: BLE001
         report.bad(f"{path}/{name}/zarr.json", f"missing or damaged ({type(err).__name__}: {err})", REENCODE)
         return
-    layout = ShardLayout(reader.shape[0], reader.rows_per_shard, reader.rows_per_chunk)
-    try:
-        for shard in range(layout.n_shards):
-            where = reader.shard_path(shard)
-            if shard < len(done) and not done[shard]:
-                report.bad(str(where), "shard not completed", f"`semroute {report.command} ... --resume` writes it")
-                continue
-            a, b = layout.shard_rows(shard)
-            try:
-                reader._shard_index(shard)
-                for chunk in range(a // reader.rows_per_chunk, math.ceil(b / reader.rows_per_chunk)):
-                    reader.read_chunk(chunk)
-                    report.checked += 1
-            except SemrouteError as err:
-                report.bad(str(where), str(err).split("; run `semroute verify")[0].removeprefix(f"{where}: "),
-                           report.rewrite)
-            except Exception as err:  # noqa: BLE001 - e.g. an index pointing past the end of the file
-                report.bad(str(where), f"unreadable ({type(err).__name__}: {err})", report.rewrite)
-    finally:
-        reader.close()
+    report.checked += checked
+    for where, what in problems:
+        fix = f"`semroute {report.command} ... --resume` writes it" if what == NOT_COMPLETED else report.rewrite
+        report.bad(where, what, fix)
 
 
 def _small(path: str, group, name: str, attrs: dict, report: Report, fix: str) -> np.ndarray | None:
@@ -235,8 +208,6 @@ def _verify_text(path: str, group, attrs: dict, report: Report) -> None:
 
 # -- latent caches --------------------------------------------------------------------------------
 def _verify_latent(path: str, group, attrs: dict, report: Report) -> None:
-    from semroute.shared.latent_store import Bucket
-
     try:
         buckets = [Bucket.from_attrs(b) for b in attrs["buckets"]]
         arrays = list(attrs["arrays"])

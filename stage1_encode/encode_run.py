@@ -1,9 +1,27 @@
-"""What the text and image encode runs share: the background shard writer."""
+"""The skeleton of an encode run, which ``encode-text`` and ``encode-images`` fill in.
+
+    1. plan, then create, resume or grow the cache      ``plan_and_create``  (rank 0 decides: ``decide``)
+    2. encode this process's pending shards, handing    ``prepare``, ``encode``
+       each finished one to a background writer thread
+    3. finish (rank 0): every flag set -> "complete"    ``finish``
+    4. a summary dict, printed by the CLI               ``summary`` (on top of ``base_summary``)
+
+Under ``accelerate launch`` every process runs the same steps on its own shards; the store's done flags
+make any step safe to repeat after a crash (``--resume``).
+"""
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
+from typing import Callable, Iterable
+
+from semroute.shared.distributed import ProcessInfo, process_info
+from semroute.shared.errors import SemrouteError
+from semroute.shared.fingerprint import require_match
+from semroute.shared.remote import STATS
+from semroute.shared.store import dir_size, store_exists
 
 
 class ShardWriterThread:
@@ -11,14 +29,15 @@ class ShardWriterThread:
     forward passes do not wait for disk.
 
     At most ``depth`` shards wait in the queue (bounding memory); an error on the thread is re-raised
-    in the caller at the next ``put`` or at ``close``.
+    in the caller at the next ``put`` or when the ``with`` block ends. Leaving the block by an exception
+    still lands the shards already queued (their flags are set), so a resume keeps them.
     """
 
     def __init__(self, writer, depth: int = 2):
         self.writer = writer
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.written: list[int] = []
+        self.written: list = []
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
@@ -36,7 +55,7 @@ class ShardWriterThread:
             except BaseException as err:  # noqa: BLE001 - handed to the main thread
                 self.error = err
 
-    def put(self, shard: int, rows) -> None:
+    def put(self, shard, rows) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put((shard, rows))
@@ -47,3 +66,151 @@ class ShardWriterThread:
             self.thread.join()
         if raise_error and self.error is not None:
             raise self.error
+
+    def __enter__(self) -> ShardWriterThread:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(raise_error=exc_type is None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Create, resume or append?
+# ---------------------------------------------------------------------------------------------
+def decide(cfg, open_writer: Callable, want: dict, input_sha256: str, *, inputs: str, changed: str) -> str:
+    """What to do at ``cfg.out``: ``"create"``, ``"resume"`` (encode the shards still missing) or
+    ``"append"`` (grow a finished cache by ``cfg.data``, or grow it again after a crash while growing).
+
+    Refuses what the flags do not allow: an existing cache without ``--resume``/``--overwrite``; a resume
+    or append whose fingerprint differs from ``want``; a resume from other inputs (``input_sha256``;
+    ``inputs``/``changed`` word it: "made from other {inputs} than DATA now holds ({changed})"); an
+    append to a missing or unfinished cache.
+    """
+    exists = store_exists(cfg.out)
+    if cfg.append:
+        if not exists:
+            raise SemrouteError(f"cannot append to {cfg.out}: there is no cache there (run without --append to "
+                                "create it)")
+        attrs = open_writer(cfg.out).attrs
+        require_match(attrs["fingerprint"], want, sorted(want), f"cannot append to {cfg.out}: the existing cache")
+        segments = attrs.get("segments") or []
+        if len(segments) > 1 and segments[-1]["input_sha256"] == input_sha256 and not attrs.get("complete"):
+            return "resume"  # this append's shards are planned: encode the ones still missing
+        if (attrs.get("appending") or {}).get("input_sha256") == input_sha256:
+            return "append"  # stopped while growing the arrays: grow them again
+        if not attrs.get("complete"):
+            raise SemrouteError(f"cannot append to {cfg.out}: it is not complete. Finish it first (the run that made "
+                                "it with --resume, or the unfinished --append with the same data).")
+        return "append"
+    if exists and cfg.resume and not cfg.overwrite:
+        attrs = open_writer(cfg.out).attrs
+        require_match(attrs["fingerprint"], want, sorted(want), f"cannot resume {cfg.out}: the existing cache")
+        if attrs["input_sha256"] != input_sha256:
+            raise SemrouteError(f"cannot resume {cfg.out}: it was made from other {inputs} than {cfg.data} now "
+                                f"holds ({changed}). Start a new cache or pass --overwrite.")
+        return "resume"
+    if exists and not cfg.overwrite:
+        raise SemrouteError(f"{cfg.out} already exists. Pass --resume to continue it, or --overwrite to replace it.")
+    return "create"
+
+
+def refuse_known_ids(cfg, have: list[str], new: Iterable[tuple[str, int]], segments: list[dict], first: str,
+                     noun: str) -> None:
+    """``--append``: sample ids must be unique over the grown cache. ``have``: the cache's ids, one per
+    ``noun`` (caption, record) in index order; ``new``: ``(sample id, manifest line)`` of the data to add;
+    ``segments``: the cache's parts, each starting at index ``segment[first]``."""
+    known: dict[str, int] = {}
+    for k, sid in enumerate(have):
+        known.setdefault(sid, k)
+    for sid, line in new:
+        if sid in known:
+            k = known[sid]
+            part = max((s for s in segments if s[first] <= k), key=lambda s: s[first])
+            raise SemrouteError(f"cannot append {cfg.data} to {cfg.out}: sample id {sid!r} (line {line}) is already "
+                                f"in the cache, from {part['source']} ({noun} {k}). Sample ids must be unique "
+                                "across all the data of a cache.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The skeleton
+# ---------------------------------------------------------------------------------------------
+class EncodeRun:
+    """One encode run over ``cfg`` (an ``EncodeTextConfig`` or ``EncodeImagesConfig``) on this process.
+
+    Subclasses fill in the steps; ``run`` calls them in order and moves the results between processes.
+    ``open_writer(location)`` reopens the cache's writer (``TextCacheWriter.open``, ...).
+    """
+
+    open_writer: Callable
+
+    def __init__(self, cfg, proc: ProcessInfo | None = None):
+        self.cfg = cfg
+        self.proc = proc or process_info()
+        self.show = bool(cfg.progress) and self.proc.is_main
+
+    # -- the steps -------------------------------------------------------------------------------
+    def plan_and_create(self) -> dict:
+        """Plan, then create, reopen or grow the cache; under ``--estimate`` return ``{"estimate": ...}``
+        instead (rank 0's result; ``self.proc.run_on_main`` runs a step there and shares its outcome)."""
+        raise NotImplementedError
+
+    def my_units(self, writer) -> list:
+        """This process's share of the cache's shards (all of them, pending or not)."""
+        raise NotImplementedError
+
+    def prepare(self, writer) -> None:
+        """Before the timed part: load what encoding needs (the model, the offsets)."""
+
+    def encode(self, writer, units: list, background: ShardWriterThread) -> dict:
+        """Encode ``units`` (pending shards), ``background.put`` each one whole; returns this process's counts."""
+        raise NotImplementedError
+
+    def finish(self, writer, elapsed: float) -> dict:
+        """Rank 0, after every process: mark the cache complete; returns counts for the summary."""
+        return writer.finish(world_size=self.proc.world_size, encode_seconds=round(elapsed, 3)) or {}
+
+    def summary(self, writer, finished: dict, stats: list[dict], elapsed: float, planned: dict) -> dict:
+        """The command's summary (rank 0), on top of ``base_summary``."""
+        raise NotImplementedError
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        proc = self.proc
+        planned = self.plan_and_create() or {}
+        if self.cfg.estimate:
+            return planned if proc.is_main else {}
+
+        writer = self.open_writer(self.cfg.out)
+        pending = writer.pending(self.my_units(writer))
+        self.prepare(writer)
+        t0 = time.perf_counter()
+        with ShardWriterThread(writer) as background:
+            stats = self.encode(writer, pending, background)
+        elapsed = time.perf_counter() - t0
+        all_stats = proc.gather_object(stats)
+        proc.barrier()
+        if not proc.is_main:
+            return {}
+        writer = self.open_writer(self.cfg.out)
+        finished = self.finish(writer, elapsed)
+        return self.summary(writer, finished, all_stats, elapsed, planned)
+
+    def base_summary(self, n_shards: int, units_this_run: int, elapsed: float) -> dict:
+        """What every encode run reports: the store, its shards and how many were already there, time, size."""
+        return {
+            "store": self.cfg.out,
+            "shards": n_shards,
+            "shards_done_before": n_shards - units_this_run,
+            "seconds": round(elapsed, 2),
+            "world_size": self.proc.world_size,
+            "bytes": dir_size(self.cfg.out),
+        }
+
+
+def rate(n: float, elapsed: float) -> float:
+    return n / elapsed if elapsed > 0 else 0.0
+
+
+def retries_note() -> str:
+    """``", 3 storage retries"`` for a progress bar, once the object store has needed any."""
+    return f", {STATS.retries} storage retries" if STATS.retries else ""

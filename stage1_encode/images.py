@@ -39,8 +39,9 @@ import torch
 
 from semroute.shared import images as im
 from semroute.shared.checks import check_number
+from semroute.shared.distributed import ProcessInfo
 from semroute.shared.errors import ManifestError, SemrouteError
-from semroute.shared.fingerprint import require_match, sha256_text
+from semroute.shared.fingerprint import sha256_text
 from semroute.shared.latent_store import (
     OK,
     STATUS_CODE,
@@ -52,12 +53,10 @@ from semroute.shared.latent_store import (
     read_skipped,
 )
 from semroute.shared.manifest import Problem
-from semroute.shared.remote import STATS as remote_stats
 from semroute.shared.sources import ImageRange, read_image_bytes, read_source, split_locator
-from semroute.shared.distributed import ProcessInfo, process_info
-from semroute.shared.store import dir_size, read_parquet, store_exists
+from semroute.shared.store import read_parquet
 from semroute.shared.vae import LatentEncoder, VAEInfo, describe_vae, load_encoder, store_dtype_name
-from semroute.stage1_encode.encode_run import ShardWriterThread
+from semroute.stage1_encode.encode_run import EncodeRun, ShardWriterThread, decide, rate, refuse_known_ids, retries_note
 
 
 @dataclass
@@ -296,109 +295,88 @@ def check_image_options(cfg: EncodeImagesConfig) -> None:
 
 def encode_images(cfg: EncodeImagesConfig, *, proc: ProcessInfo | None = None) -> dict:
     """Run ``encode-images``; returns a summary dict (also printed by the CLI)."""
-    proc = proc or process_info()
-    check_image_options(cfg)
-    show = cfg.progress and proc.is_main
-    device = str(proc.device) if cfg.device in ("auto", None) and proc.world_size > 1 else cfg.device
-    info = describe_vae(cfg.vae, cfg.vae_subfolder, cfg.patch_size)
-    encoder = None
-    if info.downsample == 0 or info.latent_channels == 0:
-        # The config does not state the latent geometry: load the model now and measure it.
-        encoder = load_encoder(cfg.vae, cfg.vae_subfolder, device=device, dtype=cfg.dtype, patch_size=cfg.patch_size,
-                               info=info)
-    opts = image_options(cfg, info)
-    manifest = read_source(cfg.data, kind=cfg.input_format, image_key=cfg.image_key, id_key=cfg.id_key,
-                           need_text=False, need_image=True, skip_bad=cfg.skip_bad,
-                           storage_options=cfg.storage_options)
-    records = manifest.records
-    paths = [resolve_image(r.image, cfg.image_root) for r in records]
-    ranges = [manifest.image_range(k) for k in range(len(records))]
-    paths, ranges = confine_to_root(manifest, paths, ranges, cfg)
-    want = fingerprint(info, opts, cfg)
-    sha = input_sha256(records, paths)
+    return EncodeImagesRun(cfg, proc).run()
 
-    # 1. Create or resume? (rank 0 decides; a resume checks the fingerprint and the manifest.)
-    action = "create" if cfg.estimate else proc.run_on_main(lambda: _decide(cfg, want, sha))
 
-    # 2. Plan from headers: each rank reads its slice, rank 0 assembles, sizes and creates (or grows) the store.
-    if action in ("create", "append"):
+class EncodeImagesRun(EncodeRun):
+    """``encode-images`` filled into the encode-run skeleton (``encode_run.EncodeRun``)."""
+
+    open_writer = staticmethod(LatentCacheWriter.open)
+
+    def __init__(self, cfg: EncodeImagesConfig, proc: ProcessInfo | None = None):
+        super().__init__(cfg, proc)
+        check_image_options(cfg)
+        self.device = str(self.proc.device) if cfg.device in ("auto", None) and self.proc.world_size > 1 else cfg.device
+        self.info = describe_vae(cfg.vae, cfg.vae_subfolder, cfg.patch_size)
+        self.encoder = None
+        if self.info.downsample == 0 or self.info.latent_channels == 0:
+            # The config does not state the latent geometry: load the model now and measure it.
+            self.encoder = self._load_encoder()
+        self.opts = image_options(cfg, self.info)
+
+    def _load_encoder(self) -> LatentEncoder:
+        cfg = self.cfg
+        return load_encoder(cfg.vae, cfg.vae_subfolder, device=self.device, dtype=cfg.dtype, patch_size=cfg.patch_size,
+                            info=self.info)
+
+    def plan_and_create(self) -> dict:
+        """Create, resume or grow (rank 0 decides); to create or grow, every rank reads its slice of the image
+        headers and rank 0 plans the buckets and creates (or grows) the store."""
+        cfg, proc, info, opts = self.cfg, self.proc, self.info, self.opts
+        manifest = read_source(cfg.data, kind=cfg.input_format, image_key=cfg.image_key, id_key=cfg.id_key,
+                               need_text=False, need_image=True, skip_bad=cfg.skip_bad,
+                               storage_options=cfg.storage_options)
+        records = manifest.records
+        paths = [resolve_image(r.image, cfg.image_root) for r in records]
+        ranges = [manifest.image_range(k) for k in range(len(records))]
+        paths, ranges = confine_to_root(manifest, paths, ranges, cfg)
+        want = fingerprint(info, opts, cfg)
+        sha = input_sha256(records, paths)
+        action = "create" if cfg.estimate else proc.run_on_main(lambda: _decide(cfg, want, sha))
+        if action not in ("create", "append"):
+            return {}
         n, r, w = len(paths), proc.rank, proc.world_size
-        mine = probe_all(paths[n * r // w: n * (r + 1) // w], opts, cfg.probe_threads, show,
+        mine = probe_all(paths[n * r // w: n * (r + 1) // w], opts, cfg.probe_threads, self.show,
                          ranges=ranges[n * r // w: n * (r + 1) // w], storage_options=cfg.storage_options)
         probes = [p for part in proc.gather_object(mine) for p in part]
-        result = proc.run_on_main(lambda: _plan_and_create(cfg, info, opts, want, sha, records, paths, probes,
-                                                          manifest.problems, ranges, grow=action == "append",
-                                                          id_source=manifest.id_source()))
-        if cfg.estimate:
-            return result if proc.is_main else {}
+        return proc.run_on_main(lambda: _plan_and_create(cfg, info, opts, want, sha, records, paths, probes,
+                                                         manifest.problems, ranges, grow=action == "append",
+                                                         id_source=manifest.id_source())) or {}
 
-    # 3. Encode this process's units.
-    if encoder is None:
-        encoder = load_encoder(cfg.vae, cfg.vae_subfolder, device=device, dtype=cfg.dtype, patch_size=cfg.patch_size,
-                               info=info)
-    writer = LatentCacheWriter.open(cfg.out)
-    mine = writer.split(proc.rank, proc.world_size)
-    pending = writer.pending(mine)
-    t0 = time.perf_counter()
-    stats = _encode_units(writer, encoder, opts, pending, cfg, show=show, rank=proc.rank, world=proc.world_size)
-    elapsed = time.perf_counter() - t0
-    all_stats = proc.gather_object(stats)
-    proc.barrier()
+    def my_units(self, writer: LatentCacheWriter) -> list:
+        return writer.split(self.proc.rank, self.proc.world_size)
 
-    # 4. Finish (rank 0).
-    summary: dict = {}
-    if proc.is_main:
-        writer = LatentCacheWriter.open(cfg.out)
-        encoded = sum(s["encoded"] for s in all_stats)
-        counts = writer.finish(world_size=proc.world_size, encode_seconds=round(elapsed, 3))
-        summary = {
-            "store": cfg.out,
+    def prepare(self, writer: LatentCacheWriter) -> None:
+        if self.encoder is None:
+            self.encoder = self._load_encoder()
+
+    def encode(self, writer: LatentCacheWriter, units: list, background: ShardWriterThread) -> dict:
+        return _encode_units(writer, self.encoder, self.opts, units, self.cfg, background, show=self.show,
+                             rank=self.proc.rank, world=self.proc.world_size)
+
+    def summary(self, writer: LatentCacheWriter, finished: dict, stats: list[dict], elapsed: float,
+                planned: dict) -> dict:
+        encoded = sum(s["encoded"] for s in stats)
+        return {
+            **self.base_summary(len(writer.units()), sum(s["units"] for s in stats), elapsed),
             "records": writer.attrs["n_records"],
-            **counts,
+            **finished,
             "encoded_this_run": encoded,
-            "decode_failures_this_run": sum(s["failed"] for s in all_stats),
-            "shards": len(writer.units()),
-            "shards_done_before": len(writer.units()) - sum(s["units"] for s in all_stats),
-            "seconds": round(elapsed, 2),
-            "images_per_s": encoded / elapsed if elapsed > 0 else 0.0,
-            "world_size": proc.world_size,
-            "bytes": dir_size(cfg.out),
-            "skipped": read_skipped(cfg.out),
+            "decode_failures_this_run": sum(s["failed"] for s in stats),
+            "images_per_s": rate(encoded, elapsed),
+            "skipped": read_skipped(self.cfg.out),
         }
-    return summary
 
 
 def _decide(cfg: EncodeImagesConfig, want: dict, sha: str) -> str:
-    exists = store_exists(cfg.out)
-    if cfg.append:
-        if not exists:
-            raise SemrouteError(f"cannot append to {cfg.out}: there is no cache there (run without --append to "
-                                "create it)")
-        writer = LatentCacheWriter.open(cfg.out)
-        require_match(writer.attrs["fingerprint"], want, sorted(want), f"cannot append to {cfg.out}: the existing cache")
-        segments = writer.attrs.get("segments") or []
-        if len(segments) > 1 and segments[-1]["input_sha256"] == sha and not writer.attrs.get("complete"):
-            return "resume"  # this append's units are planned: encode the ones still missing
-        if (writer.attrs.get("appending") or {}).get("input_sha256") == sha:
-            return "append"  # stopped while growing the arrays: grow them again
-        if not writer.attrs.get("complete"):
-            raise SemrouteError(f"cannot append to {cfg.out}: it is not complete. Finish it first (the run that made "
-                                "it with --resume, or the unfinished --append with the same data).")
-        return "append"
-    if exists and cfg.resume and not cfg.overwrite:
-        writer = LatentCacheWriter.open(cfg.out)
-        require_match(writer.attrs["fingerprint"], want, sorted(want), f"cannot resume {cfg.out}: the existing cache")
-        if writer.attrs["input_sha256"] != sha:
-            raise SemrouteError(f"cannot resume {cfg.out}: it was made from other images than {cfg.data} now lists "
-                                "(the manifest or --image-root changed). Start a new cache or pass --overwrite.")
+    action = decide(cfg, LatentCacheWriter.open, want, sha, inputs="images",
+                    changed="the manifest or --image-root changed")
+    if action == "resume" and not cfg.append:
         try:
             read_parquet(cfg.out, "index.parquet", columns=["row"])
         except SemrouteError:
             return "create"  # the first run died while creating the store: nothing in it to keep
-        return "resume"
-    if exists and not cfg.overwrite:
-        raise SemrouteError(f"{cfg.out} already exists. Pass --resume to continue it, or --overwrite to replace it.")
-    return "create"
+    return action
 
 
 def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problems, ranges=None, grow=False,
@@ -408,17 +386,10 @@ def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problem
     buckets = plan_buckets(plan, opts, info, storage.numpy_dtype.itemsize, cfg)
     if grow:
         writer = LatentCacheWriter.open(cfg.out)
-        if writer.attrs.get("appending") is None:  # ids must be unique over the grown cache
+        if writer.attrs.get("appending") is None:  # not a rerun of a grow that stopped halfway
             have = read_parquet(cfg.out, "index.parquet", columns=["sample_id"]).column("sample_id").to_pylist()
-            sources = writer.attrs.get("segments") or [{"source": writer.attrs.get("source"), "first_record": 0}]
-            known = {sid: k for k, sid in enumerate(have)}
-            for rec in records:
-                if rec.sample_id in known:
-                    k = known[rec.sample_id]
-                    first = max((s for s in sources if s["first_record"] <= k), key=lambda s: s["first_record"])
-                    raise SemrouteError(f"cannot append {cfg.data} to {cfg.out}: sample id {rec.sample_id!r} (line "
-                                        f"{rec.line}) is already in the cache, from {first['source']}. Sample ids "
-                                        "must be unique across all the data of a cache.")
+            segments = writer.attrs.get("segments") or [{"source": writer.attrs.get("source"), "first_record": 0}]
+            refuse_known_ids(cfg, have, ((r.sample_id, r.line) for r in records), segments, "first_record", "record")
         writer.append(buckets=buckets, index=plan.index, input_sha256=sha, source=str(cfg.data), skipped=plan.skipped)
         return None
     if cfg.estimate:
@@ -482,7 +453,8 @@ def default_workers(world_size: int) -> int:
 
 
 def _encode_units(writer: LatentCacheWriter, encoder: LatentEncoder, opts: im.ImageOptions,
-                  units: list[tuple[int, int]], cfg: EncodeImagesConfig, *, show: bool, rank: int, world: int) -> dict:
+                  units: list[tuple[int, int]], cfg: EncodeImagesConfig, background: ShardWriterThread, *,
+                  show: bool, rank: int, world: int) -> dict:
     from tqdm.auto import tqdm
 
     index = read_parquet(cfg.out, "index.parquet")
@@ -523,7 +495,6 @@ def _encode_units(writer: LatentCacheWriter, encoder: LatentEncoder, opts: im.Im
     buffers: dict[int, tuple[ShardPayload, list[int]]] = {}
     encoded = failed = 0
     t_start = time.perf_counter()
-    background = ShardWriterThread(writer)
     try:
         for ks, pixels, failures in loader:
             u = task_unit[(ks or [f[0] for f in failures])[0]]
@@ -550,15 +521,11 @@ def _encode_units(writer: LatentCacheWriter, encoder: LatentEncoder, opts: im.Im
                 bar.write(f"skipped {task_path[k]}: {reason}: {detail}")
             remaining[0] -= len(ks) + len(failures)
             bar.update(len(ks) + len(failures))
-            rate = encoded / max(time.perf_counter() - t_start, 1e-9)
-            retries = f", {remote_stats.retries} storage retries" if remote_stats.retries else ""
-            bar.set_postfix_str(f"{rate:.1f} img/s encoded, {failed} skipped{retries}", refresh=False)
+            per_s = encoded / max(time.perf_counter() - t_start, 1e-9)
+            bar.set_postfix_str(f"{per_s:.1f} img/s encoded, {failed} skipped{retries_note()}", refresh=False)
             if remaining[0] == 0:
                 background.put(units[u], payload)
                 del buffers[u]
-    except BaseException:
-        background.close(raise_error=False)  # units already queued still land, with their flags
-        raise
     finally:
         bar.close()
     background.close()

@@ -26,25 +26,17 @@ import numpy as np
 import torch
 
 from semroute.shared.checks import check_number
-from semroute.shared.distributed import ProcessInfo, process_info
+from semroute.shared.distributed import ProcessInfo
 from semroute.shared.errors import SemrouteError
-from semroute.shared.fingerprint import require_match, sha256_text
+from semroute.shared.fingerprint import sha256_text
 from semroute.shared.layers import parse_layers
 from semroute.shared.llm import LoadedLLM, load_llm
 from semroute.shared.manifest import write_problem_report
 from semroute.shared.sources import read_source
-from semroute.shared.store import (
-    DEFAULT_CHUNK_BYTES,
-    ShardLayout,
-    TextCacheWriter,
-    TextStorage,
-    dir_size,
-    is_url,
-    read_parquet,
-    store_exists,
-)
+from semroute.shared.store import DEFAULT_CHUNK_BYTES, ShardLayout, is_url, read_parquet, store_file
 from semroute.shared.text_encoder import DEFAULT_INSTRUCTION, PromptFormat, TextEncoder
-from semroute.stage1_encode.encode_run import ShardWriterThread
+from semroute.shared.text_store import TextCacheWriter, TextStorage
+from semroute.stage1_encode.encode_run import EncodeRun, ShardWriterThread, decide, rate, refuse_known_ids, retries_note
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +197,6 @@ class IndexTexts:
     def __init__(self, location: str):
         import pyarrow.parquet as pq
 
-        from semroute.shared.store import store_file
-
         self._file = pq.ParquetFile(store_file(location, "index.parquet"))
         meta = self._file.metadata
         self._starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
@@ -255,130 +245,100 @@ def encode_text(cfg: EncodeTextConfig, *, proc: ProcessInfo | None = None, llm: 
 
     ``llm`` may be passed already loaded (tests, notebooks); otherwise ``cfg.llm`` is loaded.
     """
-    proc = proc or process_info()
-    check_number("--max-length", cfg.max_length, integer=True, low=1)
-    check_number("--batch-tokens", cfg.batch_tokens, integer=True, low=1)
-    check_number("--shard-mb", cfg.shard_mb, low=0.0, low_open=True)
-    if llm is None:
-        device = cfg.device
-        if device in ("auto", None) and proc.world_size > 1:
-            device = str(proc.device)  # one GPU per process under accelerate
-        llm = load_llm(cfg.llm, device=device, dtype=cfg.dtype)
-    if llm.device.type == "cpu" and llm.dtype != torch.float32 and proc.is_main and not cfg.estimate:
-        log.warning("encoding in %s on the CPU: CPU bf16/fp16 matmuls are often several times slower than "
-                    "float32; consider --dtype float32 --storage bf16 (same bytes stored)",
-                    str(llm.dtype).removeprefix("torch."))
-    layers = parse_layers(cfg.layers, llm.num_hidden_layers)
-    fmt = PromptFormat(instruction=cfg.instruction, chat_template=cfg.chat_template, max_length=cfg.max_length)
-    encoder = TextEncoder(llm, fmt, layers)
-    null = encoder.null_caption()
-    if null.n_full >= cfg.max_length:
-        # Every caption would be cut back to the instruction alone, i.e. to the null caption.
-        raise SemrouteError(f"--max-length {cfg.max_length} leaves no room for captions: the instruction alone "
-                            f"({cfg.instruction!r}{', in the chat template' if cfg.chat_template else ''}) is "
-                            f"{null.n_full} tokens; use --max-length > {null.n_full}")
-    show = cfg.progress and proc.is_main
+    return EncodeTextRun(cfg, proc, llm).run()
 
-    # 1-2. Plan and create (rank 0); every rank learns whether that worked.
-    def plan_and_create() -> dict:
-        plan = build_plan(cfg, encoder, progress=show)
-        problems = [str(p) for p in plan.problems]
-        if cfg.estimate:
-            return {"estimate": estimate_text(plan, encoder, cfg), "problems": problems}
-        _create_or_reopen(cfg, encoder, plan)
-        return {"problems": problems}
 
-    planned = proc.run_on_main(plan_and_create)
-    if cfg.estimate:
-        return planned if proc.is_main else {}
+class EncodeTextRun(EncodeRun):
+    """``encode-text`` filled into the encode-run skeleton (``encode_run.EncodeRun``)."""
 
-    # 3. Encode this process's shards.
-    writer = TextCacheWriter.open(cfg.out)
-    offsets = np.asarray(writer.group["offsets"][:], dtype=np.int64)
-    lengths = writer.lengths(offsets)
-    mine = writer.layout.split(proc.rank, proc.world_size)
-    pending = writer.pending(mine)
-    t0 = time.perf_counter()
-    stats = _encode_shards(writer, encoder, offsets, lengths, pending, cfg, show=show, rank=proc.rank)
-    elapsed = time.perf_counter() - t0
-    all_stats = proc.gather_object(stats)
-    proc.barrier()
+    open_writer = staticmethod(TextCacheWriter.open)
 
-    # 4. Finish (rank 0): every flag set, null caption present.
-    summary: dict = {}
-    if proc.is_main:
-        writer = TextCacheWriter.open(cfg.out)
-        captions = sum(s["captions"] for s in all_stats)
-        tokens = sum(s["tokens"] for s in all_stats)
-        writer.finish(world_size=proc.world_size, encode_seconds=round(elapsed, 3))
+    def __init__(self, cfg: EncodeTextConfig, proc: ProcessInfo | None = None, llm: LoadedLLM | None = None):
+        super().__init__(cfg, proc)
+        proc = self.proc
+        check_number("--max-length", cfg.max_length, integer=True, low=1)
+        check_number("--batch-tokens", cfg.batch_tokens, integer=True, low=1)
+        check_number("--shard-mb", cfg.shard_mb, low=0.0, low_open=True)
+        if llm is None:
+            device = cfg.device
+            if device in ("auto", None) and proc.world_size > 1:
+                device = str(proc.device)  # one GPU per process under accelerate
+            llm = load_llm(cfg.llm, device=device, dtype=cfg.dtype)
+        if llm.device.type == "cpu" and llm.dtype != torch.float32 and proc.is_main and not cfg.estimate:
+            log.warning("encoding in %s on the CPU: CPU bf16/fp16 matmuls are often several times slower than "
+                        "float32; consider --dtype float32 --storage bf16 (same bytes stored)",
+                        str(llm.dtype).removeprefix("torch."))
+        layers = parse_layers(cfg.layers, llm.num_hidden_layers)
+        fmt = PromptFormat(instruction=cfg.instruction, chat_template=cfg.chat_template, max_length=cfg.max_length)
+        self.encoder = TextEncoder(llm, fmt, layers)
+        null = self.encoder.null_caption()
+        if null.n_full >= cfg.max_length:
+            # Every caption would be cut back to the instruction alone, i.e. to the null caption.
+            raise SemrouteError(f"--max-length {cfg.max_length} leaves no room for captions: the instruction alone "
+                                f"({cfg.instruction!r}{', in the chat template' if cfg.chat_template else ''}) is "
+                                f"{null.n_full} tokens; use --max-length > {null.n_full}")
+
+    def plan_and_create(self) -> dict:
+        """Tokenize every caption, then create, reopen or grow the store (rank 0); every rank learns the outcome."""
+        cfg, encoder = self.cfg, self.encoder
+
+        def on_main() -> dict:
+            plan = build_plan(cfg, encoder, progress=self.show)
+            problems = [str(p) for p in plan.problems]
+            if cfg.estimate:
+                return {"estimate": estimate_text(plan, encoder, cfg), "problems": problems}
+            _create_or_reopen(cfg, encoder, plan)
+            return {"problems": problems}
+
+        return self.proc.run_on_main(on_main)
+
+    def my_units(self, writer: TextCacheWriter) -> list[int]:
+        return list(writer.layout.split(self.proc.rank, self.proc.world_size))
+
+    def prepare(self, writer: TextCacheWriter) -> None:
+        self.offsets = np.asarray(writer.group["offsets"][:], dtype=np.int64)
+        self.lengths = writer.lengths(self.offsets)
+
+    def encode(self, writer: TextCacheWriter, units: list[int], background: ShardWriterThread) -> dict:
+        return _encode_shards(writer, self.encoder, self.offsets, self.lengths, units, self.cfg, background,
+                              show=self.show, rank=self.proc.rank)
+
+    def summary(self, writer: TextCacheWriter, finished: dict, stats: list[dict], elapsed: float,
+                planned: dict) -> dict:
         attrs = writer.attrs
-        summary = {
-            "store": cfg.out,
+        captions = sum(s["captions"] for s in stats)
+        tokens = sum(s["tokens"] for s in stats)
+        return {
+            **self.base_summary(writer.layout.n_shards, sum(len(s["shards"]) for s in stats), elapsed),
             "captions": attrs["n_captions"],
             "tokens": attrs["total_tokens"],
             "truncated": attrs["n_truncated"],
-            "max_length": cfg.max_length,
+            "max_length": self.cfg.max_length,
             "encoded_captions_this_run": captions,
             "encoded_tokens_this_run": tokens,
-            "shards": writer.layout.n_shards,
-            "shards_done_before": writer.layout.n_shards - sum(len(s["shards"]) for s in all_stats),
-            "seconds": round(elapsed, 2),
-            "captions_per_s": captions / elapsed if elapsed > 0 else 0.0,
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-            "world_size": proc.world_size,
-            "bytes": dir_size(cfg.out),
+            "captions_per_s": rate(captions, elapsed),
+            "tokens_per_s": rate(tokens, elapsed),
             "bad_records": attrs.get("n_bad_records", 0),
             "problems": planned["problems"],
         }
-    return summary
-
-
-def _append(cfg: EncodeTextConfig, fingerprint: dict, plan: CaptionPlan) -> TextCacheWriter:
-    """``--append``: grow the cache by ``plan``'s captions, or continue an append of the same data."""
-    if not store_exists(cfg.out):
-        raise SemrouteError(f"cannot append to {cfg.out}: there is no cache there (run without --append to create it)")
-    writer = TextCacheWriter.open(cfg.out)
-    want = {**fingerprint, "storage": cfg.storage}
-    require_match(writer.attrs["fingerprint"], want, sorted(want), f"cannot append to {cfg.out}: the existing cache")
-    segments = writer.attrs.get("segments") or []
-    appending = writer.attrs.get("appending") or {}
-    if len(segments) > 1 and segments[-1]["input_sha256"] == plan.input_sha256 and not writer.attrs.get("complete"):
-        return writer  # this append's shards are planned: encode the ones still missing
-    if appending.get("input_sha256") == plan.input_sha256:
-        pass  # an append of this data stopped while growing the arrays: grow them again
-    elif not writer.attrs.get("complete"):
-        raise SemrouteError(f"cannot append to {cfg.out}: it is not complete. Finish it first (the run that made it "
-                            "with --resume, or the unfinished --append with the same data).")
-    else:
-        index = read_parquet(cfg.out, "index.parquet", columns=["sample_id", "caption"])
-        have = dict(zip(index.column("sample_id").to_pylist(), index.column("caption").to_pylist()))
-        sources = writer.attrs.get("segments") or [{"source": writer.attrs.get("source"), "first_caption": 0}]
-        for sid, line in zip(plan.index.column("sample_id").to_pylist(), plan.index.column("line").to_pylist()):
-            if sid in have:
-                first = max((s for s in sources if s["first_caption"] <= have[sid]), key=lambda s: s["first_caption"])
-                raise SemrouteError(f"cannot append {cfg.data} to {cfg.out}: sample id {sid!r} (line {line}) is already "
-                                    f"in the cache, from {first['source']} (caption {have[sid]}). Sample ids must be "
-                                    "unique across all the data of a cache.")
-    writer.append(offsets=plan.offsets, index=plan.index, input_sha256=plan.input_sha256, source=str(cfg.data),
-                  extra={"n_truncated": plan.n_truncated})
-    return writer
 
 
 def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: CaptionPlan) -> None:
-    exists = store_exists(cfg.out)
     fingerprint = encoder.fingerprint()
-    if cfg.append:
-        writer = _append(cfg, fingerprint, plan)
-    elif exists and cfg.resume and not cfg.overwrite:
+    action = decide(cfg, TextCacheWriter.open, {**fingerprint, "storage": cfg.storage}, plan.input_sha256,
+                    inputs="captions", changed="the manifest changed")
+    if action == "resume":
         writer = TextCacheWriter.open(cfg.out)
-        have = writer.attrs["fingerprint"]
-        want = {**fingerprint, "storage": cfg.storage}
-        require_match(have, want, sorted(want), f"cannot resume {cfg.out}: the existing cache")
-        if writer.attrs["input_sha256"] != plan.input_sha256:
-            raise SemrouteError(f"cannot resume {cfg.out}: it was made from other captions than {cfg.data} now "
-                                "holds (the manifest changed). Start a new cache or pass --overwrite.")
-    elif exists and not cfg.overwrite:
-        raise SemrouteError(f"{cfg.out} already exists. Pass --resume to continue it, or --overwrite to replace it.")
+    elif action == "append":  # grow the cache by plan's captions (new shards only)
+        writer = TextCacheWriter.open(cfg.out)
+        if writer.attrs.get("appending") is None:  # not a rerun of a grow that stopped halfway
+            index = read_parquet(cfg.out, "index.parquet", columns=["sample_id"])
+            segments = writer.attrs.get("segments") or [{"source": writer.attrs.get("source"), "first_caption": 0}]
+            refuse_known_ids(cfg, index.column("sample_id").to_pylist(),
+                             zip(plan.index.column("sample_id").to_pylist(), plan.index.column("line").to_pylist()),
+                             segments, "first_caption", "caption")
+        writer.append(offsets=plan.offsets, index=plan.index, input_sha256=plan.input_sha256, source=str(cfg.data),
+                      extra={"n_truncated": plan.n_truncated})
     else:
         extra = {"n_truncated": plan.n_truncated, "n_bad_records": len(plan.problems), "source": str(cfg.data),
                  "sample_ids": plan.id_source}
@@ -397,7 +357,8 @@ def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: Caption
 
 
 def _encode_shards(writer: TextCacheWriter, encoder: TextEncoder, offsets: np.ndarray, lengths: np.ndarray,
-                   shards: list[int], cfg: EncodeTextConfig, *, show: bool, rank: int) -> dict:
+                   shards: list[int], cfg: EncodeTextConfig, background: ShardWriterThread, *, show: bool,
+                   rank: int) -> dict:
     from tqdm.auto import tqdm
 
     layout = writer.layout
@@ -409,7 +370,6 @@ def _encode_shards(writer: TextCacheWriter, encoder: TextEncoder, offsets: np.nd
     carried: dict[int, torch.Tensor] = {}  # captions encoded alone, kept for the next shard
     n_captions = n_tokens = 0
     t_start = time.perf_counter()
-    background = ShardWriterThread(writer)
     try:
         for shard in shards:
             work = shard_work(shard, layout, offsets, cfg, lengths)
@@ -446,12 +406,8 @@ def _encode_shards(writer: TextCacheWriter, encoder: TextEncoder, offsets: np.nd
             if filled != b - a:
                 raise RuntimeError(f"shard {shard}: filled {filled} of {b - a} rows (plan bug)")
             background.put(shard, rows)
-    except BaseException:
-        background.close(raise_error=False)  # shards already queued still land; their flags are set
-        raise
     finally:
         bar.close()
-    background.close()
     return {"captions": n_captions, "tokens": n_tokens, "shards": list(shards), "rank": rank}
 
 
@@ -471,8 +427,5 @@ def _run(encoder: TextEncoder, captions: list[int], texts: IndexTexts, lengths: 
 
 
 def _postfix(bar, n_captions: int, n_tokens: int, t_start: float) -> None:
-    from semroute.shared.remote import STATS
-
     dt = max(time.perf_counter() - t_start, 1e-9)
-    retries = f", {STATS.retries} storage retries" if STATS.retries else ""
-    bar.set_postfix_str(f"{n_captions / dt:.1f} cap/s{retries}", refresh=False)
+    bar.set_postfix_str(f"{n_captions / dt:.1f} cap/s{retries_note()}", refresh=False)

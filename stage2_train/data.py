@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from semroute.shared.errors import SemrouteError
 from semroute.shared.latent_store import LatentCacheReader
-from semroute.shared.store import TextCacheReader
+from semroute.shared.text_store import TextCacheReader
 
 
 def _seed(*parts: int) -> int:

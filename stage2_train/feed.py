@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from semroute.shared.store import TextCacheReader
+from semroute.shared.text_store import TextCacheReader
 from semroute.stage2_train.data import Batch
 
 

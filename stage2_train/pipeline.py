@@ -34,8 +34,8 @@ from diffusers.utils import BaseOutput
 
 from semroute.shared.errors import SemrouteError
 from semroute.shared.llm import LoadedLLM, load_llm
-from semroute.shared.store import pad_batch
 from semroute.shared.text_encoder import PromptFormat, TextEncoder
+from semroute.shared.text_store import pad_batch
 
 TEXT_DIR = "text"
 TEXT_CONFIG = "semroute_text.json"
@@ -119,7 +119,7 @@ class SemroutePipeline(DiffusionPipeline):
         would hold them (same tokenizer, prompt format, layers, compute dtype)."""
         if self.text_encoder is None:
             raise SemrouteError("this pipeline has no text encoder attached; load it with from_pretrained/from_run")
-        from semroute.shared.store import TextStorage
+        from semroute.shared.text_store import TextStorage
 
         tokenized = self.text_encoder.tokenize(prompts)
         feats, _ = self.text_encoder.forward([t.ids for t in tokenized])
@@ -332,7 +332,8 @@ def to_pil(images: torch.Tensor) -> list:
 def _null_from_cache(text_cache: str) -> torch.Tensor | None:
     """The stored null caption; None when the cache is gone (moved or deleted: the caller re-encodes it).
     A cache that is there but damaged is an error, never silently replaced."""
-    from semroute.shared.store import TextCacheReader, is_url
+    from semroute.shared.store import is_url
+    from semroute.shared.text_store import TextCacheReader
 
     if not is_url(text_cache) and not Path(text_cache).exists():
         return None

@@ -75,7 +75,7 @@ class ValidationLoss:
 
     def batches(self):
         """This process's held-out samples, ``batch_size`` at a time, never mixing latent shapes."""
-        from semroute.shared.store import pad_batch
+        from semroute.shared.text_store import pad_batch
 
         buckets = self.dataset.bucket_ids()
         for b in sorted({int(buckets[i]) for i in self.mine}):

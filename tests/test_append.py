@@ -13,7 +13,8 @@ import torch
 
 from semroute.shared.errors import FingerprintMismatch, SemrouteError
 from semroute.shared.inspect import verify
-from semroute.shared.store import TextCacheReader, TextCacheWriter, read_attrs
+from semroute.shared.store import read_attrs
+from semroute.shared.text_store import TextCacheReader, TextCacheWriter
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from testkit import random_captions, write_manifest
 

@@ -12,7 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from semroute.shared.errors import FingerprintMismatch, SemrouteError
 from semroute.shared.fingerprint import folder_weights_sha256
 from semroute.shared.llm import load_llm
-from semroute.shared.store import TextCacheReader
+from semroute.shared.text_store import TextCacheReader
 from semroute.shared.text_encoder import PromptFormat, TextEncoder
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from semroute.stage2_train.deep_fusion import DeepFusionDiT

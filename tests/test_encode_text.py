@@ -18,7 +18,8 @@ import zarr
 from semroute.shared.errors import FingerprintMismatch, SemrouteError
 from semroute.shared.inspect import describe, verify
 from semroute.shared.llm import load_llm
-from semroute.shared.store import TextCacheReader, read_parquet
+from semroute.shared.store import read_parquet
+from semroute.shared.text_store import TextCacheReader
 from semroute.shared.text_encoder import PromptFormat, TextEncoder
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from testkit import CLI, random_captions, run_cli, write_manifest

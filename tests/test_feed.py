@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from semroute.shared.store import ChecksumError, TextCacheReader
+from semroute.shared.store import ChecksumError
+from semroute.shared.text_store import TextCacheReader
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from semroute.stage2_train.config import TrainConfig
 from semroute.stage2_train.data import BatchLoader, EpochBatches, PairedCaches, TextBuckets

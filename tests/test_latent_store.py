@@ -181,8 +181,7 @@ def test_reader_pickles_into_workers(tmp_path):
 def test_shard_file_writer_writes_zarrs_bytes(tmp_path, rows, per_shard, per_chunk):
     import zarr
 
-    from semroute.shared.latent_store import ShardFileWriter
-    from semroute.shared.store import ShardLayout, create_sharded_array
+    from semroute.shared.store import ShardFileWriter, ShardLayout, create_sharded_array
 
     layout = ShardLayout(rows, per_shard, per_chunk)
     data = np.random.default_rng(0).standard_normal((rows, 3, 2)).astype(np.float32)

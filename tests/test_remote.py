@@ -12,7 +12,7 @@ from semroute.shared import remote
 from semroute.shared.errors import SemrouteError
 from semroute.shared.inspect import describe, verify
 from semroute.shared.latent_store import LatentCacheReader
-from semroute.shared.store import TextCacheReader, TextCacheWriter
+from semroute.shared.text_store import TextCacheReader, TextCacheWriter
 from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from testkit import random_captions, write_manifest, write_square_images

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from semroute.shared.errors import SemrouteError
-from semroute.shared.store import TextCacheReader
+from semroute.shared.text_store import TextCacheReader
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from semroute.stage2_train.config import TrainConfig
 from semroute.stage2_train.pipeline import SemroutePipeline

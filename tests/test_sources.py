@@ -17,7 +17,8 @@ from images_testutil import random_rgb, write_images, write_manifest
 from semroute.shared.errors import ManifestError, SemrouteError
 from semroute.shared.latent_store import LatentCacheReader
 from semroute.shared.sources import detect_kind, read_image_bytes, read_source
-from semroute.shared.store import TextCacheReader, read_parquet
+from semroute.shared.store import read_parquet
+from semroute.shared.text_store import TextCacheReader
 from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 
