@@ -429,7 +429,8 @@ def demo_cmd(
     llm: Annotated[str, typer.Option("--llm", help="LLM for the captions.")] = "smollm2",
     samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt", help="Images per held-out prompt.")] = 4,
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 25,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size (over all processes).")] = 32,
+    processes: Annotated[int, typer.Option("--processes", help="Training processes; 0: two on a CPU with 2+ cores, else one.")] = 0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     no_progress: NoProgress = False,
 ) -> None:
@@ -444,7 +445,7 @@ def demo_cmd(
 
     run_demo(DemoConfig(out=str(out), images=images, heldout=heldout, train_minutes=train_minutes,
                         max_steps=max_steps, fusion=fusion, preset=preset, llm=llm,
-                        samples_per_prompt=samples_per_prompt, sample_steps=steps, batch_size=batch_size, seed=seed,
+                        samples_per_prompt=samples_per_prompt, sample_steps=steps, batch_size=batch_size, processes=processes, seed=seed,
                         progress=not no_progress))
 
 

@@ -17,7 +17,10 @@ The strategy comparison benchmark (``bench/bench_strategies.py``) runs steps 3-4
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,14 +49,23 @@ class DemoConfig:
     blocks: int = 4
     adaln: bool = True
     """A timestep input (adaLN-Zero). The reference DiT has none; the demo's recipe uses one (bench/RESULTS.md)."""
+    proj_out_std: float = 0.02
+    """The output projection starts N(0, 0.02) instead of zero (the reference): a zero projection passes no
+    gradient into the blocks until it has grown, a ~100-step plateau of a short run (bench/RESULTS.md)."""
     llm: str = "smollm2"
     train_minutes: float = 8.0
     max_steps: int = 100_000
     batch_size: int = 32
-    # Short-budget settings (the reference trains for days): a larger lr, routing gates at 10x it so
+    """The global batch: split evenly over the training processes."""
+    processes: int = 0
+    """Training processes. 0: two on a CPU with two or more cores (the demo's DiT is too small for a second
+    thread to speed up one process, while two one-thread processes train 1.7x faster: bench/RESULTS.md), one
+    otherwise (a GPU, or one core)."""
+    # Short-budget settings (the reference trains for days): a larger lr (2e-3 reached a lower validation
+    # loss than 1e-3 at equal steps, bench/RESULTS.md), routing gates at 10x it so
     # they visibly move within minutes, and shift 1.0, which spends more of the few steps on the low
     # noise levels that clean up 32-pixel images (with 3.0 the samples kept visible speckle noise).
-    lr: float = 1e-3
+    lr: float = 2e-3
     fusion_lr_scale: float = 10.0
     shift: float = 1.0
     warmup_steps: int = 20
@@ -65,7 +77,10 @@ class DemoConfig:
     """Steps between validations (and checkpoints): one validation costs about 10 training steps here
     (bench/RESULTS.md), so this keeps it under ~5% of the training time."""
     sample_steps: int = 25
-    guidance: float = 6.0
+    guidance: float = 1.5
+    """Classifier-free guidance of the demo's samples. Stronger guidance (6, the pipeline's default) empties
+    many single-object samples of this small model: the unconditional prediction holds more objects than
+    "a photo of a triangle", and guidance pushes away from it (bench/RESULTS.md)."""
     seed: int = 0
     num_workers: int = 1
     progress: bool = True
@@ -155,27 +170,58 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
         _say(f"{run_dir} is already trained ({done['step']} steps); reusing it")
         return {"step": done["step"], "train_seconds": done["train_seconds"],
                 "validation_seconds": done.get("validation_seconds", 0.0)}
+    processes = training_processes(cfg)
     tcfg = TrainConfig(
         text_cache=str(data["text_cache"]), latent_cache=str(data["latent_cache"]), out=str(run_dir), fusion=fusion,
-        preset=cfg.preset, model=model_overrides(cfg), batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule="warmup",
+        preset=cfg.preset, model=model_overrides(cfg), lr=cfg.lr, lr_schedule="warmup",
         warmup_steps=cfg.warmup_steps, fusion_lr_scale=cfg.fusion_lr_scale, shift=cfg.shift,
-        max_steps=cfg.max_steps, max_minutes=cfg.train_minutes,
+        max_steps=cfg.max_steps, max_minutes=cfg.train_minutes, batch_size=cfg.batch_size // processes,
         # A checkpoint (hence a routing heatmap) at each validation, for the report's routing over training.
         checkpoint_every=cfg.validate_every, keep_checkpoints=1, log_every=20, seed=cfg.seed,
         num_workers=cfg.num_workers, ema=cfg.ema, ema_decay=cfg.ema_decay, report_to="tensorboard",
         holdout=min(cfg.holdout, cfg.images // 8), validate_every=cfg.validate_every, val_guidance=cfg.guidance,
     )
     size = f"{cfg.blocks or 'preset'} blocks x {cfg.width or 'preset'} wide"
+    size += f", {processes} processes" if processes > 1 else ""
     _say(f"training {fusion} ({cfg.preset} preset, {size}) for up to {cfg.train_minutes:g} minutes ...")
-    if cfg.adaln:
-        _say("note: this DiT gets a timestep input (adaLN-Zero), which the reference DiT does not have; the demo's "
-             "short-budget recipe uses it (bench/RESULTS.md, 'Watching a run and the demo recipe')")
-    return Trainer(tcfg, progress=cfg.progress).train()
+    extras = (["a timestep input (adaLN-Zero)"] if cfg.adaln else []) + (
+        [f"an output projection initialised N(0, {cfg.proj_out_std:g}) instead of zero"] if cfg.proj_out_std else [])
+    if extras:
+        _say(f"note: this DiT gets {' and '.join(extras)}, which the reference DiT does not have; the demo's "
+             "short-budget recipe uses them (bench/RESULTS.md, 'Watching a run and the demo recipe')")
+    if processes == 1:
+        return Trainer(tcfg, progress=cfg.progress).train()
+    launch_training(tcfg, processes, Path(cfg.out) / f"{run_dir.name}.train.yaml", cfg.progress)
+    done = RunFolder.train_state(RunFolder(run_dir).latest_checkpoint())
+    return {"step": done["step"], "train_seconds": done["train_seconds"],
+            "validation_seconds": done.get("validation_seconds", 0.0)}
+
+
+def training_processes(cfg: DemoConfig) -> int:
+    """``cfg.processes``, or the automatic choice; the global batch must split evenly over them."""
+    n = cfg.processes or (2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1)
+    if n < 1 or cfg.batch_size % n:
+        raise SemrouteError(f"--processes {n}: the batch size {cfg.batch_size} must split evenly over the processes")
+    return n
+
+
+def launch_training(tcfg, processes: int, config_file: Path, progress: bool) -> None:
+    """``semroute train --config FILE`` in ``processes`` one-thread CPU processes (gloo), through accelerate's
+    launcher, as a user would start a multi-process run."""
+    tcfg.save(config_file)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "0",  # a free port: another run on this machine may hold the default
+           "-m", "semroute.cli", "train", "--config", str(config_file), *([] if progress else ["--no-progress"])]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        raise SemrouteError(f"training in {processes} processes failed (exit {done.returncode}; its messages are "
+                            f"above); `--processes 1` trains in this process")
 
 
 def model_overrides(cfg: DemoConfig) -> dict:
     """The demo's DiT size on top of its preset."""
-    out: dict = {"adaln": cfg.adaln}
+    out: dict = {"adaln": cfg.adaln, "proj_out_std": cfg.proj_out_std}
     if cfg.blocks:
         out["num_blocks"] = cfg.blocks
     if cfg.width:

@@ -127,6 +127,9 @@ class SemrouteDiT(DiTBase):
         rope_theta: base of the image tokens' 2D RoPE (reference: 1e5 gated strategies, 1e4 penultimate/uniform).
         norm_eps: eps of the RMSNorms.
         adaln: add adaLN-Zero timestep conditioning (the reference has no timestep input at all).
+        proj_out_std: the output projection's init: 0 zero-initialises it (the reference: the model starts
+            predicting 0), > 0 draws N(0, std). A zero projection passes no gradient into the blocks until it
+            has grown, which costs a short run ~100 steps of plateau (bench/RESULTS.md, the demo recipe).
 
     Attributes:
         router: the ``fusion.Fusion`` module (not named ``fusion``: that is the config key of its name).
@@ -160,10 +163,13 @@ class SemrouteDiT(DiTBase):
         gate_sigma_scale: float = SIGMA_EMBED_SCALE,
         gate_init: str = "uniform",
         context_embedder_type: str = "hidden",
+        proj_out_std: float = 0.0,
     ):
         super().__init__()
         if fusion not in FUSIONS:
             raise SemrouteError(f"Unknown fusion {fusion!r}. Choose one of: {', '.join(FUSIONS)}.")
+        if not proj_out_std >= 0:  # also refuses NaN
+            raise SemrouteError(f"proj_out_std must be >= 0 (0: zero-init as the reference), got {proj_out_std}")
         if context_embedder_type not in CONTEXT_EMBEDDERS:
             raise SemrouteError(f"context_embedder_type {context_embedder_type!r} is unknown; choose one of {', '.join(CONTEXT_EMBEDDERS)}")
         penultimate = llm_num_layers - 1  # hidden_states[-2] in transformers' numbering

@@ -215,11 +215,14 @@ class DiTBase(ModelMixin, ConfigMixin):
                     nn.init.zeros_(module.bias)
 
     def zero_init_outputs(self) -> None:
-        """Zero the output projection (the model starts predicting 0) and every adaLN modulation, after the
-        generic init of the Linears."""
+        """Zero the output projection (the model starts predicting 0; or N(0, ``proj_out_std``) where the
+        model has that option and it is > 0) and every adaLN modulation, after the generic init of the Linears."""
         for module in filter(None, [self.proj_out, self.out_modulation] + [block.modulation for block in self.blocks]):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
+        std = getattr(self.config, "proj_out_std", 0.0)  # SemrouteDiT's option; DeepFusionDiT has none
+        if std:
+            nn.init.normal_(self.proj_out.weight, std=std)
 
     def embed_patches(self, latents: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """``[B, C, H, W]`` -> ``[B, N, hidden]`` image tokens and the patch grid ``(h, w)``."""

@@ -70,6 +70,20 @@ def test_adaln_option_makes_the_output_depend_on_the_timestep():
         assert torch.equal(a, b) != adaln  # the reference has no timestep input at all
 
 
+def test_proj_out_std_replaces_the_zero_init_of_the_output_projection(tmp_path):
+    torch.manual_seed(0)
+    reference = SemrouteDiT.from_preset("tiny", fusion="depth")
+    assert not reference.proj_out.weight.any()  # the reference: the model starts predicting 0
+    torch.manual_seed(0)
+    model = SemrouteDiT.from_preset("tiny", fusion="depth", proj_out_std=0.02)
+    std = model.proj_out.weight.std().item()
+    assert 0.015 < std < 0.025 and not model.proj_out.bias.any()
+    features, mask = text_batch(model, [3])
+    assert model(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), features, mask).sample.abs().sum() > 0
+    model.save_pretrained(tmp_path)  # the option is part of the saved config
+    assert SemrouteDiT.from_pretrained(tmp_path).config.proj_out_std == 0.02
+
+
 def test_routing_summary_for_logs():
     model = tiny("depth")
     summary = model.routing_summary()

@@ -153,14 +153,15 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, smollm2_llm):
     from semroute.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=str(tmp_path / "demo"), images=36, heldout=6, samples_per_prompt=1, train_minutes=5,
-                     max_steps=3, batch_size=8, sample_steps=2, num_workers=0, progress=False)
-    report = run_demo(cfg, llm=smollm2_llm)
+                     max_steps=3, batch_size=8, processes=2, sample_steps=2, num_workers=0, progress=False)
+    report = run_demo(cfg, llm=smollm2_llm)  # trains through `accelerate launch`, 2 processes of batch 4
     out = Path(cfg.out)
     for name in ("grid.png", "routing.png", "routing.csv", "report.json", "results.jsonl", "report.html"):
         assert (out / name).exists(), name
     assert (out / "run-depth" / "samples" / "step-0000003.png").exists()  # validated at the end
     assert "samples at step 3" in (out / "report.html").read_text()
     assert report["train_steps"] == 3
+    assert json.loads((out / "run-depth" / "run.json").read_text())["world_size"] == 2
     assert report["samples"]["n_images"] == 6 and set(report["samples"]["per_tag"]) == {
         "single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert report["ground_truth"]["overall"] == 1.0
