@@ -3,11 +3,12 @@
 1. Reader throughput, captions/s over random batches of 64, from a loopback S3 server (moto's server, its own process on
    127.0.0.1, started here) against the local reader on the same cache: local cold (page cache dropped with
    posix_fadvise) and warm; S3 cold (ranged reads of the inner chunks) and with the node-local shard cache
-   warm. Each batch read one caption after another, and with 16 threads (how a loader can overlap requests).
+   warm. Each batch read one caption after another, with 16 threads (how a loader can overlap requests), and
+   as one batch read (``TextCacheReader.captions_bits``: every range fetched together, as the loader does).
 2. ``encode-images`` from WebDataset tar shards against the same JPEGs as files + manifest (pixel codec).
 3. ``encode-text --append`` of 10% new captions against a full encode of all of them (SmolLM2, float32).
 
-    python bench/bench_data.py [--captions 1200] [--images 400] [--append-captions 300]
+    python bench/bench_data.py [--captions 1200] [--images 400] [--append-captions 300] [--reader-modes batch]
 """
 
 from __future__ import annotations
@@ -71,21 +72,29 @@ def opened(reader: TextCacheReader) -> TextCacheReader:
     return reader
 
 
-def read_rate(reader: TextCacheReader, batches: list[np.ndarray], threads: int) -> float:
+MODES = {"threads_1": "one caption after another", "threads_16": "16 threads per batch",
+         "batch": "one batch read (captions_bits)"}
+
+
+def read_rate(reader: TextCacheReader, batches: list[np.ndarray], mode: str) -> float:
+    """Captions/s, each read and decoded (``caption``'s tensors)."""
     opened(reader)
     t0 = time.perf_counter()
-    if threads <= 1:
+    if mode == "threads_1":
         for batch in batches:
             for i in batch:
                 reader.caption(int(i))
-    else:
-        with ThreadPoolExecutor(threads) as pool:
+    elif mode == "threads_16":
+        with ThreadPoolExecutor(16) as pool:
             for batch in batches:
                 list(pool.map(lambda i: reader.caption(int(i)), batch))
+    else:
+        for batch in batches:
+            [reader.decode_bits(*bits) for bits in reader.captions_bits(batch)]
     return sum(len(b) for b in batches) / (time.perf_counter() - t0)
 
 
-def bench_reader(tmp: Path, n: int, n_batches: int) -> dict:
+def bench_reader(tmp: Path, n: int, n_batches: int, modes: list[str] = list(MODES)) -> dict:
     from s3_testutil import LoopbackS3
 
     layers, hidden = 8, 256
@@ -100,23 +109,26 @@ def bench_reader(tmp: Path, n: int, n_batches: int) -> dict:
         t0 = time.perf_counter()
         synthetic_text_cache(url, n, layers, hidden)  # same seed: the same bytes
         out["upload_s"] = round(time.perf_counter() - t0, 1)
-        for threads in (1, 16):
+        for mode in modes:
             # Fresh batches per measurement, so nothing measured re-reads what the previous one fetched.
             picks = lambda: [rng.choice(n, 64, replace=False) for _ in range(n_batches)]  # noqa: E731
             drop_page_cache(local)
-            r = {"local_cold": read_rate(TextCacheReader(local), picks(), threads)}
+            r = {"local_cold": read_rate(TextCacheReader(local), picks(), mode)}
             reader = TextCacheReader(local)
-            read_rate(reader, [np.arange(n)], 1)  # everything in the page cache
-            r["local_warm"] = read_rate(reader, picks(), threads)
-            r["s3_cold"] = read_rate(TextCacheReader(url), picks(), threads)
-            cache = remote.ShardCache(tmp / f"shards{threads}", max_bytes=4 * out["bytes"])
+            read_rate(reader, [np.arange(n)], "threads_1")  # everything in the page cache
+            r["local_warm"] = read_rate(reader, picks(), mode)
+            requests = remote.STATS.requests
+            r["s3_cold"] = read_rate(TextCacheReader(url), picks(), mode)
+            r["s3_cold_requests_per_caption"] = (remote.STATS.requests - requests) / (64 * n_batches)
+            cache = remote.ShardCache(tmp / f"shards_{mode}", max_bytes=4 * out["bytes"])
             warmup = TextCacheReader(url, shard_cache=cache)
-            read_rate(warmup, [np.arange(n)], 16)
+            read_rate(warmup, [np.arange(n)], "threads_16")
             cache.wait()
-            r["s3_cache_warm"] = read_rate(TextCacheReader(url, shard_cache=cache), picks(), threads)
+            r["s3_cache_warm"] = read_rate(TextCacheReader(url, shard_cache=cache), picks(), mode)
             r["ratio_cold"] = r["s3_cold"] / r["local_cold"]
             r["ratio_warm"] = r["s3_cache_warm"] / r["local_warm"]
-            out[f"threads_{threads}"] = {k: round(v, 3 if k.startswith("ratio") else 1) for k, v in r.items()}
+            out[mode] = {k: round(v, 3 if k.startswith("ratio") or k.endswith("caption") else 1) for k, v in r.items()}
+            print(mode, json.dumps(out[mode]), file=sys.stderr, flush=True)  # kept if a later mode fails
         out["retries"] = remote.STATS.retries
     return out
 
@@ -195,6 +207,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--append-captions", type=int, default=300)
     ap.add_argument("--only", default="reader,tars,append")
+    ap.add_argument("--reader-modes", default=",".join(MODES), help=f"which batch reads to time: {', '.join(MODES)}")
     args = ap.parse_args()
     torch.set_num_threads(2)
     out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -203,7 +216,7 @@ def main() -> None:
         tmp = Path(d)
         if "reader" in args.only:
             (tmp / "reader").mkdir()
-            out["reader"] = bench_reader(tmp / "reader", args.captions, args.batches)
+            out["reader"] = bench_reader(tmp / "reader", args.captions, args.batches, args.reader_modes.split(","))
             print(json.dumps(out["reader"], indent=1), flush=True)
         if "tars" in args.only:
             (tmp / "tars").mkdir()

@@ -482,14 +482,22 @@ class LatentCacheReader:
 
     def stored(self, i: int) -> dict[str, torch.Tensor]:
         """Every stored array of sample ``i`` as ``[C, h, w]`` tensors in ``out_dtype``."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"sample {i} out of range 0..{len(self) - 1}")
-        bucket, row = self.bucket_of(i), int(self._row[i])
-        out = {}
-        for name in self.arrays:
-            arr = self._array(bucket, name)
-            data = arr.read_rows(row, row + 1)[0] if isinstance(arr, ShardedArrayFile) else arr[row]
-            out[name] = self.storage.to_tensor(data, self.out_dtype)
+        return self.stored_many([i])[0]
+
+    def stored_many(self, indices) -> list[dict[str, torch.Tensor]]:
+        """``stored`` of every sample in ``indices``, the rows of each bucket's arrays read together
+        (``ShardedArrayFile.read_many``: one round of concurrent requests for a cache on object storage)."""
+        indices = [int(i) for i in indices]
+        for i in indices:
+            if not 0 <= i < len(self):
+                raise IndexError(f"sample {i} out of range 0..{len(self) - 1}")
+        out: list[dict[str, torch.Tensor]] = [{} for _ in indices]
+        for k in sorted({int(self._bucket[i]) for i in indices}):
+            mine = [j for j, i in enumerate(indices) if int(self._bucket[i]) == k]
+            spans = [(int(self._row[indices[j]]), int(self._row[indices[j]]) + 1) for j in mine]
+            for name in self.arrays:
+                for j, data in zip(mine, self._array(self.buckets[k], name).read_many(spans)):
+                    out[j][name] = self.storage.to_tensor(data[0], self.out_dtype)
         return out
 
     def posterior(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -515,7 +523,18 @@ class LatentCacheReader:
         if len(shapes) != 1:
             raise SemrouteError(f"samples {indices[:8]} come from different buckets "
                                 f"{[self.buckets[k].name for k in shapes]}; batch per bucket (by_bucket())")
-        parts = [self.stored(i) for i in indices]
+        return self._draw(self.stored_many(indices), generator, mode, scaled)
+
+    def latents(self, indices, generators: list[torch.Generator], *, mode: str = "sample",
+                scaled: bool = True) -> list[torch.Tensor]:
+        """``latent(i, g)`` for every ``i`` of ``indices`` and ``g`` of ``generators`` (the same draws), the stored
+        rows read together (``stored_many``)."""
+        if mode not in ("sample", "mean"):
+            raise ValueError(f"mode must be 'sample' or 'mean', not {mode!r}")
+        return [self._draw([p], g, mode, scaled)[0] for p, g in zip(self.stored_many(indices), generators)]
+
+    def _draw(self, parts: list[dict[str, torch.Tensor]], generator, mode: str, scaled: bool) -> torch.Tensor:
+        """Stored arrays of same-shape samples -> latents ``[B, C, h, w]``, one ``randn`` draw for them all."""
         if self.posterior_kind == "gaussian":
             mean = torch.stack([p["mean"] for p in parts]).float()
             z = mean

@@ -421,12 +421,6 @@ class TextCacheReader:
             self._files = {n: ShardedArrayFile(self.location, n, shard_cache=self.shard_cache) for n in names}
         return self._files
 
-    def _rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-        out = []
-        for name, arr in self._arrays().items():
-            out.append(arr.read_rows(start, stop) if isinstance(arr, ShardedArrayFile) else arr[start:stop])
-        return out[0], (out[1] if len(out) > 1 else None)
-
     def _bits(self, features: np.ndarray, scales: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._pick is not None:
             features = features[:, self._pick]
@@ -440,10 +434,20 @@ class TextCacheReader:
     def caption_bits(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Caption ``i`` as stored: ``[n_tokens, n_layers, D]`` bits and, for fp8, ``[n_tokens, n_layers]``
         scales; ``decode_bits`` of them is ``caption(i)``."""
-        if not 0 <= i < self.n_captions:
-            raise IndexError(f"caption {i} out of range 0..{self.n_captions - 1}")
-        start = int(self.offsets[i])
-        return self._bits(*self._rows(start, start + int(self.lengths[i])))
+        return self.captions_bits([i])[0]
+
+    def captions_bits(self, indices) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``caption_bits`` of every caption in ``indices``, their rows read together: on object storage one
+        round of concurrent ranged requests for the whole list (``ShardedArrayFile.read_many``)."""
+        spans = []
+        for i in indices:
+            i = int(i)
+            if not 0 <= i < self.n_captions:
+                raise IndexError(f"caption {i} out of range 0..{self.n_captions - 1}")
+            start = int(self.offsets[i])
+            spans.append((start, start + int(self.lengths[i])))
+        arrays = [arr.read_many(spans) for arr in self._arrays().values()]  # features (, scales)
+        return [self._bits(arrays[0][k], arrays[1][k] if len(arrays) > 1 else None) for k in range(len(spans))]
 
     def caption(self, i: int) -> torch.Tensor:
         """Caption ``i``'s features ``[n_tokens, n_layers, D]``."""
@@ -461,7 +465,7 @@ class TextCacheReader:
 
     def batch(self, indices, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions ``indices`` right-padded (zeros) to the longest: ``[B, T, L, D]`` and mask ``[B, T]``."""
-        return pad_batch([self.caption(int(i)) for i in indices], pad_to=pad_to)
+        return pad_batch([self.decode_bits(*bits) for bits in self.captions_bits(indices)], pad_to=pad_to)
 
 
 def pad_batch(items: list[torch.Tensor], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,8 @@ import numpy as np
 from semroute.shared import integrity
 from semroute.shared.errors import SemrouteError
 from semroute.shared.latent_store import LATENT_KIND, Bucket
-from semroute.shared.store import ATTR_KEY, NOT_COMPLETED, READ_VERSIONS, open_group, read_index, store_file, verify_array
+from semroute.shared.store import (ATTR_KEY, NOT_COMPLETED, READ_VERSIONS, open_group, read_index, store_file,
+                                   verify_array)
 from semroute.shared.text_store import TEXT_KIND
 
 REENCODE = "re-encode the cache (encode-... --overwrite)"

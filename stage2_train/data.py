@@ -125,19 +125,33 @@ class PairedCaches(Dataset):
     def item(self, sample: int, epoch: int, *, bits: bool = False) -> dict:
         """Sample ``sample`` as drawn in ``epoch``. With ``bits`` the text is left as stored (``text`` the
         ``caption_bits`` features, ``text_scales`` the fp8 scales or None) for decoding on the device."""
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch, sample))
-        caps = self.caption_idx[self.caption_ptr[sample]: self.caption_ptr[sample + 1]]
-        pick = int(caps[int(torch.randint(len(caps), (1,), generator=g))])
-        dropped = bool(torch.rand((), generator=g) < self.caption_dropout)
-        latent = self.latents.latent(int(self.latent_pos[sample]), generator=g)
-        out = {"latent": latent, "sample_id": self.latents.sample_ids[self.latent_pos[sample]],
-               "caption": -1 if dropped else pick}
-        if bits:
-            if dropped and self._null_bits is None:
+        return self.items([sample], epoch, bits=bits)[0]
+
+    def items(self, samples, epoch: int, *, bits: bool = False) -> list[dict]:
+        """``item`` of every sample in ``samples`` (the same draws), their captions and latents read together
+        (``captions_bits``, ``latents``: a round of concurrent requests each for caches on object storage)."""
+        samples = [int(s) for s in samples]
+        out, generators = [], []
+        for sample in samples:
+            g = torch.Generator().manual_seed(_seed(self.seed, epoch, sample))
+            caps = self.caption_idx[self.caption_ptr[sample]: self.caption_ptr[sample + 1]]
+            pick = int(caps[int(torch.randint(len(caps), (1,), generator=g))])
+            dropped = bool(torch.rand((), generator=g) < self.caption_dropout)
+            generators.append(g)  # next: the latent's draw from the stored posterior
+            out.append({"sample_id": self.latents.sample_ids[self.latent_pos[sample]],
+                        "caption": -1 if dropped else pick})
+        positions = [int(self.latent_pos[s]) for s in samples]
+        for it, latent in zip(out, self.latents.latents(positions, generators)):
+            it["latent"] = latent
+        stored = iter(self.text.captions_bits([it["caption"] for it in out if it["caption"] >= 0]))
+        for it in out:
+            if it["caption"] < 0 and self._null_bits is None:
                 self._null_bits = self.text.null_bits()
-            out["text"], out["text_scales"] = self._null_bits if dropped else self.text.caption_bits(pick)
-        else:
-            out["text"] = self.null if dropped else self.text.caption(pick)
+            features, scales = self._null_bits if it["caption"] < 0 else next(stored)
+            if bits:
+                it["text"], it["text_scales"] = features, scales
+            else:
+                it["text"] = self.null if it["caption"] < 0 else self.text.decode_bits(features, scales)
         return out
 
 
@@ -354,7 +368,7 @@ class BatchLoader:
         self.depth = depth
 
     def build(self, epoch: int, index: int, samples, slot: HostSlot | None = None) -> Batch:
-        items = [self.dataset.item(int(s), epoch, bits=True) for s in samples]
+        items = self.dataset.items(samples, epoch, bits=True)
         return collate(items, epoch, index, buckets=self.buckets, slot=slot)
 
     def __iter__(self):

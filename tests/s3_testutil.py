@@ -12,7 +12,7 @@ import threading
 class LoopbackS3:
     """``with LoopbackS3() as s3:`` sets the AWS environment variables to point at the server (never anywhere
     else) and restores them on exit. ``s3.fail_next(n, pattern)`` answers the next ``n`` requests whose path
-    matches ``pattern`` with ``503 SlowDown``."""
+    matches ``pattern`` with ``503 SlowDown``; ``s3.requests`` lists every request received."""
 
     ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
            "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
@@ -32,6 +32,7 @@ class LoopbackS3:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._fail = [0, None]
         self.failed = 0
+        self.requests: list[str] = []  # "METHOD /path" of every request the server received (in-process only)
         self._lock = threading.Lock()
         outer = self
 
@@ -50,6 +51,7 @@ class LoopbackS3:
     def _faulty(self, app):
         def wrapped(environ, start_response):
             with self._lock:
+                self.requests.append(f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO', '')}")
                 n, pattern = self._fail
                 hit = n > 0 and (pattern is None or re.search(pattern, environ.get("PATH_INFO", "")))
                 if hit:

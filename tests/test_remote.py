@@ -58,6 +58,35 @@ def test_s3_caches_read_like_local_ones(caches):
         assert checked > 0 and problems == []
 
 
+def _raw(t: torch.Tensor | None) -> bytes | None:
+    return None if t is None else t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def test_a_batch_read_from_s3_is_the_local_read_in_fewer_requests(caches, s3):
+    """A batch's captions come from object storage in one round of concurrent ranged GETs (the shard indexes
+    first, then the chunk ranges, near ones of a shard merged): byte for byte what the local reader reads,
+    in fewer requests than captions, counted by the server. The training loader reads its batches this way."""
+    from semroute.stage2_train.data import PairedCaches
+
+    local_t, url_t, local_l, url_l = caches
+    a, b = TextCacheReader(local_t), TextCacheReader(url_t)
+    b.offsets, b.lengths, b._arrays()  # metadata read before counting: a once-per-run cost
+    batch = [int(i) for i in torch.randperm(a.n_captions, generator=torch.Generator().manual_seed(0))[:24]]
+    seen = len(s3.requests)
+    got = b.captions_bits(batch)
+    gets = [r for r in s3.requests[seen:] if r.startswith("GET ") and "/features/c/" in r]
+    assert len(s3.requests) - seen == len(gets) and 0 < len(gets) < len(batch), s3.requests[seen:]
+    for (fa, sa), (fb, sb) in zip(a.captions_bits(batch), got):
+        assert _raw(fa) == _raw(fb) and _raw(sa) == _raw(sb)
+    # The loader's batch: the same draws as reading sample by sample from the local caches.
+    local, remote_ds = (PairedCaches(t, lat, text_layers=None, seed=5, caption_dropout=0.25)
+                        for t, lat in ((local_t, local_l), (url_t, url_l)))
+    samples = list(range(min(16, len(local))))
+    for x, y in zip((local.item(s, 2, bits=True) for s in samples), remote_ds.items(samples, 2, bits=True)):
+        assert x["caption"] == y["caption"] and x["sample_id"] == y["sample_id"]
+        assert _raw(x["text"]) == _raw(y["text"]) and torch.equal(x["latent"], y["latent"])
+
+
 def test_shard_cache_serves_reads_and_stays_under_its_bound(caches, tmp_path):
     local_t, url_t, _, _ = caches
     a = TextCacheReader(local_t)
