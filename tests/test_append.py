@@ -16,7 +16,7 @@ from semroute.shared.inspect import verify
 from semroute.shared.store import read_attrs
 from semroute.shared.text_store import TextCacheReader, TextCacheWriter
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
-from testkit import random_captions, write_manifest
+from testkit import die_on_call, random_captions, write_manifest
 
 
 def _files(cache: Path) -> dict[str, str]:
@@ -40,15 +40,7 @@ def test_append_grows_by_new_shards_and_reads_like_one_cache(tmp_path, tiny_llam
     assert read_attrs(cache)["format_version"] == 1
 
     # An interrupted append (after its first new shard) continues when run again with the same data.
-    real, calls = TextCacheWriter.write_shard, []
-
-    def dying(self, shard, rows):
-        calls.append(shard)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real(self, shard, rows)
-
-    monkeypatch.setattr(TextCacheWriter, "write_shard", dying)
+    die_on_call(monkeypatch, TextCacheWriter, "write_shard", 2)
     with pytest.raises(RuntimeError, match="killed"):
         encode_text(_cfg(tiny_llama_dir, new, cache, append=True))
     monkeypatch.undo()

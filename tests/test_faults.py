@@ -32,16 +32,24 @@ FAULTS = ("flip", "truncate", "delete")
 TIMES: dict[str, tuple[int, float]] = {}  # suite part -> (cases, seconds), printed by the last test
 
 
-def damage(path: Path, fault: str) -> None:
-    data = path.read_bytes()
+def damaged(data: bytes, fault: str) -> bytes | None:
+    """``data`` after ``fault``: None for deleted, half for truncated, one bit flipped in the middle."""
     if fault == "delete":
-        path.unlink()
-    elif fault == "truncate":
-        path.write_bytes(data[: len(data) // 2])
-    elif data:
-        flipped = bytearray(data)
+        return None
+    if fault == "truncate":
+        return data[: len(data) // 2]
+    flipped = bytearray(data)
+    if flipped:
         flipped[len(data) // 2] ^= 0x04
-        path.write_bytes(bytes(flipped))
+    return bytes(flipped)
+
+
+def damage(path: Path, fault: str) -> None:
+    data = damaged(path.read_bytes(), fault)
+    if data is None:
+        path.unlink()
+    else:
+        path.write_bytes(data)
 
 
 def files_of(root: Path) -> list[str]:
@@ -92,6 +100,27 @@ def _outcome(fn):
         return "traceback", f"{type(err).__name__}: {err}"
 
 
+def judge(where: str, store: str, reference: list, *, verify, consumer, **others) -> str | None:
+    """What is wrong with one damaged case (None: nothing), from the outcomes of ``verify``, the training
+    consumer and any ``others`` (e.g. info): a traceback; data that silently differs from ``reference``; a
+    consumer failing where verify found nothing; an error or a report that does not name ``store``."""
+    outcomes = {"verify": verify, "consumer": consumer, **others}
+    tracebacks = [f"{name} {got[1][:200]}" for name, got in outcomes.items() if got[0] == "traceback"]
+    if tracebacks:
+        return f"{where}: traceback: " + "; ".join(tracebacks)
+    problems = verify[1][1] if verify[0] == "ok" else ["verify raised: " + verify[1]]
+    if consumer[0] == "ok":
+        same_data = same(consumer[1], reference)
+        return None if same_data else f"{where}: training data silently differs (verify: {problems[:1]})"
+    if not problems:
+        return f"{where}: the consumer failed ({consumer[1][:120]}) but verify found nothing"
+    if store not in consumer[1]:
+        return f"{where}: the error does not name the store: {consumer[1][:160]}"
+    if not any(store in p for p in problems):
+        return f"{where}: verify's report does not name the store: {problems[:1]}"
+    return None
+
+
 @pytest.mark.parametrize("kind", ["text", "latent"])
 def test_every_damaged_cache_file_is_named_or_harmless(caches, tmp_path, kind):
     from semroute.shared.inspect import describe, verify
@@ -109,21 +138,10 @@ def test_every_damaged_cache_file_is_named_or_harmless(caches, tmp_path, kind):
             damage(copy / rel, fault)
             pair = (copy, latents) if kind == "text" else (text, copy)
             where = f"{rel} {fault}"
-            v = _outcome(lambda: verify(str(copy)))
-            used = _outcome(lambda: consume(*pair))
-            info = _outcome(lambda: describe(str(copy)))
-            if "traceback" in (v[0], used[0], info[0]):
-                failures.append(f"{where}: traceback: verify {v[1] if v[0] == 'traceback' else ''} "
-                                f"consumer {used[1] if used[0] == 'traceback' else ''} "
-                                f"info {info[1] if info[0] == 'traceback' else ''}")
-                continue
-            problems = v[1][1] if v[0] == "ok" else ["verify raised: " + v[1]]
-            if used[0] == "ok" and not same(used[1], reference):
-                failures.append(f"{where}: training data silently differs (verify: {problems[:1]})")
-            elif used[0] == "named" and not problems:
-                failures.append(f"{where}: the consumer failed ({used[1][:120]}) but verify found nothing")
-            elif used[0] == "named" and str(copy) not in used[1]:
-                failures.append(f"{where}: the error does not name the store: {used[1][:160]}")
+            failure = judge(where, str(copy), reference, verify=_outcome(lambda: verify(str(copy))),
+                            consumer=_outcome(lambda: consume(*pair)), info=_outcome(lambda: describe(str(copy))))
+            if failure:
+                failures.append(failure)
             shutil.rmtree(copy.parent)
     TIMES[f"{kind} cache"] = (cases, time.perf_counter() - t0)
     assert not failures, f"{len(failures)} of {cases} cases:\n" + "\n".join(failures)
@@ -144,6 +162,107 @@ def test_train_on_a_damaged_cache_exits_with_one_named_error(caches, tmp_path):
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr, proc.stderr[-2000:]
         assert f"error: {shard}" in proc.stderr and f"semroute verify {copy}" in proc.stderr, proc.stderr[-2000:]
+
+
+# -- caches on object storage --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def s3_caches(caches):
+    """The same two caches uploaded to a bucket of a loopback S3 server: ``(server, text_url, latent_url)``."""
+    from s3_testutil import LoopbackS3
+
+    from semroute.shared import remote
+
+    text, latents = caches
+    with LoopbackS3() as server:
+        server.make_bucket("faults")
+        fs, _ = remote.filesystem("s3://faults/x")
+        for local in (text, latents):
+            for rel in files_of(local):
+                fs.pipe_file(f"faults/{local.name}/{rel}", (local / rel).read_bytes())
+        yield server, f"s3://faults/{text.name}", f"s3://faults/{latents.name}"
+
+
+def one_file_per_array(root: Path) -> list[str]:
+    """A representative file of each part of a store: per array its last chunk or shard, the index and the
+    root's zarr.json (holding the attributes and the integrity record)."""
+    picked: dict[str, str] = {}
+    for rel in files_of(root):
+        if "/c/" in rel:
+            picked[rel.split("/c/")[0]] = rel
+    return sorted(picked.values()) + ["index.parquet", "zarr.json"]
+
+
+@pytest.mark.slow
+def test_damaged_caches_on_s3_are_named_with_their_url(caches, s3_caches):
+    """The local suite's faults on the remote copies (one file of each array, the index and the attributes,
+    each damaged one of the three ways in turn): verify and the training reader name the URL, or read
+    exactly the undamaged data."""
+    from semroute.shared import remote
+    from semroute.shared.inspect import verify
+
+    text, latents = caches
+    _, url_t, url_l = s3_caches
+    reference = consume(text, latents)
+    assert same(consume(url_t, url_l), reference)
+    fs, _ = remote.filesystem(url_t)
+    failures, cases, t0 = [], 0, time.perf_counter()
+    for local, url in ((text, url_t), (latents, url_l)):
+        for i, rel in enumerate(one_file_per_array(local)):
+            key = f"{url.removeprefix('s3://')}/{rel}"
+            original = fs.cat_file(key)
+            for fault in (FAULTS[i % len(FAULTS)],):  # each file one fault, the faults in turn (keeps it short)
+                cases += 1
+                data = damaged(original, fault)
+                fs.rm(key) if data is None else fs.pipe_file(key, data)
+                pair = (url, url_l) if url == url_t else (url_t, url)
+                where = f"{url}/{rel} {fault}"
+                failure = judge(where, url, reference, verify=_outcome(lambda: verify(url)),
+                                consumer=_outcome(lambda: consume(*pair)))
+                fs.pipe_file(key, original)
+                if failure:
+                    failures.append(failure)
+    TIMES["s3 caches"] = (cases, time.perf_counter() - t0)
+    assert not failures, f"{len(failures)} of {cases} cases:\n" + "\n".join(failures)
+
+
+def test_train_from_s3_names_a_missing_bucket_a_dead_endpoint_and_a_shard_deleted_mid_run(s3_caches, tmp_path,
+                                                                                          monkeypatch):
+    """What tests/test_remote.py checks on a text cache reader, here through training (its latent cache
+    and the trainer): each fault is one error naming the URL and what to do, and no checkpoint is written."""
+    from semroute.shared import remote
+    from semroute.stage2_train.config import TrainConfig
+    from semroute.stage2_train.data import PairedCaches
+    from semroute.stage2_train.train import train
+
+    _, url_t, url_l = s3_caches
+    common = dict(fusion="static", preset="tiny", batch_size=4, num_workers=0, tensorboard=False, max_steps=1)
+    with pytest.raises(SemrouteError, match=r"s3://gone/l\.zarr.*bucket 'gone' does not exist"):
+        train(TrainConfig(text_cache=url_t, latent_cache="s3://gone/l.zarr", out=str(tmp_path / "a"), **common),
+              progress=False)
+    monkeypatch.setattr(remote, "MAX_TRIES", 2)
+    try:
+        with pytest.raises(SemrouteError, match=r"cannot reach the object store for s3://faults/.*endpoint"):
+            train(TrainConfig(text_cache=url_t, latent_cache=url_l, out=str(tmp_path / "b"),
+                              storage_options={"endpoint_url": "http://127.0.0.1:9"}, **common), progress=False)
+    finally:
+        remote.set_storage_options(None)
+    for run in ("a", "b"):
+        assert not (tmp_path / run / "checkpoints").exists() or not any((tmp_path / run / "checkpoints").iterdir())
+
+    # A latent shard deleted while a job reads the cache: the next read of it names the object.
+    ds = PairedCaches(url_t, url_l, text_layers=None, seed=0, caption_dropout=0.0)
+    last = len(ds) - 1
+    ds.item(last, 0)
+    fs, _ = remote.filesystem(url_l)
+    shards = sorted(fs.find(f"{url_l.removeprefix('s3://')}/buckets"))
+    shard = [k for k in shards if "/latent/c/" in k][-1]
+    original = fs.cat_file(shard)
+    fs.rm(shard)
+    try:
+        with pytest.raises(SemrouteError, match=r"s3://faults/l\.zarr/buckets/.*/latent/c/.*(deleted|missing).*verify"):
+            ds.item(last, 0)
+    finally:
+        fs.pipe_file(shard, original)
 
 
 # -- run folders ----------------------------------------------------------------------------------

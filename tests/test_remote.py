@@ -15,7 +15,7 @@ from semroute.shared.latent_store import LatentCacheReader
 from semroute.shared.text_store import TextCacheReader, TextCacheWriter
 from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
-from testkit import random_captions, write_manifest, write_square_images
+from testkit import die_on_call, random_captions, write_manifest, write_square_images
 
 
 @pytest.fixture(scope="module")
@@ -167,16 +167,7 @@ def test_crash_mid_run_on_s3_leaves_nothing_marked_done_and_resume_finishes(s3, 
                shard_mb=0.02)
     encode_text(EncodeTextConfig(out=str(tmp_path / "ref.zarr"), **cfg))
     url = "s3://bkt/crash.text.zarr"
-    real = TextCacheWriter.write_shard
-    calls = []
-
-    def dying(self, shard, rows):
-        calls.append(shard)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return real(self, shard, rows)
-
-    monkeypatch.setattr(TextCacheWriter, "write_shard", dying)
+    die_on_call(monkeypatch, TextCacheWriter, "write_shard", 3)
     with pytest.raises(RuntimeError, match="killed"):
         encode_text(EncodeTextConfig(out=url, **cfg))
     monkeypatch.undo()

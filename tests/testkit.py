@@ -101,6 +101,21 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: fl
     return proc
 
 
+def die_on_call(monkeypatch, owner, name: str, n: int) -> list:
+    """Make ``owner.name`` (a method) raise ``RuntimeError("killed")`` on its ``n``-th call, as a process killed
+    mid-run would stop; the earlier calls run for real. Returns the list of each call's first argument."""
+    real, calls = getattr(owner, name), []
+
+    def dying(self, first, *args, **kwargs):
+        calls.append(first)
+        if len(calls) == n:
+            raise RuntimeError("killed")
+        return real(self, first, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, dying)
+    return calls
+
+
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 40, 220), "yellow": (230, 210, 20)}
 
 
