@@ -75,7 +75,16 @@ class LoopbackS3:
         boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=name)
         return f"s3://{name}"
 
+    @staticmethod
+    def _forget_clients() -> None:
+        """fsspec caches filesystem instances by their arguments, not by the endpoint taken from the
+        environment: one made for an earlier server (another test module's) would still call its port."""
+        from s3fs import S3FileSystem
+
+        S3FileSystem.clear_instance_cache()
+
     def __enter__(self) -> "LoopbackS3":
+        self._forget_clients()
         self._saved = {k: os.environ.get(k) for k in self.ENV}
         for k in self.ENV:
             os.environ.pop(k, None)
@@ -106,6 +115,7 @@ class LoopbackS3:
             self.process.wait(timeout=30)
         else:
             self.server.stop()
+        self._forget_clients()
         for k, v in self._saved.items():
             if v is None:
                 os.environ.pop(k, None)
