@@ -309,7 +309,7 @@ def _resume(run: Path) -> float:
 
     folder = RunFolder(run)
     cfg = TrainConfig.build(config_file=str(folder.config_file(folder.resolve_resume("latest"))),
-                            flags={"max_steps": 3, "out": str(run)})
+                            max_steps=3, out=str(run))
     train(cfg, resume="latest", progress=False)
     return _losses(run)[3]
 

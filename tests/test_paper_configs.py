@@ -31,7 +31,7 @@ PAPER_CONFIGS = {
 
 
 def paper(name: str, **flags) -> TrainConfig:
-    return TrainConfig.build(config_file=str(PAPER_DIR / name), flags=flags)
+    return TrainConfig.build(config_file=str(PAPER_DIR / name), **flags)
 
 
 def test_one_paper_config_per_strategy_and_shipped_as_package_data():
