@@ -47,6 +47,9 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 _INDEX_ENTRY = 16  # uint64 offset + uint64 nbytes per inner chunk
 _CRC = 4
 _EMPTY = np.uint64(2**64 - 1)
+# Shard indexes a reader keeps (bytes; least recently used dropped first). A shard's index never changes once the
+# shard is written, so each is fetched once per reader: 64 MiB holds ~32k indexes of 128 inner chunks.
+INDEX_CACHE_BYTES = 64 << 20
 # Byte ranges of one shard closer than this are fetched as one request: on object storage a request costs
 # about what reading this many more bytes does (tens of ms of latency against ~100 MB/s per stream).
 MERGE_GAP = 1 << 20
@@ -551,7 +554,7 @@ class ShardedArrayFile:
     """
 
     def __init__(self, root: str | Path, name: str, *, check_crc: bool = True, max_open: int = 64,
-                 shard_cache=None):
+                 shard_cache=None, index_cache_bytes: int = INDEX_CACHE_BYTES):
         self.meta = meta = ShardedArrayMeta(root, name)
         self.remote, self.root, self.name = meta.remote, meta.root, name
         self.shard_cache = shard_cache  # shared.remote.ShardCache: whole remote shards kept on local disk
@@ -561,14 +564,16 @@ class ShardedArrayFile:
         self.check_crc = check_crc
         self._max_open = max_open
         self._fds: OrderedDict[int, int] = OrderedDict()
-        self._index: dict[int, np.ndarray] = {}
+        # Shard indexes read so far (one suffix read each, the first time a shard is touched), least recently used first.
+        self._index: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._index_bytes, self.index_cache_bytes = 0, index_cache_bytes
         self._remotes: OrderedDict[int, object] = OrderedDict()
 
     def __getstate__(self):
         # File descriptors do not cross process boundaries (DataLoader workers reopen them).
         state = dict(self.__dict__)
         state["_fds"] = OrderedDict()
-        state["_index"] = {}
+        state["_index"], state["_index_bytes"] = OrderedDict(), 0
         state["_remotes"] = OrderedDict()
         return state
 
@@ -655,20 +660,29 @@ class ShardedArrayFile:
             self._fds.move_to_end(shard)
         return fd
 
-    def _load_indexes(self, shards) -> None:
-        """Read the index of every shard in ``shards`` not known yet (its last bytes, one suffix read each, all
-        fetched together) and check its crc32c."""
-        missing = sorted({int(s) for s in shards if s not in self._index})
+    def _load_indexes(self, shards) -> dict[int, np.ndarray]:
+        """The ``[chunks_per_shard, 2]`` (offset, nbytes) index of every shard in ``shards``: kept from an earlier
+        call, else read (its last bytes, one suffix read each, all fetched together) and its crc32c checked."""
+        wanted = sorted({int(s) for s in shards})
+        out = {}
+        for s in wanted:
+            if s in self._index:
+                self._index.move_to_end(s)
+                out[s] = self._index[s]
+        missing = [s for s in wanted if s not in out]
         n = self.chunks_per_shard * _INDEX_ENTRY + _CRC
         for shard, raw in zip(missing, self._fetch([(s, -n, None) for s in missing])):
             if len(raw) != n or struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(raw[:-_CRC]):
                 raise ChecksumError(f"{self.shard_path(shard)}: the shard index is corrupt (checksum mismatch); "
                                     f"{integrity.verify_hint(self.root)}")
-            self._index[shard] = np.frombuffer(raw[:-_CRC], dtype="<u8").reshape(-1, 2)
+            out[shard] = self._index[shard] = np.frombuffer(raw[:-_CRC], dtype="<u8").reshape(-1, 2)
+            self._index_bytes += out[shard].nbytes
+        while self._index_bytes > self.index_cache_bytes and self._index:  # this call's indexes live on in ``out``
+            self._index_bytes -= self._index.popitem(last=False)[1].nbytes
+        return out
 
     def _shard_index(self, shard: int) -> np.ndarray:
-        self._load_indexes([shard])
-        return self._index[shard]
+        return self._load_indexes([shard])[shard]
 
     def read_chunk(self, chunk: int) -> np.ndarray:
         """Inner chunk ``chunk`` (global number) as ``[rows_per_chunk, *row_shape]``."""
@@ -705,11 +719,11 @@ class ShardedArrayFile:
                 last = min((stop - 1) // c, (shard + 1) * per - 1)
                 pieces.append((k, shard, chunk, last))
                 chunk = last + 1
-        self._load_indexes({p[1] for p in pieces})
+        index = self._load_indexes({p[1] for p in pieces})
         # 2. Their byte ranges, merged per shard, fetched together.
         wanted: dict[int, list[tuple[int, int]]] = {}
         for _, shard, first, last in pieces:
-            entries = self._index[shard][first - shard * per: last - shard * per + 1]
+            entries = index[shard][first - shard * per: last - shard * per + 1]
             if (entries[:, 0] == _EMPTY).any():
                 raise CacheDamaged(f"{self.shard_path(shard)}: a chunk was never written; {integrity.verify_hint(self.root)}")
             begin, end = int(entries[:, 0].min()), int((entries[:, 0] + entries[:, 1]).max())
@@ -728,7 +742,7 @@ class ShardedArrayFile:
             starts = [a for a, _ in fetched[shard]]
             for chunk in range(first, last + 1):
                 inner = chunk - shard * per
-                offset, nbytes = (int(v) for v in self._index[shard][inner])
+                offset, nbytes = (int(v) for v in index[shard][inner])
                 a, raw = fetched[shard][bisect.bisect_right(starts, offset) - 1]
                 data = memoryview(raw)[offset - a: offset - a + nbytes]
                 if len(data) != nbytes:

@@ -32,7 +32,8 @@ class LoopbackS3:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._fail = [0, None]
         self.failed = 0
-        self.requests: list[str] = []  # "METHOD /path" of every request the server received (in-process only)
+        # "METHOD /path" of every request the server received, then " bytes=A-B" for a ranged one (in-process only)
+        self.requests: list[str] = []
         self._lock = threading.Lock()
         outer = self
 
@@ -51,7 +52,8 @@ class LoopbackS3:
     def _faulty(self, app):
         def wrapped(environ, start_response):
             with self._lock:
-                self.requests.append(f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO', '')}")
+                ranged = f" {environ['HTTP_RANGE']}" if environ.get("HTTP_RANGE") else ""
+                self.requests.append(f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO', '')}{ranged}")
                 n, pattern = self._fail
                 hit = n > 0 and (pattern is None or re.search(pattern, environ.get("PATH_INFO", "")))
                 if hit:

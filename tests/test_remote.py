@@ -87,6 +87,44 @@ def test_a_batch_read_from_s3_is_the_local_read_in_fewer_requests(caches, s3):
         assert _raw(x["text"]) == _raw(y["text"]) and torch.equal(x["latent"], y["latent"])
 
 
+def test_shard_indexes_are_fetched_once_per_reader(caches, s3):
+    """A shard's index (its last bytes, a suffix GET) is read the first time a batch touches the shard and kept:
+    a second batch over the same shards sends only chunk ranges. With the index cache bounded below one
+    index, every batch fetches them again and still reads the same bytes."""
+    local_t, url_t, _, _ = caches
+    a = TextCacheReader(local_t)
+    batch = [int(i) for i in torch.randperm(a.n_captions, generator=torch.Generator().manual_seed(1))[:12]]
+    want = [(_raw(f), _raw(s)) for f, s in a.captions_bits(batch)]
+
+    def read(reader, indices):
+        seen = len(s3.requests)
+        got = reader.captions_bits(indices)
+        new = s3.requests[seen:]
+        suffix = [r for r in new if r.startswith("GET ") and " bytes=-" in r]
+        return got, suffix, len(new) - len(suffix)
+
+    b = TextCacheReader(url_t)
+    b.offsets, b.lengths, b._arrays()
+    shards = sum(f.meta.layout.n_shards for f in b._arrays().values())
+    assert shards >= 3
+    _, suffix, ranges = read(b, list(range(b.n_captions)))  # touches every shard of every array
+    assert len(suffix) == len(set(suffix)) == shards and ranges > 0, suffix
+    got, suffix, ranges = read(b, batch)
+    assert suffix == [] and 0 < ranges < len(batch)
+    assert [(_raw(f), _raw(s)) for f, s in got] == want
+    for f in b._arrays().values():
+        assert f._index_bytes == sum(ix.nbytes for ix in f._index.values()) <= f.index_cache_bytes
+
+    c = TextCacheReader(url_t)
+    c.offsets, c.lengths, c._arrays()
+    for f in c._arrays().values():
+        f.index_cache_bytes = 1  # less than one index: none is kept
+    for _ in range(2):
+        got, suffix, _ = read(c, batch)
+        assert suffix and [(_raw(f), _raw(s)) for f, s in got] == want
+        assert all(f._index_bytes == 0 and not f._index for f in c._arrays().values())
+
+
 def test_shard_cache_serves_reads_and_stays_under_its_bound(caches, tmp_path):
     local_t, url_t, _, _ = caches
     a = TextCacheReader(local_t)
