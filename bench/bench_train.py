@@ -404,6 +404,7 @@ def main() -> None:
     n = args.warmup + args.steps
     preload_feed = feed(batch_size, args.workers)
     preloaded = [next(preload_feed) for _ in range(n)]
+    preload_feed.close()  # its threads stop building batches beside the timed steps
     import gc
 
     gc.collect()

@@ -8,8 +8,10 @@ would, whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -439,6 +441,7 @@ class _ThreadedBatches:
     """
 
     POLL_S = 0.1
+    JOIN_S = 60.0  # close() waits this long for a thread to finish the batch it is building
 
     def __init__(self, loader: BatchLoader):
         self.loader = loader
@@ -454,6 +457,7 @@ class _ThreadedBatches:
         self.threads = [threading.Thread(target=self._work, args=(w, n), daemon=True, name=f"semroute-loader-{w}")
                         for w in range(n)]
         self.n = 0
+        _track(self)
         for t in self.threads:
             t.start()
 
@@ -515,7 +519,32 @@ class _ThreadedBatches:
         return item
 
     def close(self) -> None:
+        """Stop the builder threads and wait for them. A daemon thread still inside a torch call when
+        the interpreter exits is ended there by ``pthread_exit``, whose unwinding through torch's C++
+        makes it abort the process (``terminate called without an active exception``, exit status 134)."""
         self.stop.set()
+        _running.discard(self)
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(self.JOIN_S)
 
     def __del__(self):
         self.stop.set()
+
+
+# Threaded loaders not closed yet. Their threads hold them (``self._work``), so ``__del__`` does not
+# run while they build; at exit they are closed before the interpreter ends daemon threads. The exit
+# hook moves to the end of atexit's list with each new loader, after the caches' libraries (zarr,
+# fsspec) registered theirs, so it runs before those (last registered first) while the readers work.
+_running: weakref.WeakSet[_ThreadedBatches] = weakref.WeakSet()
+
+
+def _track(batches: _ThreadedBatches) -> None:
+    _running.add(batches)
+    atexit.unregister(_close_running_loaders)
+    atexit.register(_close_running_loaders)
+
+
+def _close_running_loaders() -> None:
+    for batches in list(_running):
+        batches.close()

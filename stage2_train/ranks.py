@@ -39,6 +39,7 @@ POLL_S = 0.2
 ACK_WAIT_S = 3.0  # the failing rank waits at most this long for the others to see its failure
 PEER_GRACE_S = float(os.environ.get("SEMROUTE_PEER_GRACE_S", 10.0))
 EXIT_GRACE_S = float(os.environ.get("SEMROUTE_EXIT_GRACE_S", 20.0))
+JOIN_S = 5.0  # close() waits this long for the watcher's store call to return
 
 
 class PeerFailed(SemrouteError):
@@ -127,7 +128,10 @@ class _Watch:
         return self.peer if self.peer is not None and self.peer["rank"] != self.rank else None
 
     def close(self) -> None:
+        # Joined, not just told: a daemon thread inside a store call (torch C++) when the interpreter
+        # exits aborts the process (exit status 134). A call to a dead store is given up on after a while.
         self._stop.set()
+        self._thread.join(JOIN_S)
 
 
 def _say(line: str) -> None:

@@ -141,6 +141,52 @@ def test_training_on_a_corrupt_cache_stops_with_the_readers_error(square_caches,
     assert isinstance(err, ChecksumError), repr(err)
 
 
+# A process that exits while its loader thread is inside torch calls (here: building a slow batch).
+_EXIT_WHILE_BUILDING = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("semroute", sys.argv[1] + "/__init__.py",
+                                              submodule_search_locations=[sys.argv[1]])
+sys.modules["semroute"] = module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+import torch
+from semroute.stage2_train.data import BatchLoader, EpochBatches, PairedCaches
+from semroute.stage2_train.feed import DeviceFeed
+
+class SlowLoader(BatchLoader):  # a large batch: the builder spends its time inside torch's C++
+    def build(self, *args, **kwargs):
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            torch.rand(256, 256)
+        return super().build(*args, **kwargs)
+
+ds = PairedCaches(sys.argv[2], sys.argv[3], text_layers=None, seed=0)
+plan = EpochBatches(ds.bucket_ids(), ds.text_lengths(), 8, seed=0)
+feed = DeviceFeed(SlowLoader(ds, plan, num_workers=2), "cpu", ds.text)
+next(feed)
+if sys.argv[4] == "close":
+    feed.close()
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["close", "exit"])
+def test_a_process_exits_cleanly_while_its_loader_threads_build(square_caches, tmp_path, how):
+    """Daemon loader threads left inside torch calls at interpreter exit made it abort ("terminate called
+    without an active exception", exit status 134, after the run's output): closing the feed (the trainer's
+    ``finally``) or just exiting (an unclosed loader) waits for them instead."""
+    import subprocess
+    import sys
+
+    text, latents, _ = square_caches
+    script = tmp_path / "exit_while_building.py"
+    script.write_text(_EXIT_WHILE_BUILDING)
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, str(script), root, text, latents, how], capture_output=True, text=True,
+                          timeout=120)
+    assert "exiting" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "terminate called" not in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+
+
 def _losses(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
