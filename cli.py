@@ -29,6 +29,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from semroute.demo import DemoConfig  # light: the demo imports torch only where it runs
 from semroute.shared.errors import SemrouteError, write_faults_named
 from semroute.stage2_train.config import config_names, field_help
 
@@ -338,6 +339,11 @@ def train_cmd(
     typer.echo(f"checkpoint: {summary['checkpoint']}")
 
 
+def _interval(text: str | None) -> tuple[str, ...] | None:
+    """``--guidance-interval LO,HI`` split (the pipeline checks the numbers)."""
+    return None if text is None else tuple(v.strip() for v in text.split(","))
+
+
 @app.command("sample")
 def sample_cmd(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A run folder, a checkpoint folder or an exported pipeline.")],
@@ -348,6 +354,7 @@ def sample_cmd(
     n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = 1,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Euler flow-matching steps (default: the run's sample_steps, 25 unless its config sets it).", show_default=False)] = None,
     guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale w (1 = none) (default: the run's sample_guidance, 6.0 unless its config sets it).", show_default=False)] = None,
+    guidance_interval: Annotated[Optional[str], typer.Option("--guidance-interval", metavar="LO,HI", help="Guide only the steps whose sigma is in [LO, HI] (1 = noise, 0 = image), e.g. 0.3,0.8; elsewhere the conditional prediction alone, at half the cost (default: every step).", show_default=False)] = None,
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Image side in pixels (default: the training resolution).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Image k of prompt i uses seed + i*n + k.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
@@ -362,6 +369,8 @@ def sample_cmd(
 
       semroute sample -c runs/depth -p "a red circle to the left of a blue square" --n 4 -o samples/
 
+      semroute sample -c runs/depth --prompts prompts.txt --guidance 4 --guidance-interval 0.3,0.8 -o samples/
+
       semroute sample -c pipelines/depth --prompts ../shared/data/geneval/evaluation_metadata.jsonl --n 4 -o geneval/
 
       accelerate launch --num_processes 8 cli.py sample -c runs/depth --prompts genai_image.json -o genai/
@@ -370,7 +379,8 @@ def sample_cmd(
 
     cfg = SampleConfig(checkpoint=str(checkpoint), out=str(out), prompts=list(prompt or []),
                        prompts_file=str(prompts) if prompts else None, format=fmt, n=n, steps=steps,
-                       guidance=guidance, resolution=resolution, seed=seed, batch_size=batch_size, ema=ema, llm=llm,
+                       guidance=guidance, guidance_interval=_interval(guidance_interval), resolution=resolution,
+                       seed=seed, batch_size=batch_size, ema=ema, llm=llm,
                        device=device, progress=not no_progress)
     summary = sample(cfg)
     if summary["images_written"] or summary["grid"]:
@@ -417,21 +427,26 @@ def routing_cmd(
     typer.echo(f"wrote {png} and {csv_path}")
 
 
+_DEMO = DemoConfig()  # the demo's defaults, owned by DemoConfig
+
+
 @app.command("demo")
 def demo_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data, caches, run, samples, report).")] = Path("demo_out"),
-    images: Annotated[int, typer.Option("--images", help="Training images to generate.")] = 1800,
-    heldout: Annotated[int, typer.Option("--heldout", help="Held-out prompts to sample and score.")] = 60,
-    train_minutes: Annotated[float, typer.Option("--train-minutes", help="Training time budget.")] = 8.0,
-    max_steps: Annotated[int, typer.Option("--max-steps", help="Training steps cap (whichever comes first).")] = 100_000,
-    fusion: Annotated[str, typer.Option("--fusion", help="Routing strategy to train.")] = "depth",
-    preset: Annotated[str, typer.Option("--preset", help="DiT size.")] = "small",
-    llm: Annotated[str, typer.Option("--llm", help="LLM for the captions.")] = "smollm2",
-    samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt", help="Images per held-out prompt.")] = 4,
-    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 25,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size (over all processes).")] = 32,
-    processes: Annotated[int, typer.Option("--processes", help="Training processes; 0: two on a CPU with 2+ cores, else one.")] = 0,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data, caches, run, samples, report).")] = Path(_DEMO.out),
+    images: Annotated[int, typer.Option("--images", help="Training images to generate.")] = _DEMO.images,
+    heldout: Annotated[int, typer.Option("--heldout", help="Held-out prompts to sample and score.")] = _DEMO.heldout,
+    train_minutes: Annotated[float, typer.Option("--train-minutes", help="Training time budget.")] = _DEMO.train_minutes,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Training steps cap (whichever comes first).")] = _DEMO.max_steps,
+    fusion: Annotated[str, typer.Option("--fusion", help="Routing strategy to train.")] = _DEMO.fusion,
+    preset: Annotated[str, typer.Option("--preset", help="DiT size.")] = _DEMO.preset,
+    llm: Annotated[str, typer.Option("--llm", help="LLM for the captions.")] = _DEMO.llm,
+    samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt", help="Images per held-out prompt.")] = _DEMO.samples_per_prompt,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = _DEMO.sample_steps,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance of the samples.")] = _DEMO.guidance,
+    guidance_interval: Annotated[str, typer.Option("--guidance-interval", metavar="LO,HI", help="Guide only where sigma is in [LO, HI]; 'none': every step.")] = ",".join(f"{v:g}" for v in _DEMO.guidance_interval or ()) or "none",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size (over all processes).")] = _DEMO.batch_size,
+    processes: Annotated[int, typer.Option("--processes", help="Training processes; 0: two on a CPU with 2+ cores, else one.")] = _DEMO.processes,
+    seed: Annotated[int, typer.Option("--seed")] = _DEMO.seed,
     no_progress: NoProgress = False,
 ) -> None:
     """Run everything on synthetic colored shapes: generate, encode with SmolLM2 + pixel codec, train the
@@ -441,11 +456,14 @@ def demo_cmd(
 
       semroute demo --images 120 --heldout 12 --train-minutes 0.5 --samples-per-prompt 1 --steps 4
     """
-    from semroute.demo import DemoConfig, run_demo
+    from semroute.demo import run_demo
+    from semroute.shared.checks import check_guidance_interval
 
+    interval = None if guidance_interval.strip().lower() == "none" else check_guidance_interval(_interval(guidance_interval))
     run_demo(DemoConfig(out=str(out), images=images, heldout=heldout, train_minutes=train_minutes,
                         max_steps=max_steps, fusion=fusion, preset=preset, llm=llm,
-                        samples_per_prompt=samples_per_prompt, sample_steps=steps, batch_size=batch_size, processes=processes, seed=seed,
+                        samples_per_prompt=samples_per_prompt, sample_steps=steps, guidance=guidance,
+                        guidance_interval=interval, batch_size=batch_size, processes=processes, seed=seed,
                         progress=not no_progress))
 
 

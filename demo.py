@@ -25,10 +25,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from semroute.shared.errors import SemrouteError
+
+# torch and numpy are imported where used: the CLI reads DemoConfig's defaults for `semroute demo --help`.
 
 
 @dataclass
@@ -53,7 +52,7 @@ class DemoConfig:
     """The output projection starts N(0, 0.02) instead of zero (the reference): a zero projection passes no
     gradient into the blocks until it has grown, a ~100-step plateau of a short run (bench/RESULTS.md)."""
     llm: str = "smollm2"
-    train_minutes: float = 8.0
+    train_minutes: float = 9.0
     max_steps: int = 100_000
     batch_size: int = 32
     """The global batch: split evenly over the training processes."""
@@ -76,11 +75,14 @@ class DemoConfig:
     validate_every: int = 250
     """Steps between validations (and checkpoints): one validation costs about 10 training steps here
     (bench/RESULTS.md), so this keeps it under ~5% of the training time."""
-    sample_steps: int = 25
-    guidance: float = 1.5
-    """Classifier-free guidance of the demo's samples. Stronger guidance (6, the pipeline's default) empties
-    many single-object samples of this small model: the unconditional prediction holds more objects than
-    "a photo of a triangle", and guidance pushes away from it (bench/RESULTS.md)."""
+    sample_steps: int = 50
+    guidance: float = 3.0
+    """Classifier-free guidance of the demo's samples, applied only within ``guidance_interval``. Guidance at
+    every step (6, the pipeline's default) empties many single-object samples of this small model: the
+    unconditional prediction holds more objects than "a photo of a triangle", and guidance pushes away from
+    it (bench/RESULTS.md)."""
+    guidance_interval: tuple[float, float] | None = (0.3, 0.8)
+    """Sigmas between which the samples are guided; the conditional prediction alone elsewhere."""
     seed: int = 0
     num_workers: int = 1
     progress: bool = True
@@ -138,6 +140,8 @@ def _load_llm(cfg: DemoConfig):
     from semroute.shared.llm import load_llm
 
     # CPUs run bf16 matmuls several times slower than float32; the cache then stores bf16 (same bytes).
+    import torch
+
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     _say(f"loading {cfg.llm} ...")
     return load_llm(cfg.llm, device="auto", dtype=dtype)
@@ -145,6 +149,8 @@ def _load_llm(cfg: DemoConfig):
 
 def _ground_truth(cfg: DemoConfig, folder: Path) -> Path:
     """The held-out prompts drawn by the data generator, in GenEval's layout: the checker's ceiling."""
+    import numpy as np
+
     from semroute.shared import shapes
     from semroute.stage2_train.prompt_files import layout_for, read_prompts, save_image
 
@@ -166,10 +172,9 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
 
     latest = RunFolder(run_dir).latest_checkpoint()
     if latest is not None:
-        done = RunFolder.train_state(latest)
-        _say(f"{run_dir} is already trained ({done['step']} steps); reusing it")
-        return {"step": done["step"], "train_seconds": done["train_seconds"],
-                "validation_seconds": done.get("validation_seconds", 0.0)}
+        trained = _trained(run_dir)
+        _say(f"{run_dir} is already trained ({trained['step']} steps); reusing it")
+        return trained
     processes = training_processes(cfg)
     tcfg = TrainConfig(
         text_cache=str(data["text_cache"]), latent_cache=str(data["latent_cache"]), out=str(run_dir), fusion=fusion,
@@ -180,6 +185,7 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
         checkpoint_every=cfg.validate_every, keep_checkpoints=1, log_every=20, seed=cfg.seed,
         num_workers=cfg.num_workers, ema=cfg.ema, ema_decay=cfg.ema_decay, report_to="tensorboard",
         holdout=min(cfg.holdout, cfg.images // 8), validate_every=cfg.validate_every, val_guidance=cfg.guidance,
+        val_guidance_interval=list(cfg.guidance_interval) if cfg.guidance_interval else None,
     )
     size = f"{cfg.blocks or 'preset'} blocks x {cfg.width or 'preset'} wide"
     size += f", {processes} processes" if processes > 1 else ""
@@ -192,6 +198,13 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
     if processes == 1:
         return Trainer(tcfg, progress=cfg.progress).train()
     launch_training(tcfg, processes, Path(cfg.out) / f"{run_dir.name}.train.yaml", cfg.progress)
+    return _trained(run_dir)
+
+
+def _trained(run_dir: Path) -> dict:
+    """Steps and seconds of a finished run, from its latest checkpoint."""
+    from semroute.stage2_train.run_folder import RunFolder
+
     done = RunFolder.train_state(RunFolder(run_dir).latest_checkpoint())
     return {"step": done["step"], "train_seconds": done["train_seconds"],
             "validation_seconds": done.get("validation_seconds", 0.0)}
@@ -199,6 +212,8 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
 
 def training_processes(cfg: DemoConfig) -> int:
     """``cfg.processes``, or the automatic choice; the global batch must split evenly over them."""
+    import torch
+
     n = cfg.processes or (2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1)
     if n < 1 or cfg.batch_size % n:
         raise SemrouteError(f"--processes {n}: the batch size {cfg.batch_size} must split evenly over the processes")
@@ -242,7 +257,8 @@ def evaluate(cfg: DemoConfig, data: dict, run_dir: Path, out: Path) -> dict:
     data["llm"] = pipe.text_encoder.llm  # loaded once, reused by later strategies
     t0 = time.perf_counter()
     sample(SampleConfig(checkpoint=str(run_dir), out=str(samples), prompts_file=str(data["prompts"]), format="geneval",
-                        n=cfg.samples_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
+                        n=cfg.samples_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
+                        guidance_interval=cfg.guidance_interval, seed=cfg.seed,
                         batch_size=32, progress=cfg.progress), pipe=pipe)
     sample_seconds = time.perf_counter() - t0
     results = shape_checker.score_folder(samples)

@@ -59,3 +59,14 @@ def json_object(text: str, where: str, *, error: type[Exception] = SemrouteError
     if not isinstance(value, dict):
         raise error(f"{where}: expected {expected}, got a {type(value).__name__}")
     return value
+
+
+def check_guidance_interval(interval) -> tuple[float, float]:
+    """``(lo, hi)`` sigmas with ``0 <= lo < hi <= 1``, else a ``SemrouteError``."""
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise SemrouteError(f"guidance interval {interval!r}: give two sigmas LO,HI in [0, 1]") from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise SemrouteError(f"guidance interval {lo:g},{hi:g}: need 0 <= LO < HI <= 1 (sigma: 1 = noise, 0 = image)")
+    return lo, hi

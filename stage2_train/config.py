@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from semroute.shared.checks import check_bool, check_number
+from semroute.shared.checks import check_bool, check_guidance_interval, check_number
 from semroute.shared.errors import SemrouteError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -205,6 +205,9 @@ class TrainConfig:
     """Euler steps of those samples."""
     val_guidance: float = 6.0
     """Classifier-free guidance of those samples (against the stored null caption)."""
+    val_guidance_interval: list | None = None
+    """``[lo, hi]``: guide those samples only where sigma is in [lo, hi] (see `semroute sample
+    --guidance-interval`); None: every step."""
 
     def __post_init__(self):
         if self.tensorboard is False and self.report_to == "tensorboard":
@@ -245,6 +248,8 @@ class TrainConfig:
             raise SemrouteError(f"text_layers must be a spec string or a list of layer indices, got {self.text_layers!r}")
         if self.loader not in ("thread", "process"):
             raise SemrouteError(f"loader {self.loader!r}: use thread or process")
+        if self.val_guidance_interval is not None:
+            self.val_guidance_interval = list(check_guidance_interval(self.val_guidance_interval))
         self.text_length_buckets()  # a clear error for a bad text_buckets
 
     def text_length_buckets(self):

@@ -19,6 +19,7 @@ MAY_CHANGE = (
     "allow_new_data", "cache_dir", "cache_size", "storage_options",
     # watching the run (holdout is fixed: it decides what is trained on)
     "report_to", "validate_every", "val_sigmas", "val_samples", "val_sample_steps", "val_guidance",
+    "val_guidance_interval",
     # the caches may move (their content is compared), and so may the run folder
     "text_cache", "latent_cache", "out",
 )

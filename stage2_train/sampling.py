@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from semroute.shared.checks import check_number
+from semroute.shared.checks import check_guidance_interval, check_number
 from semroute.shared.distributed import process_info
 from semroute.shared.errors import SemrouteError
 from semroute.stage2_train.prompt_files import PromptEntry, detect_format, layout_for, read_prompts, save_image
@@ -35,6 +35,8 @@ class SampleConfig:
     """Euler steps; None: the run's (or exported pipeline's) ``sample_steps``, else 25."""
     guidance: float | None = None
     """Guidance scale; None: the run's (or exported pipeline's) ``sample_guidance``, else 6.0."""
+    guidance_interval: tuple[float, float] | None = None
+    """Guide only where sigma is in ``[lo, hi]`` (conditional prediction alone elsewhere); None: every step."""
     resolution: int | None = None
     seed: int = 0
     batch_size: int = 8
@@ -49,12 +51,14 @@ def check_sample_options(cfg: SampleConfig) -> None:
     for name, value in (("--n", cfg.n), ("--batch-size", cfg.batch_size), ("--steps", cfg.steps)):
         check_number(name, value, integer=True, low=1)
     check_number("--guidance", cfg.guidance)  # any finite scale (1 = no guidance, 0 = unconditional)
+    if cfg.guidance_interval is not None:
+        cfg.guidance_interval = check_guidance_interval(cfg.guidance_interval)
     check_number("--seed", cfg.seed, integer=True, low=0)
     check_number("--resolution", cfg.resolution, integer=True, low=1, optional=True)
 
 
 RECORD = "sample_run.json"
-SETTINGS = ("model", "format", "n", "steps", "guidance", "seed", "resolution", "ema")
+SETTINGS = ("model", "format", "n", "steps", "guidance", "guidance_interval", "seed", "resolution", "ema")
 
 
 def model_identity(checkpoint: str, ema: bool) -> dict:
@@ -82,7 +86,8 @@ def claim_output(cfg: SampleConfig, fmt: str) -> dict:
     written. An output folder holding images made with other settings (another model, seed, guidance, ...)
     is refused: the skip-what-exists resume would otherwise mix old images with new ones."""
     settings = {"checkpoint": cfg.checkpoint, "model": model_identity(cfg.checkpoint, cfg.ema), "format": fmt,
-                "n": cfg.n, "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
+                "n": cfg.n, "steps": cfg.steps, "guidance": cfg.guidance,
+                "guidance_interval": list(cfg.guidance_interval) if cfg.guidance_interval else None, "seed": cfg.seed,
                 "resolution": cfg.resolution, "ema": cfg.ema}
     out = Path(cfg.out)
     record = out / RECORD
@@ -197,7 +202,7 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
             batch = jobs[start: start + cfg.batch_size]
             generators = [torch.Generator().manual_seed(cfg.seed + e.index * cfg.n + k) for e, k in batch]
             images = pipe([e.text for e, _ in batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                          height=size, width=size, generator=generators).images
+                          guidance_interval=cfg.guidance_interval, height=size, width=size, generator=generators).images
             for (entry, k), image in zip(batch, images):
                 if entry.index not in prepared:
                     layout.prepare(entry)

@@ -192,7 +192,8 @@ class Trainer:
                 self.samples_grid = SampleGrid(
                     self.dataset, self.heldout, n=cfg.val_samples, stored_layers=stored.stored_layers,
                     null_features=stored.null(), latent_fingerprint=self.dataset.latents.fingerprint,
-                    shift=cfg.shift, steps=cfg.val_sample_steps, guidance=cfg.val_guidance)
+                    shift=cfg.shift, steps=cfg.val_sample_steps, guidance=cfg.val_guidance,
+                    guidance_interval=cfg.val_guidance_interval)
 
     def _build_optimization(self) -> None:
         """2. AdamW over the trainable parameters (the routing gates in their own group, with their lr scale

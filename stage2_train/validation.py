@@ -109,7 +109,8 @@ class SampleGrid:
     Main process only; builds the pipeline's autoencoder from the latent cache's fingerprint once."""
 
     def __init__(self, dataset: PairedCaches, indices: np.ndarray, *, n: int, stored_layers: list[int],
-                 null_features: torch.Tensor, latent_fingerprint: dict, shift: float, steps: int, guidance: float):
+                 null_features: torch.Tensor, latent_fingerprint: dict, shift: float, steps: int, guidance: float,
+                 guidance_interval: list | None = None):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from semroute.stage2_train.pipeline import _vae_from_fingerprint
@@ -120,7 +121,7 @@ class SampleGrid:
         self.vae, _ = _vae_from_fingerprint(latent_fingerprint)
         self.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
         self.stored_layers, self.null = stored_layers, null_features
-        self.steps, self.guidance = steps, guidance
+        self.steps, self.guidance, self.guidance_interval = steps, guidance, guidance_interval
         self._truth: list | None = None
 
     def pipeline(self, model):
@@ -146,7 +147,8 @@ class SampleGrid:
         h, w = self.items[0].latent.shape[-2:]
         down = pipe.vae_downsample
         return pipe(prompt_features=[it.text for it in self.items], num_inference_steps=self.steps,
-                    guidance_scale=self.guidance, generator=generators, height=h * down, width=w * down).images
+                    guidance_scale=self.guidance, guidance_interval=self.guidance_interval, generator=generators,
+                    height=h * down, width=w * down).images
 
     def write(self, columns: dict[str, list], path: Path, title: str) -> "Image.Image":  # noqa: F821
         """``columns``: name -> one image per caption (ground truth first). Returns the sheet it saved."""

@@ -94,6 +94,57 @@ def test_export_then_from_pretrained_gives_the_same_images(trained_run, tmp_path
     assert (tmp_path / "ema" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() != raw
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(trained_run, tmp_path):
+    prompts = ["a red square on the left", "a blue square on the right"]
+    pipe = SemroutePipeline.from_run(trained_run, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    batches = []
+    real_forward = pipe.transformer.forward
+
+    def counting(latents, *args, **kwargs):
+        batches.append(latents.shape[0])
+        return real_forward(latents, *args, **kwargs)
+
+    pipe.transformer.forward = counting
+
+    def run(**kw) -> torch.Tensor:
+        batches.clear()
+        gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+        return pipe(prompts, num_inference_steps=4, generator=gens, output_type="pt", **kw).images
+
+    pipe.scheduler.set_timesteps(4)
+    sigmas = [float(t) / 1000 for t in pipe.scheduler.timesteps]  # the 4 steps' sigmas, noisiest first
+    guided = run(guidance_scale=3.0)
+    assert batches == [4] * 4  # conditional and null caption together at every step
+    # an interval holding every step is plain guidance
+    assert torch.equal(run(guidance_scale=3.0, guidance_interval=(0.0, 1.0)), guided)
+    # an interval holding none is the conditional prediction alone, one pass per step
+    plain = run(guidance_scale=1.0)
+    below = run(guidance_scale=3.0, guidance_interval=(0.0, min(sigmas) / 2))
+    assert batches == [2] * 4
+    torch.testing.assert_close(below, plain, rtol=0, atol=1e-5)
+    # between them: guided (two passes) exactly at the steps inside, and an image unlike both
+    lo, hi = sigmas[2] - 1e-3, sigmas[1] + 1e-3
+    mixed = run(guidance_scale=3.0, guidance_interval=(lo, hi))
+    assert batches == [2, 4, 4, 2]
+    assert (mixed - guided).abs().max() > 1e-3 and (mixed - plain).abs().max() > 1e-3
+    for bad in [(0.8, 0.3), (-0.1, 0.5), (0.2, 1.5), ("a", "b"), (0.5,)]:
+        with pytest.raises(SemrouteError, match="guidance interval"):
+            run(guidance_scale=3.0, guidance_interval=bad)
+    # the CLI: the option, a clean error for a bad one, and a folder made with another interval refused
+    out = tmp_path / "interval"
+    run_cli("sample", "-c", str(trained_run), "-o", str(out), "-p", "a red square", "--steps", "2",
+            "--guidance-interval", "0.3,0.8", "--no-progress")
+    assert json.loads((out / "sample_run.json").read_text())["guidance_interval"] == [0.3, 0.8]
+    bad = run_cli("sample", "-c", str(trained_run), "-o", str(tmp_path / "bad"), "-p", "a red square",
+                  "--guidance-interval", "0.8,0.3", "--no-progress", check=False)
+    assert bad.returncode != 0 and "guidance interval 0.8,0.3" in bad.stderr + bad.stdout
+    assert "Traceback" not in bad.stderr
+    again = run_cli("sample", "-c", str(trained_run), "-o", str(out), "-p", "a red square", "--steps", "2",
+                    "--no-progress", check=False)
+    assert again.returncode != 0 and "guidance_interval" in again.stderr + again.stdout
+
+
 def test_a_different_llm_is_refused(trained_run, tiny_qwen_dir, tmp_path):
     with pytest.raises(SemrouteError, match="is not the one the text cache was encoded with"):
         SemroutePipeline.from_run(trained_run, llm=str(tiny_qwen_dir), device="cpu")
@@ -165,6 +216,11 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, smollm2_llm):
     assert report["samples"]["n_images"] == 6 and set(report["samples"]["per_tag"]) == {
         "single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert report["ground_truth"]["overall"] == 1.0
+    # sampled (and validated) with the demo's guidance interval
+    assert json.loads((out / "samples" / "sample_run.json").read_text())["guidance_interval"] == [0.3, 0.8]
+    import yaml
+
+    assert yaml.safe_load((out / "run-depth" / "config.yaml").read_text())["val_guidance_interval"] == [0.3, 0.8]
     fp = TextCacheReader(out / "captions.text.zarr").fingerprint
     assert fp["llm_ref"] == "smollm2" and len(fp["layers"]) == 30
 
