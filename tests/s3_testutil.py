@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,8 @@ def free_ports(n: int) -> list[int]:
 class LoopbackS3:
     """``with LoopbackS3() as s3:`` sets the AWS environment variables to point at the server (never anywhere
     else) and restores them on exit. ``s3.fail_next(n, pattern)`` answers the next ``n`` requests whose path
-    matches ``pattern`` with ``503 SlowDown``; ``s3.requests`` lists every request received."""
+    matches ``pattern`` with ``503 SlowDown`` (``kind="reset"``: drops the connection before answering, as a
+    connection reset); ``s3.requests`` lists every request received."""
 
     ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
            "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
@@ -51,7 +53,7 @@ class LoopbackS3:
         self.port = sock.getsockname()[1]
         sock.close()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._fail = [0, None]
+        self._fail = [0, None, "503"]
         self.failed = 0
         # "METHOD /path" of every request the server received, then " bytes=A-B" for a ranged one (in-process only)
         self.requests: list[str] = []
@@ -75,11 +77,18 @@ class LoopbackS3:
             with self._lock:
                 ranged = f" {environ['HTTP_RANGE']}" if environ.get("HTTP_RANGE") else ""
                 self.requests.append(f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO', '')}{ranged}")
-                n, pattern = self._fail
+                n, pattern, kind = self._fail
                 hit = n > 0 and (pattern is None or re.search(pattern, environ.get("PATH_INFO", "")))
                 if hit:
                     self._fail[0] -= 1
                     self.failed += 1
+            if hit and kind == "reset":
+                # The connection dropped before an answer (the server's later writes fail quietly, and its close
+                # then sends a reset); werkzeug's own socket, which its file objects keep open, is only shut down.
+                environ["werkzeug.socket"].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
+                start_response("200 OK", [("Content-Length", "0")])
+                return []
             if hit:
                 body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                 start_response("503 Service Unavailable", [("Content-Type", "application/xml"),
@@ -88,9 +97,9 @@ class LoopbackS3:
             return app(environ, start_response)
         return wrapped
 
-    def fail_next(self, n: int, pattern: str | None = None) -> None:
+    def fail_next(self, n: int, pattern: str | None = None, kind: str = "503") -> None:
         with self._lock:
-            self._fail = [n, pattern]
+            self._fail = [n, pattern, kind]
 
     def make_bucket(self, name: str) -> str:
         import boto3

@@ -4,6 +4,8 @@ info/verify/train work on URLs, faults give errors naming the URL, transient 503
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from s3_testutil import LoopbackS3
@@ -261,3 +263,113 @@ def _png(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+# -- the two clients: obstore reads s3:// objects, s3fs the rest ----------------------------------------
+def test_reads_go_through_obstore_and_equal_s3fs_reads(caches, s3, monkeypatch):
+    """A batch read through obstore (the default client for s3:// reads) and through s3fs
+    (``SEMROUTE_S3_CLIENT=s3fs``) gives the local reader's bytes, the obstore one in as few requests."""
+    local_t, url_t, _, _ = caches
+    a = TextCacheReader(local_t)
+    batch = [int(i) for i in torch.randperm(a.n_captions, generator=torch.Generator().manual_seed(2))[:16]]
+    want = [(_raw(f), _raw(s)) for f, s in a.captions_bits(batch)]
+    counts = {}
+    for client in ("obstore", "s3fs"):
+        monkeypatch.setenv(remote.ENV_CLIENT, client)
+        b = TextCacheReader(url_t)
+        b.offsets, b.lengths, b._arrays()
+        assert b._arrays()["features"]._remote(0).client == ("obstore" if client == "obstore" else "fsspec")
+        seen = len(s3.requests)
+        assert [(_raw(f), _raw(s)) for f, s in b.captions_bits(batch)] == want
+        counts[client] = len(s3.requests) - seen
+    assert 0 < counts["obstore"] == counts["s3fs"] < 2 * len(batch)
+
+
+def test_obstore_reads_name_the_url_and_the_fix(caches, s3, monkeypatch):
+    """RemoteFile's faults through obstore: the same messages as through s3fs, transient ones retried and counted."""
+    _, url_t, _, _ = caches
+    shard = TextCacheReader(url_t)._arrays()["features"].shard_path(0)
+    f = remote.RemoteFile(shard)
+    assert f.client == "obstore" and f.size > 100
+    with pytest.raises(SemrouteError, match=r"asked for bytes .* got 0 \(the object changed"):
+        f.read(f.size + 10, f.size + 20)  # starts past the end: HTTP 416
+    with pytest.raises(SemrouteError, match=r"asked for bytes .* got 10 "):
+        f.read(f.size - 10, f.size + 20)  # ends past it
+    with pytest.raises(SemrouteError, match=r"s3://nobkt/x.*bucket 'nobkt' does not exist"):
+        remote.RemoteFile("s3://nobkt/x").read(0, 10)
+    with pytest.raises(SemrouteError, match=r"s3://bkt/none does not exist \(was it deleted"):
+        remote.read_ranges([remote.RemoteFile("s3://bkt/none")], [0], [10])
+    for kind in ("503", "reset"):
+        s3.fail_next(2, re.escape(f.key), kind)
+        before = remote.STATS.retries
+        assert len(remote.read_ranges([f, f], [0, 50], [10, 60])[1]) == 10
+        assert remote.STATS.retries - before == 2 and s3._fail[0] == 0, kind
+        s3.fail_next(1, re.escape(f.key), kind)
+        assert len(f.read(5, 25)) == 20 and remote.STATS.retries - before == 3, kind
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    with pytest.raises(SemrouteError, match=r"access denied.*AWS_ACCESS_KEY_ID"):
+        remote.RemoteFile(shard).read(0, 10)
+    monkeypatch.undo()
+    # Options from --storage-options (s3fs's keys), the environment's endpoint gone; then a dead endpoint.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setattr(remote, "MAX_TRIES", 2)
+    try:
+        remote.set_storage_options({"endpoint_url": s3.endpoint, "key": "testing", "secret": "testing"})
+        assert remote.RemoteFile(shard).read(0, 10) == f.read(0, 10)
+        remote.set_storage_options({"endpoint_url": "http://127.0.0.1:9"})
+        before = remote.STATS.retries
+        with pytest.raises(SemrouteError, match=r"cannot reach the object store for s3://bkt/.* after 2 tries.*endpoint"):
+            remote.read_ranges([remote.RemoteFile(shard)], [0], [10])
+        assert remote.STATS.retries - before == 1
+    finally:
+        remote.set_storage_options(None)
+
+
+def _read_in_child(reader, batch, conn):
+    conn.send([(_raw(f), _raw(s)) for f, s in reader.captions_bits(batch)])
+
+
+def test_a_process_forked_after_obstore_reads_through_s3fs(caches):
+    """obstore's runtime does not survive a fork once used (the child's first request would hang): a child
+    forked after the parent read (a DataLoader worker, say) reads the same bytes through s3fs."""
+    import multiprocessing
+
+    local_t, url_t, _, _ = caches
+    b = TextCacheReader(url_t)
+    batch = [0, 3, 7]
+    want = [(_raw(f), _raw(s)) for f, s in b.captions_bits(batch)]
+    assert remote.OBSTORE.used and b._arrays()["features"]._remote(0).client == "obstore"
+    ctx = multiprocessing.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=_read_in_child, args=(b, batch, theirs))
+    child.start()
+    try:
+        assert ours.poll(60), "the forked reader hung"
+        assert ours.recv() == want
+    finally:
+        child.kill()
+        child.join()
+
+
+def test_storage_options_map_to_obstore(tmp_path, monkeypatch):
+    cfg = remote.obstore_config({"endpoint_url": "http://minio:9000", "key": "k", "secret": "s", "token": "t",
+                                 "client_kwargs": {"region_name": "eu-west-1"}, "config_kwargs": {"read_timeout": 9}})
+    assert cfg["config"] == {"endpoint": "http://minio:9000", "access_key_id": "k", "secret_access_key": "s",
+                             "session_token": "t", "region": "eu-west-1"}
+    assert cfg["client_options"]["allow_http"] and cfg["retry_config"] == {"max_retries": 0}
+    assert remote.obstore_config({"anon": True})["config"] == {"skip_signature": True}
+    # An option obstore has no equivalent for (customer-supplied encryption keys): reads stay with s3fs.
+    assert remote.obstore_config({"s3_additional_kwargs": {"SSECustomerKey": "x"}}) is None
+    monkeypatch.setenv(remote.ENV_OPTIONS, '{"s3_additional_kwargs": {"SSECustomerKey": "x"}}')
+    assert remote.RemoteFile("s3://b/k").client == "fsspec"
+    # No key given: a profile's keys, through botocore's chain as s3fs would find them.
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_access_key_id = AKPROFILE\naws_secret_access_key = SECRET\n")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    provider = remote.obstore_config({})["credential_provider"]
+    assert provider()["access_key_id"] == "AKPROFILE" and provider()["secret_access_key"] == "SECRET"
