@@ -103,6 +103,12 @@ def read_rate(reader: TextCacheReader, batches: list[np.ndarray], mode: str) -> 
 SERVERS = ("moto", "seaweedfs")
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def s3_server(name: str, weed: str | None = None):
     """A loopback S3 server, not yet started (a context manager); None (and why, on stderr) if not installed."""
     from s3_testutil import LoopbackS3, SeaweedS3
@@ -166,9 +172,10 @@ def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list
         for client in clients:
             os.environ[remote.ENV_CLIENT] = client
             c = {}
-            requests, cpu = remote.STATS.requests, time.process_time()
+            requests, cpu, server_cpu = remote.STATS.requests, time.process_time(), process_cpu_s(s3.process.pid)
             cold = TextCacheReader(url)
             c["s3_cold"] = read_rate(cold, picks(), mode)
+            server_cpu = process_cpu_s(s3.process.pid) - server_cpu
             assert cold._arrays()["features"]._remote(0).client == ("obstore" if client == "obstore" else "fsspec")
             made = remote.STATS.requests - requests
             c["s3_cold_requests_per_caption"] = made / (64 * n_batches)
@@ -176,6 +183,7 @@ def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list
             # What the client adds per request: S3 cold's CPU beyond local cold's, per request.
             c["client_cpu_ms_per_request"] = ((c["s3_cold_cpu_ms_per_batch"] - r["local_cold_cpu_ms_per_batch"])
                                               * n_batches / max(made, 1))
+            c["server_cpu_ms_per_request"] = 1000 * server_cpu / max(made, 1)  # the server's own process
             cache = remote.ShardCache(tmp / f"shards_{mode}_{client}", max_bytes=4 * nbytes)
             warmup = TextCacheReader(url, shard_cache=cache)
             read_rate(warmup, [np.arange(n)], "threads_16")
