@@ -434,6 +434,7 @@ _DEMO = DemoConfig()  # the demo's defaults, owned by DemoConfig
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data, caches, run, samples, report).")] = Path(_DEMO.out),
     images: Annotated[int, typer.Option("--images", help="Training images to generate.")] = _DEMO.images,
+    tag_weights: Annotated[str, typer.Option("--tag-weights", metavar="TAG=W,...", help="Extra shares of GenEval tags in the training images (others weigh 1); '' for equal shares.")] = _DEMO.tag_weights,
     heldout: Annotated[int, typer.Option("--heldout", help="Held-out prompts to sample and score.")] = _DEMO.heldout,
     train_minutes: Annotated[float, typer.Option("--train-minutes", help="Training time budget.")] = _DEMO.train_minutes,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Training steps cap (whichever comes first).")] = _DEMO.max_steps,
@@ -460,7 +461,7 @@ def demo_cmd(
     from semroute.shared.checks import check_guidance_interval
 
     interval = None if guidance_interval.strip().lower() == "none" else check_guidance_interval(_interval(guidance_interval))
-    run_demo(DemoConfig(out=str(out), images=images, heldout=heldout, train_minutes=train_minutes,
+    run_demo(DemoConfig(out=str(out), images=images, tag_weights=tag_weights, heldout=heldout, train_minutes=train_minutes,
                         max_steps=max_steps, fusion=fusion, preset=preset, llm=llm,
                         samples_per_prompt=samples_per_prompt, sample_steps=steps, guidance=guidance,
                         guidance_interval=interval, batch_size=batch_size, processes=processes, seed=seed,

@@ -34,7 +34,12 @@ from semroute.shared.errors import SemrouteError
 class DemoConfig:
     out: str = "demo_out"
     images: int = 1800
-    """Training images (tags in turn: 300 per GenEval tag)."""
+    """Training images (GenEval tags in turn, as ``tag_weights`` says)."""
+    tag_weights: str = "single_object=2,colors=2"
+    """Extra shares of some tags in the training images, ``TAG=W,...`` (the rest weigh 1; ``shared/shapes.py``'s
+    ``tag_cycle``). One-object scenes twice as often as each other kind (25% single objects, 25% colors): at the
+    demo's ~2000 steps that lifted the one-object tags from ~0.55 to ~0.75 with the other tags no lower
+    (bench/RESULTS.md, "fourth round"); the held-out prompts keep equal shares."""
     size: int = 32
     heldout: int = 60
     """Held-out prompts to sample and score (10 per tag)."""
@@ -114,7 +119,8 @@ def prepare_data(cfg: DemoConfig, llm=None) -> dict:
     manifest = data / "train.jsonl"
     if not manifest.exists():
         _say(f"generating {cfg.images} training images of {cfg.size}x{cfg.size} shapes ...")
-        manifest = shapes.generate_dataset(data, cfg.images, size=cfg.size, seed=cfg.seed, split="train")
+        manifest = shapes.generate_dataset(data, cfg.images, size=cfg.size, seed=cfg.seed, split="train",
+                                           tag_weights=parse_tag_weights(cfg.tag_weights))
     prompts = shapes.write_prompt_file(shapes.heldout_prompts(cfg.heldout, seed=cfg.seed), out / "heldout_prompts.jsonl")
     truth = _ground_truth(cfg, out / "heldout_truth")
 
@@ -134,6 +140,23 @@ def prepare_data(cfg: DemoConfig, llm=None) -> dict:
                                          resume=True, workers=0, progress=cfg.progress))
     return {"manifest": manifest, "prompts": prompts, "truth": truth, "text_cache": text_cache,
             "latent_cache": latent_cache, "llm": llm}
+
+
+def parse_tag_weights(text: str) -> dict[str, int]:
+    """``"single_object=2,colors=2"`` -> ``{"single_object": 2, "colors": 2}``."""
+    from semroute.shared import shapes
+
+    out: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        tag, eq, weight = item.partition("=")
+        if not eq or not weight.strip().isdigit():
+            raise SemrouteError(f"--tag-weights: {item!r} is not TAG=WHOLE_NUMBER (e.g. single_object=2)")
+        out[tag.strip()] = int(weight)
+    try:
+        shapes.tag_cycle(out)
+    except ValueError as err:
+        raise SemrouteError(f"--tag-weights: {err}") from None
+    return out
 
 
 def _load_llm(cfg: DemoConfig):

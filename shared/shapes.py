@@ -299,12 +299,30 @@ def render(shapes: list[Shape], size: int) -> Image.Image:
 # -- data sets ----------------------------------------------------------------------------------------
 
 
+def tag_cycle(weights: dict[str, int] | None = None) -> tuple[str, ...]:
+    """The order in which a data set's records take their tags: every tag once per round in ``TAGS`` order,
+    and a tag of weight ``w`` in the first ``w`` rounds (``{"colors": 2}``: 7 records a cycle, 2 of them
+    ``colors``). Weights default to 1; 0 leaves a tag out."""
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(TAGS))
+    if unknown:
+        raise ValueError(f"unknown tag {unknown[0]!r} in the tag weights; expected one of {', '.join(TAGS)}")
+    if any(int(w) != w or w < 0 for w in weights.values()):
+        raise ValueError(f"tag weights must be whole numbers >= 0, got {weights}")
+    full = {tag: int(weights.get(tag, 1)) for tag in TAGS}
+    cycle = tuple(tag for r in range(max(full.values())) for tag in TAGS if full[tag] > r)
+    if not cycle:
+        raise ValueError("the tag weights leave no tag")
+    return cycle
+
+
 def make_record(index: int, *, size: int = 32, seed: int = 0, split: str = "train",
-                paraphrases: bool = False) -> tuple[dict, Image.Image]:
-    """Record ``index`` of a data set and its image. Each record has its own random stream, so record
-    ``i`` is the same whatever the data set's length."""
+                paraphrases: bool = False, tags: tuple[str, ...] = TAGS) -> tuple[dict, Image.Image]:
+    """Record ``index`` of a data set and its image; its tag is ``tags[index % len(tags)]`` (see
+    :func:`tag_cycle`). Each record has its own random stream, so record ``i`` is the same whatever the
+    data set's length."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    tag = TAGS[index % len(TAGS)]
+    tag = tags[index % len(tags)]
     pool = split_pool(tag, split)
     meta = pool[int(rng.integers(len(pool)))]
     shapes = layout_scene(meta, size, rng)
@@ -315,14 +333,15 @@ def make_record(index: int, *, size: int = 32, seed: int = 0, split: str = "trai
 
 
 def generate_dataset(out_dir: str | Path, n: int, *, size: int = 32, seed: int = 0, split: str = "train",
-                     paraphrases: bool = False) -> Path:
+                     paraphrases: bool = False, tag_weights: dict[str, int] | None = None) -> Path:
     """Write ``n`` images and a JSONL manifest; return the manifest's path.
 
     Layout: ``<out_dir>/images/<split>-<index:06d>.png`` and ``<out_dir>/<split>.jsonl``. Each manifest
     line has ``id``, ``image`` (an absolute path, so ``semroute encode-images`` needs no
     ``--image-root``), ``text`` (the prompt, or ``[prompt, paraphrase]`` with ``paraphrases=True``), the
     GenEval metadata ``tag``/``include``/[``exclude``]/``prompt``, and ``objects`` (the drawn shapes with
-    their boxes). Tags cycle in ``TAGS`` order, so every tag has n/6 images. Deterministic in ``seed``.
+    their boxes). Tags cycle in ``TAGS`` order, so every tag has n/6 images, unless ``tag_weights`` gives
+    some tags more records (:func:`tag_cycle`). Deterministic in ``seed``.
     """
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE} pixels (shapes need {MIN_SIDE}), got {size}")
@@ -330,8 +349,9 @@ def generate_dataset(out_dir: str | Path, n: int, *, size: int = 32, seed: int =
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     lines = []
+    tags = tag_cycle(tag_weights)
     for i in range(n):
-        record, image = make_record(i, size=size, seed=seed, split=split, paraphrases=paraphrases)
+        record, image = make_record(i, size=size, seed=seed, split=split, paraphrases=paraphrases, tags=tags)
         path = image_dir / f"{record['id']}.png"
         image.save(path)
         record["image"] = str(path)

@@ -41,6 +41,34 @@ def test_deterministic_and_prefix_stable(tmp_path):
     assert all(isinstance(r["text"], list) and len(r["text"]) == 2 for r in ra)
 
 
+def test_tag_weights_give_tags_their_shares(tmp_path):
+    assert shapes.tag_cycle() == shapes.TAGS
+    cycle = shapes.tag_cycle({"single_object": 2, "colors": 3, "position": 0})
+    assert Counter(cycle) == {"single_object": 2, "colors": 3, "two_object": 1, "counting": 1, "color_attr": 1}
+    manifest = shapes.generate_dataset(tmp_path, 16, seed=3, tag_weights={"single_object": 2, "colors": 2})
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert Counter(r["tag"] for r in records) == {"single_object": 4, "colors": 4, "two_object": 2, "counting": 2,
+                                                  "position": 2, "color_attr": 2}
+    # Each record's caption, metadata and drawing agree whatever tag the cycle gave it.
+    for r in records:
+        assert r["prompt"] == r["text"] and len(r["objects"]) == sum(i.get("count", 1) for i in r["include"])
+    for bad in ({"squares": 2}, {"colors": -1}, {t: 0 for t in shapes.TAGS}):
+        with pytest.raises(ValueError):
+            shapes.tag_cycle(bad)
+
+
+def test_demo_tag_weights_option_errors_are_clear():
+    from semroute.demo import parse_tag_weights
+    from semroute.shared.errors import SemrouteError
+
+    assert parse_tag_weights(" single_object=2, colors=3 ") == {"single_object": 2, "colors": 3}
+    assert parse_tag_weights("") == {}
+    with pytest.raises(SemrouteError, match="'colors' is not TAG=WHOLE_NUMBER"):
+        parse_tag_weights("colors")
+    with pytest.raises(SemrouteError, match="unknown tag 'shape'"):
+        parse_tag_weights("shape=2")
+
+
 def test_manifest_reads_and_metadata_matches_the_drawn_objects(train_set):
     manifest, records = train_set
     m = read_manifest(manifest, need_image=True)
