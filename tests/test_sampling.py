@@ -207,7 +207,8 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, smollm2_llm):
                      max_steps=3, batch_size=8, processes=2, sample_steps=2, num_workers=0, progress=False)
     report = run_demo(cfg, llm=smollm2_llm)  # trains through `accelerate launch`, 2 processes of batch 4
     out = Path(cfg.out)
-    for name in ("grid.png", "routing.png", "routing.csv", "report.json", "results.jsonl", "report.html"):
+    for name in ("grid.png", "routing.png", "routing.csv", "report.json", "results.jsonl", "report.html",
+                 "demo_settings.json"):
         assert (out / name).exists(), name
     assert (out / "run-depth" / "samples" / "step-0000003.png").exists()  # validated at the end
     assert "samples at step 3" in (out / "report.html").read_text()

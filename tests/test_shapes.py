@@ -10,7 +10,9 @@ from PIL import Image, ImageFilter
 from semroute.shared import shapes
 from semroute.shared.manifest import read_manifest
 from semroute.stage2_train import shape_checker as checker
+from semroute.shared.errors import SemrouteError
 from semroute.stage2_train.prompt_files import layout_for, read_prompts, save_image
+from testkit import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,32 @@ def test_demo_tag_weights_option_errors_are_clear():
         parse_tag_weights("colors")
     with pytest.raises(SemrouteError, match="unknown tag 'shape'"):
         parse_tag_weights("shape=2")
+
+
+def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
+    """A rerun of the demo reuses the folder's data, caches, run and samples: with other settings it must refuse
+    (naming what differs) rather than report the old settings' results as the new ones'."""
+    from semroute.demo import SETTINGS_FILE, DemoConfig, claim_folder, recorded_settings
+
+    out = tmp_path / "demo"
+    bad = run_cli("demo", "--out", str(out), "--tag-weights", "colour=2", "--no-progress", check=False)
+    assert bad.returncode != 0 and "unknown tag 'colour'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not out.exists()  # named before anything is generated or encoded
+
+    claim_folder(DemoConfig(out=str(out), seed=0))
+    assert json.loads((out / SETTINGS_FILE).read_text()) == recorded_settings(DemoConfig(seed=0))
+    claim_folder(DemoConfig(out=str(out), seed=0, progress=False, num_workers=3))  # same settings: reused
+    (out / "data").mkdir()
+    (out / "data" / "train.jsonl").write_text("kept\n")
+    other = run_cli("demo", "--out", str(out), "--seed", "1", "--images", "90", "--no-progress", check=False)
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert "seed 0 (now 1)" in other.stderr and "images 1800 (now 90)" in other.stderr, other.stderr
+    assert (out / "data" / "train.jsonl").read_text() == "kept\n" and sorted(p.name for p in out.iterdir()) == [
+        "data", SETTINGS_FILE]
+
+    (out / SETTINGS_FILE).unlink()  # a folder from before the record: its settings are unknown
+    with pytest.raises(SemrouteError, match="without a record of its settings"):
+        claim_folder(DemoConfig(out=str(out)))
 
 
 def test_manifest_reads_and_metadata_matches_the_drawn_objects(train_set):
