@@ -239,11 +239,15 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
     from semroute.stage2_train.run_folder import RunFolder
     from semroute.stage2_train.train import Trainer
 
-    latest = RunFolder(run_dir).latest_checkpoint()
-    if latest is not None:
-        trained = _trained(run_dir)
+    done = trained_marker(run_dir)
+    if done.exists():
+        trained = json.loads(done.read_text())
         _say(f"{run_dir} is already trained ({trained['step']} steps); reusing it")
         return trained
+    # A checkpoint without the marker: a training that stopped before its budget was spent (a crash, Ctrl-C).
+    resume = "latest" if RunFolder(run_dir).latest_checkpoint() is not None else None
+    if resume:
+        _say(f"{run_dir} stopped at step {_trained(run_dir)['step']} before its budget was spent; resuming it")
     processes = training_processes(cfg)
     tcfg = TrainConfig(
         text_cache=str(data["text_cache"]), latent_cache=str(data["latent_cache"]), out=str(run_dir), fusion=fusion,
@@ -265,9 +269,20 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
         _say(f"note: this DiT gets {' and '.join(extras)}, which the reference DiT does not have; the demo's "
              "short-budget recipe uses them (bench/RESULTS.md, 'Watching a run and the demo recipe')")
     if processes == 1:
-        return Trainer(tcfg, progress=cfg.progress).train()
-    launch_training(tcfg, processes, Path(cfg.out) / f"{run_dir.name}.train.yaml", cfg.progress)
-    return _trained(run_dir)
+        trained = Trainer(tcfg, resume=resume, progress=cfg.progress).train()
+    else:
+        launch_training(tcfg, processes, Path(cfg.out) / f"{run_dir.name}.train.yaml", cfg.progress, resume=resume)
+        trained = _trained(run_dir)
+    trained = {k: trained[k] for k in ("step", "train_seconds", "validation_seconds")}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(trained) + "\n")
+    os.replace(tmp, done)
+    return trained
+
+
+def trained_marker(run_dir: Path) -> Path:
+    """Written beside the run folder when its training has spent its budget: a rerun reuses the run."""
+    return run_dir.parent / f"{run_dir.name}.trained.json"
 
 
 def _trained(run_dir: Path) -> dict:
@@ -289,14 +304,15 @@ def training_processes(cfg: DemoConfig) -> int:
     return n
 
 
-def launch_training(tcfg, processes: int, config_file: Path, progress: bool) -> None:
+def launch_training(tcfg, processes: int, config_file: Path, progress: bool, resume: str | None = None) -> None:
     """``semroute train --config FILE`` in ``processes`` one-thread CPU processes (gloo), through accelerate's
     launcher, as a user would start a multi-process run."""
     tcfg.save(config_file)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", "0",  # a free port: another run on this machine may hold the default
-           "-m", "semroute.cli", "train", "--config", str(config_file), *([] if progress else ["--no-progress"])]
+           "-m", "semroute.cli", "train", "--config", str(config_file), *([] if progress else ["--no-progress"]),
+           *(["--resume", resume] if resume else [])]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode:
         raise SemrouteError(f"training in {processes} processes failed (exit {done.returncode}; its messages are "

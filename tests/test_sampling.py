@@ -200,7 +200,7 @@ def test_routing_command_writes_heatmap_and_csv(trained_run, tmp_path):
     assert (tmp_path / "routing.png").stat().st_size > 2000
 
 
-def test_demo_end_to_end_at_a_tiny_size(tmp_path, smollm2_llm):
+def test_demo_end_to_end_at_a_tiny_size(tmp_path, smollm2_llm, monkeypatch):
     from semroute.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=str(tmp_path / "demo"), images=36, heldout=6, samples_per_prompt=1, train_minutes=5,
@@ -224,6 +224,26 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, smollm2_llm):
     assert yaml.safe_load((out / "run-depth" / "config.yaml").read_text())["val_guidance_interval"] == [0.3, 0.8]
     fp = TextCacheReader(out / "captions.text.zarr").fingerprint
     assert fp["llm_ref"] == "smollm2" and len(fp["layers"]) == 30
+
+    # A training stopped before its budget (no marker beside the run) is resumed by a rerun, not reported as done.
+    import semroute.demo as demo
+
+    marker = out / "run-depth.trained.json"
+    assert json.loads(marker.read_text())["step"] == 3
+    marker.unlink()
+    launched = []
+    real_launch = demo.launch_training
+
+    def launch(*args, **kwargs):
+        launched.append(kwargs.get("resume"))
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "launch_training", launch)
+    again = run_demo(cfg, llm=smollm2_llm)
+    assert launched == ["latest"] and again["train_steps"] == 3 and marker.exists()
+    launched.clear()
+    run_demo(cfg, llm=smollm2_llm)  # trained (marker there): reused, nothing launched
+    assert launched == []
 
 
 def test_info_describes_a_run_folder(trained_run):
