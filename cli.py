@@ -293,6 +293,7 @@ def train_cmd(
     allow_new_data: Field["allow_new_data"] = None,
     cache_dir: Field["cache_dir"] = None,
     cache_size: Field["cache_size"] = None,
+    shuffle: Field["shuffle"] = None,
     storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
 ) -> None:
@@ -310,7 +311,7 @@ def train_cmd(
 
       semroute train --text-cache t.zarr --latent-cache l.zarr --fusion depth --preset paper --compile   (GPU)
 
-      semroute train --text-cache s3://bkt/d.text.zarr --latent-cache s3://bkt/d.latents.zarr --cache-dir /scratch/shards --cache-size 200G
+      semroute train --text-cache s3://bkt/d.text.zarr --latent-cache s3://bkt/d.latents.zarr --cache-dir /scratch/shards --cache-size 200G --shuffle shards
 
       semroute train --text-cache t.zarr --latent-cache l.zarr --holdout 256 --validate-every 500 --report-to wandb
 
@@ -330,7 +331,7 @@ def train_cmd(
         fusion=fusion, preset=preset, out=out, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
         lr=lr, num_workers=num_workers, compile=compile_, holdout=holdout, validate_every=validate_every,
         report_to=report_to, allow_new_data=allow_new_data, cache_dir=cache_dir, cache_size=cache_size,
-        storage_options=_storage_options(storage_options))
+        shuffle=shuffle, storage_options=_storage_options(storage_options))
     summary = train(cfg, resume=resume, progress=not no_progress)
     last = summary["last"]
     if last:

@@ -449,6 +449,11 @@ class TextCacheReader:
         arrays = [arr.read_many(spans) for arr in self._arrays().values()]  # features (, scales)
         return [self._bits(arrays[0][k], arrays[1][k] if len(arrays) > 1 else None) for k in range(len(spans))]
 
+    def shard_of(self, captions) -> np.ndarray:
+        """The shard of ``features`` where each caption's rows start."""
+        rows = self.offsets[np.asarray(captions, dtype=np.int64)]
+        return rows // self._arrays()["features"].rows_per_shard
+
     def caption(self, i: int) -> torch.Tensor:
         """Caption ``i``'s features ``[n_tokens, n_layers, D]``."""
         return self.decode_bits(*self.caption_bits(i))

@@ -59,6 +59,7 @@ NUMERIC_RULES = {
     "checkpoint_every": dict(integer=True, low=1),
     "keep_checkpoints": dict(integer=True, low=1),
     "log_every": dict(integer=True, low=1),
+    "shuffle_window": dict(integer=True, low=1),
     "deep_first_layer": dict(integer=True, low=0, optional=True),
     "peak_tflops": dict(low=0.0, low_open=True, optional=True),
     "global_batch": dict(integer=True, low=1, optional=True),
@@ -173,7 +174,15 @@ class TrainConfig:
     """How num_workers build batches: thread (threads of the training process, into reused pinned
     buffers; reads, checksums and copies release the GIL) or process (DataLoader worker processes)."""
     length_batching: bool = False
-    """Group captions of similar token counts into batches to cut text padding."""
+    """Group captions of similar token counts into batches to cut text padding (within stretches of 64
+    batches: with shuffle: shards that spreads a batch over the shards of its stretch)."""
+    shuffle: str = "samples"
+    """Sample order of each epoch: samples (every sample shuffled with every other) or shards (shard-local:
+    the text cache's shards shuffled and taken shuffle_window at a time, their samples shuffled among
+    themselves), for caches on object storage, where a batch then comes in a few long ranged reads instead
+    of one request per caption (bench/RESULTS.md, "Data at scale")."""
+    shuffle_window: int = 2
+    """shuffle: shards: shards whose samples are mixed together (wider mixes more, reads more shards per batch)."""
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -246,6 +255,8 @@ class TrainConfig:
         self.betas = [check_number(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(self.betas)]
         if self.text_layers is not None and not isinstance(self.text_layers, (str, list)):
             raise SemrouteError(f"text_layers must be a spec string or a list of layer indices, got {self.text_layers!r}")
+        if self.shuffle not in ("samples", "shards"):
+            raise SemrouteError(f"shuffle {self.shuffle!r}: use samples or shards")
         if self.loader not in ("thread", "process"):
             raise SemrouteError(f"loader {self.loader!r}: use thread or process")
         if self.val_guidance_interval is not None:

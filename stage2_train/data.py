@@ -116,6 +116,10 @@ class PairedCaches(Dataset):
         """Latent bucket of each sample (batches never mix shapes)."""
         return np.asarray([self.latents._bucket[p] for p in self.latent_pos], dtype=np.int64)
 
+    def text_shards(self) -> np.ndarray:
+        """The text cache shard holding each sample's first caption (shard-local order, ``EpochBatches``)."""
+        return self.text.shard_of(self.caption_idx[self.caption_ptr[:-1]])
+
     def text_lengths(self) -> np.ndarray:
         """Longest caption (tokens) of each sample, for length-aware batching."""
         lengths = self.text.lengths[self.caption_idx]
@@ -266,14 +270,24 @@ class EpochBatches:
     Per epoch: samples shuffled with ``(seed, epoch)``, grouped by latent bucket, cut into full batches
     (optionally sorted by caption length within windows of 64 batches, to cut padding), the batch order
     shuffled. That gives one *global* sequence of batches, epoch after epoch, that does not depend on the
-    number of processes. A micro-step of ``world_size`` processes takes the next ``world_size`` batches of
+    number of processes.
+
+    Shard-local order (``blocks``: each sample's cache shard; ``window`` shards at a time), for caches on
+    object storage: the shards are shuffled, taken ``window`` at a time, the samples of a window shuffled
+    among themselves and cut into batches, and the batches kept in that order. A batch then draws from a
+    few shards, so its captions come in a few long ranged GETs instead of one request each (the cost of a
+    cold read from object storage; bench/RESULTS.md), and a shard cache (``--cache-dir``) downloads each
+    shard once per epoch. Batches are less mixed than under a full shuffle: samples of a shard were
+    encoded together (neighbours in the manifest), so a manifest sorted by source puts one source in a
+    batch; a wider window mixes more. A micro-step of ``world_size`` processes takes the next ``world_size`` batches of
     it, process ``r`` the ``r``-th; the position is recorded globally (epoch, index of the next batch), so
     a run resumes on another number of processes and continues the same sequence (elastic resume). All
     processes take the same number of steps; within an epoch no two batches share a sample.
     """
 
     def __init__(self, buckets: np.ndarray, lengths: np.ndarray, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, length_batching: bool = False, samples: np.ndarray | None = None):
+                 world_size: int = 1, length_batching: bool = False, samples: np.ndarray | None = None,
+                 blocks: np.ndarray | None = None, window: int = 1):
         # ``samples``: the dataset indices to train on (the rest is held out); ``buckets`` and ``lengths``
         # describe those samples, in that order. Batches hold dataset indices either way.
         self.samples = np.arange(len(buckets)) if samples is None else np.asarray(samples, dtype=np.int64)
@@ -286,6 +300,12 @@ class EpochBatches:
         self.rank = rank
         self.world_size = world_size
         self.length_batching = length_batching
+        self.blocks = None if blocks is None else np.asarray(blocks, dtype=np.int64)
+        if self.blocks is not None and len(self.blocks) != len(buckets):
+            raise ValueError(f"{len(self.blocks)} shard ids but {len(buckets)} samples")
+        self.window = int(window)
+        if self.window < 1:
+            raise ValueError(f"window {window}: at least one shard")
         if self.per_epoch() == 0:
             raise SemrouteError(
                 f"{len(buckets)} samples cannot fill one batch of {batch_size} per process on {world_size} "
@@ -296,6 +316,11 @@ class EpochBatches:
         """Every batch of ``epoch`` (all processes' together), in order."""
         rng = np.random.default_rng(_seed(self.seed, epoch, 0xBA7C4))
         order = rng.permutation(len(self.buckets))
+        if self.blocks is not None:  # shard-local: windows of shuffled shards, each window's samples shuffled
+            ids = np.unique(self.blocks)
+            place = np.zeros(int(ids[-1]) + 1, dtype=np.int64)
+            place[ids[rng.permutation(len(ids))]] = np.arange(len(ids))
+            order = order[np.argsort(place[self.blocks[order]] // self.window, kind="stable")]
         batches: list[np.ndarray] = []
         for b in np.unique(self.buckets):
             members = order[self.buckets[order] == b]
@@ -307,6 +332,10 @@ class EpochBatches:
                     chunk = members[s: s + window]
                     members[s: s + window] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
             batches += [members[i: i + self.batch_size] for i in range(0, n_full, self.batch_size)]
+        if self.blocks is not None:  # kept in the order of the shard windows (buckets interleaved by it)
+            when = np.empty(len(order), dtype=np.int64)
+            when[order] = np.arange(len(order))
+            return [self.samples[batches[i]] for i in np.argsort([when[b].min() for b in batches], kind="stable")]
         return [self.samples[batches[i]] for i in rng.permutation(len(batches))]
 
     @property

@@ -182,7 +182,9 @@ class Trainer:
         training = np.setdiff1d(np.arange(len(self.dataset)), self.heldout)
         self.plan = EpochBatches(self.dataset.bucket_ids()[training], self.dataset.text_lengths()[training],
                                  cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
-                                 world_size=acc.num_processes, length_batching=cfg.length_batching, samples=training)
+                                 world_size=acc.num_processes, length_batching=cfg.length_batching, samples=training,
+                                 blocks=self.dataset.text_shards()[training] if cfg.shuffle == "shards" else None,
+                                 window=cfg.shuffle_window)
         self.validation = self.samples_grid = None
         if cfg.holdout:
             self.validation = ValidationLoss(self.dataset, self.heldout, n_sigmas=cfg.val_sigmas,

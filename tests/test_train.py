@@ -273,6 +273,70 @@ def test_epoch_batches_are_disjoint_deterministic_and_resumable():
     assert padding(sorted_plan) < 0.5 * padding(EpochBatches(buckets, lengths, 8, seed=1))
 
 
+def test_shard_local_order_draws_each_batch_from_a_window_of_shards():
+    blocks = np.repeat(np.arange(10), 12)  # 10 shards of 12 samples
+    n = len(blocks)
+    buckets, lengths, samples = np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64), np.arange(n) + 1000
+
+    def plan(window, **kw):
+        return EpochBatches(kw.pop("buckets", buckets), lengths, 8, seed=3, samples=samples, blocks=blocks,
+                            window=window, **kw)
+
+    def flat(p, epoch=0):
+        return np.concatenate(p.epoch(epoch)) - 1000
+
+    one = flat(plan(1))
+    assert sorted(one.tolist()) == list(range(n))  # 15 full batches, every sample once
+    # window 1: one shard after another, each shard's samples together and shuffled among themselves
+    assert 1 + np.count_nonzero(np.diff(blocks[one])) == 10
+    assert all(len(set(blocks[b - 1000])) <= 2 for b in plan(1).epoch(0))
+    assert any(np.any(np.diff(one[blocks[one] == s]) < 0) for s in range(10))
+    shard_order = [list(dict.fromkeys(blocks[flat(plan(1), e)])) for e in (0, 1)]
+    assert shard_order[0] != shard_order[1] and sorted(shard_order[0]) == list(range(10))
+    # window 3: three shards' samples mixed over each stretch of 36
+    three = flat(plan(3))
+    assert [len(set(blocks[three[i: i + 36]])) for i in (0, 36, 72)] == [3, 3, 3]
+    assert len(set(blocks[three[:12]])) > 1
+    # against the full shuffle, which mixes nearly every shard into every batch
+    full = EpochBatches(buckets, lengths, 8, seed=3, samples=samples).epoch(0)
+    assert np.mean([len(set(blocks[b - 1000])) for b in full]) > 4
+    # one global sequence whatever the number of processes (elastic resume), across an epoch end
+    ranks = [list(itertools.islice(plan(2, rank=r, world_size=2).iterate(), 10)) for r in (0, 1)]
+    single = list(itertools.islice(plan(2).iterate(), 20))
+    assert [(e, k, s.tolist()) for e, k, s in (ranks[g % 2][g // 2] for g in range(20))] == \
+           [(e, k, s.tolist()) for e, k, s in single]
+    # two latent buckets: batches never mix them and still come from a window of shards
+    two = plan(1, buckets=np.arange(n) % 2)
+    assert all(len(set((b - 1000) % 2)) == 1 and len(set(blocks[b - 1000])) <= 3 for b in two.epoch(0))
+    with pytest.raises(ValueError, match="shard ids"):
+        EpochBatches(buckets, lengths, 8, seed=0, blocks=blocks[:5])
+
+
+def test_training_with_shuffle_shards_reads_shard_local_batches(square_caches, tmp_path, tiny_llama_dir):
+    _, latents, manifest = square_caches
+    text = tmp_path / "small-shards.text.zarr"
+    encode_text(EncodeTextConfig(data=str(manifest), out=str(text), llm=str(tiny_llama_dir), dtype="float32",
+                                 device="cpu", progress=False, shard_mb=0.05, chunk_kb=8))
+    ds = PairedCaches(str(text), latents, text_layers=None)
+    shards = ds.text_shards()
+    layout = ds.text._arrays()["features"].meta.layout
+    first_rows = ds.text.offsets[ds.caption_idx[ds.caption_ptr[:-1]]]
+    assert all(layout.shard_rows(s)[0] <= r < layout.shard_rows(s)[1] for s, r in zip(shards, first_rows))
+    assert len(set(shards.tolist())) >= 6
+    run = tmp_path / "run"
+    train(TrainConfig(text_cache=str(text), latent_cache=latents, fusion="static", preset="tiny", batch_size=8,
+                      num_workers=0, report_to="none", log_samples=True, max_steps=4, out=str(run),
+                      shuffle="shards", shuffle_window=1), progress=False)
+    plan = EpochBatches(ds.bucket_ids(), ds.text_lengths(), 8, seed=0, blocks=shards, window=1)
+    expected = [[ds.latents.sample_ids[int(ds.latent_pos[s])] for s in b] for b in plan.epoch(0)[:4]]
+    logged = [json.loads(line)["sample_ids"] for line in (run / "logs" / "samples-rank0.jsonl").read_text().splitlines()]
+    assert logged == expected
+    shard_of = {ds.latents.sample_ids[int(p)]: s for p, s in zip(ds.latent_pos, shards)}
+    assert all(len({shard_of[i] for i in batch}) <= 2 for batch in logged)
+    with pytest.raises(SemrouteError, match="shuffle 'rows'"):
+        TrainConfig(shuffle="rows")
+
+
 @pytest.mark.parametrize("fusion", ["time", "joint"])
 def test_time_dependent_routing_plot_and_csv_cover_sigma(square_caches, tmp_path, fusion):
     cfg = _cfg(square_caches, tmp_path, fusion=fusion, max_steps=3, checkpoint_every=3, ema=True, ema_decay=0.5)
