@@ -113,6 +113,8 @@ def claim_folder(cfg: DemoConfig) -> None:
     so a rerun with another ``--seed``, ``--images``, ``--tag-weights``, ... would otherwise report the old
     settings' results as the new ones'."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SemrouteError(f"--out {out} is a file; the demo writes a folder there (data, caches, run, samples)")
     path = out / SETTINGS_FILE
     now = recorded_settings(cfg)
     if path.exists():

@@ -57,6 +57,13 @@ def expand(data: str) -> list[str]:
     return list(expand_urls(str(data)))
 
 
+def require_local_inputs(data: str | os.PathLike) -> None:
+    """Name a local input that is not there before anything slow starts (an encoder loads its model first)."""
+    for f in expand(str(data)):
+        if not is_url(f) and not Path(f).exists():
+            raise SemrouteError(f"cannot read {f}: no such file or folder")
+
+
 def _suffix_kind(name: str) -> str | None:
     name = name.lower()
     if name.endswith((".tar", ".tar.gz", ".tgz")):

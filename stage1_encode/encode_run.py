@@ -21,6 +21,7 @@ from semroute.shared.distributed import ProcessInfo, process_info
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import require_match
 from semroute.shared.remote import STATS
+from semroute.shared.sources import require_local_inputs
 from semroute.shared.store import dir_size, store_exists
 
 
@@ -147,6 +148,7 @@ class EncodeRun:
         self.cfg = cfg
         self.proc = proc or process_info()
         self.show = bool(cfg.progress) and self.proc.is_main
+        require_local_inputs(cfg.data)  # before the model loads (seconds to minutes)
 
     # -- the steps -------------------------------------------------------------------------------
     def plan_and_create(self) -> dict:

@@ -92,6 +92,11 @@ def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
     assert (out / "data" / "train.jsonl").read_text() == "kept\n" and sorted(p.name for p in out.iterdir()) == [
         "data", SETTINGS_FILE]
 
+    (tmp_path / "a-file").write_text("mine\n")
+    with pytest.raises(SemrouteError, match="is a file"):
+        claim_folder(DemoConfig(out=str(tmp_path / "a-file")))
+    assert (tmp_path / "a-file").read_text() == "mine\n"
+
     (out / SETTINGS_FILE).unlink()  # a folder from before the record: its settings are unknown
     with pytest.raises(SemrouteError, match="without a record of its settings"):
         claim_folder(DemoConfig(out=str(out)))

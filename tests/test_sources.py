@@ -170,3 +170,20 @@ def test_encoders_give_the_same_caches_from_tars_and_from_files(tmp_path, tiny_l
     for c in range(8):
         assert np.array_equal(ta.caption(c).numpy(), tb.caption(c).numpy())
     assert read_parquet(tmp_path / "t.zarr", "index.parquet").num_rows == 9  # bad.jpg's caption is fine text
+
+
+def test_a_missing_local_input_is_named_before_the_model_loads(tmp_path):
+    from testkit import run_cli
+
+    (tmp_path / "d-000.tar").write_bytes(b"")
+    for data in ("nope.jsonl", "imgs/", "d-{000..001}.tar"):
+        # The model does not exist either: the error must be about the data, found first.
+        proc = run_cli("encode-text", str(tmp_path / data), "--llm", str(tmp_path / "no-model"), "--out",
+                       str(tmp_path / "t.text.zarr"), "--no-progress", check=False)
+        missing = "d-001.tar" if data.startswith("d-") else data
+        assert proc.returncode != 0 and f"cannot read {tmp_path / missing}: no such file or folder" in proc.stderr, \
+            proc.stderr
+    proc = run_cli("encode-images", str(tmp_path / "nope.jsonl"), "--vae", str(tmp_path / "no-vae"), "--out",
+                   str(tmp_path / "l.latents.zarr"), "--no-progress", check=False)
+    assert "cannot read" in proc.stderr and "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "t.text.zarr").exists() and not (tmp_path / "l.latents.zarr").exists()
