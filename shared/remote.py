@@ -76,6 +76,9 @@ def filesystem(url: str):
     import fsspec
 
     protocol = url.split("://", 1)[0]
+    unknown = unknown_protocol(url)
+    if unknown:
+        raise unknown
     fs, path = fsspec.core.url_to_fs(url, **storage_options(protocol))
     if hasattr(fs, "retries"):
         fs.retries = 1  # s3fs's own retry loop (see storage_options)
@@ -160,6 +163,8 @@ def _bucket_missing(url: str) -> bool:
 def describe_failure(url: str, err: BaseException, tries: int = 1, missing: str | None = None) -> SemrouteError:
     """A permanent storage failure as a message naming the URL and the fix (``missing``: the message for a
     missing object, when the caller knows better than 'deleted while this job ran')."""
+    if isinstance(err, ValueError) and "://" in str(url) and unknown_protocol(url):
+        return unknown_protocol(url)
     text = _brief(err)
     bucket = url.split("://", 1)[-1].split("/", 1)[0]
     denied = isinstance(err, PermissionError) or type(err).__name__ in ("PermissionDeniedError", "UnauthenticatedError")
@@ -181,6 +186,17 @@ def describe_failure(url: str, err: BaseException, tries: int = 1, missing: str 
                              f"{text}). Check the endpoint (AWS_ENDPOINT_URL or endpoint_url in --storage-options) "
                              "and the network, then run again (finished shards are kept).")
     return SemrouteError(f"{url}: {type(err).__name__}: {text}")
+
+
+def unknown_protocol(url: str) -> SemrouteError | None:
+    """The error for a URL whose protocol no installed fsspec filesystem reads (a typo, mostly), else None."""
+    import fsspec
+
+    protocol = str(url).split("://", 1)[0]
+    if protocol in fsspec.available_protocols():
+        return None
+    return SemrouteError(f"{url}: unknown protocol {protocol!r}; caches and data are read from local paths, s3:// "
+                         "URLs and the other fsspec protocols")
 
 
 def call(url: str, fn, *args, tries: int = MAX_TRIES, missing: str | None = None, tried: int = 0, **kwargs):

@@ -58,8 +58,13 @@ def expand(data: str) -> list[str]:
 
 
 def require_local_inputs(data: str | os.PathLike) -> None:
-    """Name a local input that is not there before anything slow starts (an encoder loads its model first)."""
+    """Name a local input that is not there, or a URL no installed client reads, before anything slow starts
+    (an encoder loads its model first)."""
+    from semroute.shared.remote import unknown_protocol
+
     for f in expand(str(data)):
+        if is_url(f) and unknown_protocol(f):
+            raise unknown_protocol(f)
         if not is_url(f) and not Path(f).exists():
             raise SemrouteError(f"cannot read {f}: no such file or folder")
 

@@ -373,3 +373,21 @@ def test_storage_options_map_to_obstore(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     provider = remote.obstore_config({})["credential_provider"]
     assert provider()["access_key_id"] == "AKPROFILE" and provider()["secret_access_key"] == "SECRET"
+
+
+def test_a_url_of_an_unknown_protocol_is_named_as_such(tmp_path):
+    from semroute.shared.store import open_group
+    from semroute.stage2_train.data import PairedCaches
+
+    for location in ("s3x://bkt/d.text.zarr", "htps://host/d.text.zarr"):
+        scheme = location.split(":")[0]
+        with pytest.raises(SemrouteError, match=f"{re.escape(location)}: unknown protocol '{scheme}'"):
+            open_group(location)
+        with pytest.raises(SemrouteError, match=f"unknown protocol '{scheme}'"):
+            PairedCaches(location, location, text_layers=None)
+    with pytest.raises(SemrouteError, match="unknown protocol 's3x'"):
+        verify("s3x://bkt/d.text.zarr")
+    with pytest.raises(SemrouteError, match="unknown protocol 'htps'"):
+        encode_text(EncodeTextConfig(data="htps://host/m.jsonl", out=str(tmp_path / "t.text.zarr"), llm="no-such-model",
+                                     progress=False))
+    assert remote.unknown_protocol("s3://bkt/x") is None and remote.unknown_protocol("file:///tmp/x") is None
