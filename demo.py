@@ -362,8 +362,23 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
 
     if cfg.size % 2:
         raise SemrouteError(f"--size must be even (the pixel codec's patch is 2), got {cfg.size}")
-    parse_tag_weights(cfg.tag_weights)  # a mistake here is named before minutes of encoding, not after
+    # Mistakes named before minutes of generating and encoding, not after.
+    from semroute.shared.checks import check_number
+
+    for flag, value, rule in (("--images", cfg.images, dict(integer=True, low=1)),
+                              ("--heldout", cfg.heldout, dict(integer=True, low=1)),
+                              ("--samples-per-prompt", cfg.samples_per_prompt, dict(integer=True, low=1)),
+                              ("--steps", cfg.sample_steps, dict(integer=True, low=1)),
+                              ("--batch-size", cfg.batch_size, dict(integer=True, low=1)),
+                              ("--train-minutes", cfg.train_minutes, dict(low=0.0, low_open=True)),
+                              ("--max-steps", cfg.max_steps, dict(integer=True, low=1))):
+        check_number(flag, value, **rule)
+    parse_tag_weights(cfg.tag_weights)
     training_processes(cfg)
+    held = min(cfg.holdout, cfg.images // 8)
+    if cfg.images - held < cfg.batch_size:
+        raise SemrouteError(f"--images {cfg.images}: {cfg.images - held} training images ({held} held out for "
+                            f"validation) cannot fill one batch of {cfg.batch_size}; generate more or lower --batch-size")
     out = Path(cfg.out)
     claim_folder(cfg)
     t0 = time.perf_counter()

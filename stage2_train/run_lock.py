@@ -29,8 +29,10 @@ class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_NAME
         self._fh = None
+        self.created_folder = False
 
     def acquire(self) -> "RunLock":
+        self.created_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+")
         try:
@@ -48,11 +50,20 @@ class RunLock:
         self._fh = fh
         return self
 
-    def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+    def release(self, *, failed: bool = False) -> None:
+        """Drop the lock; ``failed``: a run that stopped before writing anything (bad caches, say) also takes
+        away the folder it created, so that a mistake leaves no empty run folder behind."""
+        if self._fh is None:
+            return
+        if failed and self.created_folder and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+            self.path.unlink(missing_ok=True)  # still held: no other process can have taken it meanwhile
+            try:
+                self.path.parent.rmdir()
+            except OSError:
+                pass  # something appeared in it after all: it stays
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        self._fh.close()
+        self._fh = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

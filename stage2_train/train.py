@@ -146,7 +146,7 @@ class Trainer:
         try:
             self._build(resume)
         except BaseException:
-            self.release()
+            self.lock.release(failed=True)
             raise
 
     def release(self) -> None:

@@ -235,3 +235,24 @@ def test_sample_never_mixes_outputs_of_other_settings(run4, tmp_path):
     shutil.copy(next(out.glob("*.png")), tmp_path / "foreign" / "x.png")
     with pytest.raises(SemrouteError, match="holds images but no sample_run.json"):
         sample(SampleConfig(**{**base, "out": str(tmp_path / "foreign")}))
+
+
+def test_a_run_that_fails_to_start_leaves_no_empty_folder(square_caches, tmp_path):
+    text, latents, _ = square_caches
+    new = tmp_path / "runs" / "new"
+    with pytest.raises(SemrouteError, match="no cache at"):
+        Trainer(TrainConfig(text_cache=str(tmp_path / "missing.text.zarr"), latent_cache=latents, out=str(new),
+                            preset="tiny", report_to="none"), progress=False)
+    assert not new.exists()  # made by this run, holding nothing but its lock: taken away
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept\n")
+    with pytest.raises(SemrouteError, match="no cache at"):
+        Trainer(TrainConfig(text_cache=text, latent_cache=str(tmp_path / "missing.latents.zarr"), out=str(mine),
+                            preset="tiny", report_to="none"), progress=False)
+    assert (mine / "notes.txt").read_text() == "kept\n"  # a folder the user made stays, with what it held
+    # and a run that does start in a fresh folder keeps it
+    ok = Trainer(TrainConfig(text_cache=text, latent_cache=latents, out=str(new), preset="tiny", report_to="none",
+                             num_workers=0), progress=False)
+    ok.release()
+    assert (new / "run.json").exists()

@@ -80,6 +80,8 @@ def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
     bad = run_cli("demo", "--out", str(out), "--tag-weights", "colour=2", "--no-progress", check=False)
     assert bad.returncode != 0 and "unknown tag 'colour'" in bad.stderr and "Traceback" not in bad.stderr
     assert not out.exists()  # named before anything is generated or encoded
+    few = run_cli("demo", "--out", str(out), "--images", "20", "--no-progress", check=False)
+    assert "cannot fill one batch of 32" in few.stderr and "Traceback" not in few.stderr and not out.exists()
 
     claim_folder(DemoConfig(out=str(out), seed=0))
     assert json.loads((out / SETTINGS_FILE).read_text()) == recorded_settings(DemoConfig(seed=0))
