@@ -6,6 +6,9 @@
 #     downloads into ./.whl (kept out of git) the wheels of what the device image lacks.
 #   On the device (carry .whl):                                 bash bench/device_check.sh
 #   Dry run on a CPU with tiny sizes (tests the Python parts):  DEVICE_CHECK_CPU=1 bash bench/device_check.sh
+#     As the device image has no webdataset, obstore or s3fs (nothing here needs them), a faithful dry run hides
+#     them: a folder of webdataset.py/obstore.py/s3fs.py that raise ImportError, on PYTHONPATH, and a fresh
+#     DEVICE_CHECK_WORK (else the caches of an earlier run are reused and the encoders never run).
 #
 # Runs (all `paper` preset with a random Qwen3-VL-4B-sized LLM and FLUX-sized VAE at 256x256 on the GPU):
 #   1. 120-token captions, batch 8, eager: (c) compute, (a) cached, (b) online pad-512, (b') online dynamic,

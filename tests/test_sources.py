@@ -187,3 +187,19 @@ def test_a_missing_local_input_is_named_before_the_model_loads(tmp_path):
                    str(tmp_path / "l.latents.zarr"), "--no-progress", check=False)
     assert "cannot read" in proc.stderr and "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "t.text.zarr").exists() and not (tmp_path / "l.latents.zarr").exists()
+
+
+def test_plain_inputs_need_no_webdataset(tmp_path, monkeypatch):
+    """The GPU image the device check runs on has no webdataset (nor obstore, s3fs): a manifest, a folder or a
+    single file must read without it; only brace ranges and ``::`` lists use webdataset's expansion."""
+    import sys
+
+    from semroute.shared.sources import expand, read_source
+
+    manifest = write_manifest(tmp_path / "m.jsonl", write_images(tmp_path / "img", 2))
+    for name in ("webdataset", "webdataset.shardlists"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, as where it is not installed
+    assert expand(str(manifest)) == [str(manifest)]
+    assert len(read_source(str(manifest)).records) == 2
+    with pytest.raises(ImportError):
+        expand(str(tmp_path / "d-{0..1}.tar"))
