@@ -174,8 +174,8 @@ class TrainConfig:
     """How num_workers build batches: thread (threads of the training process, into reused pinned
     buffers; reads, checksums and copies release the GIL) or process (DataLoader worker processes)."""
     length_batching: bool = False
-    """Group captions of similar token counts into batches to cut text padding (within stretches of 64
-    batches: with shuffle: shards that spreads a batch over the shards of its stretch)."""
+    """Group captions of similar token counts into batches to cut text padding (sorted within stretches of
+    64 batches; with shuffle: shards, within each window of shards, so that batches stay shard-local)."""
     shuffle: str = "samples"
     """Sample order of each epoch: samples (every sample shuffled with every other) or shards (shard-local:
     the text cache's shards shuffled and taken shuffle_window at a time, their samples shuffled among

@@ -316,17 +316,21 @@ class EpochBatches:
         """Every batch of ``epoch`` (all processes' together), in order."""
         rng = np.random.default_rng(_seed(self.seed, epoch, 0xBA7C4))
         order = rng.permutation(len(self.buckets))
+        group = None
         if self.blocks is not None:  # shard-local: windows of shuffled shards, each window's samples shuffled
             ids = np.unique(self.blocks)
             place = np.zeros(int(ids[-1]) + 1, dtype=np.int64)
             place[ids[rng.permutation(len(ids))]] = np.arange(len(ids))
-            order = order[np.argsort(place[self.blocks[order]] // self.window, kind="stable")]
+            group = place[self.blocks] // self.window  # each sample's window
+            order = order[np.argsort(group[order], kind="stable")]
         batches: list[np.ndarray] = []
         for b in np.unique(self.buckets):
             members = order[self.buckets[order] == b]
             n_full = len(members) // self.batch_size * self.batch_size
             members = members[:n_full]
-            if self.length_batching:
+            if self.length_batching and group is not None:  # sorted by length within each shard window
+                members = members[np.lexsort((self.lengths[members], group[members]))]
+            elif self.length_batching:
                 window = self.batch_size * 64
                 for s in range(0, len(members), window):
                     chunk = members[s: s + window]

@@ -308,6 +308,21 @@ def test_shard_local_order_draws_each_batch_from_a_window_of_shards():
     # two latent buckets: batches never mix them and still come from a window of shards
     two = plan(1, buckets=np.arange(n) % 2)
     assert all(len(set((b - 1000) % 2)) == 1 and len(set(blocks[b - 1000])) <= 3 for b in two.epoch(0))
+    # length batching sorts within each window: batches stay shard-local and carry less padding (windows of
+    # eight whole batches here, so that a batch of a window never takes samples of the next)
+    even = np.repeat(np.arange(8), 16)
+    varied = np.random.default_rng(0).integers(1, 60, len(even))
+
+    def padding(p):
+        return sum(len(bt) * varied[bt].max() - varied[bt].sum() for bt in p.epoch(0))
+
+    def shard_plan(**kw):
+        return EpochBatches(np.zeros(len(even), dtype=np.int64), varied, 8, seed=3, blocks=even, window=4, **kw)
+
+    assert padding(shard_plan(length_batching=True)) < 0.5 * padding(shard_plan())
+    flat_sorted = np.concatenate(shard_plan(length_batching=True).epoch(0))
+    assert sorted(flat_sorted.tolist()) == list(range(len(even)))
+    assert [len(set(even[flat_sorted[i: i + 64]])) for i in (0, 64)] == [4, 4]
     with pytest.raises(ValueError, match="shard ids"):
         EpochBatches(buckets, lengths, 8, seed=0, blocks=blocks[:5])
 
