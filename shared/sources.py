@@ -53,7 +53,7 @@ def is_url(location: str | os.PathLike) -> bool:
 def expand(data: str) -> list[str]:
     """``a-{000..002}.tar::b.tar`` -> ``[a-000.tar, a-001.tar, a-002.tar, b.tar]`` (webdataset's own expansion)."""
     if "{" not in str(data) and "::" not in str(data):
-        return [str(data)]  # nothing to expand (and webdataset not needed: images without it lack it)
+        return [str(data)]  # nothing to expand, and no webdataset needed (the GPU image lacks it)
     from webdataset.shardlists import expand_urls
 
     return list(expand_urls(str(data)))

@@ -270,19 +270,19 @@ class EpochBatches:
     Per epoch: samples shuffled with ``(seed, epoch)``, grouped by latent bucket, cut into full batches
     (optionally sorted by caption length within windows of 64 batches, to cut padding), the batch order
     shuffled. That gives one *global* sequence of batches, epoch after epoch, that does not depend on the
-    number of processes.
-
-    Shard-local order (``blocks``: each sample's cache shard; ``window`` shards at a time), for caches on
-    object storage: the shards are shuffled, taken ``window`` at a time, the samples of a window shuffled
-    among themselves and cut into batches, and the batches kept in that order. A batch then draws from a
-    few shards, so its captions come in a few long ranged GETs instead of one request each (the cost of a
-    cold read from object storage; bench/RESULTS.md), and a shard cache (``--cache-dir``) downloads each
-    shard once per epoch. Batches are less mixed than under a full shuffle: samples of a shard were
-    encoded together (neighbours in the manifest), so a manifest sorted by source puts one source in a
-    batch; a wider window mixes more. A micro-step of ``world_size`` processes takes the next ``world_size`` batches of
+    number of processes. A micro-step of ``world_size`` processes takes the next ``world_size`` batches of
     it, process ``r`` the ``r``-th; the position is recorded globally (epoch, index of the next batch), so
     a run resumes on another number of processes and continues the same sequence (elastic resume). All
     processes take the same number of steps; within an epoch no two batches share a sample.
+
+    Shard-local order (``blocks``: each sample's cache shard; ``window`` shards at a time), for caches on
+    object storage: the shards are shuffled, taken ``window`` at a time, the samples of a window shuffled
+    among themselves (sorted by length within it under ``length_batching``) and cut into batches, and the
+    batches kept in that order. A batch then draws from a few shards, so its captions come in a few long
+    ranged GETs instead of one request each (the cost of a cold read from object storage; bench/RESULTS.md),
+    and a shard cache (``--cache-dir``) downloads each shard once per epoch. Batches are less mixed than
+    under a full shuffle: samples of a shard were encoded together (neighbours in the manifest), so a
+    manifest sorted by source puts one source in a batch; a wider window mixes more.
     """
 
     def __init__(self, buckets: np.ndarray, lengths: np.ndarray, batch_size: int, *, seed: int, rank: int = 0,
