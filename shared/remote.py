@@ -560,7 +560,12 @@ class ShardCache:
     URL never reads stale shards. Checksums are verified on every read as for local caches.
     """
 
-    def __init__(self, folder: str | os.PathLike, max_bytes: int, *, threads: int = 2):
+    def __init__(self, folder: str | os.PathLike, max_bytes: int, *, threads: int = 2, max_queued: int | None = None):
+        # ``max_queued``: downloads waiting or running at once (default twice the threads). Beyond it a shard
+        # is read by ranged requests and not queued: under a full shuffle of a cache much larger than the
+        # node's disk, a batch touches a new shard per caption, and an unbounded queue would download shards
+        # long after anyone reads them.
+        self.max_queued = max_queued if max_queued is not None else 2 * threads
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes = int(max_bytes)
@@ -589,7 +594,7 @@ class ShardCache:
         if path.exists():
             return path
         with self._lock:
-            if str(path) in self._pending:
+            if str(path) in self._pending or len(self._pending) >= self.max_queued:
                 return None
             self._pending.add(str(path))
             if self._pool is None:

@@ -391,3 +391,33 @@ def test_a_url_of_an_unknown_protocol_is_named_as_such(tmp_path):
         encode_text(EncodeTextConfig(data="htps://host/m.jsonl", out=str(tmp_path / "t.text.zarr"), llm="no-such-model",
                                      progress=False))
     assert remote.unknown_protocol("s3://bkt/x") is None and remote.unknown_protocol("file:///tmp/x") is None
+
+
+def test_the_shard_cache_queues_a_bounded_number_of_downloads(caches, tmp_path, monkeypatch):
+    """Reads beyond ``max_queued`` pending downloads stay ranged and queue nothing (a full shuffle of a large
+    cache would otherwise queue a whole-shard download per caption read)."""
+    import threading
+
+    _, url_t, _, _ = caches
+    arr = TextCacheReader(url_t)._arrays()["features"]
+    n = arr.meta.layout.n_shards
+    assert n >= 4
+    release, started = threading.Event(), []
+    real = remote.ShardCache._download
+
+    def held(self, remote_file, path):
+        started.append(remote_file.url)
+        release.wait(30)
+        real(self, remote_file, path)
+
+    monkeypatch.setattr(remote.ShardCache, "_download", held)
+    cache = remote.ShardCache(tmp_path / "c", max_bytes=1 << 30, threads=1, max_queued=2)
+    for s in range(n):
+        assert cache.get(arr._remote(s)) is None
+    assert len(cache._pending) == 2  # shards 0 and 1; the others were not queued
+    release.set()
+    cache.wait()
+    assert started == [arr._remote(0).url, arr._remote(1).url] and len(cache.files()) == 2
+    assert cache.get(arr._remote(0)) is not None and cache.get(arr._remote(n - 1)) is None  # queued now
+    cache.wait()
+    assert len(cache.files()) == 3
