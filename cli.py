@@ -30,7 +30,7 @@ from typing import Annotated, Optional
 import typer
 
 from semroute.demo import DemoConfig  # light: the demo imports torch only where it runs
-from semroute.shared.errors import SemrouteError, write_faults_named
+from semroute.shared.errors import SemrouteError, describe_path_error, write_faults_named
 from semroute.stage2_train.config import config_names, field_help
 
 app = typer.Typer(
@@ -556,6 +556,12 @@ def main() -> None:
         if os.environ.get("SEMROUTE_TRACEBACK"):
             raise
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+    except OSError as err:  # a path the user named: in the way, missing, not allowed (else the traceback)
+        message = describe_path_error(err)
+        if message is None or os.environ.get("SEMROUTE_TRACEBACK"):
+            raise
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         sys.exit(1)
 
 

@@ -29,6 +29,21 @@ class CacheDamaged(SemrouteError):
 WRITE_ERRNOS = {errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
+# Errors of a path the user gave: in the way, not there, not allowed, too long (and the write-only ones).
+PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EACCES, errno.EPERM,
+               errno.ENAMETOOLONG} | WRITE_ERRNOS
+
+
+def describe_path_error(err: OSError) -> str | None:
+    """One line for an OSError about a named path (``PATH_ERRNOS``), else None (an unexpected failure)."""
+    if err.errno not in PATH_ERRNOS or not err.filename:
+        return None
+    where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+    hint = {errno.EEXIST: "a file is in the way of a folder this command creates",
+            errno.ENOTDIR: "a file is in the way: a folder was expected there"}.get(err.errno)
+    return f"{where}: {err.strerror}" + (f" ({hint})" if hint else "")
+
+
 @contextmanager
 def write_faults_named(target, then: str):
     """Turn a failed write under ``target`` into one message naming the file (or ``target``) and saying

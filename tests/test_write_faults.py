@@ -108,3 +108,22 @@ def test_a_checkpoint_that_fails_mid_write_is_named_and_the_resumed_run_equals_a
     run_cli("train", "--out", str(run), "--resume", "latest", *common)
     losses = {r["step"]: r["loss"] for r in RunFolder(run).metrics() if "loss" in r}
     assert losses == {r["step"]: r["loss"] for r in RunFolder(ref).metrics() if "loss" in r}
+
+
+def test_a_file_in_the_way_of_an_output_folder_is_one_clear_line(tmp_path):
+    import errno
+
+    from semroute.shared.errors import describe_path_error
+
+    manifest = write_manifest(tmp_path / "m.jsonl", write_square_images(tmp_path / "img", 4))
+    (tmp_path / "afile").write_text("mine\n")
+    for out, said in ((tmp_path / "afile", "is a file, not a folder"),
+                      (tmp_path / "afile" / "x.latents.zarr", "Not a directory (a file is in the way")):
+        proc = run_cli("encode-images", str(manifest), "--vae", "pixel", "--resolution", "32", "--out", str(out),
+                       "--no-progress", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("error: ") and said in proc.stderr and str(out) in proc.stderr
+    assert (tmp_path / "afile").read_text() == "mine\n"
+    # an OSError that names no path, or an unexpected kind, is not dressed up as the user's mistake
+    assert describe_path_error(OSError(errno.EIO, "Input/output error", "x")) is None
+    assert describe_path_error(OSError(errno.ENOENT, "No such file or directory")) is None
