@@ -75,10 +75,9 @@ def filesystem(url: str):
     """``(fs, path)`` for a URL, with the configured options."""
     import fsspec
 
-    protocol = url.split("://", 1)[0]
-    unknown = unknown_protocol(url)
-    if unknown:
+    if unknown := unknown_protocol(url):
         raise unknown
+    protocol = url.split("://", 1)[0]
     fs, path = fsspec.core.url_to_fs(url, **storage_options(protocol))
     if hasattr(fs, "retries"):
         fs.retries = 1  # s3fs's own retry loop (see storage_options)
@@ -163,8 +162,8 @@ def _bucket_missing(url: str) -> bool:
 def describe_failure(url: str, err: BaseException, tries: int = 1, missing: str | None = None) -> SemrouteError:
     """A permanent storage failure as a message naming the URL and the fix (``missing``: the message for a
     missing object, when the caller knows better than 'deleted while this job ran')."""
-    if isinstance(err, ValueError) and "://" in str(url) and unknown_protocol(url):
-        return unknown_protocol(url)
+    if isinstance(err, ValueError) and "://" in str(url) and (unknown := unknown_protocol(url)):
+        return unknown
     text = _brief(err)
     bucket = url.split("://", 1)[-1].split("/", 1)[0]
     denied = isinstance(err, PermissionError) or type(err).__name__ in ("PermissionDeniedError", "UnauthenticatedError")

@@ -65,9 +65,10 @@ def require_local_inputs(data: str | os.PathLike) -> None:
     from semroute.shared.remote import unknown_protocol
 
     for f in expand(str(data)):
-        if is_url(f) and unknown_protocol(f):
-            raise unknown_protocol(f)
-        if not is_url(f) and not Path(f).exists():
+        if is_url(f):
+            if unknown := unknown_protocol(f):
+                raise unknown
+        elif not Path(f).exists():
             raise SemrouteError(f"cannot read {f}: no such file or folder")
 
 
