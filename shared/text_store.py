@@ -436,9 +436,20 @@ class TextCacheReader:
         scales; ``decode_bits`` of them is ``caption(i)``."""
         return self.captions_bits([i])[0]
 
-    def captions_bits(self, indices) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def bits_row(self) -> tuple[tuple[int, ...], torch.dtype]:
+        """One token's shape ``(n_layers, D)`` and the dtype of ``captions_bits``' feature tensors."""
+        features = self._arrays()["features"]
+        empty = np.empty((0, len(self.layers), *features.row_shape[1:]), dtype=features.dtype)
+        return tuple(empty.shape[1:]), self.storage.bits(empty, None)[0].dtype
+
+    def captions_bits(self, indices, into: list[torch.Tensor] | None = None
+                      ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """``caption_bits`` of every caption in ``indices``, their rows read together: on object storage one
-        round of concurrent ranged requests for the whole list (``ShardedArrayFile.read_many``)."""
+        round of concurrent ranged requests for the whole list (``ShardedArrayFile.read_many``).
+
+        ``into``: a contiguous ``[n_tokens, *bits_row()]`` tensor per caption (a loader's reused host buffer) to
+        read the features into, saving a copy; the features returned are then those tensors. Ignored when
+        reading a subset of the stored layers (the rows are read whole, then the layers picked)."""
         spans = []
         for i in indices:
             i = int(i)
@@ -446,7 +457,15 @@ class TextCacheReader:
                 raise IndexError(f"caption {i} out of range 0..{self.n_captions - 1}")
             start = int(self.offsets[i])
             spans.append((start, start + int(self.lengths[i])))
-        arrays = [arr.read_many(spans) for arr in self._arrays().values()]  # features (, scales)
+        files = self._arrays()
+        outs = None
+        if into is not None and self._pick is None:
+            # The tensors' bytes as arrays of the stored dtype (uint16 for bf16 bits): views, no copy.
+            dtype = files["features"].dtype
+            outs = [t.view(torch.uint8).numpy().view(dtype).reshape(t.shape) for t in into]
+        arrays = [files["features"].read_many(spans, outs)]
+        if "scales" in files:
+            arrays.append(files["scales"].read_many(spans))
         return [self._bits(arrays[0][k], arrays[1][k] if len(arrays) > 1 else None) for k in range(len(spans))]
 
     def shard_of(self, captions) -> np.ndarray:

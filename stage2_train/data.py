@@ -133,9 +133,12 @@ class PairedCaches(Dataset):
         ``caption_bits`` features, ``text_scales`` the fp8 scales or None) for decoding on the device."""
         return self.items([sample], epoch, bits=bits)[0]
 
-    def items(self, samples, epoch: int, *, bits: bool = False) -> list[dict]:
+    def items(self, samples, epoch: int, *, bits: bool = False, text_into: Callable | None = None) -> list[dict]:
         """``item`` of every sample in ``samples`` (the same draws), their captions and latents read together
-        (``captions_bits``, ``latents``: a round of concurrent requests each for caches on object storage)."""
+        (``captions_bits``, ``latents``: a round of concurrent requests each for caches on object storage).
+
+        ``text_into`` (with ``bits``): called with each item's caption length, it returns where each caption
+        goes (``text_rows``: the rows of a loader's reused batch buffer); stored captions are read into them."""
         samples = [int(s) for s in samples]
         out, generators = [], []
         for sample in samples:
@@ -149,7 +152,14 @@ class PairedCaches(Dataset):
         positions = [int(self.latent_pos[s]) for s in samples]
         for it, latent in zip(out, self.latents.latents(positions, generators)):
             it["latent"] = latent
-        stored = iter(self.text.captions_bits([it["caption"] for it in out if it["caption"] >= 0]))
+        into = None
+        if text_into is not None:
+            if self._null_bits is None and any(it["caption"] < 0 for it in out):
+                self._null_bits = self.text.null_bits()
+            lengths = [int(self.text.lengths[it["caption"]]) if it["caption"] >= 0 else self._null_bits[0].shape[0]
+                       for it in out]
+            into = [dest for dest, it in zip(text_into(lengths), out) if it["caption"] >= 0]
+        stored = iter(self.text.captions_bits([it["caption"] for it in out if it["caption"] >= 0], into=into))
         for it in out:
             if it["caption"] < 0 and self._null_bits is None:
                 self._null_bits = self.text.null_bits()
@@ -235,6 +245,14 @@ class HostSlot:
         return buf[:n].view(dtype).view(shape)
 
 
+def text_rows(slot: HostSlot, lengths: list[int], row_shape: tuple[int, ...], dtype: torch.dtype,
+              buckets: TextBuckets | None = None) -> list[torch.Tensor]:
+    """Where ``collate`` puts each caption in ``slot``'s text buffer (``[:n]`` of each row), for a reader to fill
+    in place; ``collate`` then finds them there and copies nothing."""
+    text = slot.tensor("text", (len(lengths), (buckets or TextBuckets())(max(lengths)), *row_shape), dtype)
+    return [text[row, :n] for row, n in enumerate(lengths)]
+
+
 def collate(items: list[dict], epoch: int, index: int, *, buckets: TextBuckets | None = None,
             slot: HostSlot | None = None) -> Batch:
     """Items -> one Batch, captions right-padded with zeros (to a bucket size if given), into ``slot``'s
@@ -252,7 +270,9 @@ def collate(items: list[dict], epoch: int, index: int, *, buckets: TextBuckets |
               if first.get("text_scales") is not None else None)
     latents = new("latents", (B, *first["latent"].shape), first["latent"].dtype)  # [B, C, h, w]
     for row, (it, n) in enumerate(zip(items, lengths)):
-        text[row, :n] = it["text"]
+        dst = text[row, :n]
+        if it["text"].data_ptr() != dst.data_ptr():  # else read there already (``text_rows``)
+            dst.copy_(it["text"])
         text[row, n:] = 0
         mask[row, :n] = True
         mask[row, n:] = False
@@ -403,7 +423,11 @@ class BatchLoader:
         self.depth = depth
 
     def build(self, epoch: int, index: int, samples, slot: HostSlot | None = None) -> Batch:
-        items = self.dataset.items(samples, epoch, bits=True)
+        into = None
+        if slot is not None:  # captions read straight into the slot's buffer (one copy of the bytes fewer)
+            row, dtype = self.dataset.text.bits_row()
+            into = lambda lengths: text_rows(slot, lengths, row, dtype, self.buckets)  # noqa: E731
+        items = self.dataset.items(samples, epoch, bits=True, text_into=into)
         return collate(items, epoch, index, buckets=self.buckets, slot=slot)
 
     def __iter__(self):

@@ -1,9 +1,11 @@
 """The training feed: threaded/process loaders give the batches of the plan, resume stays exact, reader
-failures surface as themselves, text decodes the same after the copy, compiled blocks match eager ones."""
+failures surface as themselves, text decodes the same after the copy, compiled blocks match eager ones,
+captions are read straight into the loader's reused buffers."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import shutil
 import threading
@@ -17,7 +19,7 @@ from semroute.shared.store import ChecksumError
 from semroute.shared.text_store import TextCacheReader
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from semroute.stage2_train.config import TrainConfig
-from semroute.stage2_train.data import BatchLoader, EpochBatches, PairedCaches, TextBuckets
+from semroute.stage2_train.data import BatchLoader, EpochBatches, HostSlot, PairedCaches, TextBuckets
 from semroute.stage2_train.dit import SemrouteDiT
 from semroute.stage2_train.feed import DeviceFeed
 from semroute.stage2_train.objective import flow_loss
@@ -248,3 +250,62 @@ def test_model_flops_are_counted_from_the_config():
     assert flops == 3 * forward * 2
     deep = {"fusion": "deep", "num_blocks": 2}
     assert dit_train_flops(deep, 64, 10) is None
+
+
+@pytest.mark.parametrize("layers", [None, [1, 3]])
+def test_the_loader_reads_captions_straight_into_its_reused_host_buffer(square_caches, layers):
+    text, latents, _ = square_caches
+    ds = PairedCaches(text, latents, text_layers=layers, seed=3, caption_dropout=0.3)
+    plan = _plan(ds)
+    loader = BatchLoader(ds, plan, num_workers=0, buckets=TextBuckets(16))
+    slot = HostSlot(pin=False)
+    calls, read = [], ds.text.captions_bits
+
+    def spy(indices, into=None):
+        out = read(indices, into=into)
+        calls.append((into, out))
+        return out
+
+    ds.text.captions_bits = spy
+    dropped = 0
+    for epoch, index, samples in itertools.islice(plan.iterate(0), 4):
+        fresh = loader.build(epoch, index, samples)
+        got = loader.build(epoch, index, samples, slot)
+        assert got.sample_ids == fresh.sample_ids and got.captions == fresh.captions
+        assert torch.equal(got.text, fresh.text) and torch.equal(got.text_mask, fresh.text_mask)
+        assert torch.equal(got.latents, fresh.latents)
+        buf = slot.buffers["text"]
+        assert got.text.data_ptr() == buf.data_ptr()  # the batch is the slot's buffer
+        into, out = calls[-1]
+        if layers is None:  # every stored caption was read into its row of the buffer, not copied there
+            assert len(into) == len(out) == sum(c >= 0 for c in got.captions)
+            rows = [got.text[row, :n] for row, n in enumerate(got.text_mask.sum(1).tolist())
+                    if got.captions[row] >= 0]
+            assert [t.data_ptr() for t in into] == [r.data_ptr() for r in rows] == [f.data_ptr() for f, _ in out]
+        else:  # a subset of the stored layers is picked after reading: nothing read in place
+            assert into is not None and all(f.data_ptr() != t.data_ptr() for (f, _), t in zip(out, into))
+        dropped += sum(c < 0 for c in got.captions)
+    assert dropped  # the null caption was copied into its rows as well
+
+
+def test_local_reads_reuse_one_buffer_per_thread(square_caches, monkeypatch):
+    import zarr
+
+    text, _, _ = square_caches
+    reader = TextCacheReader(text)
+    features = reader._arrays()["features"]
+    stored = zarr.open_group(text, mode="r")["features"]
+    spans = [(int(reader.offsets[i]), int(reader.offsets[i] + reader.lengths[i])) for i in (3, 40, 7, 90)]
+    features.read_many(spans)  # shard indexes read (and kept) here
+    monkeypatch.setattr("os.pread", lambda *a: pytest.fail("a chunk read allocated a new bytes object (os.pread)"))
+    got = features.read_many(spans)
+    buf = features._scratch.buf
+    again = features.read_many(spans[::-1])
+    assert features._scratch.buf is buf  # grown once, then reused
+    for (a, b), x, y in zip(spans, got, again[::-1]):
+        assert np.array_equal(x, stored[a:b]) and np.array_equal(y, stored[a:b])
+    other = {}
+    t = threading.Thread(target=lambda: (features.read_many(spans), other.update(buf=features._scratch.buf)))
+    t.start()
+    t.join()
+    assert other["buf"] is not buf  # loader threads never share one

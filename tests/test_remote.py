@@ -80,6 +80,12 @@ def test_a_batch_read_from_s3_is_the_local_read_in_fewer_requests(caches, s3):
     assert len(s3.requests) - seen == len(gets) and 0 < len(gets) < len(batch), s3.requests[seen:]
     for (fa, sa), (fb, sb) in zip(a.captions_bits(batch), got):
         assert _raw(fa) == _raw(fb) and _raw(sa) == _raw(sb)
+    # Read straight into a loader's batch buffer (obstore's buffers copied once, into the rows).
+    from semroute.stage2_train.data import HostSlot, text_rows
+
+    rows = text_rows(HostSlot(pin=False), [int(b.lengths[i]) for i in batch], *b.bits_row())
+    for (fa, _), (fb, _), row in zip(a.captions_bits(batch), b.captions_bits(batch, into=rows), rows):
+        assert _raw(fa) == _raw(fb) and fb.data_ptr() == row.data_ptr()
     # The loader's batch: the same draws as reading sample by sample from the local caches.
     local, remote_ds = (PairedCaches(t, lat, text_layers=None, seed=5, caption_dropout=0.25)
                         for t, lat in ((local_t, local_l), (url_t, url_l)))
