@@ -25,6 +25,7 @@ import math
 import os
 import struct
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -545,6 +546,22 @@ class ShardedArrayMeta:
         return f"{self.root}/{self.name}/{key}" if self.remote else self.root / self.name / key
 
 
+class _FdTable(OrderedDict):
+    """One thread's open shard files (shard -> descriptor), closed with it when the thread's storage goes."""
+
+    __hash__ = object.__hash__  # by identity: kept in a WeakSet
+
+    def close(self) -> None:
+        while self:
+            os.close(self.popitem()[1])
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class ShardedArrayFile:
     """Reads rows of one sharded array straight from its shard files (local) or objects (remote).
 
@@ -564,30 +581,39 @@ class ShardedArrayFile:
         self.chunks_per_shard = meta.chunks_per_shard
         self.check_crc = check_crc
         self._max_open = max_open
-        self._fds: OrderedDict[int, int] = OrderedDict()
         # Shard indexes read so far (one suffix read each, the first time a shard is touched), least recently used first.
         self._index: OrderedDict[int, np.ndarray] = OrderedDict()
         self._index_bytes, self.index_cache_bytes = 0, index_cache_bytes
         self._remotes: OrderedDict[int, object] = OrderedDict()
-        self._scratch = threading.local()  # _pread_into_scratch's buffer
+        # Per thread: the open shard files (``_fds``) and _pread_into_scratch's buffer. Loader threads share this
+        # object; a descriptor table shared between them let one thread close a file another was about to read.
+        self._scratch = threading.local()
+        self._fd_tables: weakref.WeakSet = weakref.WeakSet()
 
     def __getstate__(self):
         # File descriptors do not cross process boundaries (DataLoader workers reopen them).
         state = dict(self.__dict__)
-        state["_fds"] = OrderedDict()
         state["_index"], state["_index_bytes"] = OrderedDict(), 0
         state["_remotes"] = OrderedDict()
-        state["_scratch"] = None
+        state["_scratch"], state["_fd_tables"] = None, None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._scratch = threading.local()
+        self._scratch, self._fd_tables = threading.local(), weakref.WeakSet()
+
+    @property
+    def _fds(self) -> "_FdTable":
+        """This thread's open shard files, least recently used first (at most ``max_open``)."""
+        fds = getattr(self._scratch, "fds", None)
+        if fds is None:
+            fds = self._scratch.fds = _FdTable()
+            self._fd_tables.add(fds)
+        return fds
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for table in list(self._fd_tables):
+            table.close()
 
     def __del__(self):
         try:
@@ -740,9 +766,8 @@ class ShardedArrayFile:
             wanted.setdefault(shard, []).append((begin, end))
         # Ranges on object storage are fetched all at once (merged within MERGE_GAP: a request costs a round
         # trip); a piece on a local file or node-local copy is read when its rows are copied out (step 3).
-        local = {shard: fd for shard in wanted if (fd := self._local_copy(shard) if self.remote else self._fd(shard))
-                 is not None}
-        merged = [(shard, a, b) for shard in sorted(set(wanted) - set(local))
+        local = {shard for shard in wanted if not self.remote or self._local_copy(shard) is not None}
+        merged = [(shard, a, b) for shard in sorted(set(wanted) - local)
                   for a, b in merge_ranges(wanted[shard], MERGE_GAP)]
         fetched: dict[int, list[tuple[int, bytes]]] = {}
         for (shard, a, _), raw in zip(merged, self._fetch(merged)):
@@ -755,8 +780,11 @@ class ShardedArrayFile:
                 # (36 x 2560 bf16, 184 kB a token) faulting in fresh pages for every read cost as much CPU as
                 # the copy itself (bench/RESULTS.md, "Reads of paper-sized captions").
                 entries = index[shard][first - shard * per: last - shard * per + 1]
-                a = int(entries[:, 0].min())
-                got = self._pread_into_scratch(local[shard], a, int((entries[:, 0] + entries[:, 1]).max()) - a)
+                a, b = int(entries[:, 0].min()), int((entries[:, 0] + entries[:, 1]).max())
+                # The descriptor taken just before the read: one kept from the plan could be closed by now
+                # (more shards in this call than max_open).
+                fd = self._local_copy(shard) if self.remote else self._fd(shard)
+                got = self._pread_into_scratch(fd, a, b - a) if fd is not None else self._fetch([(shard, a, b)])[0]
                 chunks, starts = [(a, got)], [a]
             else:
                 chunks = fetched[shard]

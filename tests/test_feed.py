@@ -309,3 +309,59 @@ def test_local_reads_reuse_one_buffer_per_thread(square_caches, monkeypatch):
     t.start()
     t.join()
     assert other["buf"] is not buf  # loader threads never share one
+
+
+def _many_shard_text_cache(path: Path, n: int = 40) -> TextCacheReader:
+    """A text cache of random bf16 rows cut into many small shards (about 4 captions each)."""
+    import pyarrow as pa
+
+    from semroute.shared.text_store import TextCacheWriter
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 9, n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    index = pa.table({"caption": np.arange(n), "sample_id": [str(i) for i in range(n)], "start": offsets[:-1],
+                      "n_tokens": lengths.astype(np.int32)})
+    w = TextCacheWriter.create(path, offsets=offsets, index=index, fingerprint={"compute_dtype": "bfloat16",
+                               "layers": [1, 2]}, n_layers=2, hidden_size=16, storage="exact",
+                               shard_bytes=20 * 64, chunk_bytes=4 * 64, input_sha256="t")
+    g = torch.Generator().manual_seed(0)
+    for s in range(w.layout.n_shards):
+        a, b = w.layout.shard_rows(s)
+        w.write_shard(s, torch.randn((b - a, 2, 16), generator=g).to(torch.bfloat16))
+    w.write_null(torch.zeros((2, 2, 16), dtype=torch.bfloat16), text="")
+    w.finish()
+    return TextCacheReader(path)
+
+
+def test_reads_touching_more_shards_than_files_kept_open(tmp_path):
+    import zarr
+
+    reader = _many_shard_text_cache(tmp_path / "many.text.zarr")
+    features = reader._arrays()["features"]
+    stored = zarr.open_group(str(tmp_path / "many.text.zarr"), mode="r")["features"]
+    assert features.meta.layout.n_shards >= 8
+    spans = [(int(reader.offsets[i]), int(reader.offsets[i] + reader.lengths[i])) for i in range(reader.n_captions)]
+    features._max_open = 2  # one call needs far more shards than stay open
+    for got, (a, b) in zip(features.read_many(spans[::-1])[::-1], spans):
+        assert np.array_equal(got, stored[a:b])
+
+    # Loader threads each keep their own open files: one never closes a file another is reading.
+    features._max_open = 1
+    errors, tables = [], []
+
+    def reads(order):
+        try:
+            for _ in range(20):
+                for got, (a, b) in zip(features.read_many([spans[i] for i in order]), (spans[i] for i in order)):
+                    assert np.array_equal(got, stored[a:b])
+            tables.append(features._fds)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=reads, args=(order,)) for order in (range(0, 40, 3), range(39, 0, -2))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == [] and len(tables) == 2 and tables[0] is not tables[1]
+    features.close()
+    assert not any(len(t) for t in tables)
