@@ -16,6 +16,7 @@
 #   2. 24-token captions, batch 8, eager: the same without the profiler
 #   3. 120-token captions, batch 8, --compile: (a)/(c), MFU, profiler summary (reuses run 1's caches)
 #   4. 120-token captions, the largest batch of 8/16/24/32 that fits, --compile: (a)/(c), MFU
+#   then, if time is left: the loader's host work per batch at paper-sized captions (bench_data.py --only feed)
 # Each run has its own time limit, so one that fails or hangs leaves the others' rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,6 +91,14 @@ run c120_b8_compile "${LIMIT[2]}" "${N[@]}" --caption-tokens 120 --batch-size 8 
 run c120_bmax_compile "${LIMIT[3]}" "${N[@]}" --caption-tokens 120 --batch-size $MAXB --workdir "$WORK/c120" \
     --skip-online --compile --text-buckets 128 --steps 5 --warmup 1 --workers 3
 echo "=== all runs: $((SECONDS - START))s"
+# The host side of the loader at the paper preset's caption size (bench/RESULTS.md, "Reads of paper-sized
+# captions": on the 2-core VM, first-touch page faults were most of it), if the runs left the time for it.
+if [ $((SECONDS - START)) -lt 400 ]; then
+  FEED=(--size paper --captions 80); [ "$CPU" = "1" ] && FEED=(--size toy --captions 100)
+  echo "=== host feed (limit 80s)"
+  timeout --kill-after=5 80 $PY bench/bench_data.py --only feed "${FEED[@]}" > "$RESULTS/feed.json" 2> "$RESULTS/feed.log" \
+    && grep "^feed" "$RESULTS/feed.log" || echo "host feed: no result (see feed.log)"
+fi
 
 $PY - "$RESULTS" <<'EOF' | tee "$RESULTS/device_table.md"
 import json, sys
