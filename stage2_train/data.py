@@ -152,17 +152,15 @@ class PairedCaches(Dataset):
         positions = [int(self.latent_pos[s]) for s in samples]
         for it, latent in zip(out, self.latents.latents(positions, generators)):
             it["latent"] = latent
+        if self._null_bits is None and any(it["caption"] < 0 for it in out):
+            self._null_bits = self.text.null_bits()  # read once, the first time a caption is dropped
         into = None
         if text_into is not None:
-            if self._null_bits is None and any(it["caption"] < 0 for it in out):
-                self._null_bits = self.text.null_bits()
             lengths = [int(self.text.lengths[it["caption"]]) if it["caption"] >= 0 else self._null_bits[0].shape[0]
                        for it in out]
             into = [dest for dest, it in zip(text_into(lengths), out) if it["caption"] >= 0]
         stored = iter(self.text.captions_bits([it["caption"] for it in out if it["caption"] >= 0], into=into))
         for it in out:
-            if it["caption"] < 0 and self._null_bits is None:
-                self._null_bits = self.text.null_bits()
             features, scales = self._null_bits if it["caption"] < 0 else next(stored)
             if bits:
                 it["text"], it["text_scales"] = features, scales
