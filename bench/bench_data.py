@@ -15,6 +15,8 @@
    (``train --shuffle shards``: ``EpochBatches`` over the cache's shards, ``--shuffle-window`` at a time).
    ``--only feed``: the training loader's work per batch (``BatchLoader.build``) from a warm local text cache,
    into fresh tensors and into a reused host buffer (``--size paper``: the paper preset's 36 x 2560 rows).
+   ``--only requests``: what one ranged GET costs each server (its process's CPU) and our client, by range size
+   and by how many 8 MiB objects the ranges fall in (no cache format involved).
 2. ``encode-images`` from WebDataset tar shards against the same JPEGs as files + manifest (pixel codec).
 3. ``encode-text --append`` of 10% new captions against a full encode of all of them (SmolLM2, float32).
 
@@ -23,6 +25,7 @@
     python bench/bench_data.py --only reader --reader-modes batch --s3-server moto,seaweedfs --s3-client obstore,s3fs
     python bench/bench_data.py --only reader --reader-modes batch --s3-server moto,seaweedfs --orders samples,shards
     python bench/bench_data.py --only feed --size paper --captions 120
+    python bench/bench_data.py --only requests --s3-server seaweedfs,moto
 """
 
 from __future__ import annotations
@@ -155,6 +158,17 @@ def s3_server(name: str, weed: str | None = None):
     raise SystemExit(f"--s3-server {name!r}: choose from {', '.join(SERVERS)}")
 
 
+def each_server(names, weed: str | None, out: dict):
+    """Each loopback server named, started in turn (one not installed is marked so in ``out``)."""
+    for name in names:
+        server = s3_server(name, weed)
+        if server is None:
+            out[name] = {"skipped": "not installed"}
+            continue
+        with server:
+            yield name, server
+
+
 CLIENTS = ("obstore", "s3fs")
 
 
@@ -198,16 +212,11 @@ def bench_reader(tmp: Path, n: int, n_batches: int, modes: list[str] = list(MODE
     out = {"captions": n, "size": size, "layers": layers, "hidden": hidden, "shard_bytes": shard_bytes,
            "chunk_bytes": chunk_bytes, "bytes": sum(p.stat().st_size for p in local.rglob("*")
                                                                           if p.is_file())}
-    for name in servers:
-        server = s3_server(name, weed)
-        if server is None:
-            out[name] = {"skipped": "not installed"}
-            continue
-        with server:
-            out[name] = {}
-            for k, order in enumerate(orders):
-                out[name][order] = bench_server(tmp / name / order, local, server, n, n_batches, modes, out["bytes"],
-                                                clients, order, window, upload=k == 0, shape=shape)
+    for name, server in each_server(servers, weed, out):
+        out[name] = {}
+        for k, order in enumerate(orders):
+            out[name][order] = bench_server(tmp / name / order, local, server, n, n_batches, modes, out["bytes"],
+                                            clients, order, window, upload=k == 0, shape=shape)
     return out
 
 
@@ -275,6 +284,45 @@ def bench_server(tmp: Path, local: Path, s3, n: int, n_batches: int, modes: list
         out[mode] = {k: v if isinstance(v, dict) else round(v, 1) for k, v in r.items()}
         print(type(s3).__name__, order, mode, json.dumps(out[mode]), file=sys.stderr, flush=True)  # kept if a later mode fails
     out["retries"] = remote.STATS.retries - retries
+    return out
+
+
+def bench_requests(servers, weed: str | None, sizes=(50_000, 400_000, 1 << 20), objects=(4, 40),
+                   in_flight: int = 46, rounds: int = 8) -> dict:
+    """What one ranged GET costs the server and our client, apart from any cache format: objects of 8 MiB
+    (a toy cache's shard) written to the server, then ``rounds`` x ``in_flight`` ranges at random offsets
+    fetched together through ``remote.read_ranges`` (the reader's call), after a first pass of the same
+    pattern. Few objects (4: 32 MiB) against many (40: 320 MiB), each range size in turn: whether a request's
+    cost follows the bytes asked for, or the object it reads from."""
+    import random
+
+    out = {}
+    for name, server in each_server(servers, weed, out):
+        server.make_bucket("bench")
+        urls = [f"s3://bench/o{i}" for i in range(max(objects))]
+        for url in urls:
+            remote.write_bytes(url, os.urandom(8 << 20))
+        files = [remote.RemoteFile(url) for url in urls]
+        rows = out[name] = []
+        for size in sizes:
+            for n_obj in objects:
+                rnd = random.Random(size + n_obj)
+
+                def one_pass():
+                    for _ in range(rounds):
+                        picks = [files[rnd.randrange(n_obj)] for _ in range(in_flight)]
+                        starts = [rnd.randrange((8 << 20) - size) for _ in picks]
+                        remote.read_ranges(picks, starts, [a + size for a in starts])
+
+                one_pass()  # connections opened; what the server caches of these objects, cached
+                server_cpu, cpu, t0 = process_cpu_s(server.process.pid), time.process_time(), time.perf_counter()
+                one_pass()
+                dt, made = time.perf_counter() - t0, rounds * in_flight
+                rows.append({"range_bytes": size, "objects": n_obj, "requests_per_s": round(made / dt, 1),
+                             "server_cpu_ms_per_request": round(1000 * (process_cpu_s(server.process.pid)
+                                                                        - server_cpu) / made, 2),
+                             "client_cpu_ms_per_request": round(1000 * (time.process_time() - cpu) / made, 2)})
+                print(type(server).__name__, json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return out
 
 
@@ -426,6 +474,9 @@ def main() -> None:
                                          args.s3_server.split(","), args.weed, args.s3_client.split(","),
                                          args.orders.split(","), args.shuffle_window, args.size)
             print(json.dumps(out["reader"], indent=1), flush=True)
+        if "requests" in args.only:
+            out["requests"] = bench_requests(args.s3_server.split(","), args.weed)
+            print(json.dumps(out["requests"], indent=1), flush=True)
         if "feed" in args.only:
             (tmp / "feed").mkdir()
             out["feed"] = bench_feed(tmp / "feed", args.captions, args.size)
