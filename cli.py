@@ -423,8 +423,16 @@ def routing_cmd(
     from semroute.stage2_train.run_folder import RunFolder, open_model
 
     model, where = open_model(run, ema=ema)
-    png, csv_path = save_routing(model, out or (RunFolder(run).routing_dir if RunFolder.is_run(run) else run), "routing",
-                                 title=f"{model.config.fusion}: {where}")
+    name = "routing"
+    if out is None:
+        # Never into the checkpoint or pipeline read: their complete.json lists their files. A run's (or its
+        # checkpoint's) plot goes to RUN/routing/, named after the checkpoint.
+        found = RunFolder.locate(run)
+        if found is None:
+            raise SemrouteError(f"{run} is not a run folder or one of its checkpoints (an exported pipeline, say), "
+                                "which routing does not write into: pass --out FOLDER")
+        out, name = found[0].routing_dir, where + ("-ema" if ema else "")
+    png, csv_path = save_routing(model, out, name, title=f"{model.config.fusion}: {where}{' (EMA)' if ema else ''}")
     typer.echo(f"wrote {png} and {csv_path}")
 
 

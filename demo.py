@@ -247,8 +247,10 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
         _say(f"{run_dir} is already trained ({trained['step']} steps); reusing it")
         return trained
     # A checkpoint without the marker: a training that stopped before its budget was spent (a crash, Ctrl-C).
-    resume = "latest" if RunFolder(run_dir).latest_checkpoint() is not None else None
-    if resume:
+    # "latest" also for a run that stopped before its first checkpoint: it starts again at step 0 (train
+    # refuses to write a new run over one already in its folder).
+    resume = "latest" if RunFolder(run_dir).holds_work() else None
+    if RunFolder(run_dir).latest_checkpoint() is not None:
         _say(f"{run_dir} stopped at step {_trained(run_dir)['step']} before its budget was spent; resuming it")
     processes = training_processes(cfg)
     tcfg = TrainConfig(

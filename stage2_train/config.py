@@ -45,7 +45,7 @@ NUMERIC_RULES = {
     "caption_dropout": dict(low=0.0, high=1.0, high_open=True),
     "batch_size": dict(integer=True, low=1),
     "grad_accum": dict(integer=True, low=1),
-    "lr": _POSITIVE,
+    "lr": dict(low=0.0, low_open=True, high=1.0),  # Adam steps are ~lr per weight: above 1 only diverges
     "weight_decay": dict(low=0.0),
     "fusion_lr_scale": _POSITIVE,
     "grad_clip": _POSITIVE,

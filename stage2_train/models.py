@@ -9,9 +9,11 @@ named here as strings so that reading the registry (config validation, ``info``)
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from pathlib import Path
 
+from semroute.shared.checks import check_bool, check_number
 from semroute.shared.errors import SemrouteError
 from semroute.shared.layers import parse_layers
 from semroute.stage2_train.fusion import FUSIONS
@@ -46,7 +48,14 @@ def load_model(model_dir: Path):
     if klass.__name__ != config.get("_class_name", klass.__name__):
         raise SemrouteError(f"{model_dir}/config.json: class {config['_class_name']} does not implement fusion "
                             f"{config.get('fusion')!r} ({klass.__name__} does)")
-    return klass.from_pretrained(str(model_dir))
+    try:
+        # local_files_only: a folder gone missing must not turn into a hub lookup of its path
+        return klass.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as err:
+        if not model_dir.is_dir():  # removed since config.json was read: a live run prunes old checkpoints
+            raise SemrouteError(f"{model_dir} was removed while it was being read (a run still training keeps "
+                                "only its newest checkpoints); run the command again") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,6 +67,34 @@ def model_text_layers(cfg, n_llm_layers: int, stored: list[int]) -> list[int]:
     if cfg.fusion == "penultimate":
         return [n_llm_layers - 1]
     return [i for i in stored if i != 0]
+
+
+def check_model_overrides(klass: type, overrides: dict, preset: str) -> dict:
+    """The ``model.*`` keys a config sets, checked against the DiT class's own settings (their defaults' types:
+    sizes are whole numbers >= 1, floats finite and >= 0), so that a typo or a wrong type is named here rather
+    than surfacing as a TypeError inside the constructor. Returns them as numbers of the right type."""
+    from semroute.stage2_train.presets import PRESETS
+
+    params = inspect.signature(klass.__init__).parameters
+    checked = {}
+    for key, value in overrides.items():
+        if key in ("fusion", "text_layers"):
+            raise SemrouteError(f"model.{key}: set the top-level key {key} instead (--set {key}=...)")
+        if key not in params or key == "self":
+            raise SemrouteError(f"model.{key} is not a setting of {klass.__name__}; its settings are: "
+                                + ", ".join(k for k in params if k not in ("self", "fusion", "text_layers")))
+        default = params[key].default
+        if isinstance(default, bool):
+            checked[key] = check_bool(f"model.{key}", value)
+        elif isinstance(default, int):
+            checked[key] = check_number(f"model.{key}", value, integer=True, low=1)
+        elif isinstance(default, float):
+            checked[key] = check_number(f"model.{key}", value, low=0.0)
+    shape = {**PRESETS.get(preset, {}), **checked}
+    if "num_kv_heads" in params and shape.get("num_heads", 1) % shape.get("num_kv_heads", 1):
+        raise SemrouteError(f"model.num_heads ({shape['num_heads']}) must be a multiple of model.num_kv_heads "
+                            f"({shape['num_kv_heads']}): each key/value head serves a group of query heads")
+    return checked
 
 
 def build_model(cfg, text_fp: dict, stored_layers: list[int], latent_channels: int):
@@ -73,6 +110,7 @@ def build_model(cfg, text_fp: dict, stored_layers: list[int], latent_channels: i
         raise SemrouteError(f"model.in_channels={overrides['in_channels']} but the latent cache has "
                             f"{latent_channels} channels")
     klass = model_class(cfg.fusion)
+    overrides.update(check_model_overrides(klass, cfg.model, cfg.preset))
     if cfg.fusion == "deep":
         from semroute.stage2_train.deep_fusion import build_deep_model
 

@@ -157,7 +157,7 @@ class RunFolder:
             except (ValueError, UnicodeDecodeError):
                 bad.append(n)
                 continue
-            if isinstance(row, dict):
+            if isinstance(row, dict) and _row_ok(row):
                 rows.append(row)
             elif row is not None:
                 bad.append(n)
@@ -199,8 +199,20 @@ class RunFolder:
                 + ". Start a new --out")
         return None
 
+    def holds_work(self) -> str | None:
+        """What a run already in this folder holds (None when there is none): what a new run must not be
+        written over."""
+        found = self.checkpoints()
+        if found:
+            return f"{len(found)} checkpoint(s), the newest {found[-1].name}"
+        if self.config_path.exists() or self.record_path.exists() or self.metrics_path.exists():
+            return "a run's config and logs, no checkpoint yet"
+        return None
+
     def resolve_resume(self, resume: str | None) -> Path | None:
-        """``latest`` -> the newest intact checkpoint of the run (None for a new run); else a path."""
+        """``latest`` -> the newest intact checkpoint of the run (None for a new run); else a path, which must
+        be one of this run's checkpoints (another run's would mix two runs' logs and data positions) and its
+        newest (training on from an older one would overwrite and prune the newer ones)."""
         if resume in (None, "", "no"):
             return None
         if resume == "latest":
@@ -208,6 +220,17 @@ class RunFolder:
         path = Path(resume)
         if not is_checkpoint(path):
             raise SemrouteError(f"--resume {resume}: not a checkpoint folder (expected {self.path}/checkpoints/step-*)")
+        if path.resolve().parent != self.checkpoints_dir.resolve():
+            owner = path.resolve().parent.parent
+            raise SemrouteError(
+                f"--resume {resume}: a checkpoint of another run ({owner}), not of --out {self.path}; to continue "
+                f"that run, pass --out {owner}")
+        newer = [p.name for p in self.checkpoints() if p.name > path.resolve().name]
+        if newer:
+            raise SemrouteError(
+                f"--resume {resume}: {self.path} has newer checkpoints ({', '.join(newer)}), which training on from "
+                f"{path.name} would overwrite and prune. To go back to {path.name}, first move them out of "
+                f"{self.checkpoints_dir} (e.g. into {self.path / 'set-aside'}); to continue the run: --resume latest")
         checkpoint_files.require_intact(path)
         return path
 
@@ -272,6 +295,19 @@ class RunFolder:
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+# What each kind of metrics.jsonl row must hold for `report` and `info` to read it (other keys may be absent,
+# as in runs of older versions); a row without them was damaged or hand-edited.
+_ROW_FIELDS = {None: {"loss": (int, float)}, "validation": {"val_loss": (int, float), "val_loss_sigma": dict},
+               "checkpoint": {"path": str}}
+
+
+def _row_ok(row: dict) -> bool:
+    if not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+        return False
+    need = _ROW_FIELDS.get(row.get("event"), {})
+    return all(isinstance(row.get(key), kinds) and not isinstance(row.get(key), bool) for key, kinds in need.items())
 
 
 def open_model(path: str | Path, ema: bool = False):

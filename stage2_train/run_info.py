@@ -27,12 +27,17 @@ def describe_run(path: str) -> dict:
         "max steps": cfg.max_steps,
         "checkpoints": ", ".join(p.name for p in checkpoints) or "none",
     }
-    if last:
-        info["last log"] = {"loss": round(last["loss"], 5), "lr": last["lr"],
-                            "samples/s": round(last["samples_per_s"], 2),
-                            "train time": f"{last['train_seconds']:.0f}s"}
-        info["routing (sigma 0.5)"] = {f"block {b}": f"top layer {t}, entropy {e:.3f}"
-                                       for b, (t, e) in enumerate(zip(last["routing_top_layer"],
-                                                                      last["routing_entropy"]))}
+    if last:  # (a row has its loss and step: RunFolder.metrics leaves out others; the rest may be missing)
+        info["last log"] = {"loss": round(last["loss"], 5), "lr": last.get("lr"),
+                            "samples/s": _rounded(last.get("samples_per_s"), 2),
+                            "train time": f"{_rounded(last.get('train_seconds'), 0)}s"}
+        tops, entropies = last.get("routing_top_layer"), last.get("routing_entropy")
+        if isinstance(tops, list) and isinstance(entropies, list):
+            info["routing (sigma 0.5)"] = {f"block {b}": f"top layer {t}, entropy {_rounded(e, 3)}"
+                                           for b, (t, e) in enumerate(zip(tops, entropies))}
     return info
 
+
+def _rounded(value, digits: int):
+    """``value`` rounded, or as it is when it is not a number (a hand-edited log)."""
+    return round(value, digits) if isinstance(value, (int, float)) and not isinstance(value, bool) else value

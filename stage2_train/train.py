@@ -122,6 +122,10 @@ def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resumi
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
+class NonFiniteLoss(SemrouteError):
+    """The loss or gradient norm went NaN/inf: training stops before any checkpoint of those weights."""
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig`, then ``train()`` runs the loop.
 
@@ -158,6 +162,10 @@ class Trainer:
         self.resume_from = self.run.resolve_resume(resume)
         if resume and resume != "latest" and self.resume_from is None:
             raise SemrouteError(f"--resume {resume}: no checkpoint found")
+        held = self.run.holds_work() if not resume else None
+        if held:
+            raise SemrouteError(f"--out {self.run_dir} already holds a training run ({held}): continue it with "
+                                "--resume latest, or choose another --out (nothing in it was changed)")
         self.changed_on_resume = {}
         if self.resume_from is not None:
             self.changed_on_resume = resume_settings.compare(self._config_before(), self.cfg.to_dict())
@@ -310,6 +318,7 @@ class Trainer:
                 if self.validation is not None and (state.step % self.validate_every == 0 or done):
                     window.t0 += self.validate()  # samples/s counts training only
                 if state.step % cfg.checkpoint_every == 0 or done:
+                    window.require_finite()
                     self.save_checkpoint()
                 if over_time:
                     break
@@ -502,11 +511,18 @@ class MetricsWindow:
         self._reset()
 
     def _reset(self) -> None:
-        self.loss = torch.zeros((), device=self.trainer.accelerator.device)  # stays on the device: no sync
+        device = self.trainer.accelerator.device
+        self.loss = torch.zeros((), device=device)  # stays on the device: no sync
+        self.nonfinite = torch.zeros((), device=device)  # steps whose loss or gradient norm was NaN/inf
+        self.first_step = self.trainer.state.step + 1
         self.steps, self.samples, self.flops, self.t0 = 0, 0, 0.0, time.perf_counter()
 
     def add(self, loss: torch.Tensor, grad_norm, flops: float) -> None:
         self.loss += loss
+        bad = ~torch.isfinite(loss)
+        if isinstance(grad_norm, torch.Tensor):
+            bad |= ~torch.isfinite(grad_norm.to(loss.device))
+        self.nonfinite += bad
         self.steps += 1
         self.samples += self.trainer.samples_per_step
         self.flops += flops
@@ -515,7 +531,11 @@ class MetricsWindow:
     def log(self) -> dict:
         t, acc = self.trainer, self.trainer.accelerator
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        mean_loss = acc.reduce((self.loss / self.steps).float(), "mean").item()
+        # one collective: the mean loss and whether any process saw a NaN/inf (the flag's mean is > 0)
+        stats = acc.reduce(torch.stack([(self.loss / self.steps).float(), self.nonfinite.float()]), "mean").tolist()
+        mean_loss = stats[0]
+        if stats[1] > 0:
+            self._stop()
         route = routing.summary(acc.unwrap_model(t.model))
         self.last = last = {
             "step": t.state.step, "loss": mean_loss,
@@ -534,6 +554,25 @@ class MetricsWindow:
                              **({"retries": remote_stats.retries} if remote_stats.retries else {}))
         self._reset()
         return last
+
+    def require_finite(self) -> None:
+        """Before a checkpoint: stop if a step since the last log went NaN/inf (the log checks its own), so
+        that diverged weights are never saved, and never prune the good checkpoints."""
+        if self.steps and self.trainer.accelerator.reduce(self.nonfinite.float(), "max").item() > 0:
+            self._stop()
+
+    def _stop(self) -> None:
+        t = self.trainer
+        latest = t.run.latest_checkpoint()
+        t.log({"step": t.state.step, "event": "stopped", "reason": "non-finite loss or gradient norm",
+               "steps": [self.first_step, t.state.step]}, {})
+        raise NonFiniteLoss(
+            f"training stopped at step {t.state.step}: the loss or the gradient norm became NaN/inf between steps "
+            f"{self.first_step} and {t.state.step} (lr {t.scheduler.get_last_lr()[0]:g}); no checkpoint was "
+            "written after it, "
+            + (f"{latest.name} is the last and is untouched. Resume from it with a lower lr (or longer warm-up): "
+               f"semroute train --out {t.run_dir} --resume latest --lr ..." if latest is not None
+               else "and none was written before it. Start again with a lower --lr (or a longer warm-up)"))
 
 
 class _weights:

@@ -24,6 +24,7 @@ from testkit import run_cli, write_manifest, write_square_images
     ("lr=inf", r"lr must be a finite number"),
     ("lr=abc", r"lr must be a number, got 'abc'"),
     ("lr=0", r"lr must be > 0"),
+    ("lr=1e38", r"lr must be > 0 and <= 1, got 1e\+38"),
     ("shift=.nan", r"shift must be a finite number"),
     ("shift=0", r"shift must be > 0"),
     ("ema='false'", r"ema must be true or false, got str 'false'"),
@@ -131,3 +132,24 @@ def test_set_keeps_text_values_as_typed():
 
     cfg = TrainConfig.build(fusion="depth", overrides=["mixed_precision=no", "lr_schedule='warmup'"])
     assert cfg.mixed_precision == "no" and cfg.lr_schedule == "warmup"
+
+
+@pytest.mark.parametrize("fusion, model, message", [
+    ("static", {"bogus": 1}, r"model.bogus is not a setting of SemrouteDiT; its settings are: in_channels, "),
+    ("deep", {"num_heads": 4}, r"model.num_heads is not a setting of DeepFusionDiT"),
+    ("static", {"num_blocks": "abc"}, r"model.num_blocks must be an integer, got str 'abc'"),
+    ("static", {"num_blocks": 0}, r"model.num_blocks must be >= 1, got 0"),
+    ("static", {"adaln": "maybe"}, r"model.adaln must be true or false, got str 'maybe'"),
+    ("static", {"norm_eps": -1.0}, r"model.norm_eps must be >= 0"),
+    ("static", {"num_kv_heads": 3}, r"model.num_heads \(4\) must be a multiple of model.num_kv_heads \(3\)"),
+    ("static", {"text_layers": [1]}, r"model.text_layers: set the top-level key text_layers instead"),
+])
+def test_bad_model_settings_are_named_before_the_model_is_built(fusion, model, message):
+    from semroute.stage2_train.models import build_model
+
+    cfg = TrainConfig.build(fusion=fusion, preset="tiny", overrides=[f"model.{k}={v}" for k, v in model.items()])
+    with pytest.raises(SemrouteError, match=message):
+        build_model(cfg, {"llm_num_hidden_layers": 4, "llm_hidden_size": 32}, [1, 2, 3, 4], 4)
+    # the same model without the bad key builds
+    assert build_model(TrainConfig.build(fusion="static", preset="tiny"),
+                       {"llm_num_hidden_layers": 4, "llm_hidden_size": 32}, [1, 2, 3, 4], 4).config.num_blocks == 2

@@ -117,3 +117,21 @@ def test_page_needs_nothing_from_the_network(two_runs, tmp_path):
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(SemrouteError, match="not a training run folder"):
         write_report([tmp_path], tmp_path / "x.html")
+
+
+def test_report_and_info_leave_out_log_rows_they_cannot_read(two_runs, tmp_path, capsys):
+    import shutil
+
+    from semroute.stage2_train.run_info import describe_run
+
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[1], run)
+    rows = [{"step": 3, "event": "validation"}, {"step": 5}, {"loss": 1.0}, {"step": 7, "loss": "x"},
+            {"step": "8", "loss": 0.5}, {"step": 99, "loss": 0.25}]  # the last: a row of an older version's keys
+    with open(run / "logs" / "metrics.jsonl", "a") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    page, _ = _parse(write_report([run], tmp_path / "r.html"))
+    assert "left out 5 unreadable line(s)" in capsys.readouterr().err
+    info = describe_run(str(run))
+    assert info["steps done"] == 99 and info["last log"]["loss"] == 0.25 and info["last log"]["lr"] is None
+    assert "routing (sigma 0.5)" not in info

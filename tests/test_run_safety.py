@@ -256,3 +256,111 @@ def test_a_run_that_fails_to_start_leaves_no_empty_folder(square_caches, tmp_pat
                              num_workers=0), progress=False)
     ok.release()
     assert (new / "run.json").exists()
+
+
+# -- a run is never written over --------------------------------------------------------------------
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and p.name != ".lock"}
+
+
+def test_a_new_run_is_never_started_over_an_existing_one(square_caches, run4, tmp_path):
+    run = _copy(run4, tmp_path)
+    before = _snapshot(run)
+    with pytest.raises(SemrouteError, match=r"already holds a training run \(2 checkpoint\(s\), the newest "
+                                            r"step-0000004\): continue it with --resume latest"):
+        Trainer(_cfg(square_caches, run, max_steps=2), progress=False)
+    assert _snapshot(run) == before
+    # a run that stopped before its first checkpoint: still refused, and --resume latest starts it again
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(SemrouteError, match=r"already holds a training run \(a run's config and logs, no checkpoint"):
+        Trainer(_cfg(square_caches, run, max_steps=2), progress=False)
+    train(_cfg(square_caches, run, max_steps=2), resume="latest", progress=False)
+    assert [p.name for p in RunFolder(run).checkpoints()] == ["step-0000002"]
+
+
+def test_resume_takes_only_the_newest_checkpoint_of_its_own_run(square_caches, run4, tmp_path):
+    run = _copy(run4, tmp_path)
+    before = _snapshot(run)
+    other = tmp_path / "other"
+    with pytest.raises(SemrouteError, match=rf"a checkpoint of another run \({run}\), not of --out {other}; to "
+                                            rf"continue that run, pass --out {run}"):
+        Trainer(_cfg(square_caches, other, max_steps=6), resume=str(run / "checkpoints" / "step-0000004"),
+                progress=False)
+    assert not other.exists()
+    older = run / "checkpoints" / "step-0000002"
+    with pytest.raises(SemrouteError, match=r"has newer checkpoints \(step-0000004\), which training on from "
+                                            r"step-0000002 would overwrite and prune"):
+        Trainer(_cfg(square_caches, run, max_steps=6), resume=str(older), progress=False)
+    assert _snapshot(run) == before
+    # moved aside as the message says, the newer checkpoint survives the run that goes back
+    (run / "set-aside").mkdir()
+    os.replace(run / "checkpoints" / "step-0000004", run / "set-aside" / "step-0000004")
+    train(_cfg(square_caches, run, max_steps=4), resume=str(older), progress=False)
+    assert _snapshot(run / "set-aside") == {k.removeprefix("checkpoints/"): v for k, v in before.items()
+                                            if k.startswith("checkpoints/step-0000004/")}
+    assert (run / "checkpoints" / "step-0000004").is_dir()  # trained again from step 2
+
+
+@pytest.mark.parametrize("caught_by", ["log", "checkpoint"])
+def test_a_diverging_run_stops_before_saving_nan_weights(square_caches, run4, tmp_path, monkeypatch, caught_by):
+    import semroute.stage2_train.train as train_mod
+    from semroute.stage2_train.train import NonFiniteLoss
+
+    run = _copy(run4, tmp_path)
+    before = _snapshot(run / "checkpoints")
+    # NaN from step 5 on; checkpoints every 2 steps, 'keep_checkpoints' 2: saving step 6 would prune step-4
+    trainer = Trainer(_cfg(square_caches, run, max_steps=10, keep_checkpoints=2,
+                           log_every=1 if caught_by == "log" else 7), resume="latest", progress=False)
+    real = train_mod.flow_loss
+
+    def diverging(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if trainer.state.step >= 4 else loss
+
+    monkeypatch.setattr(train_mod, "flow_loss", diverging)
+    with pytest.raises(NonFiniteLoss, match=r"stopped at step (5|6): the loss or the gradient norm became NaN/inf "
+                                            r".*step-0000004 is the last and is untouched"):
+        trainer.train()
+    assert trainer.state.step == (5 if caught_by == "log" else 6)
+    assert _snapshot(run / "checkpoints") == before
+    assert _metrics(run)[-1]["event"] == "stopped"
+
+
+def test_routing_of_a_checkpoint_is_written_beside_the_run_not_into_the_checkpoint(run4, tmp_path):
+    from typer.testing import CliRunner
+
+    from semroute.cli import app
+    from semroute.stage2_train import checkpoint_files
+
+    run = _copy(run4, tmp_path)
+    ckpt = run / "checkpoints" / "step-0000002"
+    before = _snapshot(ckpt)
+    result = CliRunner().invoke(app, ["routing", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    assert _snapshot(ckpt) == before and checkpoint_files.problems(ckpt) == []
+    assert (run / "routing" / "step-0000002.csv").read_text() == (ckpt / "routing.csv").read_text()
+
+
+def test_a_checkpoint_pruned_while_it_is_read_is_named(run4, tmp_path, monkeypatch):
+    from semroute.stage2_train import models
+
+    run = _copy(run4, tmp_path)
+    real = models.model_class
+
+    def pruned_meanwhile(fusion):  # a live run's pruning, between reading config.json and the weights
+        klass = real(fusion)
+
+        class Pruned(klass):
+            @classmethod
+            def from_pretrained(cls, path, **kwargs):
+                shutil.rmtree(Path(path).parent)
+                return klass.from_pretrained(path, **kwargs)
+
+        Pruned.__name__ = klass.__name__
+        return Pruned
+
+    monkeypatch.setattr(models, "model_class", pruned_meanwhile)
+    with pytest.raises(SemrouteError, match=r"step-0000004/model was removed while it was being read .* run the "
+                                            r"command again"):
+        RunFolder(run).load_model()
