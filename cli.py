@@ -397,15 +397,16 @@ def export_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the pipeline to.")],
     ema: Annotated[bool, typer.Option("--ema", help="Export the EMA weights.")] = False,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A specific checkpoint folder (default: the newest).")] = None,
+    llm: Annotated[Optional[str], typer.Option("--llm", help="Load the LLM from here instead of the recorded reference (same weights required); the export then names this one.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export in --out (any other existing folder is refused).")] = False,
 ) -> None:
     """Write a diffusers-style pipeline folder that `from_pretrained` loads with only the folder and the LLM it names.
 
     Example:  semroute export runs/depth --out pipelines/depth --ema
     """
-    from semroute.stage2_train.pipeline import SemroutePipeline
+    from semroute.stage2_train.pipeline import export_pipeline
 
-    pipe = SemroutePipeline.from_run(run, ema=ema, checkpoint=str(checkpoint) if checkpoint else None, device="cpu")
-    pipe.save_pretrained(out)
+    pipe = export_pipeline(run, out, ema=ema, checkpoint=checkpoint, llm=llm, overwrite=overwrite)
     typer.echo(f"exported {run} ({'EMA' if ema else 'raw'} weights) to {out}; LLM: {pipe.text_settings['llm_ref']}")
 
 

@@ -37,11 +37,25 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         raise SemrouteError(f"--dtype {name!r} is not supported; use bfloat16, float16 or float32") from None
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``auto`` (or None) picks the GPU when one is present."""
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None) picks the GPU when one is present; a device this machine lacks is an error here,
+    before any model loads, not a traceback from deep inside torch."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SemrouteError(f"--device {device} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SemrouteError(f"--device {device}: CUDA is not available on this machine (no GPU, or a torch "
+                                "built without CUDA); use --device cpu or auto")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise SemrouteError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif target.type == "mps" and not torch.backends.mps.is_available():
+        raise SemrouteError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+    return target
 
 
 @dataclass
@@ -111,6 +125,15 @@ def resolve_llm_ref(ref: str) -> tuple[str, Path, str | None, str | None]:
     return "hub", folder, None, folder.name
 
 
+def recorded_ref(ref: str, kind: str) -> str:
+    """The reference that goes into fingerprints: a local folder or GGUF file as an absolute path (so a
+    cache, a run or an export made from it loads the LLM from any working directory); a hub id and
+    ``smollm2`` as given."""
+    if ref == "smollm2" or kind == "hub":
+        return ref
+    return str(Path(ref).expanduser().resolve())
+
+
 def _text_decoder(model: torch.nn.Module) -> torch.nn.Module:
     """The module that maps input_ids to hidden_states: the base model of a causal LM, or a VLM's text tower."""
     for attr in ("language_model", "text_model"):
@@ -148,7 +171,7 @@ def load_llm(ref: str, *, device: str | None = "auto", dtype: str | torch.dtype 
     else:
         weights = folder_weights_sha256(folder)
     identity = {
-        "ref": ref,
+        "ref": recorded_ref(ref, kind),
         "kind": kind,
         "revision": revision,
         "architecture": type(decoder).__name__,

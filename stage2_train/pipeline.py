@@ -15,6 +15,11 @@ Folder written by ``save_pretrained`` / ``semroute export``::
     text/semroute_text.json   how prompts are encoded: LLM reference and fingerprint, instruction, chat
                               template, max length, layers, compute dtype
     text/null.safetensors     the stored null caption's features (guidance and dropout used these)
+    complete.json             size and crc32c of every file above (``checkpoint_files``), written last;
+                              ``from_pretrained`` refuses a folder whose files no longer match it
+
+``semroute export`` writes the folder under a temporary sibling name and renames it when complete, so a
+crash never leaves a half export under the final name.
 
 The LLM's weights are not copied: the folder names the LLM (hub id, folder, GGUF path or ``smollm2``),
 ``from_pretrained`` loads it and refuses one whose weights differ from the text cache's.
@@ -23,6 +28,8 @@ The LLM's weights are not copied: the folder names the LLM (hub id, folder, GGUF
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +44,7 @@ from semroute.shared.errors import SemrouteError
 from semroute.shared.llm import LoadedLLM, load_llm
 from semroute.shared.text_encoder import PromptFormat, TextEncoder
 from semroute.shared.text_store import pad_batch
+from semroute.stage2_train import checkpoint_files
 
 TEXT_DIR = "text"
 TEXT_CONFIG = "semroute_text.json"
@@ -81,13 +89,16 @@ class SemroutePipeline(DiffusionPipeline):
         self.default_size: tuple[int, int] | None = None  # (height, width) in pixels
         # What `semroute sample` uses when not told: {"steps", "guidance"} of the training config.
         self.sample_defaults: dict = {}
+        self.source_step = 0  # the training step of the weights (recorded in an export's manifest)
 
     # -- text ------------------------------------------------------------------------------------
     def attach_text(self, settings: dict, null_features: torch.Tensor, llm: LoadedLLM | str | None = None,
                     device: str | None = "auto") -> None:
         """Load (or take) the LLM named by ``settings`` and check it is the one the cache was made with."""
-        if not isinstance(llm, LoadedLLM):
-            llm = load_llm(llm or settings["llm_ref"], device=device, dtype=settings["compute_dtype"])
+        if isinstance(llm, str) and llm:
+            llm = load_llm(llm, device=device, dtype=settings["compute_dtype"])
+        elif not isinstance(llm, LoadedLLM):
+            llm = _load_recorded_llm(settings["llm_ref"], device=device, dtype=settings["compute_dtype"])
         ident = llm.identity
         for key in ("llm_weights_sha256", "tokenizer_sha256"):
             have = ident[key.removeprefix("llm_")]
@@ -100,7 +111,8 @@ class SemroutePipeline(DiffusionPipeline):
         fmt = PromptFormat(instruction=settings["instruction"], chat_template=settings["chat_template"],
                            max_length=settings["max_length"])
         self.text_encoder = TextEncoder(llm, fmt, list(settings["layers"]))
-        self.text_settings = dict(settings)
+        # the reference that loaded (same weights, checked above): an export then names an LLM that loads
+        self.text_settings = {**settings, "llm_ref": ident.get("ref") or settings["llm_ref"]}
         self.null_features = null_features
 
     def attach_cached_text(self, stored_layers: list[int], null_features: torch.Tensor) -> None:
@@ -160,13 +172,8 @@ class SemroutePipeline(DiffusionPipeline):
         n = len(cond)
         device = self.transformer.device
         dtype = self.transformer.dtype
-        height = height or (self.default_size[0] if self.default_size else None)
-        width = width or (self.default_size[1] if self.default_size else None)
-        if height is None or width is None:
-            raise SemrouteError("give height and width (this pipeline has no training resolution recorded)")
+        height, width = self.image_size(height, width)
         down = self.vae_downsample
-        if height % down or width % down:
-            raise SemrouteError(f"height and width must be multiples of {down} for this autoencoder, got {width}x{height}")
         h, w = height // down, width // down
 
         # 1. Text: conditional prompts and (for guidance) the stored null caption, padded together.
@@ -224,6 +231,18 @@ class SemroutePipeline(DiffusionPipeline):
         decoded = self.vae.decode(z.to(self.vae.device, self.vae_dtype), return_dict=False)[0]
         return ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
 
+    def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """``(height, width)`` in pixels, the training size where not given; an error for a size the
+        autoencoder cannot make (``sample`` checks this before it writes anything)."""
+        height = height or (self.default_size[0] if self.default_size else None)
+        width = width or (self.default_size[1] if self.default_size else None)
+        if height is None or width is None:
+            raise SemrouteError("give height and width (this pipeline has no training resolution recorded)")
+        down = self.vae_downsample
+        if height % down or width % down:
+            raise SemrouteError(f"height and width must be multiples of {down} for this autoencoder, got {width}x{height}")
+        return height, width
+
     # -- autoencoder facts -----------------------------------------------------------------------
     @property
     def vae_scaling(self) -> float:
@@ -272,6 +291,7 @@ class SemroutePipeline(DiffusionPipeline):
             "scheduler": ["diffusers", type(self.scheduler).__name__],
         }
         (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        checkpoint_files.write_manifest(out, self.source_step)  # last: lists every file above
 
     @classmethod
     def from_pretrained(cls, path, *, llm: LoadedLLM | str | None = None, device: str | None = "auto",
@@ -284,11 +304,14 @@ class SemroutePipeline(DiffusionPipeline):
         from semroute.shared.llm import resolve_device
 
         folder = Path(path)
+        check_export(folder)
         try:
             index = json.loads((folder / "model_index.json").read_text())
-            settings = json.loads((folder / TEXT_DIR / TEXT_CONFIG).read_text())
         except FileNotFoundError as err:
             raise SemrouteError(f"{folder} is not an exported semroute pipeline ({err.filename} missing)") from None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise SemrouteError(f"{folder / 'model_index.json'} is damaged ({err}); export the pipeline again") from None
+        settings = read_text_settings(folder)
 
         def load(name: str):
             module, cls_name = index[name]
@@ -302,6 +325,7 @@ class SemroutePipeline(DiffusionPipeline):
         size = settings.pop("default_size", None)
         pipe.default_size = tuple(size) if size else None
         pipe.sample_defaults = settings.pop("sample_defaults", None) or {}
+        pipe.source_step = _manifest_step(folder)
         pipe.attach_text(settings, null, llm=llm, device=str(target))
         return pipe
 
@@ -327,6 +351,7 @@ class SemroutePipeline(DiffusionPipeline):
         pipe.to(target)
         pipe.default_size = size
         pipe.sample_defaults = {"steps": cfg.sample_steps, "guidance": cfg.sample_guidance}
+        pipe.source_step = _manifest_step(model_dir.parent)
         settings = text_settings_from_fingerprint(record["text_fingerprint"])
         null = _null_from_cache(record["text_cache"])
         pipe.attach_text(settings, null, llm=llm, device=str(target))
@@ -336,6 +361,124 @@ class SemroutePipeline(DiffusionPipeline):
             feats, _ = pipe.text_encoder.forward([tok.ids])
             pipe.null_features = feats[0].cpu()
         return pipe
+
+
+def _load_recorded_llm(ref: str, *, device: str | None, dtype: str) -> LoadedLLM:
+    """The LLM a text cache (or export) names. Caches written before references were recorded as absolute
+    paths name a local LLM as it was typed to encode-text, relative to the folder it ran in: found from
+    here, it loads; else the error says where it was looked for and how to pass it."""
+    where = Path(ref).expanduser()
+    if ref == "smollm2" or where.exists():
+        return load_llm(ref, device=device, dtype=dtype)
+    hint = "Pass the LLM explicitly: --llm PATH (sample, export) with the same weights the text cache was encoded with."
+    if where.is_absolute() or ref.startswith((".", "~")) or ref.endswith(".gguf"):
+        raise SemrouteError(f"the LLM recorded as {ref!r} is not there (looked for {where.absolute()}; moved or "
+                            f"deleted?). {hint}")
+    try:
+        return load_llm(ref, device=device, dtype=dtype)  # a hub id, or a relative path that is not here
+    except SemrouteError as err:
+        raise SemrouteError(f"cannot load the LLM recorded as {ref!r}: there is no {Path.cwd() / where} (a local "
+                            f"LLM is recorded relative to the folder encode-text ran in), and as a hub id: {err} "
+                            f"{hint}") from None
+
+
+# -- exported folders ----------------------------------------------------------------------------
+def _manifest_step(folder: Path) -> int:
+    """The training step a checkpoint's or an export's ``complete.json`` records (0 when it has none)."""
+    try:
+        return int(json.loads((Path(folder) / checkpoint_files.MANIFEST).read_text()).get("step") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def check_export(folder: Path) -> None:
+    """Refuse an exported pipeline whose files do not match its ``complete.json`` (a disk fault, an
+    interrupted copy, a hand edit), naming the files. Exports written before the manifest existed have
+    none and are taken as they are."""
+    folder = Path(folder)
+    if not (folder / checkpoint_files.MANIFEST).exists():
+        return
+    found = checkpoint_files.problems(folder)
+    if found:
+        raise SemrouteError(f"exported pipeline {folder} is damaged: {'; '.join(found[:5])}"
+                            + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")
+                            + f"; export it again (semroute export RUN --out {folder} --overwrite)")
+
+
+def read_text_settings(folder: Path) -> dict:
+    """An exported pipeline's ``text/semroute_text.json``."""
+    path = Path(folder) / TEXT_DIR / TEXT_CONFIG
+    try:
+        settings = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SemrouteError(f"{folder} is not an exported semroute pipeline ({path} missing)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SemrouteError(f"{path} is damaged ({err}); export the pipeline again") from None
+    if not isinstance(settings, dict):
+        raise SemrouteError(f"{path} is damaged (not a JSON object); export the pipeline again")
+    return settings
+
+
+def is_export(folder: Path) -> bool:
+    """A folder ``save_pretrained`` wrote (its ``model_index.json`` names this pipeline class)."""
+    try:
+        return json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name") == SemroutePipeline.__name__
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def check_export_target(out: Path, overwrite: bool) -> None:
+    """``export --out``: a new or empty folder, or (with ``overwrite``) an earlier export. Anything else (a
+    run folder, the current directory, a user's files, a file) is refused, with or without ``overwrite``,
+    and keeps every byte."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SemrouteError(f"--out {out} is a file; export to a new folder")
+    if out.resolve() == Path.cwd().resolve():
+        raise SemrouteError(f"--out {out} is the current directory; export to a new folder")
+    if next(out.iterdir(), None) is None:
+        return
+    if not is_export(out):
+        raise SemrouteError(f"--out {out} already exists and is not an exported semroute pipeline; refusing to "
+                            "replace it: export to a new folder")
+    if not overwrite:
+        raise SemrouteError(f"--out {out} already holds an exported pipeline; pass --overwrite to replace it, or "
+                            "export to another --out")
+
+
+def export_pipeline(run: str | Path, out: str | Path, *, ema: bool = False, checkpoint: str | Path | None = None,
+                    llm: str | None = None, overwrite: bool = False) -> SemroutePipeline:
+    """``semroute export``: the pipeline of a run (or of one of its checkpoints) written to ``out`` through
+    a temporary sibling folder and a rename; an earlier export there is replaced only with ``overwrite``."""
+    from semroute.stage2_train.run_folder import RunFolder
+
+    out = Path(out)
+    check_export_target(out, overwrite)
+    found = RunFolder.locate(run)
+    if found is None:
+        raise SemrouteError(f"{run} is not a run folder or one of its checkpoints (no run.json); export takes the "
+                            "folder `semroute train --out` wrote")
+    folder, ckpt = found
+    pipe = SemroutePipeline.from_run(folder.path, ema=ema, checkpoint=checkpoint or ckpt, llm=llm, device="cpu")
+    final = out.resolve()
+    tmp, old = final.with_name(f".{final.name}.export.tmp"), final.with_name(f".{final.name}.export.old")
+    for leftover in (tmp, old):  # of an export that crashed: ours, never a user's (hidden, our suffix)
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    try:
+        pipe.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists() and next(final.iterdir(), None) is not None:  # an earlier export, --overwrite given
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return pipe
 
 
 def to_pil(images: torch.Tensor) -> list:

@@ -3,14 +3,17 @@ that benchmark's scorer expects, plus a grid.
 
 Image k of prompt i is drawn from its own generator seeded ``seed + i * n + k``, so every image can be
 regenerated alone, whatever the batch size or number of processes. Prompts whose images all exist are
-skipped (resume), and under ``accelerate launch`` process r takes prompts r, r + world, ... and names
-files by the prompt's global index, so processes never collide.
+skipped (resume); ``OUT/sample_run.json`` records the settings and prompts that made them, and a rerun
+with others is refused, so one folder never mixes two runs' images. Under ``accelerate launch`` process
+r takes prompts r, r + world, ... and names files by the prompt's global index, so processes never collide.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,7 @@ import torch
 from semroute.shared.checks import check_guidance_interval, check_number
 from semroute.shared.distributed import process_info
 from semroute.shared.errors import SemrouteError
+from semroute.shared.llm import resolve_device
 from semroute.stage2_train.prompt_files import PromptEntry, detect_format, layout_for, read_prompts, save_image
 
 
@@ -55,10 +59,19 @@ def check_sample_options(cfg: SampleConfig) -> None:
         cfg.guidance_interval = check_guidance_interval(cfg.guidance_interval)
     check_number("--seed", cfg.seed, integer=True, low=0)
     check_number("--resolution", cfg.resolution, integer=True, low=1, optional=True)
+    if cfg.device not in ("auto", None, ""):
+        resolve_device(cfg.device)  # a device this machine lacks: refused before anything loads or is written
 
 
 RECORD = "sample_run.json"
-SETTINGS = ("model", "format", "n", "steps", "guidance", "guidance_interval", "seed", "resolution", "ema")
+SETTINGS = ("model", "prompts", "format", "n", "steps", "guidance", "guidance_interval", "seed", "resolution", "ema")
+
+
+def prompts_identity(entries: list[PromptEntry]) -> dict:
+    """Which prompts the images show: their count and a hash of (index, name, text), the things that decide
+    each image and its file name."""
+    digest = hashlib.sha256(json.dumps([[e.index, e.name, e.text] for e in entries], ensure_ascii=False).encode())
+    return {"count": len(entries), "sha256": digest.hexdigest()}
 
 
 def model_identity(checkpoint: str, ema: bool) -> dict:
@@ -81,36 +94,66 @@ def model_identity(checkpoint: str, ema: bool) -> dict:
     return {"folder": str(folder), "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
 
 
-def claim_output(cfg: SampleConfig, fmt: str) -> dict:
-    """The settings that decide the images, recorded in ``OUT/sample_run.json`` before the first image is
-    written. An output folder holding images made with other settings (another model, seed, guidance, ...)
-    is refused: the skip-what-exists resume would otherwise mix old images with new ones."""
-    settings = {"checkpoint": cfg.checkpoint, "model": model_identity(cfg.checkpoint, cfg.ema), "format": fmt,
-                "n": cfg.n, "steps": cfg.steps, "guidance": cfg.guidance,
-                "guidance_interval": list(cfg.guidance_interval) if cfg.guidance_interval else None, "seed": cfg.seed,
-                "resolution": cfg.resolution, "ema": cfg.ema}
-    out = Path(cfg.out)
+def output_settings(cfg: SampleConfig, fmt: str, entries: list[PromptEntry]) -> dict:
+    """The settings that decide the images (``SETTINGS``), as ``OUT/sample_run.json`` records them."""
+    return {"checkpoint": cfg.checkpoint, "model": model_identity(cfg.checkpoint, cfg.ema),
+            "prompts": {**prompts_identity(entries), "file": cfg.prompts_file}, "format": fmt,
+            "n": cfg.n, "steps": cfg.steps, "guidance": cfg.guidance,
+            "guidance_interval": list(cfg.guidance_interval) if cfg.guidance_interval else None, "seed": cfg.seed,
+            "resolution": cfg.resolution, "ema": cfg.ema}
+
+
+def _compared(record: dict, key: str):
+    """What must match for ``key``: for the prompts, which they are (not the file they came from)."""
+    value = record.get(key)
+    return {k: value.get(k) for k in ("count", "sha256")} if key == "prompts" and isinstance(value, dict) else value
+
+
+def _describe(key: str, before, now) -> str:
+    if key == "model" and isinstance(before, dict):
+        return (f"model {before.get('folder')} -> {now['folder']}"
+                + (" (same folder, other weights)" if before.get("folder") == now["folder"] else ""))
+    if key == "prompts" and isinstance(before, dict):
+        return (f"prompts {before.get('count')} prompts (sha256 {str(before.get('sha256'))[:12]}) -> "
+                f"{now['count']} prompts (sha256 {now['sha256'][:12]})")
+    return f"{key} {before!r} -> {now!r}"
+
+
+def check_output(out: str | Path, settings: dict) -> None:
+    """Refuse an output folder holding images made with other settings (other prompts, model, seed,
+    guidance, ...): the skip-what-exists resume would otherwise mix old images with new ones. Writes
+    nothing, so a run refused later (a bad size, a missing LLM) leaves the folder as it was."""
+    out = Path(out)
     record = out / RECORD
     if record.exists():
         try:
             before = json.loads(record.read_text())
+            if not isinstance(before, dict):
+                raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError):
             raise SemrouteError(f"{record} is damaged; it says which settings made the images in {out}: "
                                 "sample into a new -o") from None
-        differ = [k for k in SETTINGS if before.get(k, settings[k]) != settings[k]]
+        if "prompts" not in before:
+            raise SemrouteError(f"{record} was written by an older semroute that did not record its prompts, so "
+                                f"which prompts the images in {out} show is unknown; sample into another -o so old "
+                                "and new images do not mix")
+        # a key missing from the record is one added since it was written (it had its default then)
+        differ = [k for k in SETTINGS if k in before and _compared(before, k) != _compared(settings, k)]
         if differ:
-            detail = ", ".join(f"{k} {before.get(k)!r} -> {settings[k]!r}" if k != "model" else
-                               f"model {before['model'].get('folder')} -> {settings['model']['folder']}"
-                               + (" (same folder, other weights)"
-                                  if before["model"].get("folder") == settings["model"]["folder"] else "")
-                               for k in differ)
+            detail = ", ".join(_describe(k, before.get(k), settings[k]) for k in differ)
             raise SemrouteError(f"{out} holds images made with other settings ({detail}); sample into another -o "
                                 "(or delete the folder) so old and new images do not mix")
     elif out.is_dir() and next(out.rglob("*.png"), None) is not None:
         raise SemrouteError(f"-o {out} holds images but no {RECORD} saying which settings made them; sample into "
                             "another -o so old and new images do not mix")
+
+
+def claim_output(out: str | Path, settings: dict) -> dict:
+    """Record ``settings`` in ``OUT/sample_run.json``, after every check and before the first image."""
+    check_output(out, settings)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=2) + "\n")
+    (out / RECORD).write_text(json.dumps(settings, indent=2) + "\n")
     return settings
 
 
@@ -139,10 +182,10 @@ def sampling_defaults(checkpoint: str | Path) -> dict:
     exported pipeline's text settings ask for; {} when they name none."""
     path = Path(checkpoint)
     if (path / "model_index.json").exists():
-        from semroute.stage2_train.pipeline import TEXT_CONFIG, TEXT_DIR
+        from semroute.stage2_train.pipeline import TEXT_CONFIG, TEXT_DIR, read_text_settings
 
         settings = path / TEXT_DIR / TEXT_CONFIG
-        return (json.loads(settings.read_text()).get("sample_defaults") or {}) if settings.exists() else {}
+        return (read_text_settings(path).get("sample_defaults") or {}) if settings.exists() else {}
     from semroute.stage2_train.run_folder import RunFolder
 
     found = RunFolder.locate(path)
@@ -167,6 +210,10 @@ def with_sampling_defaults(cfg: SampleConfig) -> SampleConfig:
 def prompt_entries(cfg: SampleConfig) -> tuple[str, list[PromptEntry]]:
     if bool(cfg.prompts) == bool(cfg.prompts_file):
         raise SemrouteError("give either --prompt (one or more) or --prompts FILE")
+    if cfg.prompts and cfg.format:
+        raise SemrouteError(f"--format {cfg.format} applies to a --prompts FILE; prompts given with --prompt are "
+                            "written in the generic layout (<index>_<k>.png and prompts.jsonl): drop --format, or "
+                            "put the prompts in a file of that format")
     if cfg.prompts_file:
         fmt = cfg.format or detect_format(cfg.prompts_file)
         return fmt, read_prompts(cfg.prompts_file, fmt)
@@ -175,8 +222,28 @@ def prompt_entries(cfg: SampleConfig) -> tuple[str, list[PromptEntry]]:
     return "generic", entries
 
 
+def warn_truncated(pipe, entries: list[PromptEntry], shown: int = 5) -> int:
+    """Warn (stderr) about prompts longer than the text cache's ``max_length``: they are cut there, as
+    encode-text cut (and counted) the training captions. Returns how many."""
+    encoder = pipe.text_encoder
+    if encoder is None or not entries:
+        return 0
+    limit = encoder.fmt.max_length
+    long = [(e, t) for e, t in zip(entries, encoder.tokenize([e.text for e in entries])) if t.truncated]
+    for entry, tok in long[:shown]:
+        where = f" (line {entry.line})" if entry.line else ""
+        print(f"warning: prompt {entry.index}{where} has {tok.n_full} tokens (instruction included), more than the "
+              f"text cache's max_length {limit}: its last {tok.n_full - len(tok.ids)} tokens are cut, as encode-text "
+              "cut the training captions", file=sys.stderr)
+    if len(long) > shown:
+        print(f"warning: {len(long)} of {len(entries)} prompts are longer than max_length {limit} and cut (the first "
+              f"{shown} are listed above)", file=sys.stderr)
+    return len(long)
+
+
 def sample(cfg: SampleConfig, *, pipe=None) -> dict:
-    """Generate every pending image; returns counts and paths."""
+    """Generate every pending image; returns counts and paths. Everything is checked (options, prompts, the
+    output folder, the model, the LLM, the image size) before the output folder is claimed."""
     from tqdm.auto import tqdm
 
     cfg = with_sampling_defaults(cfg)
@@ -184,16 +251,22 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
     proc = process_info()
     fmt, entries = prompt_entries(cfg)
     layout = layout_for(fmt, cfg.out, n_per_prompt=cfg.n)
-    settings = proc.run_on_main(lambda: claim_output(cfg, fmt))
-    if proc.is_main:
-        layout.write_index(entries)
+    settings = output_settings(cfg, fmt, entries)
+    proc.run_on_main(lambda: check_output(cfg.out, settings))
     mine = layout.pending(entries[proc.rank:: proc.world_size])
     jobs = [(entry, k) for entry in mine for k in range(cfg.n)]
-    written = 0
-    t0 = time.perf_counter()
+    truncated = 0
     if jobs:
         device = cfg.device if cfg.device not in ("auto", None) or proc.world_size == 1 else str(proc.device)
         pipe = pipe or load_pipeline(cfg.checkpoint, ema=cfg.ema, llm=cfg.llm, device=device)
+        pipe.image_size(cfg.resolution, cfg.resolution)
+        truncated = warn_truncated(pipe, mine)
+    proc.run_on_main(lambda: claim_output(cfg.out, settings))
+    if proc.is_main:
+        layout.write_index(entries)
+    written = 0
+    t0 = time.perf_counter()
+    if jobs:
         pipe.set_progress_bar_config(disable=True)
         size = cfg.resolution
         bar = tqdm(total=len(jobs), unit="img", desc=f"sample[{proc.rank}]", disable=not cfg.progress)
@@ -221,7 +294,8 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
             grid = write_grid(layout, entries, cfg.n, Path(cfg.out) / "grid.png")
     return {"format": fmt, "prompts": len(entries), "images_written": written,
             "skipped_prompts_done": len(entries[proc.rank:: proc.world_size]) - len(mine),
-            "seconds": time.perf_counter() - t0, "grid": str(grid) if grid else None, "out": cfg.out}
+            "seconds": time.perf_counter() - t0, "grid": str(grid) if grid else None, "out": cfg.out,
+            "truncated_prompts": truncated}
 
 
 def write_grid(layout, entries: list[PromptEntry], n: int, path: Path, max_prompts: int = 16) -> Path | None:

@@ -1,0 +1,204 @@
+"""``sample`` and ``export`` keep what is on disk safe: an output folder never mixes runs (other prompts
+included) and is claimed only once every check passed; an export is checked against its manifest when
+loaded, never replaces a folder that is not an earlier export, and never leaves a half export; the LLM
+loads from any working directory; bad devices, over-long prompts and ignored options are named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from semroute.shared.errors import SemrouteError
+from semroute.shared.text_store import TextCacheReader
+from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+from semroute.stage2_train import checkpoint_files
+from semroute.stage2_train.config import TrainConfig
+from semroute.stage2_train.pipeline import SemroutePipeline, export_pipeline
+from semroute.stage2_train.sampling import RECORD, SampleConfig, sample
+from semroute.stage2_train.train import train
+from testkit import run_cli, write_manifest, write_square_images
+
+
+@pytest.fixture(scope="module")
+def run2(square_caches, tmp_path_factory) -> Path:
+    text, latents, _ = square_caches
+    out = tmp_path_factory.mktemp("sample_safety") / "run"
+    train(TrainConfig(text_cache=text, latent_cache=latents, out=str(out), preset="tiny", batch_size=8,
+                      num_workers=0, report_to="none", max_steps=2, checkpoint_every=2), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(run2, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "pipe"
+    export_pipeline(run2, out)
+    return out
+
+
+def _base(run: Path, out: Path, **kw) -> SampleConfig:
+    return SampleConfig(**{**dict(checkpoint=str(run), out=str(out), prompts=["a red square on the left"], steps=1,
+                                  progress=False, device="cpu", grid=False), **kw})
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# -- B6: other prompts into the same -o --------------------------------------------------------------
+def test_other_prompts_into_the_same_folder_are_refused_and_nothing_is_touched(run2, tmp_path):
+    out = tmp_path / "s"
+    first = ["a red square on the left", "a blue square on the right"]
+    assert sample(_base(run2, out, prompts=first))["images_written"] == 2
+    before = _snapshot(out)
+    for prompts in (["a green square on the left", "a blue square on the right"], first[:1], [*first, "a star"]):
+        with pytest.raises(SemrouteError, match=r"holds images made with other settings \(prompts 2 prompts .* -> "
+                                                rf"{len(prompts)} prompts.*sample into another -o"):
+            sample(_base(run2, out, prompts=prompts))
+        assert _snapshot(out) == before
+    # the same prompts again: a resume with nothing left to do
+    assert sample(_base(run2, out, prompts=first))["images_written"] == 0
+    # a record from before prompts were recorded cannot vouch for the images: refused, kept
+    record = json.loads((out / RECORD).read_text())
+    del record["prompts"]
+    (out / RECORD).write_text(json.dumps(record))
+    before = _snapshot(out)
+    with pytest.raises(SemrouteError, match="did not record its prompts"):
+        sample(_base(run2, out, prompts=first))
+    assert _snapshot(out) == before
+
+
+# -- B12: nothing is claimed before every check ---------------------------------------------------
+def test_a_refused_size_claims_nothing_and_the_corrected_rerun_works(run2, tmp_path):
+    out = tmp_path / "s"
+    with pytest.raises(SemrouteError, match="multiples of 2"):
+        sample(_base(run2, out, resolution=31))
+    assert not (out / RECORD).exists()
+    assert sample(_base(run2, out, resolution=32))["images_written"] == 1
+
+
+# -- B11: a device the machine lacks ----------------------------------------------------------------
+@pytest.mark.parametrize("device", ["bogus", "cuda:99", *([] if torch.cuda.is_available() else ["cuda"])])
+def test_a_bad_device_is_a_clean_error_before_anything_is_written(run2, tmp_path, device):
+    out = tmp_path / "s"
+    with pytest.raises(SemrouteError, match=rf"--device {device}"):
+        sample(_base(run2, out, device=device))
+    assert not out.exists()
+
+
+# -- B16: prompts longer than the cache's max_length --------------------------------------------------
+def test_an_overlong_prompt_is_warned_about(run2, tmp_path, capsys):
+    prompts = ["a red square", " ".join(["red square"] * 400)]
+    summary = sample(_base(run2, tmp_path / "s", prompts=prompts))
+    err = capsys.readouterr().err
+    assert summary["images_written"] == 2 and summary["truncated_prompts"] == 1
+    assert "warning: prompt 1 has" in err and "max_length 512" in err and "prompt 0" not in err
+
+
+# -- B15: options that would be silently ignored --------------------------------------------------------
+def test_format_with_prompt_flags_is_refused(run2, tmp_path):
+    with pytest.raises(SemrouteError, match="--format geneval applies to a --prompts FILE"):
+        sample(_base(run2, tmp_path / "s", format="geneval"))
+    assert not (tmp_path / "s").exists()
+
+
+def test_export_of_a_folder_that_is_no_run(tmp_path):
+    with pytest.raises(SemrouteError, match="nosuch is not a run folder"):
+        export_pipeline(tmp_path / "nosuch", tmp_path / "pipe")
+    assert not (tmp_path / "pipe").exists()
+
+
+# -- B7: the export's manifest ----------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "settings"])
+def test_a_damaged_export_is_named_when_loaded(exported, tmp_path, damage):
+    pipe = tmp_path / "pipe"
+    shutil.copytree(exported, pipe)
+    listed = json.loads((pipe / checkpoint_files.MANIFEST).read_text())["files"]
+    assert {"model_index.json", "transformer/diffusion_pytorch_model.safetensors", "text/semroute_text.json",
+            "text/null.safetensors"} <= set(listed)
+    weights = pipe / "transformer" / "diffusion_pytorch_model.safetensors"
+    if damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "delete":
+        weights.unlink()
+    else:
+        weights = pipe / "text" / "semroute_text.json"
+        weights.write_text(weights.read_text()[:40])
+    with pytest.raises(SemrouteError, match=rf"exported pipeline .*pipe is damaged: .*{weights.name}.*export it again"):
+        SemroutePipeline.from_pretrained(pipe, device="cpu")
+
+
+# -- B8: export never replaces what is not its own, never leaves half an export ---------------------
+def test_export_refuses_a_run_folder_and_user_files(run2, tmp_path):
+    before = _snapshot(run2)
+    with pytest.raises(SemrouteError, match="is not an exported semroute pipeline; refusing to replace it"):
+        export_pipeline(run2, run2, overwrite=True)
+    assert _snapshot(run2) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my thesis")
+    proc = run_cli("export", str(run2), "--out", str(mine), "--overwrite", check=False)
+    assert proc.returncode == 1 and "refusing to replace it" in proc.stderr and "Traceback" not in proc.stderr
+    assert _snapshot(mine) == {"notes.txt": b"my thesis"}
+
+
+def test_export_replaces_an_earlier_export_only_when_told(run2, exported, tmp_path, monkeypatch):
+    out = tmp_path / "pipe"
+    shutil.copytree(exported, out)
+    before = _snapshot(out)
+    with pytest.raises(SemrouteError, match="already holds an exported pipeline; pass --overwrite"):
+        export_pipeline(run2, out)
+    assert _snapshot(out) == before
+    # a crash while writing: the earlier export stays whole, and no half export is left under any name
+    def crash(folder, step):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(checkpoint_files, "write_manifest", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        export_pipeline(run2, out, overwrite=True)
+    assert _snapshot(out) == before
+    with pytest.raises(RuntimeError, match="killed"):
+        export_pipeline(run2, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+    monkeypatch.undo()
+    export_pipeline(run2, out, ema=False, overwrite=True)
+    SemroutePipeline.from_pretrained(out, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # the temporary siblings are gone
+
+
+# -- B9: the LLM from any working directory ---------------------------------------------------------
+def test_a_local_llm_is_recorded_absolute(tmp_path, tiny_llama_dir, monkeypatch):
+    manifest = write_manifest(tmp_path / "m.jsonl", write_square_images(tmp_path / "img", 4))
+    shutil.copytree(tiny_llama_dir, tmp_path / "llm")
+    monkeypatch.chdir(tmp_path)
+    encode_text(EncodeTextConfig(data=str(manifest), out="t.zarr", llm="llm", dtype="float32", device="cpu",
+                                 progress=False))
+    assert TextCacheReader(tmp_path / "t.zarr").fingerprint["llm_ref"] == str((tmp_path / "llm").resolve())
+
+
+def test_an_older_relative_llm_reference_says_what_was_tried(exported, tiny_llama_dir, tmp_path, monkeypatch):
+    pipe = tmp_path / "pipe"
+    shutil.copytree(exported, pipe)
+    (pipe / checkpoint_files.MANIFEST).unlink()  # as exported before the manifest (and absolute refs) existed
+    settings = json.loads((pipe / "text" / "semroute_text.json").read_text())
+    (pipe / "text" / "semroute_text.json").write_text(json.dumps({**settings, "llm_ref": "models/tiny-llama"}))
+    (tmp_path / "models").mkdir()
+    shutil.copytree(tiny_llama_dir, tmp_path / "models" / "tiny-llama")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(SemrouteError, match=r"recorded as 'models/tiny-llama': there is no "
+                                            rf"{tmp_path / 'elsewhere' / 'models' / 'tiny-llama'}.*--llm PATH"):
+        SemroutePipeline.from_pretrained(pipe, device="cpu")
+    # told where it is: loads (same weights), and an export made from it names that absolute path
+    loaded = SemroutePipeline.from_pretrained(pipe, llm=str(tiny_llama_dir), device="cpu")
+    assert loaded.text_settings["llm_ref"] == str(Path(tiny_llama_dir).resolve())
+    monkeypatch.chdir(tmp_path)  # where the relative path holds: it loads
+    assert SemroutePipeline.from_pretrained(pipe, device="cpu").text_encoder is not None
+
