@@ -281,3 +281,20 @@ def test_real_smollm2_through_gguf(tmp_path, smollm2_llm):
     encoder = TextEncoder(smollm2_llm, PromptFormat(), reader.layers)
     for i, rec in enumerate(records):
         torch.testing.assert_close(reader.caption(i), _alone(encoder, rec["text"]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_cache_recording_its_llm_by_relative_path_still_matches_the_same_folder(tmp_path, monkeypatch):
+    """Caches written before local LLMs were recorded by absolute path hold the path as typed: a resume or
+    append from the same place, or naming the same folder absolutely, is the same LLM; another folder is not."""
+    from semroute.shared.errors import FingerprintMismatch
+    from semroute.shared.fingerprint import require_match
+
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    old = {"llm_ref": "llm", "llm_weights_sha256": "abc"}
+    require_match(old, {"llm_ref": str(tmp_path / "llm"), "llm_weights_sha256": "abc"}, None, "cache")
+    with pytest.raises(FingerprintMismatch, match=r"llm_ref: cache has 'llm', expected '.*other'"):
+        require_match(old, {"llm_ref": str(tmp_path / "other"), "llm_weights_sha256": "abc"}, None, "cache")
+    with pytest.raises(FingerprintMismatch, match=r"llm_ref: cache has 'org/model', expected 'llm'"):
+        require_match({"llm_ref": "org/model"}, {"llm_ref": "llm"}, None, "cache")  # a hub id is never a folder here
