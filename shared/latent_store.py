@@ -45,6 +45,7 @@ from semroute.shared.store import (
     describe_header,
     dir_size,
     join,
+    open_flags,
     open_for_writing,
     open_group,
     read_cache_attrs,
@@ -170,7 +171,7 @@ class LatentCacheWriter:
         self.buckets = [Bucket.from_attrs(b) for b in attrs["buckets"]]
         self.arrays: list[str] = list(attrs["arrays"])
         self.storage = LatentStorage(attrs["stored_dtype"])
-        self.flags = {b.name: DoneFlags(group, b.name) for b in self.buckets}
+        self.flags = open_flags(self.location, group, [b.name for b in self.buckets])
         self._files: dict[str, ShardFileWriter] = {}
 
     @classmethod

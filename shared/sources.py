@@ -7,7 +7,8 @@ Kinds (``detect_kind`` picks one from the name; ``kind=`` forces it):
   (``a/b/cat.jpg`` + ``a/b/cat.txt``). Sample id: the image's path relative to the folder, without
   its extension (``a/b/cat``).
 - ``parquet`` / ``csv``: one row per sample; ``--image-key`` names a column of paths, of image bytes,
-  or of ``{bytes, path}`` structs (Hugging Face ``datasets`` Image columns); ``--text-key`` a string or
+  or of ``{bytes, path}`` structs (Hugging Face ``datasets`` Image columns; one whose bytes are null names
+  a file by its path, taken as a path column's value is); ``--text-key`` a string or
   list-of-strings column; ``--id-key`` the optional id column (else the row's position over all files).
 - ``webdataset``: tar shards of ``{key}.jpg|png|webp...`` + ``{key}.txt|json`` members, local paths or
   fsspec URLs, with brace ranges (``data-{000000..000127}.tar``). Sample id: the member key.
@@ -21,9 +22,11 @@ the bytes then go through the same decode path as files (``shared/images.py``). 
 their byte range, so a DataLoader worker reads one image with one ranged read.
 
 Bad members (an image without a caption, a caption that is not UTF-8, a caption file without an
-image, an unreadable shard) are reported with shard and key and left out, as bad images are: a large
-dataset always has a few. A duplicate sample id is an error naming both places it comes from (with
-``skip_bad`` the second one is left out and reported).
+image, an unreadable shard, one cut short or with a damaged header: named with the byte where it stops)
+are reported with shard and key and left out, as bad images are: a large dataset always has a few. A
+duplicate sample id is an error naming both places it comes from (with ``skip_bad`` the second one is left
+out and reported); so are two members for one part of a sample in a shard (``cat.jpg`` twice), naming both
+members (with ``skip_bad`` the sample is left out and reported).
 """
 
 from __future__ import annotations
@@ -316,6 +319,22 @@ def _tar_members(shard: str, storage_options: dict | None):
                 yield {"fname": info.name, "data": ImageRange(info.offset_data, info.size)}
             elif ext in ("txt", "json"):
                 yield {"fname": info.name, "data": tf.extractfile(info).read()}
+        _check_tar_end(tf, compressed=tf.fileobj is not fh)
+
+
+def _check_tar_end(tf: tarfile.TarFile, compressed: bool) -> None:
+    """Raise ``tarfile.ReadError`` saying where, unless the members ended at tar's end-of-archive block (zeros).
+    ``tarfile`` ends its listing quietly at a missing, cut or damaged header after the first (its
+    ``TarFile.next``), which would drop the rest of a cut or damaged shard without a word."""
+    tf.fileobj.seek(tf.offset)
+    block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    where = f"byte {tf.offset}" + (" of the decompressed stream" if compressed else "")
+    if not block:
+        raise tarfile.ReadError(f"it ends at {where} without tar's end-of-archive block (cut short?)")
+    if len(block) < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"it is cut inside the member header at {where}")
+    if block.count(0) != tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"the member header at {where} is damaged; the members from there on are not read")
 
 
 def read_webdataset(shards: list[str], *, text_key: str, need_text: bool, need_image: bool, skip_bad: bool,
@@ -327,6 +346,8 @@ def read_webdataset(shards: list[str], *, text_key: str, need_text: bool, need_i
         compressed = shard.lower().endswith((".gz", ".tgz"))
         name = shard.rsplit("/", 1)[-1]
         samples: OrderedDict[str, dict] = OrderedDict()
+        names: dict[tuple[str, str], str] = {}  # (key, suffix) -> the member's name
+        duplicated: dict[str, str] = {}  # key -> why it is left out
         try:
             # Members grouped by key as webdataset groups them (``base_plus_ext``: the key is the name up to
             # its first dot); a key may be split across non-adjacent members, so group over the whole shard.
@@ -334,11 +355,22 @@ def read_webdataset(shards: list[str], *, text_key: str, need_text: bool, need_i
                 key, suffix = base_plus_ext(member["fname"])
                 if key is None:
                     continue
+                part = (key, suffix.lower())
+                if part in names:  # two members for one part of a sample: which one is meant cannot be told
+                    msg = (f"duplicate key {key!r} in {shard}: members {names[part]!r} and {member['fname']!r} are "
+                           f"both its .{suffix}")
+                    if not skip_bad:
+                        raise ManifestError(msg + " (pass --skip-bad to leave the sample out and go on)")
+                    duplicated.setdefault(key, msg)
+                names.setdefault(part, member["fname"])
                 samples.setdefault(key, {})[suffix.lower()] = member["data"]
         except (OSError, tarfile.TarError, EOFError) as err:
             what = "cannot be read" if not samples else f"is damaged after {len(samples)} samples"
             out.bad(shard, 0, f"the shard {what}: {err}")
         for n, (key, sample) in enumerate(samples.items(), start=1):
+            if key in duplicated:
+                out.bad(shard, n, duplicated[key])
+                continue
             image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
             if need_image and image_ext is None:
                 out.bad(shard, n, "no image member (.jpg/.png/.webp)", key)
@@ -412,6 +444,16 @@ def read_table(files: list[str], kind: str, *, text_key: str, image_key: str, id
         texts_col = table.column(text_key).to_pylist() if need_text else None
         images_col = (table.column(image_key).to_pylist() if need_image and not as_bytes else None)
         present = (table.column(image_key).is_valid().to_pylist() if as_bytes else None)
+        # A Hugging Face Image struct holds the bytes, or (bytes null) only the path of a file, used as a path
+        # column's value is (``--image-root`` resolves it).
+        struct_paths = None
+        if as_bytes and pa.types.is_struct(image_type):
+            import pyarrow.compute as pc
+
+            column = table.column(image_key)
+            present = pc.struct_field(column, "bytes").is_valid().to_pylist()
+            if image_type.get_field_index("path") >= 0:
+                struct_paths = pc.struct_field(column, "path").to_pylist()
         for row in range(table.num_rows):
             line = row + 1
             try:
@@ -422,9 +464,12 @@ def read_table(files: list[str], kind: str, *, text_key: str, image_key: str, id
                 texts = _captions(texts_col[row], text_key) if need_text else ()
                 image = None
                 if need_image:
-                    if as_bytes:
+                    if as_bytes and not present[row] and struct_paths and (struct_paths[row] or "").strip():
+                        image = struct_paths[row]
+                    elif as_bytes:
                         if not present[row]:
-                            raise ManifestError(f"'{image_key}' is null")
+                            raise ManifestError(f"'{image_key}' is null" if struct_paths is None else
+                                                f"'{image_key}' has neither bytes nor a path")
                         image = f"{path}{MEMBER_SEP}{image_key}[{row}]"
                     else:
                         image = images_col[row]

@@ -152,6 +152,34 @@ def check_replaceable(location: str | os.PathLike, kind: str) -> None:
                         "delete its contents. Choose a new --out (or remove that folder yourself).")
 
 
+def interrupted_create(location: str | os.PathLike, kind: str) -> bool:
+    """Whether ``location`` provably holds only what a create of ``kind`` killed before its end leaves, so that a
+    ``--resume`` may start it again without losing anything: a group whose attributes are missing or say a first
+    run of ``kind`` (not complete, never grown), no ``index.parquet`` (a create writes it last) and no shard
+    counted done. Anything else missing its index is a damaged cache, never restarted."""
+    import json
+
+    location = str(location)
+    exists, names, meta = _store_listing(location)
+    if not exists or meta is None or integrity.INDEX in names:
+        return False
+    try:
+        doc = json.loads(meta)
+        attrs = (doc.get("attributes") or {}).get(ATTR_KEY)
+        if doc.get("node_type") != "group":
+            return False
+        if attrs is None:
+            if not set(names) <= _STORE_ENTRIES:
+                return False
+        elif attrs.get("kind") != kind or attrs.get("complete") or attrs.get("segments") or attrs.get("appending"):
+            return False
+        group = open_group(location)
+        flags = [arr for _, arr in group["progress"].arrays()] if "progress" in group else []
+        return not any(np.asarray(arr[...]).any() for arr in flags)
+    except Exception:  # noqa: BLE001 - anything unreadable is not provably an interrupted create
+        return False
+
+
 def store_file(location: str | os.PathLike, name: str, mode: str = "rb"):
     """Open a plain file (e.g. ``index.parquet``) that lives beside the arrays of a store."""
     if is_url(location):
@@ -206,6 +234,30 @@ def seal(group, location, small_arrays: list[str]) -> dict:
     record = {"index_sha256": index_sha, "arrays_sha256": arrays, "attrs_sha256": integrity.attrs_sha256(attrs)}
     update_attrs(group, **{integrity.SEAL_KEY: record})
     return dict(group.attrs)[ATTR_KEY]
+
+
+def check_seal(location, group, attrs: dict) -> None:
+    """Before a writer continues a finished store (``--resume``, ``--append``: both end by sealing it again),
+    check it against its seal, so that an edited or damaged attribute, index or small array is refused
+    (``CacheDamaged`` naming the file) rather than sealed as if it had been written so."""
+    record = integrity.sealed(attrs)
+    if record is None:
+        return
+    integrity.check_attrs(location, attrs)
+    read_index(location, attrs, columns=[])
+    for name in record.get("arrays_sha256") or {}:
+        integrity.read_small_array(location, group, name, attrs)
+
+
+def file_exists(location, name: str) -> bool:
+    """Whether the plain file ``name`` (e.g. ``index.parquet``) lies beside the arrays of a store."""
+    if is_url(location):
+        from semroute.shared.remote import call, filesystem
+
+        url = join(location, name)
+        fs, path = filesystem(url)
+        return bool(call(url, fs.exists, path))
+    return (Path(location) / name).is_file()
 
 
 def read_index(location, attrs: dict, columns: list[str] | None = None):
@@ -267,8 +319,17 @@ def read_cache_attrs(location, kind: str, what: str, command: str, allow_incompl
 def open_for_writing(location, kind: str, what: str, versions=(FORMAT_VERSION,), hint: str = ""):
     """A writer's ``(group, attrs)`` of an existing store: refuses another kind of store (``what``: "text
     cache", ...; ``hint`` is added to that message) and a format version it cannot continue."""
-    group = open_group(location, mode="r+")
-    attrs = dict(group.attrs).get(ATTR_KEY)
+    try:
+        group = open_group(location, mode="r+")
+        attrs = dict(group.attrs).get(ATTR_KEY)
+    except SemrouteError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zarr raises JSON/Unicode/Value errors for a damaged zarr.json
+        raise CacheDamaged(f"{location}/zarr.json is damaged ({type(err).__name__}: {err}); restore it, or pass "
+                           "--overwrite to encode the cache again") from None
+    if attrs is not None and not isinstance(attrs, dict):
+        raise CacheDamaged(f"{location}/zarr.json: the '{ATTR_KEY}' attributes are not a mapping; restore it, or pass "
+                           "--overwrite to encode the cache again")
     if not attrs or attrs.get("kind") != kind:
         raise SemrouteError(f"{location} exists but is not a semroute {what}{hint}")
     if attrs.get("format_version") not in versions:
@@ -431,6 +492,17 @@ class DoneFlags:
     def pending(self, shards) -> list[int]:
         flags = self.done()
         return [s for s in shards if not flags[s]]
+
+
+def open_flags(location, group, names: list[str]) -> dict[str, DoneFlags]:
+    """A writer's done flags ``progress/<name>`` of ``names``; a missing one is ``CacheDamaged`` naming it (a
+    create killed before it made them, which a --resume starts again, or a deleted folder)."""
+    try:
+        return {name: DoneFlags(group, name) for name in names}
+    except KeyError as err:
+        raise CacheDamaged(f"{join(location, str(err.args[0]) if err.args else 'progress')} is missing (the run that "
+                           "created the cache stopped early, or it was deleted); pass --overwrite to encode the "
+                           "cache again") from None
 
 
 def describe_header(kind: str, path: str, attrs: dict, flag_names: list[str]) -> dict:

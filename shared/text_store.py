@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from semroute.shared import integrity
-from semroute.shared.errors import SemrouteError
+from semroute.shared.errors import CacheDamaged, SemrouteError
 from semroute.shared.store import (  # the generic sharded arrays, attributes and seal
     APPENDED_VERSION, ATTR_KEY, DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, FORMAT_VERSION, READ_VERSIONS,
     DoneFlags, ShardedArrayFile, ShardFileWriter, ShardLayout, check_replaceable, create_plain_array,
-    create_sharded_array, describe_header, dir_size, join, open_for_writing, open_group, read_cache_attrs,
+    create_sharded_array, describe_header, dir_size, join, open_flags, open_for_writing, open_group, read_cache_attrs,
     read_index, read_parquet, seal, shards_present, update_attrs, write_parquet,
 )
 
@@ -169,7 +169,7 @@ class TextCacheWriter:
         self.attrs = attrs
         self.layout = ShardLayout(**attrs["layout"])
         self.storage = TextStorage(attrs["storage"], getattr(torch, attrs["fingerprint"]["compute_dtype"]))
-        self.flags = {name: DoneFlags(group, name) for name in self.array_names}
+        self.flags = open_flags(location, group, self.array_names)
         self._files: dict[str, ShardFileWriter] = {}
 
     @property
@@ -236,7 +236,7 @@ class TextCacheWriter:
         are never rewritten; arrays are resized (metadata only), the done flags extended with zeros, offsets,
         lengths and the index rewritten whole. The cache is marked incomplete first, so no reader uses it
         half-grown; encoding the new shards and ``finish()`` complete it. Safe to run again after a crash
-        (it starts over from the segment list)."""
+        at any point (it starts over from the ``appending`` marker and the old captions' rows of the index)."""
         import pyarrow as pa
 
         attrs = self.attrs
@@ -244,22 +244,21 @@ class TextCacheWriter:
                                                     "n_captions": attrs["n_captions"], "start_row": 0,
                                                     "input_sha256": attrs["input_sha256"]}])
         pending_seg = attrs.get("appending")
+        if pending_seg is not None:
+            segments = pending_seg["segments_before"]
+        n_before = sum(s["n_captions"] for s in segments)
+        old_index = read_parquet(self.location, "index.parquet").slice(0, n_before)
+        all_offsets, lengths = self._rows_before(old_index, n_before, first_try=pending_seg is None)
         if pending_seg is None:
             update_attrs(self.group, complete=False, appending={"source": source, "input_sha256": input_sha256,
                                                                 "segments_before": segments,
                                                                 "rows_before": self.layout.rows,
                                                                 "n_truncated_before": attrs.get("n_truncated", 0)})
             pending_seg = dict(self.group.attrs)[ATTR_KEY]["appending"]
-        else:
-            segments = pending_seg["segments_before"]
         rows_before = pending_seg["rows_before"]
-        n_before = sum(s["n_captions"] for s in segments)
         old = ShardLayout(rows_before, self.layout.rows_per_shard, self.layout.rows_per_chunk)
         start = old.n_shards * old.rows_per_shard
         new_lengths = np.diff(np.asarray(offsets, dtype=np.int64))
-        all_offsets = np.asarray(self.group["offsets"][:n_before], dtype=np.int64)
-        lengths = self.lengths()[:n_before] if "lengths" in self.group else np.diff(
-            np.asarray(self.group["offsets"][:n_before + 1], dtype=np.int64))
         rows = start + int(offsets[-1])
         all_offsets = np.concatenate([all_offsets, start + np.asarray(offsets, dtype=np.int64)])
         lengths = np.concatenate([lengths, new_lengths])
@@ -274,7 +273,6 @@ class TextCacheWriter:
         # 2. Offsets, lengths and the index, whole.
         create_plain_array(self.group, "offsets", all_offsets)
         create_plain_array(self.group, "lengths", lengths)
-        old_index = read_parquet(self.location, "index.parquet").slice(0, n_before)
         new_index = index.set_column(index.schema.get_field_index("caption"), "caption",
                                      pa.array(np.arange(n_before, n_before + index.num_rows, dtype=np.int64)))
         new_index = new_index.set_column(new_index.schema.get_field_index("start"), "start",
@@ -286,14 +284,34 @@ class TextCacheWriter:
                                 "start_row": start, "input_sha256": input_sha256}]
         extra = dict(extra or {})
         n_truncated = int(pending_seg.get("n_truncated_before") or 0)
+        n_bad = int(attrs.get("n_bad_records") or 0)  # changed only below, with the rest of the attributes
         update_attrs(self.group, format_version=APPENDED_VERSION, n_captions=n_before + index.num_rows,
                      total_tokens=int(lengths.sum()), layout={"rows": layout.rows,
                                                               "rows_per_shard": layout.rows_per_shard,
                                                               "rows_per_chunk": layout.rows_per_chunk},
                      segments=segments, input_sha256=input_sha256, appending=None, complete=False,
-                     n_truncated=n_truncated + int(extra.pop("n_truncated", 0)), **extra)
+                     n_truncated=n_truncated + int(extra.pop("n_truncated", 0)),
+                     n_bad_records=n_bad + int(extra.pop("n_bad_records", 0)), **extra)
         self.attrs = dict(self.group.attrs)[ATTR_KEY]
         self.layout = layout
+
+    def _rows_before(self, old_index, n_before: int, first_try: bool) -> tuple[np.ndarray, np.ndarray]:
+        """First row and token count of each of the ``n_before`` captions the cache had before this append,
+        from their rows of index.parquet (``start``, ``n_tokens``), which ``append`` replaces only after the
+        offsets and lengths arrays: a run killed while it rewrote those (``create_plain_array`` replaces an
+        array in place) leaves them half-written, and the rerun must not read them back. On the first try
+        the arrays are still whole and must agree with the index."""
+        if old_index.num_rows != n_before:
+            raise CacheDamaged(f"{self.location}/index.parquet has {old_index.num_rows} rows, the cache "
+                               f"{n_before} captions; {integrity.verify_hint(self.location)}")
+        starts = old_index.column("start").to_numpy().astype(np.int64)
+        lengths = old_index.column("n_tokens").to_numpy().astype(np.int64)
+        if first_try:
+            stored = np.asarray(self.group["offsets"][:], dtype=np.int64)
+            if not (np.array_equal(stored[:n_before], starts) and np.array_equal(self.lengths()[:n_before], lengths)):
+                raise CacheDamaged(f"{self.location}/index.parquet does not match the cache's offsets and lengths "
+                                   f"arrays; {integrity.verify_hint(self.location)}")
+        return starts, lengths
 
     def pending(self, shards) -> list[int]:
         done = np.ones(self.layout.n_shards, dtype=bool)
@@ -321,8 +339,15 @@ class TextCacheWriter:
         for name in arrays:
             self.flags[name].set(shard)
 
+    @property
+    def has_null(self) -> bool:
+        """Whether the null caption was written whole: ``write_null`` records its attributes only after its
+        arrays, so a run killed while writing them (an array present but zeros) leaves this false."""
+        return self.attrs.get("null_n_tokens") is not None and all(f"null_{n}" in self.group for n in self.array_names)
+
     def write_null(self, features: torch.Tensor, text: str) -> None:
         arrays, _ = self.storage.encode(features)
+        update_attrs(self.group, null_text=None, null_n_tokens=None)  # until every array below is written
         for name, data in arrays.items():
             create_plain_array(self.group, f"null_{name}", data)
         update_attrs(self.group, null_text=text, null_n_tokens=int(features.shape[0]))
@@ -333,7 +358,7 @@ class TextCacheWriter:
         if missing:
             raise SemrouteError(f"{len(missing)} shards of {self.location} are not written yet "
                                 f"(first: {missing[:5]}); run again with --resume")
-        if "null_features" not in self.group:
+        if not self.has_null:
             raise SemrouteError(f"{self.location} has no null caption yet; run again with --resume")
         update_attrs(self.group, complete=True, **summary)
         self.attrs = seal(self.group, self.location, TEXT_SMALL_ARRAYS)

@@ -18,11 +18,12 @@ import time
 from typing import Callable, Iterable
 
 from semroute.shared.distributed import ProcessInfo, process_info
-from semroute.shared.errors import SemrouteError
+from semroute.shared.errors import CacheDamaged, SemrouteError
 from semroute.shared.fingerprint import require_match
+from semroute.shared.integrity import INDEX
 from semroute.shared.remote import STATS
 from semroute.shared.sources import require_local_inputs
-from semroute.shared.store import dir_size, store_exists
+from semroute.shared.store import check_seal, dir_size, file_exists, interrupted_create, join, store_exists
 
 
 class ShardWriterThread:
@@ -78,21 +79,28 @@ class ShardWriterThread:
 # ---------------------------------------------------------------------------------------------
 # Create, resume or append?
 # ---------------------------------------------------------------------------------------------
-def decide(cfg, open_writer: Callable, want: dict, input_sha256: str, *, inputs: str, changed: str) -> str:
+def decide(cfg, open_writer: Callable, want: dict, input_sha256: str, *, kind: str, inputs: str, changed: str) -> str:
     """What to do at ``cfg.out``: ``"create"``, ``"resume"`` (encode the shards still missing) or
     ``"append"`` (grow a finished cache by ``cfg.data``, or grow it again after a crash while growing).
 
     Refuses what the flags do not allow: an existing cache without ``--resume``/``--overwrite``; a resume
     or append whose fingerprint differs from ``want``; a resume from other inputs (``input_sha256``;
     ``inputs``/``changed`` word it: "made from other {inputs} than DATA now holds ({changed})"); an
-    append to a missing or unfinished cache.
+    append to a missing or unfinished cache. A resume or append never empties an existing cache of ``kind``:
+    only a create killed before anything was encoded (``store.interrupted_create``) is started again; one
+    missing its index otherwise, or a finished one that no longer matches its seal, is refused.
     """
     exists = store_exists(cfg.out)
+    restart = exists and (cfg.resume or cfg.append) and not cfg.overwrite and interrupted_create(cfg.out, kind)
     if cfg.append:
         if not exists:
             raise SemrouteError(f"cannot append to {cfg.out}: there is no cache there (run without --append to "
                                 "create it)")
-        attrs = open_writer(cfg.out).attrs
+        if restart:
+            raise SemrouteError(f"cannot append to {cfg.out}: the run that created it stopped before it was set up "
+                                "(nothing was encoded yet). Finish it first: run it again with --resume (it starts "
+                                "over), then --append.")
+        attrs = _reopen(cfg, open_writer, "append to")
         require_match(attrs["fingerprint"], want, sorted(want), f"cannot append to {cfg.out}: the existing cache")
         segments = attrs.get("segments") or []
         if len(segments) > 1 and segments[-1]["input_sha256"] == input_sha256 and not attrs.get("complete"):
@@ -103,8 +111,10 @@ def decide(cfg, open_writer: Callable, want: dict, input_sha256: str, *, inputs:
             raise SemrouteError(f"cannot append to {cfg.out}: it is not complete. Finish it first (the run that made "
                                 "it with --resume, or the unfinished --append with the same data).")
         return "append"
+    if restart:
+        return "create"  # a create killed before anything was encoded: nothing in it to keep
     if exists and cfg.resume and not cfg.overwrite:
-        attrs = open_writer(cfg.out).attrs
+        attrs = _reopen(cfg, open_writer, "resume")
         require_match(attrs["fingerprint"], want, sorted(want), f"cannot resume {cfg.out}: the existing cache")
         if attrs["input_sha256"] != input_sha256:
             raise SemrouteError(f"cannot resume {cfg.out}: it was made from other {inputs} than {cfg.data} now "
@@ -113,6 +123,19 @@ def decide(cfg, open_writer: Callable, want: dict, input_sha256: str, *, inputs:
     if exists and not cfg.overwrite:
         raise SemrouteError(f"{cfg.out} already exists. Pass --resume to continue it, or --overwrite to replace it.")
     return "create"
+
+
+def _reopen(cfg, open_writer: Callable, doing: str) -> dict:
+    """The attributes of the cache at ``cfg.out`` that a resume or append (``doing``) continues, after checking
+    that it has its index and, if finished, still matches its seal (``check_seal``)."""
+    writer = open_writer(cfg.out)
+    if not file_exists(cfg.out, INDEX):
+        raise CacheDamaged(f"cannot {doing} {cfg.out}: {join(cfg.out, INDEX)} is missing (deleted, or lost in a copy), "
+                           "and the cache is not the remains of an interrupted create, so it is not started again "
+                           "(that would delete what was encoded). Restore that file, or pass --overwrite to encode "
+                           "the cache again from scratch.")
+    check_seal(cfg.out, writer.group, writer.attrs)
+    return writer.attrs
 
 
 def refuse_known_ids(cfg, have: list[str], new: Iterable[tuple[str, int]], segments: list[dict], first: str,

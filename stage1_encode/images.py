@@ -43,6 +43,7 @@ from semroute.shared.distributed import ProcessInfo
 from semroute.shared.errors import ManifestError, SemrouteError
 from semroute.shared.fingerprint import sha256_text
 from semroute.shared.latent_store import (
+    LATENT_KIND,
     OK,
     STATUS_CODE,
     Bucket,
@@ -369,14 +370,8 @@ class EncodeImagesRun(EncodeRun):
 
 
 def _decide(cfg: EncodeImagesConfig, want: dict, sha: str) -> str:
-    action = decide(cfg, LatentCacheWriter.open, want, sha, inputs="images",
-                    changed="the manifest or --image-root changed")
-    if action == "resume" and not cfg.append:
-        try:
-            read_parquet(cfg.out, "index.parquet", columns=["row"])
-        except SemrouteError:
-            return "create"  # the first run died while creating the store: nothing in it to keep
-    return action
+    return decide(cfg, LatentCacheWriter.open, want, sha, kind=LATENT_KIND, inputs="images",
+                  changed="the manifest or --image-root changed")
 
 
 def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problems, ranges=None, grow=False,

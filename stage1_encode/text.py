@@ -17,6 +17,7 @@ processes, and any resume point, writes the same bits as one uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,11 +32,11 @@ from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import sha256_text
 from semroute.shared.layers import parse_layers
 from semroute.shared.llm import LoadedLLM, load_llm
-from semroute.shared.manifest import write_problem_report
+from semroute.shared.manifest import Problem, write_problem_report
 from semroute.shared.sources import read_source
 from semroute.shared.store import DEFAULT_CHUNK_BYTES, ShardLayout, is_url, read_parquet, store_file
 from semroute.shared.text_encoder import DEFAULT_INSTRUCTION, PromptFormat, TextEncoder
-from semroute.shared.text_store import TextCacheWriter, TextStorage
+from semroute.shared.text_store import TEXT_KIND, TextCacheWriter, TextStorage
 from semroute.stage1_encode.encode_run import EncodeRun, ShardWriterThread, decide, rate, refuse_known_ids, retries_note
 
 log = logging.getLogger(__name__)
@@ -326,7 +327,7 @@ class EncodeTextRun(EncodeRun):
 def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: CaptionPlan) -> None:
     fingerprint = encoder.fingerprint()
     action = decide(cfg, TextCacheWriter.open, {**fingerprint, "storage": cfg.storage}, plan.input_sha256,
-                    inputs="captions", changed="the manifest changed")
+                    kind=TEXT_KIND, inputs="captions", changed="the manifest changed")
     if action == "resume":
         writer = TextCacheWriter.open(cfg.out)
     elif action == "append":  # grow the cache by plan's captions (new shards only)
@@ -337,8 +338,10 @@ def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: Caption
             refuse_known_ids(cfg, index.column("sample_id").to_pylist(),
                              zip(plan.index.column("sample_id").to_pylist(), plan.index.column("line").to_pylist()),
                              segments, "first_caption", "caption")
+        if plan.problems and not is_url(cfg.out):  # before the grow: a rerun finds them there and adds none twice
+            _add_problem_report(plan.problems, Path(cfg.out) / "bad_records.jsonl")
         writer.append(offsets=plan.offsets, index=plan.index, input_sha256=plan.input_sha256, source=str(cfg.data),
-                      extra={"n_truncated": plan.n_truncated})
+                      extra={"n_truncated": plan.n_truncated, "n_bad_records": len(plan.problems)})
     else:
         extra = {"n_truncated": plan.n_truncated, "n_bad_records": len(plan.problems), "source": str(cfg.data),
                  "sample_ids": plan.id_source}
@@ -350,10 +353,18 @@ def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: Caption
         )
         if plan.problems and not is_url(cfg.out):
             write_problem_report(plan.problems, Path(cfg.out) / "bad_records.jsonl")
-    if "null_features" not in writer.group:
+    if not writer.has_null:  # never written, or its write was killed (the array may exist, zeros)
         null = encoder.null_caption()
         features, _ = encoder.forward([null.ids])
         writer.write_null(features[0].cpu(), text=encoder.fmt.render("", encoder.llm.tokenizer))
+
+
+def _add_problem_report(problems: list[Problem], path: Path) -> None:
+    """``write_problem_report`` of the records already listed in ``path`` (earlier parts of the cache) and then
+    those of ``problems`` not listed yet."""
+    have = [Problem(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            ] if path.exists() else []
+    write_problem_report(have + [p for p in problems if p not in have], path)
 
 
 def _encode_shards(writer: TextCacheWriter, encoder: TextEncoder, offsets: np.ndarray, lengths: np.ndarray,

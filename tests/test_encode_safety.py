@@ -1,0 +1,328 @@
+"""Encoders and cache stores lose nothing and seal nothing wrong: a resume or append never empties a cache that
+holds encoded data, an append or a null caption killed at any point is redone exactly, a finished cache that
+no longer matches its seal is refused before it is sealed again, kill-during-create remains are started again,
+and WebDataset shards with duplicate members or a cut are reported, not silently merged or ended."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from semroute.shared import store as store_mod
+from semroute.shared import text_store
+from semroute.shared.errors import CacheDamaged, ManifestError, SemrouteError
+from semroute.shared.inspect import verify
+from semroute.shared.latent_store import LatentCacheReader
+from semroute.shared.sources import read_source
+from semroute.shared.text_store import TextCacheReader
+from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
+from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+from testkit import random_captions, write_manifest, write_square_images
+
+
+def _text(llm, data, out, **kw) -> EncodeTextConfig:
+    return EncodeTextConfig(data=str(data), out=str(out), llm=str(llm), dtype="float32", device="cpu",
+                            progress=False, shard_mb=0.02, **kw)
+
+
+def _images(data, out, **kw) -> EncodeImagesConfig:
+    return EncodeImagesConfig(data=str(data), out=str(out), vae="pixel", resolution=32, device="cpu", workers=0,
+                              progress=False, shard_mb=0.005, **kw)
+
+
+def _hashes(cache: Path) -> dict[str, str]:
+    return {str(p.relative_to(cache)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in cache.rglob("*") if p.is_file() and p.name != "index.parquet"}
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    """Old, new and all captions (ids unique), as manifests."""
+    root = tmp_path_factory.mktemp("captions")
+    records = [{**r, "id": f"s{i}"} for i, r in enumerate(random_captions(30, seed=5))]
+    return (write_manifest(root / "old.jsonl", records[:24]), write_manifest(root / "new.jsonl", records[24:]),
+            write_manifest(root / "all.jsonl", records))
+
+
+@pytest.fixture(scope="module")
+def text_full(tmp_path_factory, captions, tiny_llama_dir):
+    """A clean encode of all the captions: what every repaired cache must read like."""
+    out = tmp_path_factory.mktemp("full") / "full.text.zarr"
+    encode_text(_text(tiny_llama_dir, captions[2], out))
+    return out
+
+
+def _same_captions(cache, reference) -> None:
+    a, b = TextCacheReader(cache), TextCacheReader(reference)
+    assert a.index.column("sample_id").to_pylist() == b.index.column("sample_id").to_pylist()
+    assert a.lengths.tolist() == b.lengths.tolist()
+    for i in range(a.n_captions):
+        assert torch.equal(a.caption(i), b.caption(i)), i
+    assert torch.equal(a.null(), b.null())
+    assert verify(str(cache))[1] == []
+
+
+# -- A2: a resume without index.parquet never empties the cache -------------------------------------------------
+def test_encode_images_resume_without_index_keeps_every_part(tmp_path):
+    records = [{**r, "id": f"q{i}"} for i, r in enumerate(write_square_images(tmp_path / "img", 12))]
+    old, new = write_manifest(tmp_path / "old.jsonl", records[:8]), write_manifest(tmp_path / "new.jsonl", records[8:])
+    cache = tmp_path / "l.zarr"
+    encode_images(_images(old, cache))
+    encode_images(_images(new, cache, append=True))
+    (cache / "index.parquet").unlink()
+    before = _hashes(cache)
+    for cfg in (_images(new, cache, resume=True), _images(new, cache, append=True)):
+        with pytest.raises(SemrouteError, match=r"index\.parquet is missing.*--overwrite"):
+            encode_images(cfg)
+        assert _hashes(cache) == before  # nothing deleted or rewritten
+
+
+def test_encode_text_resume_without_index_is_refused_by_name(tmp_path, captions, tiny_llama_dir):
+    cache = tmp_path / "t.zarr"
+    encode_text(_text(tiny_llama_dir, captions[0], cache))
+    (cache / "index.parquet").unlink()
+    before = _hashes(cache)
+    with pytest.raises(SemrouteError, match=r"index\.parquet is missing.*--overwrite"):
+        encode_text(_text(tiny_llama_dir, captions[0], cache, resume=True))
+    assert _hashes(cache) == before
+
+
+# -- A9 (and the A2 exception): a create killed early is started again by --resume -------------------------------
+@pytest.mark.parametrize("killed", ["index", "flags"])
+def test_a_text_create_killed_early_is_restarted_by_resume(tmp_path, captions, tiny_llama_dir, text_full,
+                                                           monkeypatch, killed):
+    target = {"index": "write_parquet", "flags": "DoneFlags"}[killed]
+
+    def dying(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(text_store, target, dying)
+    cache = tmp_path / "t.zarr"
+    with pytest.raises(RuntimeError, match="killed"):
+        encode_text(_text(tiny_llama_dir, captions[2], cache))
+    monkeypatch.undo()
+    with pytest.raises(SemrouteError, match="stopped before it was set up.*--resume"):  # finish it first
+        encode_text(_text(tiny_llama_dir, captions[1], cache, append=True))
+    encode_text(_text(tiny_llama_dir, captions[2], cache, resume=True))
+    _same_captions(cache, text_full)
+
+
+def test_a_latent_create_killed_before_its_attributes_is_restarted_by_resume(tmp_path, monkeypatch):
+    from semroute.shared import latent_store
+
+    manifest = write_manifest(tmp_path / "m.jsonl", write_square_images(tmp_path / "img", 6))
+    ref, cache = tmp_path / "ref.zarr", tmp_path / "l.zarr"
+    encode_images(_images(manifest, ref))
+    # Killed while making the first bucket's flags: the group and arrays exist, the attributes not yet.
+    monkeypatch.setattr(latent_store, "DoneFlags", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        encode_images(_images(manifest, cache))
+    monkeypatch.undo()
+    assert "semroute" not in (cache / "zarr.json").read_text()
+    encode_images(_images(manifest, cache, resume=True))
+    a, b = LatentCacheReader(cache), LatentCacheReader(ref)
+    assert a.sample_ids == b.sample_ids
+    for i in range(len(a)):
+        assert torch.equal(a.stored(i)["latent"], b.stored(i)["latent"])
+
+
+def test_a_store_without_its_flags_is_a_named_error(tmp_path, captions, tiny_llama_dir):
+    import shutil
+
+    cache = tmp_path / "t.zarr"
+    encode_text(_text(tiny_llama_dir, captions[0], cache))
+    shutil.rmtree(cache / "progress" / "features")
+    with pytest.raises(CacheDamaged, match=r"progress/features is missing.*--overwrite"):
+        text_store.TextCacheWriter.open(cache)
+
+
+# -- A1: an append killed while rewriting offsets/lengths is redone exactly ------------------------------------
+@pytest.mark.parametrize("kill", ["inside offsets", "after offsets", "inside lengths"])
+def test_an_append_killed_while_rewriting_offsets_reruns_exactly(tmp_path, captions, tiny_llama_dir, text_full,
+                                                                 monkeypatch, kill):
+    cache = tmp_path / "t.zarr"
+    encode_text(_text(tiny_llama_dir, captions[0], cache))
+    real = text_store.create_plain_array
+    name, whole = {"inside offsets": ("offsets", False), "after offsets": ("lengths", None),
+                   "inside lengths": ("lengths", False)}[kill]
+
+    def dying(group, array, data):
+        if array == name:
+            if whole is False:  # the array made again (create_plain_array overwrites in place), its data not yet
+                real(group, array, np.zeros_like(data))
+            raise RuntimeError("killed")
+        return real(group, array, data)
+
+    monkeypatch.setattr(text_store, "create_plain_array", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        encode_text(_text(tiny_llama_dir, captions[1], cache, append=True))
+    monkeypatch.undo()
+    encode_text(_text(tiny_llama_dir, captions[1], cache, append=True))
+    ref = TextCacheReader(text_full)
+    got = TextCacheReader(cache)
+    assert got.lengths.tolist() == ref.lengths.tolist()
+    for i in range(ref.n_captions):
+        assert torch.equal(got.caption(i), ref.caption(i)), i
+    assert verify(str(cache))[1] == []
+
+
+# -- A3: a finished cache that no longer matches its seal is not sealed again ---------------------------------
+def _tamper_index(cache: Path) -> None:
+    table = pq.read_table(cache / "index.parquet")
+    ids = table.column("sample_id").to_pylist()
+    ids[0] = ids[-1]  # the first caption re-paired with another sample's image
+    pq.write_table(table.set_column(table.schema.get_field_index("sample_id"), "sample_id", pa.array(ids)),
+                   cache / "index.parquet")
+
+
+def test_resume_or_append_refuses_a_tampered_finished_cache(tmp_path, captions, tiny_llama_dir):
+    cache = tmp_path / "t.zarr"
+    encode_text(_text(tiny_llama_dir, captions[0], cache))
+    _tamper_index(cache)
+    for cfg in (_text(tiny_llama_dir, captions[0], cache, resume=True),
+                _text(tiny_llama_dir, captions[1], cache, append=True)):
+        with pytest.raises(CacheDamaged, match=r"index\.parquet differs"):
+            encode_text(cfg)
+    with pytest.raises(CacheDamaged, match=r"index\.parquet differs"):  # the old seal still stands
+        TextCacheReader(cache).index
+
+
+def test_resume_refuses_a_finished_latent_cache_with_a_tampered_index(tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", write_square_images(tmp_path / "img", 6))
+    cache = tmp_path / "l.zarr"
+    encode_images(_images(manifest, cache))
+    _tamper_index(cache)
+    with pytest.raises(CacheDamaged, match=r"index\.parquet differs"):
+        encode_images(_images(manifest, cache, resume=True))
+    with pytest.raises(CacheDamaged, match=r"index\.parquet differs"):
+        LatentCacheReader(cache)
+
+
+# -- A4: a null caption killed mid-write is written again --------------------------------------------------
+def test_a_null_caption_killed_mid_write_is_rewritten_on_resume(tmp_path, captions, tiny_llama_dir, text_full,
+                                                               monkeypatch):
+    real = text_store.create_plain_array
+
+    def dying(group, array, data):
+        if array == "null_features":
+            real(group, array, np.zeros_like(data))  # the array exists, its bytes not yet written
+            raise RuntimeError("killed")
+        return real(group, array, data)
+
+    monkeypatch.setattr(text_store, "create_plain_array", dying)
+    cache = tmp_path / "t.zarr"
+    with pytest.raises(RuntimeError, match="killed"):
+        encode_text(_text(tiny_llama_dir, captions[2], cache))
+    monkeypatch.undo()
+    encode_text(_text(tiny_llama_dir, captions[2], cache, resume=True))
+    assert TextCacheReader(cache).null().abs().sum() > 0
+    _same_captions(cache, text_full)
+
+
+# -- A8: a damaged zarr.json on --resume is a named error ------------------------------------------------
+def test_a_damaged_zarr_json_on_resume_is_named(tmp_path, captions, tiny_llama_dir):
+    cache = tmp_path / "t.zarr"
+    encode_text(_text(tiny_llama_dir, captions[0], cache))
+    meta = cache / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[: len(meta.read_bytes()) // 2])
+    for cfg in (_text(tiny_llama_dir, captions[0], cache, resume=True),
+                _text(tiny_llama_dir, captions[1], cache, append=True)):
+        with pytest.raises(CacheDamaged, match=r"zarr\.json is damaged.*--overwrite"):
+            encode_text(cfg)
+
+
+# -- A5, A6: WebDataset shards --------------------------------------------------------------------------
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_duplicate_member_in_a_shard_is_an_error_naming_both(tmp_path):
+    shard = _tar(tmp_path / "dup.tar", [("a.txt", b"first"), ("b.txt", b"other"), ("dir/a.txt", b"fine"),
+                                        ("a.txt", b"second")])
+    with pytest.raises(ManifestError, match=r"duplicate key 'a' in .*dup\.tar: members 'a\.txt' and 'a\.txt'"):
+        read_source(str(shard), need_text=True)
+    src = read_source(str(shard), need_text=True, skip_bad=True)
+    assert [r.sample_id for r in src.records] == ["b", "dir/a"]  # neither 'a' is guessed
+    assert any("dup.tar" in str(p) and "duplicate key 'a'" in str(p) for p in src.problems), src.problems
+
+
+def _header_offsets(shard: Path) -> list[int]:
+    with tarfile.open(shard) as tf:
+        return [m.offset for m in tf.getmembers()]
+
+
+@pytest.mark.parametrize("fault", ["cut in a header", "cut between members", "damaged header"])
+def test_a_cut_or_damaged_shard_is_reported_with_where(tmp_path, fault):
+    shard = _tar(tmp_path / "s.tar", [(f"k{i}.txt", f"caption {i}".encode()) for i in range(4)])
+    third = _header_offsets(shard)[2]
+    raw = bytearray(shard.read_bytes())
+    if fault == "cut in a header":
+        raw = raw[: third + 100]
+    elif fault == "cut between members":
+        raw = raw[:third]
+    else:
+        raw[third + 148: third + 156] = b"garbage!"  # the header's checksum field
+    shard.write_bytes(bytes(raw))
+    src = read_source(str(shard), need_text=True)
+    assert [r.sample_id for r in src.records] == ["k0", "k1"]
+    assert len(src.problems) == 1 and str(shard) in str(src.problems[0]), src.problems
+    assert f"byte {third}" in str(src.problems[0]), src.problems
+
+
+# -- A11: an append's bad records are listed and counted --------------------------------------------------
+def test_append_skip_bad_lists_and_counts_the_new_bad_records(tmp_path, captions, tiny_llama_dir, monkeypatch):
+    import json
+
+    cache, old, new = tmp_path / "t.zarr", tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    old.write_text(captions[0].read_text() + '{"id": "bad0", "txt": "no text key"}\n')
+    encode_text(_text(tiny_llama_dir, old, cache, skip_bad=True))
+    new.write_text(captions[1].read_text() + '{"id": "bad1", "txt": "no text key"}\n')
+    # Killed while growing (after the report was written), then run again: nothing listed or counted twice.
+    monkeypatch.setattr(text_store, "write_parquet", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        encode_text(_text(tiny_llama_dir, new, cache, append=True, skip_bad=True))
+    monkeypatch.undo()
+    summary = encode_text(_text(tiny_llama_dir, new, cache, append=True, skip_bad=True))
+    entries = [json.loads(line) for line in (cache / "bad_records.jsonl").read_text().splitlines()]
+    assert [(e["path"], e["line"]) for e in entries] == [(str(old), 25), (str(new), 7)]
+    assert summary["bad_records"] == 2 == store_mod.read_attrs(cache)["n_bad_records"]
+
+
+# -- A12: a Hugging Face Image struct without bytes is read from its path -----------------------------------
+def test_an_image_struct_without_bytes_is_read_from_its_path(tmp_path):
+    from images_testutil import random_rgb
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        random_rgb(32, 32, seed=i).save(tmp_path / "imgs" / f"{i}.png")
+    packed = io.BytesIO()
+    random_rgb(32, 32, seed=0).save(packed, format="PNG")
+    table = pa.table({"id": ["inline", "by-path", "none"], "text": ["a", "b", "c"],
+                      "image": [{"bytes": packed.getvalue(), "path": "0.png"}, {"bytes": None, "path": "1.png"},
+                                {"bytes": None, "path": None}]})
+    pq.write_table(table, tmp_path / "hf.parquet")
+    src = read_source(tmp_path / "hf.parquet", need_image=True)
+    assert [(r.sample_id, r.image) for r in src.records] == [("inline", f"{tmp_path / 'hf.parquet'}::image[0]"),
+                                                            ("by-path", "1.png")]
+    assert "row 2" in str(src.problems[0]) and "neither bytes nor a path" in str(src.problems[0])
+    cache = tmp_path / "l.zarr"
+    encode_images(_images(tmp_path / "hf.parquet", cache, image_root=str(tmp_path / "imgs")))
+    reader = LatentCacheReader(cache)
+    assert reader.sample_ids == ["inline", "by-path"]
+    ref = tmp_path / "ref.zarr"
+    write_manifest(tmp_path / "m.jsonl", [{"id": "by-path", "image": str(tmp_path / "imgs" / "1.png")}])
+    encode_images(_images(tmp_path / "m.jsonl", ref))
+    assert torch.equal(reader.stored(1)["latent"], LatentCacheReader(ref).stored(0)["latent"])
