@@ -53,6 +53,15 @@ StorageOptions = Annotated[Optional[str], typer.Option(
                               "(credentials otherwise come from the standard AWS environment variables).")]
 
 
+def _echo_shards_before(summary: dict, append: bool) -> None:
+    """The encoders' line on shards a run found written: an append's are the cache it grows."""
+    before, total = summary["shards_done_before"], summary["shards"]
+    if append:
+        typer.echo(f"appended: {total - before} new shard(s) written; {before} of {total} were there before")
+    elif before:
+        typer.echo(f"resumed: {before} of {total} shards were already written")
+
+
 def _storage_options(text: str | None) -> dict | None:
     if not text:
         return None
@@ -153,8 +162,7 @@ def encode_text_cmd(
         f"in {summary['seconds']:.1f}s: {summary['captions_per_s']:.1f} captions/s, {summary['tokens_per_s']:.0f} tokens/s"
         f" on {summary['world_size']} process(es)"
     )
-    if summary["shards_done_before"]:
-        typer.echo(f"resumed: {summary['shards_done_before']} of {summary['shards']} shards were already written")
+    _echo_shards_before(summary, append)
     typer.echo(f"truncated at --max-length {summary['max_length']}: {summary['truncated']} of {summary['captions']} captions")
     if summary["bad_records"]:
         typer.echo(f"bad records left out: {summary['bad_records']} (see {out}/bad_records.jsonl)")
@@ -245,8 +253,7 @@ def encode_images_cmd(
         return
     typer.echo(f"encoded {summary['encoded_this_run']} images in {summary['seconds']:.1f}s: "
                f"{summary['images_per_s']:.1f} images/s on {summary['world_size']} process(es)")
-    if summary["shards_done_before"]:
-        typer.echo(f"resumed: {summary['shards_done_before']} of {summary['shards']} shards were already written")
+    _echo_shards_before(summary, append)
     typer.echo(f"images: {summary['n_encoded']} encoded, {summary['n_skipped_images']} skipped"
                + (f", {summary['n_bad_records']} bad manifest records" if summary["n_bad_records"] else "")
                + (f" (see {out}/skipped.jsonl)" if skipped else ""))

@@ -326,3 +326,24 @@ def test_an_image_struct_without_bytes_is_read_from_its_path(tmp_path):
     write_manifest(tmp_path / "m.jsonl", [{"id": "by-path", "image": str(tmp_path / "imgs" / "1.png")}])
     encode_images(_images(tmp_path / "m.jsonl", ref))
     assert torch.equal(reader.stored(1)["latent"], LatentCacheReader(ref).stored(0)["latent"])
+
+
+def test_the_summary_of_an_append_says_appended_not_resumed(tmp_path, tiny_llama_dir):
+    from typer.testing import CliRunner
+
+    from semroute.cli import app
+
+    old = write_manifest(tmp_path / "old.jsonl", [{**r, "id": f"a{i}"} for i, r in enumerate(random_captions(40, seed=1))])
+    new = write_manifest(tmp_path / "new.jsonl", [{**r, "id": f"b{i}"} for i, r in enumerate(random_captions(20, seed=2))])
+    out = tmp_path / "c.text.zarr"
+    common = ["--llm", str(tiny_llama_dir), "--out", str(out), "--dtype", "float32", "--device", "cpu",
+              "--shard-mb", "0.02", "--no-progress"]
+    first = CliRunner().invoke(app, ["encode-text", str(old), *common])
+    assert first.exit_code == 0, first.output
+    shards_before = text_store.TextCacheWriter.open(out).layout.n_shards
+    grown = CliRunner().invoke(app, ["encode-text", "--append", str(new), *common])
+    assert grown.exit_code == 0, grown.output
+    total = text_store.TextCacheWriter.open(out).layout.n_shards
+    assert f"appended: {total - shards_before} new shard(s) written; {shards_before} of {total} were there before" \
+        in grown.output
+    assert "resumed:" not in grown.output
