@@ -519,7 +519,7 @@ def info_cmd(
     """
     _storage_options(storage_options)
     from semroute.shared.inspect import describe
-    from semroute.shared.store import is_url
+    from semroute.shared.remote import is_url
     from semroute.stage2_train.run_folder import RunFolder
 
     if not is_url(path) and RunFolder.is_run(path):

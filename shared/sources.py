@@ -40,14 +40,11 @@ from pathlib import Path
 
 from semroute.shared.errors import ManifestError, SemrouteError
 from semroute.shared.manifest import Manifest, Problem, Record, _captions, read_manifest
+from semroute.shared.remote import is_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 KINDS = ("auto", "manifest", "folder", "parquet", "csv", "webdataset")
 MEMBER_SEP = "::"
-
-
-def is_url(location: str | os.PathLike) -> bool:
-    return "://" in str(location)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import numpy as np
 
 from semroute.shared import integrity
 from semroute.shared.errors import CacheDamaged, SemrouteError
+from semroute.shared.remote import is_url
 
 FORMAT_VERSION = 1
 # Version 2: a text cache grown by `encode-text --append`. Each appended segment starts at a shard boundary
@@ -60,10 +61,6 @@ MERGE_GAP = 1 << 20
 # ---------------------------------------------------------------------------------------------
 # Opening stores by path or URL
 # ---------------------------------------------------------------------------------------------
-def is_url(location: str | os.PathLike) -> bool:
-    return "://" in str(location)
-
-
 def join(location: str | os.PathLike, name: str) -> str:
     """``location/name`` for a local path or a URL (``Path`` would collapse ``s3://`` to ``s3:/``)."""
     return f"{str(location).rstrip('/')}/{name}" if is_url(location) else str(Path(location) / name)

@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 from semroute.shared.distributed import ProcessInfo, process_info
 from semroute.shared.errors import CacheDamaged, SemrouteError
 from semroute.shared.fingerprint import require_match
+from semroute.shared.lock import OutputLock
 from semroute.shared.integrity import INDEX
 from semroute.shared.remote import STATS
 from semroute.shared.sources import require_local_inputs
@@ -90,6 +91,13 @@ def decide(cfg, open_writer: Callable, want: dict, input_sha256: str, *, kind: s
     only a create killed before anything was encoded (``store.interrupted_create``) is started again; one
     missing its index otherwise, or a finished one that no longer matches its seal, is refused.
     """
+    if cfg.overwrite and (cfg.resume or cfg.append):
+        keep = "--append" if cfg.append else "--resume"
+        raise SemrouteError(f"--overwrite deletes {cfg.out} and encodes it again, {keep} keeps what it holds: "
+                            "give one of them")
+    if cfg.resume and cfg.append:
+        raise SemrouteError("--append continues an interrupted append by itself (run the same --append again); "
+                            "drop --resume")
     exists = store_exists(cfg.out)
     restart = exists and (cfg.resume or cfg.append) and not cfg.overwrite and interrupted_create(cfg.out, kind)
     if cfg.append:
@@ -200,6 +208,17 @@ class EncodeRun:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> dict:
+        """The steps in order, the main process holding ``--out``'s lock (shared/lock.py) throughout, so that a
+        second encode into the same cache is refused before it plans, creates or deletes anything."""
+        lock = OutputLock(self.cfg.out)
+        if not self.cfg.estimate:
+            self.proc.run_on_main(lambda: bool(lock.acquire()))  # every process raises if it is busy
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> dict:
         proc = self.proc
         planned = self.plan_and_create() or {}
         if self.cfg.estimate:

@@ -33,8 +33,9 @@ from semroute.shared.fingerprint import sha256_text
 from semroute.shared.layers import parse_layers
 from semroute.shared.llm import LoadedLLM, load_llm
 from semroute.shared.manifest import Problem, write_problem_report
+from semroute.shared.remote import is_url
 from semroute.shared.sources import read_source
-from semroute.shared.store import DEFAULT_CHUNK_BYTES, ShardLayout, is_url, read_parquet, store_file
+from semroute.shared.store import DEFAULT_CHUNK_BYTES, ShardLayout, read_parquet, store_file
 from semroute.shared.text_encoder import DEFAULT_INSTRUCTION, PromptFormat, TextEncoder
 from semroute.shared.text_store import TEXT_KIND, TextCacheWriter, TextStorage
 from semroute.stage1_encode.encode_run import EncodeRun, ShardWriterThread, decide, rate, refuse_known_ids, retries_note

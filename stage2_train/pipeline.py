@@ -492,7 +492,7 @@ def to_pil(images: torch.Tensor) -> list:
 def _null_from_cache(text_cache: str) -> torch.Tensor | None:
     """The stored null caption; None when the cache is gone (moved or deleted: the caller re-encodes it).
     A cache that is there but damaged is an error, never silently replaced."""
-    from semroute.shared.store import is_url
+    from semroute.shared.remote import is_url
     from semroute.shared.text_store import TextCacheReader
 
     if not is_url(text_cache) and not Path(text_cache).exists():

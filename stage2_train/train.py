@@ -69,7 +69,7 @@ def cache_content_id(location: str, attrs: dict) -> str:
 
 def absolute_location(location: str) -> str:
     """Local paths made absolute (a run resumed or sampled from another directory finds the same cache)."""
-    from semroute.shared.store import is_url
+    from semroute.shared.remote import is_url
 
     return location if not location or is_url(location) else str(Path(location).expanduser().resolve())
 

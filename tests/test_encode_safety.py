@@ -347,3 +347,51 @@ def test_the_summary_of_an_append_says_appended_not_resumed(tmp_path, tiny_llama
     assert f"appended: {total - shards_before} new shard(s) written; {shards_before} of {total} were there before" \
         in grown.output
     assert "resumed:" not in grown.output
+
+
+def test_a_second_encode_into_the_same_out_is_refused_while_the_first_runs(tmp_path, tiny_llama_dir):
+    import subprocess
+    import sys
+    import textwrap
+
+    from semroute.shared.lock import OutputBusy
+    from testkit import REPO
+
+    data = write_manifest(tmp_path / "m.jsonl", [{**r, "id": f"a{i}"} for i, r in enumerate(random_captions(12))])
+    out = tmp_path / "c.text.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time, importlib.util
+        spec = importlib.util.spec_from_file_location("semroute", {str(REPO / '__init__.py')!r},
+                                                      submodule_search_locations=[{str(REPO)!r}])
+        mod = importlib.util.module_from_spec(spec); sys.modules["semroute"] = mod; spec.loader.exec_module(mod)
+        from semroute.shared.lock import OutputLock
+        lock = OutputLock({str(out)!r}).acquire(); print("held", flush=True); time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for flags in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(OutputBusy, match=rf"--out {out} is being written by another encode process "
+                                                 rf"\(pid {holder.pid} on "):
+                encode_text(_text(tiny_llama_dir, data, out, **flags))
+            assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    encode_text(_text(tiny_llama_dir, data, out))  # a killed holder's lock is gone with it
+    assert verify(str(out))[1] == [] and TextCacheReader(out).n_captions >= 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.text.zarr", "m.jsonl"]  # no lock file left beside it
+
+
+@pytest.mark.parametrize("flags, said", [
+    ({"overwrite": True, "resume": True}, r"--overwrite deletes .* --resume keeps what it holds: give one of them"),
+    ({"overwrite": True, "append": True}, r"--overwrite deletes .* --append keeps what it holds: give one of them"),
+    ({"resume": True, "append": True}, r"--append continues an interrupted append by itself .* drop --resume"),
+])
+def test_contradictory_encode_flags_are_refused_before_anything_is_touched(tmp_path, flags, said):
+    data = write_manifest(tmp_path / "m.jsonl", write_square_images(tmp_path / "img", 4))
+    cache = tmp_path / "l.zarr"
+    encode_images(_images(data, cache))
+    before = _hashes(cache)
+    with pytest.raises(SemrouteError, match=said):
+        encode_images(_images(data, cache, **flags))
+    assert _hashes(cache) == before

@@ -117,12 +117,14 @@ def test_a_file_in_the_way_of_an_output_folder_is_one_clear_line(tmp_path):
 
     manifest = write_manifest(tmp_path / "m.jsonl", write_square_images(tmp_path / "img", 4))
     (tmp_path / "afile").write_text("mine\n")
-    for out, said in ((tmp_path / "afile", "is a file, not a folder"),
-                      (tmp_path / "afile" / "x.latents.zarr", "Not a directory (a file is in the way")):
+    # (the second: the folder of --out, where its lock goes beside it, cannot be made: the file in the way named)
+    for out, said, named in ((tmp_path / "afile", "is a file, not a folder", tmp_path / "afile"),
+                             (tmp_path / "afile" / "x.latents.zarr", "a file is in the way of a folder this command "
+                                                                     "creates", tmp_path / "afile")):
         proc = run_cli("encode-images", str(manifest), "--vae", "pixel", "--resolution", "32", "--out", str(out),
                        "--no-progress", check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.startswith("error: ") and said in proc.stderr and str(out) in proc.stderr
+        assert proc.stderr.startswith("error: ") and f"{named}" in proc.stderr and said in proc.stderr, proc.stderr
     assert (tmp_path / "afile").read_text() == "mine\n"
     # an OSError that names no path, or an unexpected kind, is not dressed up as the user's mistake
     assert describe_path_error(OSError(errno.EIO, "Input/output error", "x")) is None
