@@ -455,6 +455,10 @@ def export_pipeline(run: str | Path, out: str | Path, *, ema: bool = False, chec
     from semroute.stage2_train.run_folder import RunFolder
 
     out = Path(out)
+    final = out.resolve()
+    tmp, old = final.with_name(f".{final.name}.export.tmp"), final.with_name(f".{final.name}.export.old")
+    if old.is_dir() and not final.exists():  # an --overwrite that crashed between its two renames
+        os.replace(old, final)  # the earlier export, whole, is back under its name
     check_export_target(out, overwrite)
     found = RunFolder.locate(run)
     if found is None:
@@ -462,8 +466,6 @@ def export_pipeline(run: str | Path, out: str | Path, *, ema: bool = False, chec
                             "folder `semroute train --out` wrote")
     folder, ckpt = found
     pipe = SemroutePipeline.from_run(folder.path, ema=ema, checkpoint=checkpoint or ckpt, llm=llm, device="cpu")
-    final = out.resolve()
-    tmp, old = final.with_name(f".{final.name}.export.tmp"), final.with_name(f".{final.name}.export.old")
     for leftover in (tmp, old):  # of an export that crashed: ours, never a user's (hidden, our suffix)
         if leftover.exists():
             shutil.rmtree(leftover)

@@ -6,6 +6,7 @@ loads from any working directory; bad devices, over-long prompts and ignored opt
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -171,6 +172,30 @@ def test_export_replaces_an_earlier_export_only_when_told(run2, exported, tmp_pa
     export_pipeline(run2, out, ema=False, overwrite=True)
     SemroutePipeline.from_pretrained(out, device="cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # the temporary siblings are gone
+
+
+def test_an_overwrite_killed_between_its_renames_gives_the_earlier_export_back(run2, exported, tmp_path,
+                                                                                 monkeypatch):
+    import semroute.stage2_train.pipeline as pipeline_mod
+
+    out = tmp_path / "pipe"
+    shutil.copytree(exported, out)
+    before = _snapshot(out)
+    real = os.replace
+
+    def killed_after_the_first(src, dst):
+        if str(src).endswith(".export.tmp") and Path(dst) == out.resolve():
+            raise KeyboardInterrupt  # the process dies here: the old export moved aside, the new not yet in place
+        real(src, dst)
+
+    monkeypatch.setattr(pipeline_mod.os, "replace", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        export_pipeline(run2, out, overwrite=True)
+    monkeypatch.undo()
+    assert not out.exists()
+    with pytest.raises(SemrouteError, match="already holds an exported pipeline; pass --overwrite"):
+        export_pipeline(run2, out)  # the next export finds the earlier one back under its name
+    assert _snapshot(out) == before
 
 
 # -- B9: the LLM from any working directory ---------------------------------------------------------
