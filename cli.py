@@ -428,8 +428,12 @@ def routing_cmd(
     Example:  semroute routing runs/depth
     """
     from semroute.stage2_train.routing import save_routing
-    from semroute.stage2_train.run_folder import RunFolder, open_model
+    from semroute.stage2_train.run_folder import RunFolder, is_checkpoint, open_model
 
+    if out is not None and (is_checkpoint(out) or (out / "model_index.json").exists()):
+        # its complete.json lists its own routing.png/csv: rewritten, the checkpoint would read as damaged
+        raise SemrouteError(f"--out {out} is a checkpoint or an exported pipeline, whose files routing does not "
+                            "write over: pass another folder (or no --out: RUN/routing)")
     model, where = open_model(run, ema=ema)
     name = "routing"
     if out is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +246,8 @@ class TrainConfig:
         for name in ("text_cache", "latent_cache", "out", "fusion", "preset", "lr_schedule", "mixed_precision"):
             if not isinstance(getattr(self, name), str):
                 raise SemrouteError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not self.out.strip():
+            raise SemrouteError("out is empty; it names the run folder (e.g. --out runs/depth)")
         if self.report_to not in REPORT_TO:
             raise SemrouteError(f"report_to {self.report_to!r}: use {', '.join(REPORT_TO)}")
         for name in ("model", "expect_text"):
@@ -322,7 +325,11 @@ class TrainConfig:
                 raise SemrouteError(f"--set {item!r}: expected key=value")
             key = key.strip()
             # A text-valued key keeps the text as typed: YAML would read `no`/`off` as False (mixed_precision=no).
-            value = yaml.safe_load(raw)
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as err:
+                raise SemrouteError(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); quote "
+                                    "a text value, e.g. --set 'key=\"...\"'") from None
             if cls.field_type(key) == "str" and not isinstance(value, str):
                 value = raw.strip()
             head, dot, sub = key.partition(".")
@@ -365,7 +372,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Through a temporary file and a rename: a run's config.yaml is never left half-written (a kill, a full
+        disk), which would read as defaults for the keys cut off."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
 
 
 def config_names() -> list[str]:

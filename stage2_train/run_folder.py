@@ -105,11 +105,14 @@ class RunFolder:
     def config(self, checkpoint: str | Path | None = None):
         """The run's ``TrainConfig`` (keys a run of an older version lacks take today's defaults); with a
         checkpoint, the one that checkpoint was trained with."""
-        from semroute.stage2_train.config import TrainConfig
+        from semroute.stage2_train.config import TrainConfig, load_yaml
 
         path = self.config_file(checkpoint)
         if not path.exists():
             raise SemrouteError(f"{self.path} is not a training run folder (no config.yaml)")
+        if "fusion" not in load_yaml(path):  # every saved config lists every key: this one was cut short
+            raise SemrouteError(f"{path} is damaged (empty or cut short: it lacks keys every saved config holds, "
+                                "such as fusion); a checkpoint's config.yaml is a whole copy of it")
         return TrainConfig.build(config_file=str(path))
 
     def record(self, required: bool = True, checkpoint: str | Path | None = None) -> dict:
@@ -133,7 +136,9 @@ class RunFolder:
         return record
 
     def save_record(self, record: dict) -> None:
-        self.record_path.write_text(json.dumps(record, indent=2, default=str))
+        tmp = self.path / f".{self.record_path.name}.tmp"  # renamed into place: never half-written
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        os.replace(tmp, self.record_path)
 
     def log_metrics(self, row: dict) -> None:
         with open(self.metrics_path, "a+b") as fh:
@@ -284,7 +289,8 @@ class RunFolder:
         name = checkpoint_name(step)
         final = self.checkpoints_dir / name
         checkpoint_files.write_manifest(staged, step)  # last file of the checkpoint: lists all the others
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # a damaged checkpoint of this step, which the resume passed over
+            self._discard(final)
         os.replace(staged, final)  # only now does the checkpoint exist for --resume
         self.routing_dir.mkdir(exist_ok=True)
         for suffix in ("png", "csv"):
@@ -292,9 +298,21 @@ class RunFolder:
                 shutil.copyfile(final / f"routing.{suffix}", self.routing_dir / f"{name}.{suffix}")
                 shutil.copyfile(final / f"routing.{suffix}", self.routing_dir / f"latest.{suffix}")
         self.log_metrics({"step": step, "event": "checkpoint", "path": str(final)})
-        for old in self.checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        # Only checkpoints up to this one count: newer ones are damaged ones that --resume latest passed over
+        # (it takes the newest intact one); counted, they would prune the checkpoint just written.
+        for old in [p for p in self.checkpoints() if p.name <= name][:-keep]:
+            self._discard(old)
+        for leftover in self.checkpoints_dir.glob(f".{CHECKPOINT_PREFIX}*.del"):  # of a kill mid-delete
+            shutil.rmtree(leftover, ignore_errors=True)
         return final
+
+    def _discard(self, checkpoint: Path) -> None:
+        """Delete a checkpoint, renamed out of sight first: a kill mid-delete never leaves part of one under
+        its step name (where, its complete.json gone, its train_state.json would pass it as intact)."""
+        trash = self.checkpoints_dir / f".{checkpoint.name}.del"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(checkpoint, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 # What each kind of metrics.jsonl row must hold for `report` and `info` to read it (other keys may be absent,

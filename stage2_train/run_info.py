@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from semroute.stage2_train import checkpoint_files
 from semroute.stage2_train.run_folder import RunFolder
 
 
@@ -27,6 +28,10 @@ def describe_run(path: str) -> dict:
         "max steps": cfg.max_steps,
         "checkpoints": ", ".join(p.name for p in checkpoints) or "none",
     }
+    # Sizes against each complete.json (no checksums: seconds per gigabyte); `--resume latest` passes these over.
+    damaged = {p.name: "; ".join(bad[:2]) for p in checkpoints if (bad := checkpoint_files.problems(p, crc=False))}
+    if damaged:
+        info["damaged checkpoints"] = damaged
     if last:  # (a row has its loss and step: RunFolder.metrics leaves out others; the rest may be missing)
         info["last log"] = {"loss": round(last["loss"], 5), "lr": last.get("lr"),
                             "samples/s": _rounded(last.get("samples_per_s"), 2),

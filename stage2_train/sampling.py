@@ -24,7 +24,8 @@ from semroute.shared.checks import check_guidance_interval, check_number
 from semroute.shared.distributed import process_info
 from semroute.shared.errors import SemrouteError
 from semroute.shared.llm import resolve_device
-from semroute.stage2_train.prompt_files import PromptEntry, detect_format, layout_for, read_prompts, save_image
+from semroute.stage2_train.prompt_files import (PromptEntry, _atomic_write_bytes, detect_format, layout_for,
+                                                read_prompts, save_image)
 
 
 @dataclass
@@ -153,8 +154,14 @@ def claim_output(out: str | Path, settings: dict) -> dict:
     check_output(out, settings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RECORD).write_text(json.dumps(settings, indent=2) + "\n")
+    write_record(out, settings)
     return settings
+
+
+def write_record(out: Path, record: dict) -> None:
+    """``OUT/sample_run.json`` through a temporary file and a rename: one cut short by a kill or a full disk
+    would make every rerun into the folder refused as damaged."""
+    _atomic_write_bytes(out / RECORD, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def load_pipeline(checkpoint: str | Path, *, ema: bool = False, llm=None, device: str = "auto"):
@@ -258,7 +265,10 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
     truncated = 0
     if jobs:
         device = cfg.device if cfg.device not in ("auto", None) or proc.world_size == 1 else str(proc.device)
-        pipe = pipe or load_pipeline(cfg.checkpoint, ema=cfg.ema, llm=cfg.llm, device=device)
+        # The folder the identity recorded, not --checkpoint again: a run still training may have published
+        # a newer checkpoint since, whose images would then be recorded as this one's.
+        source = Path(settings["model"]["folder"]).parent
+        pipe = pipe or load_pipeline(source, ema=cfg.ema, llm=cfg.llm, device=device)
         pipe.image_size(cfg.resolution, cfg.resolution)
         truncated = warn_truncated(pipe, mine)
     proc.run_on_main(lambda: claim_output(cfg.out, settings))
@@ -289,7 +299,7 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
     grid = None
     if proc.is_main:
         record = {**settings, "world_size": proc.world_size, "images_written_per_process": counts}
-        (Path(cfg.out) / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(Path(cfg.out), record)
         if cfg.grid:
             grid = write_grid(layout, entries, cfg.n, Path(cfg.out) / "grid.png")
     return {"format": fmt, "prompts": len(entries), "images_written": written,

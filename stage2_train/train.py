@@ -141,6 +141,7 @@ class Trainer:
         cfg.text_cache, cfg.latent_cache = absolute_location(cfg.text_cache), absolute_location(cfg.latent_cache)
         self.cfg, self.progress = cfg, progress
         self.run = RunFolder(cfg.out)
+        self.saved: Path | None = None  # the checkpoint this process wrote last
         self.run_dir = self.run.path
         self.accelerator = _accelerator(cfg, self.run)
         cfg.check_global_batch(self.accelerator.num_processes)  # before the lock creates the run folder
@@ -180,6 +181,10 @@ class Trainer:
         Held-out samples (the same on every process) are validated on, never trained on."""
         cfg, acc = self.cfg, self.accelerator
         self.dataset = _open_caches(cfg)
+        if cfg.holdout >= len(self.dataset):
+            raise SemrouteError(
+                f"holdout {cfg.holdout}: the caches join {len(self.dataset)} samples (image and caption), so none would "
+                f"be left to train on; hold out a few percent of them (e.g. --holdout {max(1, len(self.dataset) // 20)})")
         stored = self.dataset.text  # every stored layer: what the sample grid's null caption is given as
         self.model = build_model(cfg, stored.fingerprint, stored.stored_layers, self.dataset.latents.latent_channels)
         self.dataset.use_text_layers(list(self.model.text_layers))
@@ -188,11 +193,17 @@ class Trainer:
         index_of = {self.dataset.latents.sample_ids[p]: i for i, p in enumerate(self.dataset.latent_pos)}
         self.heldout = np.array(sorted(index_of[s] for s in self.record["holdout"]["sample_ids"]), dtype=np.int64)
         training = np.setdiff1d(np.arange(len(self.dataset)), self.heldout)
-        self.plan = EpochBatches(self.dataset.bucket_ids()[training], self.dataset.text_lengths()[training],
-                                 cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
-                                 world_size=acc.num_processes, length_batching=cfg.length_batching, samples=training,
-                                 blocks=self.dataset.text_shards()[training] if cfg.shuffle == "shards" else None,
-                                 window=cfg.shuffle_window)
+        try:
+            self.plan = EpochBatches(self.dataset.bucket_ids()[training], self.dataset.text_lengths()[training],
+                                     cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
+                                     world_size=acc.num_processes, length_batching=cfg.length_batching,
+                                     samples=training, window=cfg.shuffle_window,
+                                     blocks=self.dataset.text_shards()[training] if cfg.shuffle == "shards" else None)
+        except SemrouteError as err:
+            if not len(self.heldout):
+                raise
+            raise SemrouteError(f"{err} or holdout: the caches join {len(self.dataset)} samples, of which "
+                                f"{len(self.heldout)} are held out for validation") from None
         self.validation = self.samples_grid = None
         if cfg.holdout:
             self.validation = ValidationLoss(self.dataset, self.heldout, n_sigmas=cfg.val_sigmas,
@@ -306,8 +317,11 @@ class Trainer:
         window = MetricsWindow(self, feed, bar)
         samples_log = open(self.run.samples_log_path(acc.process_index), "a") if cfg.log_samples else None
         self.model.train()
+        if budget.spent and acc.is_main_process:
+            print(f"the run's time budget (max_minutes {cfg.max_minutes:g}) was spent at step {state.step}: nothing "
+                  "to train; resume with a larger --max-minutes to go on", file=sys.stderr)
         try:
-            while state.step < cfg.max_steps:
+            while state.step < cfg.max_steps and not budget.spent:
                 window.add(*self.step(feed, samples_log))
                 over_time = budget.check()
                 done = state.step >= cfg.max_steps or over_time
@@ -330,7 +344,8 @@ class Trainer:
             if cfg.report_to != "none":
                 acc.end_training()
             self.release()
-        latest = self.run.latest_checkpoint()
+        # (not the run's newest folder: a damaged one that --resume latest passed over may be newer)
+        latest = self.saved or self.resume_from
         return {"step": state.step, "train_seconds": state.train_seconds, "validation_seconds": state.validation_seconds,
                 "last": window.last, "checkpoint": str(latest) if latest else None}
 
@@ -431,15 +446,16 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         try:
-            return self._save_checkpoint()
+            self.saved = self._save_checkpoint()
+            return self.saved
         except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError (iostream error)
-            found = self.run.checkpoints()
+            found = self.saved or self.resume_from
             what = (f"{err.strerror or err} ({err.filename or 'a checkpoint file'})" if isinstance(err, OSError)
                     else str(err).strip().splitlines()[-1][:200])
             raise SemrouteError(
                 f"writing checkpoint {checkpoint_name(self.state.step)} in {self.run.checkpoints_dir} failed: "
                 f"{what}; nothing was published, and "
-                + (f"--resume latest continues from {found[-1].name}" if found else "no checkpoint exists yet")
+                + (f"--resume latest continues from {found.name}" if found else "no checkpoint exists yet")
             ) from None
 
     def _save_checkpoint(self) -> Path:
@@ -475,6 +491,8 @@ class TimeBudget:
         self.cfg, self.state, self.acc = cfg, state, acc
         self.started = time.perf_counter()
         self.base_seconds, self.first_step = state.train_seconds, state.step
+        # A run resumed with its budget spent trains no step (else each resume of a finished run adds one).
+        self.spent = cfg.max_minutes is not None and state.train_seconds >= cfg.max_minutes * 60
 
     def check(self) -> bool:
         """After a step: whether the budget is spent. Every process must stop at the same step, so they agree
@@ -563,7 +581,7 @@ class MetricsWindow:
 
     def _stop(self) -> None:
         t = self.trainer
-        latest = t.run.latest_checkpoint()
+        latest = t.saved or t.resume_from
         t.log({"step": t.state.step, "event": "stopped", "reason": "non-finite loss or gradient norm",
                "steps": [self.first_step, t.state.step]}, {})
         raise NonFiniteLoss(

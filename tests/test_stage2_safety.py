@@ -1,0 +1,223 @@
+"""Stage 2 after a second red-team round: pruning never takes the checkpoint just written (nor leaves half a
+checkpoint under a step name), a spent time budget is not stepped past on resume, run files are written
+whole, holdout and --set mistakes are named, `info` flags damaged checkpoints, and `sample` draws with the
+checkpoint it records even while the run trains on."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from semroute.shared.errors import SemrouteError
+from semroute.stage2_train import checkpoint_files
+from semroute.stage2_train import run_folder as run_folder_module
+from semroute.stage2_train.config import TrainConfig
+from semroute.stage2_train.run_folder import RunFolder
+from semroute.stage2_train.run_info import describe_run
+from semroute.stage2_train.train import Trainer, train
+
+
+def _cfg(caches, out: Path, **kw) -> TrainConfig:
+    text, latents = caches[:2]
+    base = dict(text_cache=text, latent_cache=latents, out=str(out), preset="tiny", fusion="static", batch_size=8,
+                num_workers=0, report_to="none", log_every=1, checkpoint_every=2, max_steps=4, lr=1e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def run4(square_caches, tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4 (the tests work on copies)."""
+    out = tmp_path_factory.mktemp("stage2_safety") / "run"
+    train(_cfg(square_caches, out), progress=False)
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _damage(ckpt: Path) -> Path:
+    weights = next((ckpt / "model").glob("*.safetensors"))
+    with open(weights, "r+b") as fh:
+        fh.truncate(100)
+    return weights
+
+
+# -- checkpoints: pruning -----------------------------------------------------------------------------
+def test_resuming_past_a_damaged_checkpoint_never_prunes_the_one_just_written(square_caches, run4, tmp_path):
+    run = _copy(run4, tmp_path)
+    _damage(run / "checkpoints" / "step-0000004")
+    # resume latest passes over the damaged step 4, trains from step 2 and writes step 3, keeping one checkpoint
+    summary = train(_cfg(square_caches, run, max_steps=3, keep_checkpoints=1), resume="latest", progress=False)
+    names = sorted(p.name for p in RunFolder(run).checkpoints())
+    assert "step-0000003" in names and "step-0000002" not in names, names
+    assert checkpoint_files.problems(run / "checkpoints" / "step-0000003") == []
+    assert Path(summary["checkpoint"]).name == "step-0000003"  # not the damaged newer one
+    assert RunFolder(run).resolve_resume("latest").name == "step-0000003"
+
+
+def test_a_kill_while_pruning_leaves_no_half_checkpoint_under_a_step_name(square_caches, run4, tmp_path,
+                                                                          monkeypatch):
+    run = _copy(run4, tmp_path)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):  # deletes the manifest and the model, then the process dies
+        path = Path(path)
+        if not path.exists():
+            return
+        (path / checkpoint_files.MANIFEST).unlink(missing_ok=True)
+        real_rmtree(path / "model", ignore_errors=True)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(run_folder_module.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(square_caches, run, max_steps=6, keep_checkpoints=2), resume="latest", progress=False)
+    monkeypatch.setattr(run_folder_module.shutil, "rmtree", real_rmtree)
+    for ckpt in RunFolder(run).checkpoints():  # every folder named step-* is a whole checkpoint
+        assert (ckpt / "model").is_dir() and checkpoint_files.problems(ckpt) == [], ckpt
+    train(_cfg(square_caches, run, max_steps=8, keep_checkpoints=2), resume="latest", progress=False)
+    assert [p.name for p in (run / "checkpoints").iterdir()] and not list((run / "checkpoints").glob(".*"))
+
+
+# -- resume ---------------------------------------------------------------------------------------------
+def test_resuming_a_run_whose_time_budget_is_spent_trains_no_further_step(square_caches, tmp_path, capsys):
+    run = tmp_path / "run"
+    first = train(_cfg(square_caches, run, max_steps=50, max_minutes=1e-6), progress=False)
+    assert first["step"] == 1
+    again = train(_cfg(square_caches, run, max_steps=50, max_minutes=1e-6), resume="latest", progress=False)
+    assert again["step"] == 1 and [p.name for p in RunFolder(run).checkpoints()] == ["step-0000001"]
+    assert "time budget (max_minutes 1e-06) was spent at step 1" in capsys.readouterr().err
+
+
+# -- holdout --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("holdout, message", [
+    (96, r"holdout 96: the caches join 96 samples .* none would be left to train on"),
+    (500, r"holdout 500: the caches join 96 samples"),
+    (90, r"6 samples cannot fill one batch of 8 .* lower batch_size or holdout: the caches join 96 samples, of "
+         r"which 90 are held out"),
+])
+def test_a_holdout_that_leaves_too_little_to_train_on_is_named(square_caches, tmp_path, holdout, message):
+    out = tmp_path / "run"
+    with pytest.raises(SemrouteError, match=message):
+        Trainer(_cfg(square_caches, out, holdout=holdout), progress=False)
+    assert not out.exists()
+
+
+# -- config -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("item, message", [
+    ("model={", r"--set 'model=\{': the value is not valid YAML"),
+    ("lr=[1", r"--set 'lr=\[1': the value is not valid YAML"),
+    ("out=", r"out is empty"),
+])
+def test_set_mistakes_are_named(item, message):
+    with pytest.raises(SemrouteError, match=message):
+        TrainConfig.build(overrides=[item], fusion="static")
+
+
+@pytest.mark.parametrize("keep", [0, 3])
+def test_a_cut_short_run_config_is_named_not_read_as_defaults(run4, tmp_path, keep):
+    run = _copy(run4, tmp_path)
+    lines = (run / "config.yaml").read_text().splitlines(keepends=True)
+    (run / "config.yaml").write_text("".join(lines[:keep]))  # text_cache, latent_cache, out: no fusion
+    with pytest.raises(SemrouteError, match=rf"{run}/config.yaml is damaged \(empty or cut short"):
+        describe_run(str(run))
+
+
+@pytest.fixture
+def small_file_limit():
+    """Writes past 64 bytes fail (EFBIG, as a full disk fails them) inside the block."""
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
+
+    class Limit:
+        def __enter__(self):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64, limits[1]))
+
+        def __exit__(self, *exc):
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, handler)
+
+    return Limit()
+
+
+def test_a_run_config_and_record_that_fail_to_write_leave_the_old_ones_whole(run4, tmp_path, small_file_limit):
+    run = _copy(run4, tmp_path)
+    folder = RunFolder(run)
+    config_before, record_before = (run / "config.yaml").read_bytes(), (run / "run.json").read_bytes()
+    cfg, record = folder.config(), folder.record()
+    with small_file_limit:
+        with pytest.raises(OSError):
+            cfg.save(folder.config_path)
+        with pytest.raises(OSError):
+            folder.save_record(record)
+    assert (run / "config.yaml").read_bytes() == config_before
+    assert (run / "run.json").read_bytes() == record_before
+
+
+# -- info ---------------------------------------------------------------------------------------------
+def test_info_flags_a_damaged_checkpoint(run4, tmp_path):
+    run = _copy(run4, tmp_path)
+    weights = _damage(run / "checkpoints" / "step-0000004")
+    info = describe_run(str(run))
+    assert list(info["damaged checkpoints"]) == ["step-0000004"]
+    assert f"{weights} has 100 bytes" in info["damaged checkpoints"]["step-0000004"]
+    assert "damaged checkpoints" not in describe_run(str(run4))
+
+
+# -- sample ---------------------------------------------------------------------------------------------
+def test_sample_draws_with_the_checkpoint_it_records_while_the_run_trains_on(run4, tmp_path, monkeypatch):
+    from semroute.stage2_train import models, sampling
+
+    run = _copy(run4, tmp_path)
+    real_check, real_load = sampling.check_output, models.load_model
+    loaded = []
+
+    def training_publishes_meanwhile(out, settings):  # the live run writes step 6 after sample chose step 4
+        real_check(out, settings)
+        shutil.copytree(run / "checkpoints" / "step-0000004", run / "checkpoints" / "step-0000006",
+                        dirs_exist_ok=True)
+
+    def load_model(path, *args, **kwargs):
+        loaded.append(Path(path).resolve())
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "check_output", training_publishes_meanwhile)
+    monkeypatch.setattr(models, "load_model", load_model)
+    out = tmp_path / "samples"
+    sampling.sample(sampling.SampleConfig(checkpoint=str(run), out=str(out), prompts=["a red square"], steps=1,
+                                          progress=False, device="cpu", grid=False))
+    recorded = json.loads((out / sampling.RECORD).read_text())["model"]["folder"]
+    assert loaded == [Path(recorded)] and Path(recorded).parent.name == "step-0000004"
+
+
+def test_a_sample_record_that_fails_to_write_leaves_the_old_one_whole(run4, tmp_path, small_file_limit):
+    from semroute.stage2_train import sampling
+
+    out = tmp_path / "samples"
+    out.mkdir()
+    settings = {"prompts": {"count": 1, "sha256": "0" * 64}, "note": "x" * 200}
+    sampling.claim_output(out, settings)
+    before = (out / sampling.RECORD).read_bytes()
+    with small_file_limit, pytest.raises(OSError):
+        sampling.claim_output(out, settings)
+    assert (out / sampling.RECORD).read_bytes() == before
+
+
+# -- routing ----------------------------------------------------------------------------------------------
+def test_routing_never_writes_into_a_checkpoint_named_as_out(run4, tmp_path):
+    from typer.testing import CliRunner
+
+    from semroute.cli import app
+
+    run = _copy(run4, tmp_path)
+    ckpt = run / "checkpoints" / "step-0000004"
+    result = CliRunner().invoke(app, ["routing", str(run), "--out", str(ckpt)])
+    assert result.exit_code != 0 and "is a checkpoint or an exported pipeline" in str(result.exception)
+    assert checkpoint_files.problems(ckpt) == []
