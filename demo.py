@@ -293,7 +293,7 @@ def _trained(run_dir: Path) -> dict:
     """Steps and seconds of a finished run, from its latest checkpoint."""
     from semroute.stage2_train.run_folder import RunFolder
 
-    done = RunFolder.train_state(RunFolder(run_dir).latest_checkpoint())
+    done = RunFolder.train_state(RunFolder(run_dir).newest_intact())  # a damaged newer one is passed over
     return {"step": done["step"], "train_seconds": done["train_seconds"],
             "validation_seconds": done.get("validation_seconds", 0.0)}
 

@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,6 +259,10 @@ def write_report(runs: list[str | Path], out: str | Path, *, title: str = "semro
     """Write the HTML report of ``runs`` to ``out``; returns its path."""
     if not runs:
         raise SemrouteError("give at least one run folder")
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm") or out.is_dir():
+        # (so that a slip of --out never writes over a run's config.yaml, run.json or anything else)
+        raise SemrouteError(f"--out {out}: the report is one HTML page; give a file name ending in .html")
     names = [Path(r).name for r in runs]
     # Runs of the same name (demo_out/run-depth, other/run-depth) are told apart by their parent.
     labels = [f"{Path(r).parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(runs, names)]
@@ -269,7 +274,8 @@ def write_report(runs: list[str | Path], out: str | Path, *, title: str = "semro
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    tmp = out.with_name(f".{out.name}.tmp")  # renamed into place: an earlier report stays whole until then
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
     return out

@@ -59,6 +59,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.published: Path | None = None  # the checkpoint this object's last publish() renamed into place
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -292,6 +293,7 @@ class RunFolder:
         if final.exists():  # a damaged checkpoint of this step, which the resume passed over
             self._discard(final)
         os.replace(staged, final)  # only now does the checkpoint exist for --resume
+        self.published = final  # (what a failure in the steps below must not call unpublished)
         self.routing_dir.mkdir(exist_ok=True)
         for suffix in ("png", "csv"):
             if (final / f"routing.{suffix}").exists():

@@ -449,9 +449,13 @@ class Trainer:
             self.saved = self._save_checkpoint()
             return self.saved
         except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError (iostream error)
-            found = self.saved or self.resume_from
             what = (f"{err.strerror or err} ({err.filename or 'a checkpoint file'})" if isinstance(err, OSError)
                     else str(err).strip().splitlines()[-1][:200])
+            final = self.run.checkpoints_dir / checkpoint_name(self.state.step)
+            if self.run.published == final:  # it failed after the rename (the routing plot's copy, pruning)
+                raise SemrouteError(f"checkpoint {final.name} was written and published, but what follows failed: "
+                                    f"{what}; --resume latest continues from {final.name}") from None
+            found = self.saved or self.resume_from
             raise SemrouteError(
                 f"writing checkpoint {checkpoint_name(self.state.step)} in {self.run.checkpoints_dir} failed: "
                 f"{what}; nothing was published, and "

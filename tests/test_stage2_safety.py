@@ -221,3 +221,46 @@ def test_routing_never_writes_into_a_checkpoint_named_as_out(run4, tmp_path):
     result = CliRunner().invoke(app, ["routing", str(run), "--out", str(ckpt)])
     assert result.exit_code != 0 and "is a checkpoint or an exported pipeline" in str(result.exception)
     assert checkpoint_files.problems(ckpt) == []
+
+
+def test_a_failure_after_a_checkpoint_is_published_does_not_call_it_unpublished(square_caches, run4, tmp_path,
+                                                                                 monkeypatch):
+    run = _copy(run4, tmp_path)
+    trainer = Trainer(_cfg(square_caches, run, max_steps=6), resume="latest", progress=False)
+
+    real = shutil.copyfile
+
+    def disk_full(src, dst):  # the routing plot's copy into RUN/routing, after the rename
+        if Path(dst).parent.name == "routing":
+            raise OSError(28, "No space left on device", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(run_folder_module.shutil, "copyfile", disk_full)
+    with pytest.raises(SemrouteError, match=r"checkpoint step-0000006 was written and published, but what follows "
+                                            r"failed: No space left on device .*--resume latest continues from "
+                                            r"step-0000006"):
+        trainer.train()
+    monkeypatch.undo()
+    assert RunFolder(run).resolve_resume("latest").name == "step-0000006"
+
+
+def test_report_never_writes_over_a_run_file(run4, tmp_path):
+    from semroute.stage2_train.report import write_report
+
+    run = _copy(run4, tmp_path)
+    before = (run / "run.json").read_bytes()
+    for out in (run / "run.json", run / "config.yaml", run):
+        with pytest.raises(SemrouteError, match=r"the report is one HTML page; give a file name ending in \.html"):
+            write_report([run], out)
+    assert (run / "run.json").read_bytes() == before
+    assert write_report([run], tmp_path / "r.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "run"]  # no temporary file left
+
+
+def test_the_demo_counts_its_run_from_the_newest_intact_checkpoint(run4, tmp_path):
+    from semroute.demo import _trained
+
+    run = _copy(run4, tmp_path)
+    assert _trained(run)["step"] == 4
+    _damage(run / "checkpoints" / "step-0000004")
+    assert _trained(run)["step"] == 2
