@@ -250,7 +250,7 @@ class TrainConfig:
             raise SemrouteError("out is empty; it names the run folder (e.g. --out runs/depth)")
         if self.report_to not in REPORT_TO:
             raise SemrouteError(f"report_to {self.report_to!r}: use {', '.join(REPORT_TO)}")
-        for name in ("model", "expect_text"):
+        for name in ("model", "expect_text", "storage_options"):
             if not isinstance(getattr(self, name), dict):
                 raise SemrouteError(f"{name} must be a mapping (e.g. --set {name}.key=value), got {getattr(self, name)!r}")
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:

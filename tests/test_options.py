@@ -25,6 +25,7 @@ from testkit import run_cli, write_manifest, write_square_images
     ("lr=abc", r"lr must be a number, got 'abc'"),
     ("lr=0", r"lr must be > 0"),
     ("lr=1e38", r"lr must be > 0 and <= 1, got 1e\+38"),
+    ("storage_options=x", r"storage_options must be a mapping \(e.g. --set storage_options.key=value\), got 'x'"),
     ("shift=.nan", r"shift must be a finite number"),
     ("shift=0", r"shift must be > 0"),
     ("ema='false'", r"ema must be true or false, got str 'false'"),
