@@ -463,28 +463,32 @@ class Trainer:
             ) from None
 
     def _save_checkpoint(self) -> Path:
+        from semroute.shared.distributed import process_info
+
         acc, state = self.accelerator, self.state
         tmp = self.run.staging_path(state.step)
-        if acc.is_main_process:
-            self.run.stage(state.step)
-        acc.wait_for_everyone()
+        # The main process's parts run through run_on_main, a collective: if one fails (a full disk), every
+        # process raises, rather than the others waiting at a barrier for a process that has stopped.
+        process_info().run_on_main(lambda: self.run.stage(state.step))
         acc.save_state(str(tmp))
         acc.wait_for_everyone()  # every process's RNG state is on disk before publish lists the files
-        final = self.run.checkpoints_dir / checkpoint_name(state.step)
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            model.save_pretrained(tmp / "model")
-            if self.ema is not None:
-                with _weights(model, self.ema):
-                    model.save_pretrained(tmp / "model_ema")
-            (tmp / TRAIN_STATE).write_text(json.dumps(state.state_dict()))
-            # what a resume from this checkpoint is compared with, and what sample reads (checked by complete.json)
-            self.cfg.save(tmp / "config.yaml")
-            shutil.copyfile(self.run.record_path, tmp / "run.json")
-            routing.save_routing(model, tmp, "routing", title=f"{self.cfg.fusion}, step {state.step}")
-            self.run.publish(tmp, state.step, keep=self.cfg.keep_checkpoints)
-        acc.wait_for_everyone()
-        return final
+        process_info().run_on_main(lambda: self._fill_and_publish(tmp))
+        return self.run.checkpoints_dir / checkpoint_name(state.step)
+
+    def _fill_and_publish(self, tmp: Path) -> None:
+        """Main process: the checkpoint's model folders, state, config and routing, then publish it."""
+        acc, state = self.accelerator, self.state
+        model = acc.unwrap_model(self.model)
+        model.save_pretrained(tmp / "model")
+        if self.ema is not None:
+            with _weights(model, self.ema):
+                model.save_pretrained(tmp / "model_ema")
+        (tmp / TRAIN_STATE).write_text(json.dumps(state.state_dict()))
+        # what a resume from this checkpoint is compared with, and what sample reads (checked by complete.json)
+        self.cfg.save(tmp / "config.yaml")
+        shutil.copyfile(self.run.record_path, tmp / "run.json")
+        routing.save_routing(model, tmp, "routing", title=f"{self.cfg.fusion}, step {state.step}")
+        self.run.publish(tmp, state.step, keep=self.cfg.keep_checkpoints)
 
 
 class TimeBudget:

@@ -264,3 +264,43 @@ def test_the_demo_counts_its_run_from_the_newest_intact_checkpoint(run4, tmp_pat
     assert _trained(run)["step"] == 4
     _damage(run / "checkpoints" / "step-0000004")
     assert _trained(run)["step"] == 2
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_failing_on_the_main_process_stops_every_process(square_caches, tmp_path):
+    """Two processes: the main one fails to publish (a full disk); the other must stop with it, naming the
+    cause, not wait at a barrier for a process that has stopped."""
+    import os
+    import subprocess
+    import sys
+
+    text, latents, _ = square_caches
+    script = tmp_path / "two.py"
+    script.write_text(f"""
+import sys
+from semroute.shared.errors import SemrouteError
+from semroute.stage2_train import run_folder
+from semroute.stage2_train.config import TrainConfig
+from semroute.stage2_train.train import train
+
+def disk_full(self, staged, step, keep):
+    raise OSError(28, "No space left on device", str(staged / "complete.json"))
+
+run_folder.RunFolder.publish = disk_full
+try:
+    train(TrainConfig(text_cache={text!r}, latent_cache={latents!r}, out={str(tmp_path / 'run')!r}, fusion="static",
+                      preset="tiny", batch_size=8, num_workers=0, report_to="none", max_steps=2, checkpoint_every=2),
+          progress=False)
+except SemrouteError as err:
+    print(f"stopped: {{err}}", file=sys.stderr)
+    sys.exit(3)
+""")
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode != 0
+    stopped = [line for line in proc.stderr.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 2, proc.stderr[-3000:]  # both processes, each with its message
+    assert any("rank 0 failed" in line and "No space left on device" in line for line in stopped), stopped
+    assert any("writing checkpoint step-0000002" in line and "No space left on device" in line for line in stopped)
