@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from semroute.shared import images as im
-from semroute.shared.errors import SemrouteError
+from semroute.shared.errors import CacheDamaged, SemrouteError
 from semroute.shared.store import (
     ATTR_KEY,
     FORMAT_VERSION,
@@ -55,6 +55,7 @@ from semroute.shared.store import (
     shards_present,
     store_file,
     update_attrs,
+    write_file,
     write_parquet,
 )
 
@@ -132,6 +133,15 @@ class Bucket:
              chunk_bytes: int) -> "Bucket":
         return cls(f"{width}x{height}", width, height, tuple(latent_shape), rows,
                    ShardLayout.plan(rows, row_bytes, shard_bytes, chunk_bytes))
+
+
+def latent_array_geometry(attrs: dict, bucket: Bucket, name: str) -> tuple:
+    """What array ``name`` (one of ``attrs["arrays"]``, or ``status``) of ``bucket`` must be:
+    ``(shape, dtype, layout)`` (``ShardedArrayMeta.check_geometry``)."""
+    if name == "status":
+        return (bucket.rows,), np.uint8, ShardLayout(bucket.rows, bucket.layout.rows_per_shard,
+                                                      bucket.layout.rows_per_shard)
+    return (bucket.rows, *bucket.latent_shape), LatentStorage(attrs["stored_dtype"]).numpy_dtype, bucket.layout
 
 
 def bucket_nbytes(bucket: Bucket, arrays: list[str], itemsize: int) -> int:
@@ -361,17 +371,31 @@ def skipped_images(index) -> list[dict]:
 
 
 def write_skipped(location, entries: list[dict]) -> None:
-    with store_file(location, SKIPPED_FILE, "wb") as fh:
-        fh.write("".join(json.dumps(e) + "\n" for e in entries).encode())
+    """Replaced whole (``write_file``): an append rewrites it with the earlier parts' entries, which a run killed
+    mid-write must not lose."""
+    write_file(location, SKIPPED_FILE, "".join(json.dumps(e) + "\n" for e in entries).encode())
 
 
 def read_skipped(location, manifest_only: bool = False) -> list[dict]:
     """Entries of ``skipped.jsonl``; ``manifest_only``: only bad manifest records (no ``sample_id``)."""
     try:
         with store_file(location, SKIPPED_FILE) as fh:
-            entries = [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
+            raw = fh.read()
     except FileNotFoundError:
         return []
+    entries = []
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            entry = json.loads(line) if line.strip() else None
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            entry = err
+        if entry is None:
+            continue
+        if not isinstance(entry, dict):
+            raise CacheDamaged(f"{join(location, SKIPPED_FILE)}: line {n} is damaged "
+                               f"({entry if isinstance(entry, Exception) else 'not a JSON object'}); restore the "
+                               "file, or delete it (it only lists the records left out)")
+        entries.append(entry)
     return [e for e in entries if "sample_id" not in e] if manifest_only else entries
 
 
@@ -478,7 +502,9 @@ class LatentCacheReader:
         key = (bucket.name, name)
         if key not in self._files:
             path = f"buckets/{bucket.name}/{name}"
-            self._files[key] = ShardedArrayFile(self.location, path, shard_cache=self.shard_cache)
+            reader = ShardedArrayFile(self.location, path, shard_cache=self.shard_cache)
+            reader.meta.check_geometry(*latent_array_geometry(self.attrs, bucket, name))
+            self._files[key] = reader
         return self._files[key]
 
     def stored(self, i: int) -> dict[str, torch.Tensor]:

@@ -39,20 +39,33 @@ class FileLock:
 
     def acquire(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = _holder(fh.read())
+        while True:
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = _holder(fh.read())
+                fh.close()
+                raise self.busy_error(self.busy(holder)) from None
+            if self._still_there(fh):
+                break
+            # The file was removed (``OutputLock.release``) between our open and our lock: a lock on it guards
+            # nothing, since the next process creates and locks a new file. Open the path again.
             fh.close()
-            raise self.busy_error(self.busy(holder)) from None
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
         fh.flush()
         self._fh = fh
         return self
+
+    def _still_there(self, fh) -> bool:
+        """Whether ``fh`` is still the file at ``self.path`` (not removed or replaced since it was opened)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            return False
 
     @property
     def held(self) -> bool:
@@ -74,13 +87,16 @@ class FileLock:
 
 class OutputLock(FileLock):
     """An encoder's ``--out``: ``NAME.lock`` beside the store (inside it, creating or ``--overwrite`` would
-    delete it, since a create empties the folder). Object storage has no such lock: ``s3://`` outputs get
-    none (``acquire`` is a no-op there)."""
+    delete it, since a create empties the folder). ``NAME`` is the folder's real path (symlinks, ``.`` and
+    ``..`` resolved), so every spelling of one folder (``out``, ``./out/``, ``/abs/out``, ``.``, a link to it)
+    takes the same lock. Object storage has no such lock: ``s3://`` outputs get none (``acquire`` is a no-op
+    there)."""
 
     def __init__(self, out: str):
         self.out = str(out)
         self.remote = is_url(self.out)
-        super().__init__(Path(self.out.rstrip("/") + ".lock") if not self.remote else Path())
+        real = Path(os.path.realpath(self.out)) if not self.remote else Path()
+        super().__init__(Path(f"{real}.lock") if not self.remote else Path())
 
     def busy(self, holder: str) -> str:
         return (f"--out {self.out} is being written by another encode process ({holder}; lock {self.path}); wait "

@@ -113,6 +113,34 @@ def _iter_raw_records(path: str, raw: bytes) -> Iterator[tuple[int, object | Exc
                 yield lineno, ManifestError(f"malformed JSON: {err.msg} (column {err.colno})")
 
 
+def printable(text: str) -> str:
+    """``text`` with any lone surrogate written as its escape (``\\udcff``), so a message naming it can be printed
+    (a terminal, a UTF-8 file) instead of failing on it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_unicode(value: str, what: str) -> None:
+    """Refuse a string that cannot be written as UTF-8 (a lone surrogate: an unpaired ``\\ud800`` escape in JSON,
+    or a file or tar member name that is not UTF-8): the cache's index.parquet, and the hashes of the inputs,
+    store every id, caption and path as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ManifestError(f"{what} holds a lone surrogate {value[err.start]!r} at character {err.start + 1} "
+                            f"({value[:60]!r}): an unpaired \\u escape, or a name that is not UTF-8; "
+                            "fix or rename it") from None
+
+
+def check_record_text(sample_id: str, texts: tuple[str, ...], image: str | None, *, text_key: str = "text",
+                      image_key: str = "image") -> None:
+    """``check_unicode`` on everything of a record that the caches store."""
+    check_unicode(sample_id, "the sample id")
+    for k, text in enumerate(texts):
+        check_unicode(text, f"caption {k} of '{text_key}'" if len(texts) > 1 else f"'{text_key}'")
+    if image is not None:
+        check_unicode(image, f"the image ('{image_key}')")
+
+
 def _captions(value: object, text_key: str) -> tuple[str, ...]:
     if isinstance(value, str):
         captions = (value,)
@@ -193,6 +221,7 @@ def read_manifest(
                 image = value[image_key]
                 if not isinstance(image, str) or not image.strip():
                     raise ManifestError(f"'{image_key}' must be a non-empty path string, got {image!r}")
+            check_record_text(sample_id, texts, image, text_key=text_key, image_key=image_key)
             if sample_id in seen_ids:
                 raise ManifestError(f"duplicate id {sample_id!r} (first seen on line {seen_ids[sample_id]})")
         except ManifestError as err:
@@ -213,7 +242,13 @@ def read_manifest(
 
 
 def write_problem_report(problems: list[Problem], out_path: str | Path) -> None:
-    """Write skipped records as JSONL (``path``, ``line``, ``reason``) so they can be fixed and re-run."""
-    with open(out_path, "w", encoding="utf-8") as fh:
-        for p in problems:
-            fh.write(json.dumps({"path": p.path, "line": p.line, "reason": p.reason}) + "\n")
+    """Write skipped records as JSONL (``path``, ``line``, ``reason``) so they can be fixed and re-run. Written to
+    a temporary name, then renamed: an append rewrites the report with the earlier parts' records, which a run
+    killed mid-write must not lose."""
+    import os
+
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps({"path": p.path, "line": p.line, "reason": p.reason}) + "\n" for p in problems),
+                   encoding="utf-8")
+    os.replace(tmp, out_path)

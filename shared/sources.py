@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semroute.shared.errors import ManifestError, SemrouteError
-from semroute.shared.manifest import Manifest, Problem, Record, _captions, read_manifest
+from semroute.shared.manifest import Manifest, Problem, Record, _captions, check_record_text, printable, read_manifest
 from semroute.shared.remote import is_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -231,9 +231,16 @@ class _Collector:
 
     def bad(self, where: str, line: int, reason: str, key: str | None = None) -> None:
         """A bad member: always reported and left out (as a bad image is)."""
-        self.problems.append(Problem(where, line, reason if key is None else f"key {key!r}: {reason}"))
+        self.problems.append(Problem(printable(where), line, reason if key is None else f"key {key!r}: {reason}"))
 
     def add(self, record: Record, where: str, image_range: ImageRange | None = None) -> None:
+        try:  # an id, caption or path the cache cannot store (a name that is not UTF-8)
+            check_record_text(record.sample_id, record.texts, record.image)
+        except ManifestError as err:
+            if not self.skip_bad:
+                raise ManifestError(f"{printable(where)}: {err} (or pass --skip-bad to leave it out)") from None
+            self.problems.append(Problem(printable(where), record.line, str(err)))
+            return
         first = self.seen.get(record.sample_id)
         if first is not None:
             msg = f"duplicate sample id {record.sample_id!r}: in {first} and in {where}"

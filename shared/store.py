@@ -72,9 +72,47 @@ def _zarr_options(location) -> dict:
     return {"storage_options": storage_options(str(location).split("://", 1)[0])} if is_url(location) else {}
 
 
+def _settle_zarr_io() -> None:
+    """At exit, before zarr's own atexit hook (``zarr.core.sync.cleanup_resources``, registered earlier, so run
+    later): let the reads zarr still runs on its event-loop thread end. A zarr read of many chunks that fails on
+    one (a damaged done flag) raises at once and leaves its other chunk reads running; zarr's hook then shuts
+    its thread pool under them and closes the loop, and they die at interpreter exit printing "Task was destroyed
+    but it is pending!" from a daemon thread, which can abort the process (SIGABRT) after a clean message."""
+    import asyncio
+
+    async def others() -> None:
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+
+    try:
+        from zarr.core import sync  # (zarr's internals: anything unexpected there skips this, silently)
+
+        loop = sync.loop[0]
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return
+        asyncio.run_coroutine_threadsafe(others(), loop).result(timeout=15)
+    except Exception:  # noqa: BLE001 - exiting anyway: zarr's hook closes what is left
+        pass
+
+
+_SETTLE_AT_EXIT: list = []
+
+
+def _zarr():
+    """The ``zarr`` module, with ``_settle_zarr_io`` registered to run at exit before zarr's own cleanup."""
+    import atexit
+
+    import zarr
+
+    if not _SETTLE_AT_EXIT:
+        _SETTLE_AT_EXIT.append(atexit.register(_settle_zarr_io))
+    return zarr
+
+
 def open_group(location: str | os.PathLike, mode: str = "r"):
     """Open a Zarr v3 group by local path or fsspec URL (``s3://``, ``gs://``, ``file://`` ...)."""
-    import zarr
+    zarr = _zarr()
 
     from semroute.shared.remote import call
 
@@ -189,6 +227,21 @@ def store_file(location: str | os.PathLike, name: str, mode: str = "rb"):
     if "w" in mode:
         path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, mode)
+
+
+def write_file(location, name: str, data: bytes) -> None:
+    """Replace the plain file ``name`` beside a store's arrays whole: a temporary name then a rename (locally), one
+    PUT (object storage), so a run killed while writing it leaves the old file or the new one, never a cut one."""
+    if is_url(location):
+        from semroute.shared.remote import write_bytes
+
+        write_bytes(join(location, name), data)
+        return
+    final = Path(location) / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, final)
 
 
 def write_parquet(location, name: str, table) -> None:
@@ -506,7 +559,13 @@ def describe_header(kind: str, path: str, attrs: dict, flag_names: list[str]) ->
     """The first lines of ``info`` for any cache: its kind, path, completeness and the shards written (the
     done flags ``progress/<name>`` of ``flag_names``, summed)."""
     group = open_group(path)
-    flags = [DoneFlags(group, name).done() for name in flag_names]
+    flags = []
+    for name in flag_names:
+        try:
+            flags.append(DoneFlags(group, name).done())
+        except Exception as err:  # noqa: BLE001 - zarr: a missing, cut or altered flag chunk or metadata
+            raise CacheDamaged(f"{join(path, 'progress/' + name)}: the done flags are damaged ({type(err).__name__}: "
+                               f"{err}); {integrity.verify_hint(path)}") from None
     return {"kind": kind, "path": path, "complete": bool(attrs.get("complete")),
             "shards written": f"{sum(int(f.sum()) for f in flags)} / {sum(len(f) for f in flags)}"}
 
@@ -564,8 +623,7 @@ class ShardedArrayMeta:
     """
 
     def __init__(self, root: str | Path, name: str):
-        import zarr
-
+        zarr = _zarr()
         try:
             arr = zarr.open_array(join(root, name), mode="r", **_zarr_options(root))
         except Exception as err:  # noqa: BLE001 - a missing or damaged zarr.json of the array
@@ -592,6 +650,20 @@ class ShardedArrayMeta:
         self.rows_per_chunk = int(cfg["chunk_shape"][0])
         self.chunks_per_shard = self.rows_per_shard // self.rows_per_chunk
         self._key = meta.encode_chunk_key
+
+    def check_geometry(self, shape: tuple[int, ...], dtype, layout: ShardLayout) -> None:
+        """Refuse an array whose zarr.json no longer says what the cache's attributes do (``shape``, ``dtype``,
+        ``layout``): the chunks' crc32c cannot tell, so an edited shape or data type would read as wrong
+        values (other rows, bytes taken as another type) that pass every checksum."""
+        want = (tuple(int(n) for n in shape), np.dtype(dtype).newbyteorder("<"), layout.rows_per_shard,
+                layout.rows_per_chunk)
+        got = (self.shape, self.dtype, self.rows_per_shard, self.rows_per_chunk)
+        if got != want:
+            def say(g) -> str:
+                return f"shape {g[0]}, {g[1].name}, shards of {g[2]} rows in chunks of {g[3]}"
+
+            raise CacheDamaged(f"{self.root}/{self.name}/zarr.json says {say(got)}, but the cache's attributes say "
+                               f"{say(want)} (edited or damaged); {integrity.verify_hint(self.root)}")
 
     @property
     def rows(self) -> int:
@@ -972,14 +1044,17 @@ def merge_ranges(ranges: list[tuple[int, int]], gap: int) -> list[tuple[int, int
     return [(a, b) for a, b in out]
 
 
-def verify_array(root: str | Path, name: str, done: np.ndarray | None = None) -> tuple[int, list[tuple[str, str]]]:
+def verify_array(root: str | Path, name: str, done: np.ndarray | None = None,
+                 expect: tuple | None = None) -> tuple[int, list[tuple[str, str]]]:
     """Check a sharded array (local or remote) shard by shard: its index's and every inner chunk's crc32c.
 
     Returns ``(chunks checked, problems)``; a problem is ``(shard file, what is wrong)``, at most one per
     shard. A shard whose done flag in ``done`` is unset is not read: its problem is ``NOT_COMPLETED``.
-    Raises (``CacheDamaged``, ``SemrouteError``) only when the array's own metadata is missing or not
-    an array semroute writes."""
+    Raises (``CacheDamaged``, ``SemrouteError``) only when the array's own metadata is missing, not
+    an array semroute writes, or (``expect``: ``check_geometry``'s arguments) not what the attributes say."""
     reader = ShardedArrayFile(root, name)
+    if expect is not None:
+        reader.meta.check_geometry(*expect)
     layout = reader.meta.layout
     problems: list[tuple[str, str]] = []
     checked = 0

@@ -367,6 +367,18 @@ class TextCacheWriter:
 TEXT_SMALL_ARRAYS = ["offsets", "lengths", "null_features", "null_scales"]  # read whole; sealed by sha256
 
 
+def text_array_geometry(attrs: dict) -> dict[str, tuple]:
+    """What each sharded array of a text cache must be, from its attributes: ``name -> (shape, dtype, layout)``
+    (``ShardedArrayMeta.check_geometry``)."""
+    layout = ShardLayout(**attrs["layout"])
+    storage = TextStorage(attrs["storage"], getattr(torch, attrs["fingerprint"]["compute_dtype"]))
+    n_layers, hidden = len(attrs["layers"]), int(attrs["hidden_size"])
+    out = {"features": ((layout.rows, n_layers, hidden), storage.feature_dtype, layout)}
+    if attrs["storage"] == "fp8":
+        out["scales"] = ((layout.rows, n_layers), np.float32, layout)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Text cache reader
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +455,10 @@ class TextCacheReader:
         if self._files is None:
             names = ["features", "scales"] if self.attrs["storage"] == "fp8" else ["features"]
             # Local files or remote objects alike: our reader, ranged reads of the inner chunks needed.
-            self._files = {n: ShardedArrayFile(self.location, n, shard_cache=self.shard_cache) for n in names}
+            files = {n: ShardedArrayFile(self.location, n, shard_cache=self.shard_cache) for n in names}
+            for name, expect in text_array_geometry(self.attrs).items():
+                files[name].meta.check_geometry(*expect)
+            self._files = files
         return self._files
 
     def _bits(self, features: np.ndarray, scales: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:

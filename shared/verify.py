@@ -25,10 +25,10 @@ import numpy as np
 
 from semroute.shared import integrity
 from semroute.shared.errors import SemrouteError
-from semroute.shared.latent_store import LATENT_KIND, Bucket
+from semroute.shared.latent_store import LATENT_KIND, Bucket, latent_array_geometry
 from semroute.shared.store import (ATTR_KEY, NOT_COMPLETED, READ_VERSIONS, open_group, read_index, store_file,
                                    verify_array)
-from semroute.shared.text_store import TEXT_KIND
+from semroute.shared.text_store import TEXT_KIND, text_array_geometry
 
 REENCODE = "re-encode the cache (encode-... --overwrite)"
 
@@ -123,9 +123,13 @@ def _flags(path: str, group, name: str, n_shards: int, report: Report) -> np.nda
     return done
 
 
-def _sharded(path: str, name: str, done: np.ndarray, report: Report) -> None:
+def _sharded(path: str, name: str, done: np.ndarray, report: Report, expect: tuple | None = None) -> None:
     try:
-        checked, problems = verify_array(path, name, done)
+        checked, problems = verify_array(path, name, done, expect)
+    except SemrouteError as err:  # the message without its file (given apart) and `verify` hint
+        where = f"{path}/{name}/zarr.json"
+        report.bad(where, str(err).split("; run `semroute verify")[0].removeprefix(f"{where} "), REENCODE)
+        return
     except Exception as err:  # noqa: BLE001
         report.bad(f"{path}/{name}/zarr.json", f"missing or damaged ({type(err).__name__}: {err})", REENCODE)
         return
@@ -163,6 +167,16 @@ def _has(group, name: str) -> bool:
         return True
 
 
+def _geometry(expect, report: Report) -> tuple | None:
+    """``expect()``: an array's geometry from the attributes, or None (a note) where they do not give it."""
+    try:
+        return expect()
+    except (KeyError, TypeError, ValueError, AttributeError, SemrouteError) as err:
+        report.notes.append(f"the attributes do not give an array's shape ({type(err).__name__}: {err}); its "
+                            "zarr.json was not checked against them")
+        return None
+
+
 # -- text caches ----------------------------------------------------------------------------------
 def _verify_text(path: str, group, attrs: dict, report: Report) -> None:
     names = ["features", "scales"] if attrs.get("storage") == "fp8" else ["features"]
@@ -173,7 +187,7 @@ def _verify_text(path: str, group, attrs: dict, report: Report) -> None:
         except Exception:  # noqa: BLE001 - reported by _flags
             n_shards = 0
         done = _flags(path, group, name, n_shards, report)
-        _sharded(path, name, done, report)
+        _sharded(path, name, done, report, _geometry(lambda: text_array_geometry(attrs)[name], report))
     null_fix = "delete the null_features folder, then `semroute encode-text ... --resume` writes it again"
     for name in ["null_features"] + (["null_scales"] if attrs.get("storage") == "fp8" else []):
         if not _has(group, name):
@@ -219,7 +233,8 @@ def _verify_latent(path: str, group, attrs: dict, report: Report) -> None:
         n_shards = b.layout.n_shards
         done = _flags(path, group, b.name, n_shards, report)
         for name in [*arrays, "status"]:
-            _sharded(path, f"buckets/{b.name}/{name}", done, report)
+            _sharded(path, f"buckets/{b.name}/{name}", done, report,
+                     _geometry(lambda: latent_array_geometry(attrs, b, name), report))
     index = _index(path, attrs, report, ["sample_id", "bucket", "row", "status"])
     if index is None:
         return

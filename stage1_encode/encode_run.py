@@ -125,8 +125,11 @@ def decide(cfg, open_writer: Callable, want: dict, input_sha256: str, *, kind: s
         attrs = _reopen(cfg, open_writer, "resume")
         require_match(attrs["fingerprint"], want, sorted(want), f"cannot resume {cfg.out}: the existing cache")
         if attrs["input_sha256"] != input_sha256:
+            segments = attrs.get("segments") or []
+            grown = (f" It was last grown by --append of {segments[-1].get('source')}: a --resume (to rewrite a "
+                     "lost shard, say) takes that data." if len(segments) > 1 else "")
             raise SemrouteError(f"cannot resume {cfg.out}: it was made from other {inputs} than {cfg.data} now "
-                                f"holds ({changed}). Start a new cache or pass --overwrite.")
+                                f"holds ({changed}).{grown} Start a new cache or pass --overwrite.")
         return "resume"
     if exists and not cfg.overwrite:
         raise SemrouteError(f"{cfg.out} already exists. Pass --resume to continue it, or --overwrite to replace it.")

@@ -395,3 +395,193 @@ def test_contradictory_encode_flags_are_refused_before_anything_is_touched(tmp_p
     with pytest.raises(SemrouteError, match=said):
         encode_images(_images(data, cache, **flags))
     assert _hashes(cache) == before
+
+
+# -- lone surrogates (an unpaired \u escape, a file or member name that is not UTF-8) are named, not a traceback --
+def test_a_lone_surrogate_in_a_manifest_is_named_with_its_line(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": "bad \\ud800 here"}\n'
+                        '{"id": "c\\udcff", "text": "ok"}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: 'text' holds a lone surrogate '\\ud800' at character 5"):
+        read_source(str(manifest), need_text=True)
+    src = read_source(str(manifest), need_text=True, skip_bad=True)
+    assert [r.sample_id for r in src.records] == ["a"]
+    assert [(p.line, "lone surrogate" in p.reason) for p in src.problems] == [(2, True), (3, True)]
+
+
+def test_a_file_or_member_name_that_is_not_utf8_is_named(tmp_path):
+    import os
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    good = folder / "good.png"
+    write_square_images(tmp_path / "src", 1)
+    good.write_bytes((tmp_path / "src" / "0000.png").read_bytes())
+    good.with_suffix(".txt").write_text("a caption")
+    bad = os.fsdecode(bytes(folder) + b"/bad\xff.png")
+    Path(bad).write_bytes(good.read_bytes())
+    Path(bad).with_suffix(".txt").write_text("another caption")
+    with pytest.raises(ManifestError, match=r"bad\\udcff\.png: the sample id holds a lone surrogate .*--skip-bad"):
+        read_source(str(folder), need_text=True, need_image=True)
+    src = read_source(str(folder), need_text=True, need_image=True, skip_bad=True)
+    assert [r.sample_id for r in src.records] == ["good"]
+    assert len(src.problems) == 1 and str(src.problems[0]).encode("utf-8")  # printable
+    shard = _tar(tmp_path / "s.tar", [("k0.txt", b"fine"), (os.fsdecode(b"k\xff1.txt"), b"named badly")])
+    with pytest.raises(ManifestError, match=r"s\.tar::k\\udcff1: the sample id holds a lone surrogate"):
+        read_source(str(shard), need_text=True)
+
+
+# -- the encoder lock: one file for every spelling of --out; never a lock on a removed file ----------------------
+def test_every_spelling_of_one_out_takes_the_same_lock(tmp_path, monkeypatch):
+    from semroute.shared.lock import OutputBusy, OutputLock
+
+    cache = tmp_path / "c.zarr"
+    cache.mkdir()
+    (tmp_path / "link").symlink_to(cache)
+    monkeypatch.chdir(tmp_path)
+    held = OutputLock(str(cache)).acquire()
+    try:
+        for spelling in ("c.zarr", "./c.zarr/", "c.zarr/.", f"{tmp_path}/sub/../c.zarr", "link", "link/"):
+            with pytest.raises(OutputBusy, match="being written by another encode process"):
+                OutputLock(spelling).acquire()
+        monkeypatch.chdir(cache)
+        with pytest.raises(OutputBusy):
+            OutputLock(".").acquire()
+    finally:
+        held.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr", "link"]  # the lock file is gone with it
+
+
+def test_a_lock_file_removed_between_open_and_flock_is_not_taken(tmp_path, monkeypatch):
+    """A holder releasing (and removing NAME.lock) just after a second process opened it: the second must not lock
+    the removed file while a third locks the new one."""
+    from semroute.shared import lock as lock_mod
+    from semroute.shared.lock import OutputBusy, OutputLock
+
+    out = str(tmp_path / "c.zarr")
+    first = OutputLock(out).acquire()
+    stale = open(first.path, "a+")  # the second process's open, before the release
+    first.release()
+    third = OutputLock(out).acquire()  # makes and locks a new NAME.lock
+    opened = iter([stale])
+    monkeypatch.setattr(lock_mod, "open", lambda *a, **k: next(opened, None) or open(*a, **k), raising=False)
+    try:
+        with pytest.raises(OutputBusy):
+            OutputLock(out).acquire()
+    finally:
+        third.release()
+
+
+# -- an array's zarr.json edited (shape, data type) reads as other values that pass every checksum: refused ----
+def _edit_json(path: Path, **changes) -> None:
+    import json
+
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("edit", [{"data_type": "float16"}, {"shape": "grown"}])
+def test_an_edited_text_array_zarr_json_is_refused_by_reader_and_verify(tmp_path, text_full, edit):
+    import json
+    import shutil
+
+    cache = tmp_path / "t.zarr"
+    shutil.copytree(text_full, cache)
+    meta = cache / "features" / "zarr.json"
+    if edit.get("shape") == "grown":
+        shape = json.loads(meta.read_text())["shape"]
+        edit = {"shape": [shape[0] + 7, *shape[1:]]}
+    _edit_json(meta, **edit)
+    with pytest.raises(CacheDamaged, match=r"features/zarr\.json says .* but the cache's attributes say"):
+        TextCacheReader(cache).caption(0)
+    problems = verify(str(cache))[1]
+    assert len(problems) == 1 and "features/zarr.json" in problems[0], problems
+
+
+def test_an_edited_latent_array_zarr_json_is_refused_by_reader_and_verify(tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", write_square_images(tmp_path / "img", 4))
+    cache = tmp_path / "l.zarr"
+    encode_images(_images(manifest, cache))
+    (bucket,) = [p for p in (cache / "buckets").iterdir() if p.is_dir()]
+    _edit_json(bucket / "latent" / "zarr.json", data_type="int8")
+    with pytest.raises(CacheDamaged, match=r"latent/zarr\.json says .*int8.* attributes say .*uint8"):
+        LatentCacheReader(cache).stored(0)
+    problems = verify(str(cache))[1]
+    assert len(problems) == 1 and "latent/zarr.json" in problems[0], problems
+
+
+# -- `info` on a cache with a damaged done flag: one message naming the flags, and a quiet exit --------------------
+def test_info_on_a_damaged_flag_names_it_and_exits_without_zarr_noise(tmp_path, text_full):
+    import shutil
+
+    from testkit import run_cli
+
+    cache = tmp_path / "t.zarr"
+    shutil.copytree(text_full, cache)
+    (cache / "progress" / "features" / "c" / "1").write_bytes(b"")  # one flag chunk cut to nothing
+    proc = run_cli("info", str(cache), check=False)
+    assert proc.returncode == 1, proc.stderr
+    # zarr's other flag reads, left running by the failed one, must end before its exit hook closes their loop
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert f"{cache}/progress/features: the done flags are damaged" in proc.stderr, proc.stderr
+
+
+# -- a grown cache with a lost shard: the refusal of --resume with the first data names the data that resumes it ----
+def test_resume_of_a_grown_cache_names_the_data_that_resumes_it(tmp_path):
+    import shutil
+
+    records = [{**r, "id": f"q{i}"} for i, r in enumerate(write_square_images(tmp_path / "img", 10))]
+    old, new = write_manifest(tmp_path / "old.jsonl", records[:6]), write_manifest(tmp_path / "new.jsonl", records[6:])
+    ref, cache = tmp_path / "ref.zarr", tmp_path / "l.zarr"
+    encode_images(_images(old, cache))
+    encode_images(_images(new, cache, append=True))
+    shutil.copytree(cache, ref)
+    (bucket,) = [p for p in (cache / "buckets").iterdir() if p.is_dir()]
+    shutil.rmtree(bucket / "latent" / "c" / "1")  # a shard of the first part, lost
+    assert verify(str(cache))[1]
+    with pytest.raises(SemrouteError, match=rf"last grown by --append of {new}: a --resume .* takes that data"):
+        encode_images(_images(old, cache, resume=True))
+    encode_images(_images(new, cache, resume=True))
+    assert verify(str(cache))[1] == []
+    a, b = LatentCacheReader(cache), LatentCacheReader(ref)
+    assert a.sample_ids == b.sample_ids
+    for i in range(len(a)):
+        assert torch.equal(a.stored(i)["latent"], b.stored(i)["latent"])
+
+
+# -- the bad-record reports an append rewrites are replaced whole: a kill mid-write loses no earlier entry ---------
+def _dies_on_rename(monkeypatch):
+    import os
+
+    def dying(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(os, "replace", dying)
+
+
+def test_the_text_bad_records_report_is_never_cut(tmp_path, monkeypatch):
+    from semroute.shared.manifest import Problem, write_problem_report
+
+    report = tmp_path / "bad_records.jsonl"
+    write_problem_report([Problem("old.jsonl", 3, "no text")], report)
+    before = report.read_bytes()
+    _dies_on_rename(monkeypatch)  # killed after writing, before the new report takes the old one's place
+    with pytest.raises(RuntimeError, match="killed"):
+        write_problem_report([Problem("old.jsonl", 3, "no text"), Problem("new.jsonl", 9, "no text")], report)
+    assert report.read_bytes() == before
+
+
+def test_the_latent_skipped_list_is_never_cut_and_a_damaged_one_is_named(tmp_path, monkeypatch):
+    from semroute.shared.latent_store import read_skipped, write_skipped
+
+    write_skipped(tmp_path, [{"path": "m.jsonl", "line": 2, "reason": "no image"}])
+    before = (tmp_path / "skipped.jsonl").read_bytes()
+    _dies_on_rename(monkeypatch)
+    with pytest.raises(RuntimeError, match="killed"):
+        write_skipped(tmp_path, [{"path": "m.jsonl", "line": 2, "reason": "no image"}, {"path": "n", "line": 1}])
+    monkeypatch.undo()
+    assert (tmp_path / "skipped.jsonl").read_bytes() == before
+    (tmp_path / "skipped.jsonl").write_bytes(before + b'{"path": "n", "li')  # cut by an older semroute
+    with pytest.raises(CacheDamaged, match=r"skipped\.jsonl: line 2 is damaged .*restore the file, or delete it"):
+        read_skipped(tmp_path)
