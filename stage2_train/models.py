@@ -51,7 +51,7 @@ def load_model(model_dir: Path):
     try:
         # local_files_only: a folder gone missing must not turn into a hub lookup of its path
         return klass.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError):
         if not model_dir.is_dir():  # removed since config.json was read: a live run prunes old checkpoints
             raise SemrouteError(f"{model_dir} was removed while it was being read (a run still training keeps "
                                 "only its newest checkpoints); run the command again") from None

@@ -72,3 +72,15 @@ def square_caches(tmp_path_factory, tiny_llama_dir):
     encode_images(EncodeImagesConfig(data=str(manifest), out=str(latents), vae="pixel", resolution=32,
                                      device="cpu", workers=0, progress=False))
     return str(text), str(latents), manifest
+
+
+@pytest.fixture(scope="session")
+def run4(square_caches, tmp_path_factory) -> Path:
+    """A finished 4-step run (testkit.train_config) with checkpoints at steps 2 and 4; tests that change or damage
+    it work on a copy (testkit.copy_run)."""
+    from semroute.stage2_train.train import train
+    from testkit import train_config
+
+    out = tmp_path_factory.mktemp("run4") / "run"
+    train(train_config(square_caches, out), progress=False)
+    return out

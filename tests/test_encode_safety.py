@@ -25,7 +25,7 @@ from semroute.shared.sources import read_source
 from semroute.shared.text_store import TextCacheReader
 from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
-from testkit import random_captions, write_manifest, write_square_images
+from testkit import hold_lock, random_captions, write_manifest, write_square_images, write_tar
 
 
 def _text(llm, data, out, **kw) -> EncodeTextConfig:
@@ -240,17 +240,8 @@ def test_a_damaged_zarr_json_on_resume_is_named(tmp_path, captions, tiny_llama_d
 
 
 # -- A5, A6: WebDataset shards --------------------------------------------------------------------------
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
-
-
 def test_a_duplicate_member_in_a_shard_is_an_error_naming_both(tmp_path):
-    shard = _tar(tmp_path / "dup.tar", [("a.txt", b"first"), ("b.txt", b"other"), ("dir/a.txt", b"fine"),
+    shard = write_tar(tmp_path / "dup.tar", [("a.txt", b"first"), ("b.txt", b"other"), ("dir/a.txt", b"fine"),
                                         ("a.txt", b"second")])
     with pytest.raises(ManifestError, match=r"duplicate key 'a' in .*dup\.tar: members 'a\.txt' and 'a\.txt'"):
         read_source(str(shard), need_text=True)
@@ -266,7 +257,7 @@ def _header_offsets(shard: Path) -> list[int]:
 
 @pytest.mark.parametrize("fault", ["cut in a header", "cut between members", "damaged header"])
 def test_a_cut_or_damaged_shard_is_reported_with_where(tmp_path, fault):
-    shard = _tar(tmp_path / "s.tar", [(f"k{i}.txt", f"caption {i}".encode()) for i in range(4)])
+    shard = write_tar(tmp_path / "s.tar", [(f"k{i}.txt", f"caption {i}".encode()) for i in range(4)])
     third = _header_offsets(shard)[2]
     raw = bytearray(shard.read_bytes())
     if fault == "cut in a header":
@@ -350,25 +341,12 @@ def test_the_summary_of_an_append_says_appended_not_resumed(tmp_path, tiny_llama
 
 
 def test_a_second_encode_into_the_same_out_is_refused_while_the_first_runs(tmp_path, tiny_llama_dir):
-    import subprocess
-    import sys
-    import textwrap
-
     from semroute.shared.lock import OutputBusy
-    from testkit import REPO
 
     data = write_manifest(tmp_path / "m.jsonl", [{**r, "id": f"a{i}"} for i, r in enumerate(random_captions(12))])
     out = tmp_path / "c.text.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time, importlib.util
-        spec = importlib.util.spec_from_file_location("semroute", {str(REPO / '__init__.py')!r},
-                                                      submodule_search_locations=[{str(REPO)!r}])
-        mod = importlib.util.module_from_spec(spec); sys.modules["semroute"] = mod; spec.loader.exec_module(mod)
-        from semroute.shared.lock import OutputLock
-        lock = OutputLock({str(out)!r}).acquire(); print("held", flush=True); time.sleep(600)
-    """)], stdout=subprocess.PIPE, text=True)
+    holder = hold_lock("from semroute.shared.lock import OutputLock", f"OutputLock({str(out)!r})")
     try:
-        assert holder.stdout.readline().strip() == "held"
         for flags in ({}, {"resume": True}, {"overwrite": True}):
             with pytest.raises(OutputBusy, match=rf"--out {out} is being written by another encode process "
                                                  rf"\(pid {holder.pid} on "):
@@ -426,7 +404,7 @@ def test_a_file_or_member_name_that_is_not_utf8_is_named(tmp_path):
     src = read_source(str(folder), need_text=True, need_image=True, skip_bad=True)
     assert [r.sample_id for r in src.records] == ["good"]
     assert len(src.problems) == 1 and str(src.problems[0]).encode("utf-8")  # printable
-    shard = _tar(tmp_path / "s.tar", [("k0.txt", b"fine"), (os.fsdecode(b"k\xff1.txt"), b"named badly")])
+    shard = write_tar(tmp_path / "s.tar", [("k0.txt", b"fine"), (os.fsdecode(b"k\xff1.txt"), b"named badly")])
     with pytest.raises(ManifestError, match=r"s\.tar::k\\udcff1: the sample id holds a lone surrogate"):
         read_source(str(shard), need_text=True)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from semroute.shared.errors import CacheDamaged, SemrouteError
+from semroute.shared.errors import SemrouteError
 from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from testkit import run_cli, write_manifest, write_square_images

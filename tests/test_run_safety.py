@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,58 +21,27 @@ from semroute.stage2_train.run_lock import RunFolderBusy, RunLock
 from semroute.stage2_train.sampling import SampleConfig, sample
 from semroute.stage2_train.run_folder import RunFolder
 from semroute.stage2_train.train import Trainer, train
-from testkit import REPO, write_manifest, write_square_images
-
-
-def _cfg(caches, out: Path, **kw) -> TrainConfig:
-    text, latents = caches[:2]
-    base = dict(text_cache=text, latent_cache=latents, out=str(out), preset="tiny", fusion="static", batch_size=8,
-                num_workers=0, tensorboard=False, log_every=1, checkpoint_every=2, max_steps=4, lr=1e-3)
-    return TrainConfig(**{**base, **kw})
+from testkit import copy_run, hold_lock, train_config, write_manifest, write_square_images
 
 
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def run4(square_caches, tmp_path_factory) -> Path:
-    """A finished 4-step run with checkpoints at steps 2 and 4 (copied by the tests that damage it)."""
-    out = tmp_path_factory.mktemp("safety") / "run"
-    train(_cfg(square_caches, out), progress=False)
-    return out
-
-
-def _copy(run: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(run, dst)
-    return dst
-
-
 # -- the lock -------------------------------------------------------------------------------------
 def test_one_trainer_per_run_folder_and_a_dead_holder_blocks_nothing(square_caches, tmp_path):
     out = tmp_path / "run"
-    first = Trainer(_cfg(square_caches, out, max_steps=2), progress=False)  # holds the lock until train() ends
+    first = Trainer(train_config(square_caches, out, max_steps=2), progress=False)  # holds the lock until train() ends
     with pytest.raises(RunFolderBusy, match=rf"{out} is in use by another training process \(pid {os.getpid()}"):
-        Trainer(_cfg(square_caches, out, max_steps=2), progress=False)
+        Trainer(train_config(square_caches, out, max_steps=2), progress=False)
     first.train()
-    Trainer(_cfg(square_caches, out, max_steps=4), resume="latest", progress=False).train()  # released: fine
+    Trainer(train_config(square_caches, out, max_steps=4), resume="latest", progress=False).train()  # released: fine
 
     # another process holds it: refused with its pid; killed with -9, its lock is gone with it
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time; sys.path.insert(0, {str(REPO.parent)!r})
-        sys.modules.pop("semroute", None)
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("semroute", {str(REPO / '__init__.py')!r},
-                                                      submodule_search_locations=[{str(REPO)!r}])
-        mod = importlib.util.module_from_spec(spec); sys.modules["semroute"] = mod; spec.loader.exec_module(mod)
-        from semroute.stage2_train.run_lock import RunLock
-        lock = RunLock({str(out)!r}).acquire(); print("held", flush=True); time.sleep(600)
-    """)], stdout=subprocess.PIPE, text=True)
+    holder = hold_lock("from semroute.stage2_train.run_lock import RunLock", f"RunLock({str(out)!r})")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunFolderBusy, match=rf"pid {holder.pid}"):
-            Trainer(_cfg(square_caches, out, max_steps=6), resume="latest", progress=False)
+            Trainer(train_config(square_caches, out, max_steps=6), resume="latest", progress=False)
     finally:
         holder.kill()
         holder.wait()
@@ -85,8 +51,8 @@ def test_one_trainer_per_run_folder_and_a_dead_holder_blocks_nothing(square_cach
 
 # -- resume: what may change, what may not -------------------------------------------------------
 def test_resume_applies_a_new_lr_and_logs_it(square_caches, run4, tmp_path, capsys):
-    run = _copy(run4, tmp_path)
-    cfg = _cfg(square_caches, run, max_steps=6, lr=0.5)
+    run = copy_run(run4, tmp_path)
+    cfg = train_config(square_caches, run, max_steps=6, lr=0.5)
     train(cfg, resume="latest", progress=False)
     rows = _metrics(run)
     lrs = {r["step"]: r["lr"] for r in rows if "loss" in r}
@@ -99,21 +65,21 @@ def test_resume_applies_a_new_lr_and_logs_it(square_caches, run4, tmp_path, caps
 @pytest.mark.parametrize("change", [dict(fusion="depth"), dict(preset="small"), dict(seed=1), dict(batch_size=4),
                                     dict(model={"num_blocks": 3}), dict(ema=True)])
 def test_resume_refuses_settings_the_checkpoint_fixes(square_caches, run4, tmp_path, change):
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     key = next(iter(change))
     with pytest.raises(SemrouteError, match=rf"cannot resume with other settings .*{key}: "):
-        Trainer(_cfg(square_caches, run, max_steps=6, **change), resume="latest", progress=False)
+        Trainer(train_config(square_caches, run, max_steps=6, **change), resume="latest", progress=False)
 
 
 def test_resume_with_another_architecture_is_a_clean_error(square_caches, run4, tmp_path):
     """A checkpoint whose recorded config was lost: the state does not fit the model, and that is said."""
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     for ckpt in (run / "checkpoints").iterdir():
         (ckpt / "config.yaml").unlink()
         (ckpt / "complete.json").unlink()
     (run / "config.yaml").unlink()
     with pytest.raises(SemrouteError, match=r"cannot resume from .*step-0000004: its state does not load"):
-        Trainer(_cfg(square_caches, run, max_steps=6, model={"num_blocks": 3}), resume="latest", progress=False)
+        Trainer(train_config(square_caches, run, max_steps=6, model={"num_blocks": 3}), resume="latest", progress=False)
 
 
 def test_resume_compares_cache_content_and_records_absolute_paths(tmp_path, tiny_llama_dir, monkeypatch):
@@ -130,24 +96,24 @@ def test_resume_compares_cache_content_and_records_absolute_paths(tmp_path, tiny
                                      device="cpu", progress=False))
     run = tmp_path / "run"
     monkeypatch.chdir(tmp_path)
-    train(_cfg(("t.zarr", "l.zarr"), run, max_steps=2), progress=False)
+    train(train_config(("t.zarr", "l.zarr"), run, max_steps=2), progress=False)
     record = json.loads((run / "run.json").read_text())
     assert record["text_cache"] == str(text) and record["latent_cache"] == str(latents)
     # the same data moved elsewhere, named by a relative path from another directory: accepted
     moved = tmp_path / "moved" / "t.zarr"
     shutil.copytree(text, moved)
     monkeypatch.chdir(tmp_path / "moved")
-    Trainer(_cfg(("t.zarr", str(latents)), run, max_steps=4), resume="latest", progress=False).release()
+    Trainer(train_config(("t.zarr", str(latents)), run, max_steps=4), resume="latest", progress=False).release()
     assert json.loads((run / "run.json").read_text())["text_cache"] == str(moved)
     # other captions encoded by the same LLM: refused
     with pytest.raises(FingerprintMismatch, match=r"text cache .*o.zarr holds other data than the text cache"):
-        Trainer(_cfg((str(tmp_path / "o.zarr"), str(latents)), run, max_steps=4), resume="latest", progress=False)
+        Trainer(train_config((str(tmp_path / "o.zarr"), str(latents)), run, max_steps=4), resume="latest", progress=False)
 
 
 # -- damaged checkpoints --------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["delete", "flip", "truncate"])
 def test_resume_latest_skips_a_damaged_checkpoint(square_caches, run4, tmp_path, damage, capsys):
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     newest = run / "checkpoints" / "step-0000004"
     victim = next(p for p in sorted(newest.rglob("*.safetensors")) if "model" in p.parts)
     if damage == "delete":
@@ -172,8 +138,8 @@ def test_resume_latest_skips_a_damaged_checkpoint(square_caches, run4, tmp_path,
 
 def test_a_checkpoint_that_failed_to_write_is_named_and_never_published(square_caches, run4, tmp_path,
                                                                          monkeypatch):
-    run = _copy(run4, tmp_path)
-    trainer = Trainer(_cfg(square_caches, run, max_steps=6), resume="latest", progress=False)
+    run = copy_run(run4, tmp_path)
+    trainer = Trainer(train_config(square_caches, run, max_steps=6), resume="latest", progress=False)
     import semroute.stage2_train.checkpoint_files as cf
 
     def disk_full(folder, step):
@@ -210,7 +176,7 @@ def test_positional_ids_must_come_from_the_same_data(tmp_path, tiny_llama_dir, c
                                  dtype="float32", device="cpu", progress=False))
     encode_images(EncodeImagesConfig(data=str(d), out=str(tmp_path / "ld.zarr"), **common))
     capsys.readouterr()
-    trainer = Trainer(_cfg((str(tmp_path / "tc.zarr"), str(tmp_path / "ld.zarr")), tmp_path / "run", batch_size=4),
+    trainer = Trainer(train_config((str(tmp_path / "tc.zarr"), str(tmp_path / "ld.zarr")), tmp_path / "run", batch_size=4),
                       progress=False)
     trainer.release()
     assert ("data: 9 samples in both caches; left out: 3 caption ids without an image, 0 images without a caption"
@@ -265,38 +231,38 @@ def _snapshot(folder: Path) -> dict:
 
 
 def test_a_new_run_is_never_started_over_an_existing_one(square_caches, run4, tmp_path):
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     before = _snapshot(run)
     with pytest.raises(SemrouteError, match=r"already holds a training run \(2 checkpoint\(s\), the newest "
                                             r"step-0000004\): continue it with --resume latest"):
-        Trainer(_cfg(square_caches, run, max_steps=2), progress=False)
+        Trainer(train_config(square_caches, run, max_steps=2), progress=False)
     assert _snapshot(run) == before
     # a run that stopped before its first checkpoint: still refused, and --resume latest starts it again
     shutil.rmtree(run / "checkpoints")
     with pytest.raises(SemrouteError, match=r"already holds a training run \(a run's config and logs, no checkpoint"):
-        Trainer(_cfg(square_caches, run, max_steps=2), progress=False)
-    train(_cfg(square_caches, run, max_steps=2), resume="latest", progress=False)
+        Trainer(train_config(square_caches, run, max_steps=2), progress=False)
+    train(train_config(square_caches, run, max_steps=2), resume="latest", progress=False)
     assert [p.name for p in RunFolder(run).checkpoints()] == ["step-0000002"]
 
 
 def test_resume_takes_only_the_newest_checkpoint_of_its_own_run(square_caches, run4, tmp_path):
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     before = _snapshot(run)
     other = tmp_path / "other"
     with pytest.raises(SemrouteError, match=rf"a checkpoint of another run \({run}\), not of --out {other}; to "
                                             rf"continue that run, pass --out {run}"):
-        Trainer(_cfg(square_caches, other, max_steps=6), resume=str(run / "checkpoints" / "step-0000004"),
+        Trainer(train_config(square_caches, other, max_steps=6), resume=str(run / "checkpoints" / "step-0000004"),
                 progress=False)
     assert not other.exists()
     older = run / "checkpoints" / "step-0000002"
     with pytest.raises(SemrouteError, match=r"has newer checkpoints \(step-0000004\), which training on from "
                                             r"step-0000002 would overwrite and prune"):
-        Trainer(_cfg(square_caches, run, max_steps=6), resume=str(older), progress=False)
+        Trainer(train_config(square_caches, run, max_steps=6), resume=str(older), progress=False)
     assert _snapshot(run) == before
     # moved aside as the message says, the newer checkpoint survives the run that goes back
     (run / "set-aside").mkdir()
     os.replace(run / "checkpoints" / "step-0000004", run / "set-aside" / "step-0000004")
-    train(_cfg(square_caches, run, max_steps=4), resume=str(older), progress=False)
+    train(train_config(square_caches, run, max_steps=4), resume=str(older), progress=False)
     assert _snapshot(run / "set-aside") == {k.removeprefix("checkpoints/"): v for k, v in before.items()
                                             if k.startswith("checkpoints/step-0000004/")}
     assert (run / "checkpoints" / "step-0000004").is_dir()  # trained again from step 2
@@ -307,10 +273,10 @@ def test_a_diverging_run_stops_before_saving_nan_weights(square_caches, run4, tm
     import semroute.stage2_train.train as train_mod
     from semroute.stage2_train.train import NonFiniteLoss
 
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     before = _snapshot(run / "checkpoints")
     # NaN from step 5 on; checkpoints every 2 steps, 'keep_checkpoints' 2: saving step 6 would prune step-4
-    trainer = Trainer(_cfg(square_caches, run, max_steps=10, keep_checkpoints=2,
+    trainer = Trainer(train_config(square_caches, run, max_steps=10, keep_checkpoints=2,
                            log_every=1 if caught_by == "log" else 7), resume="latest", progress=False)
     real = train_mod.flow_loss
 
@@ -333,7 +299,7 @@ def test_routing_of_a_checkpoint_is_written_beside_the_run_not_into_the_checkpoi
     from semroute.cli import app
     from semroute.stage2_train import checkpoint_files
 
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     ckpt = run / "checkpoints" / "step-0000002"
     before = _snapshot(ckpt)
     result = CliRunner().invoke(app, ["routing", str(ckpt)])
@@ -345,7 +311,7 @@ def test_routing_of_a_checkpoint_is_written_beside_the_run_not_into_the_checkpoi
 def test_a_checkpoint_pruned_while_it_is_read_is_named(run4, tmp_path, monkeypatch):
     from semroute.stage2_train import models
 
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     real = models.model_class
 
     def pruned_meanwhile(fusion):  # a live run's pruning, between reading config.json and the weights

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +20,13 @@ from semroute.shared.store import read_parquet
 from semroute.shared.text_store import TextCacheReader
 from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+from testkit import write_tar
 
 
 def _jpeg(i: int, size=(40, 48)) -> bytes:
     buf = io.BytesIO()
     random_rgb(*size, seed=i).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 def write_shards(folder: Path, n_shards: int = 3, per_shard: int = 4) -> list[Path]:

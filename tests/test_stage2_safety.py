@@ -20,27 +20,7 @@ from semroute.stage2_train.config import TrainConfig
 from semroute.stage2_train.run_folder import RunFolder
 from semroute.stage2_train.run_info import describe_run
 from semroute.stage2_train.train import Trainer, train
-
-
-def _cfg(caches, out: Path, **kw) -> TrainConfig:
-    text, latents = caches[:2]
-    base = dict(text_cache=text, latent_cache=latents, out=str(out), preset="tiny", fusion="static", batch_size=8,
-                num_workers=0, report_to="none", log_every=1, checkpoint_every=2, max_steps=4, lr=1e-3)
-    return TrainConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def run4(square_caches, tmp_path_factory) -> Path:
-    """A finished 4-step run with checkpoints at steps 2 and 4 (the tests work on copies)."""
-    out = tmp_path_factory.mktemp("stage2_safety") / "run"
-    train(_cfg(square_caches, out), progress=False)
-    return out
-
-
-def _copy(run: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(run, dst)
-    return dst
+from testkit import CHECKOUT_PRELUDE, copy_run, train_config
 
 
 def _damage(ckpt: Path) -> Path:
@@ -52,10 +32,10 @@ def _damage(ckpt: Path) -> Path:
 
 # -- checkpoints: pruning -----------------------------------------------------------------------------
 def test_resuming_past_a_damaged_checkpoint_never_prunes_the_one_just_written(square_caches, run4, tmp_path):
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     _damage(run / "checkpoints" / "step-0000004")
     # resume latest passes over the damaged step 4, trains from step 2 and writes step 3, keeping one checkpoint
-    summary = train(_cfg(square_caches, run, max_steps=3, keep_checkpoints=1), resume="latest", progress=False)
+    summary = train(train_config(square_caches, run, max_steps=3, keep_checkpoints=1), resume="latest", progress=False)
     names = sorted(p.name for p in RunFolder(run).checkpoints())
     assert "step-0000003" in names and "step-0000002" not in names, names
     assert checkpoint_files.problems(run / "checkpoints" / "step-0000003") == []
@@ -65,7 +45,7 @@ def test_resuming_past_a_damaged_checkpoint_never_prunes_the_one_just_written(sq
 
 def test_a_kill_while_pruning_leaves_no_half_checkpoint_under_a_step_name(square_caches, run4, tmp_path,
                                                                           monkeypatch):
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     real_rmtree = shutil.rmtree
 
     def killed_midway(path, ignore_errors=False):  # deletes the manifest and the model, then the process dies
@@ -78,20 +58,20 @@ def test_a_kill_while_pruning_leaves_no_half_checkpoint_under_a_step_name(square
 
     monkeypatch.setattr(run_folder_module.shutil, "rmtree", killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(square_caches, run, max_steps=6, keep_checkpoints=2), resume="latest", progress=False)
+        train(train_config(square_caches, run, max_steps=6, keep_checkpoints=2), resume="latest", progress=False)
     monkeypatch.setattr(run_folder_module.shutil, "rmtree", real_rmtree)
     for ckpt in RunFolder(run).checkpoints():  # every folder named step-* is a whole checkpoint
         assert (ckpt / "model").is_dir() and checkpoint_files.problems(ckpt) == [], ckpt
-    train(_cfg(square_caches, run, max_steps=8, keep_checkpoints=2), resume="latest", progress=False)
+    train(train_config(square_caches, run, max_steps=8, keep_checkpoints=2), resume="latest", progress=False)
     assert [p.name for p in (run / "checkpoints").iterdir()] and not list((run / "checkpoints").glob(".*"))
 
 
 # -- resume ---------------------------------------------------------------------------------------------
 def test_resuming_a_run_whose_time_budget_is_spent_trains_no_further_step(square_caches, tmp_path, capsys):
     run = tmp_path / "run"
-    first = train(_cfg(square_caches, run, max_steps=50, max_minutes=1e-6), progress=False)
+    first = train(train_config(square_caches, run, max_steps=50, max_minutes=1e-6), progress=False)
     assert first["step"] == 1
-    again = train(_cfg(square_caches, run, max_steps=50, max_minutes=1e-6), resume="latest", progress=False)
+    again = train(train_config(square_caches, run, max_steps=50, max_minutes=1e-6), resume="latest", progress=False)
     assert again["step"] == 1 and [p.name for p in RunFolder(run).checkpoints()] == ["step-0000001"]
     assert "time budget (max_minutes 1e-06) was spent at step 1" in capsys.readouterr().err
 
@@ -106,7 +86,7 @@ def test_resuming_a_run_whose_time_budget_is_spent_trains_no_further_step(square
 def test_a_holdout_that_leaves_too_little_to_train_on_is_named(square_caches, tmp_path, holdout, message):
     out = tmp_path / "run"
     with pytest.raises(SemrouteError, match=message):
-        Trainer(_cfg(square_caches, out, holdout=holdout), progress=False)
+        Trainer(train_config(square_caches, out, holdout=holdout), progress=False)
     assert not out.exists()
 
 
@@ -123,7 +103,7 @@ def test_set_mistakes_are_named(item, message):
 
 @pytest.mark.parametrize("keep", [0, 3])
 def test_a_cut_short_run_config_is_named_not_read_as_defaults(run4, tmp_path, keep):
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     lines = (run / "config.yaml").read_text().splitlines(keepends=True)
     (run / "config.yaml").write_text("".join(lines[:keep]))  # text_cache, latent_cache, out: no fusion
     with pytest.raises(SemrouteError, match=rf"{run}/config.yaml is damaged \(empty or cut short"):
@@ -148,7 +128,7 @@ def small_file_limit():
 
 
 def test_a_run_config_and_record_that_fail_to_write_leave_the_old_ones_whole(run4, tmp_path, small_file_limit):
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     folder = RunFolder(run)
     config_before, record_before = (run / "config.yaml").read_bytes(), (run / "run.json").read_bytes()
     cfg, record = folder.config(), folder.record()
@@ -163,7 +143,7 @@ def test_a_run_config_and_record_that_fail_to_write_leave_the_old_ones_whole(run
 
 # -- info ---------------------------------------------------------------------------------------------
 def test_info_flags_a_damaged_checkpoint(run4, tmp_path):
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     weights = _damage(run / "checkpoints" / "step-0000004")
     info = describe_run(str(run))
     assert list(info["damaged checkpoints"]) == ["step-0000004"]
@@ -175,7 +155,7 @@ def test_info_flags_a_damaged_checkpoint(run4, tmp_path):
 def test_sample_draws_with_the_checkpoint_it_records_while_the_run_trains_on(run4, tmp_path, monkeypatch):
     from semroute.stage2_train import models, sampling
 
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     real_check, real_load = sampling.check_output, models.load_model
     loaded = []
 
@@ -216,7 +196,7 @@ def test_routing_never_writes_into_a_checkpoint_named_as_out(run4, tmp_path):
 
     from semroute.cli import app
 
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     ckpt = run / "checkpoints" / "step-0000004"
     result = CliRunner().invoke(app, ["routing", str(run), "--out", str(ckpt)])
     assert result.exit_code != 0 and "is a checkpoint or an exported pipeline" in str(result.exception)
@@ -225,8 +205,8 @@ def test_routing_never_writes_into_a_checkpoint_named_as_out(run4, tmp_path):
 
 def test_a_failure_after_a_checkpoint_is_published_does_not_call_it_unpublished(square_caches, run4, tmp_path,
                                                                                  monkeypatch):
-    run = _copy(run4, tmp_path)
-    trainer = Trainer(_cfg(square_caches, run, max_steps=6), resume="latest", progress=False)
+    run = copy_run(run4, tmp_path)
+    trainer = Trainer(train_config(square_caches, run, max_steps=6), resume="latest", progress=False)
 
     real = shutil.copyfile
 
@@ -247,7 +227,7 @@ def test_a_failure_after_a_checkpoint_is_published_does_not_call_it_unpublished(
 def test_report_never_writes_over_a_run_file(run4, tmp_path):
     from semroute.stage2_train.report import write_report
 
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     before = (run / "run.json").read_bytes()
     for out in (run / "run.json", run / "config.yaml", run):
         with pytest.raises(SemrouteError, match=r"the report is one HTML page; give a file name ending in \.html"):
@@ -260,7 +240,7 @@ def test_report_never_writes_over_a_run_file(run4, tmp_path):
 def test_the_demo_counts_its_run_from_the_newest_intact_checkpoint(run4, tmp_path):
     from semroute.demo import _trained
 
-    run = _copy(run4, tmp_path)
+    run = copy_run(run4, tmp_path)
     assert _trained(run)["step"] == 4
     _damage(run / "checkpoints" / "step-0000004")
     assert _trained(run)["step"] == 2
@@ -276,8 +256,7 @@ def test_a_checkpoint_write_failing_on_the_main_process_stops_every_process(squa
 
     text, latents, _ = square_caches
     script = tmp_path / "two.py"
-    script.write_text(f"""
-import sys
+    script.write_text(CHECKOUT_PRELUDE + f"""
 from semroute.shared.errors import SemrouteError
 from semroute.stage2_train import run_folder
 from semroute.stage2_train.config import TrainConfig

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from semroute.shared.inspect import verify
-from semroute.shared.store import ShardedArrayFile, open_group
+from semroute.shared.store import open_group
 from testkit import CLI, run_cli, write_manifest, write_square_images
 
 

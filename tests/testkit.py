@@ -165,3 +165,57 @@ def text_batch(model, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, 
         features[i, :n] = torch.randn(n, L, D, generator=gen)
         mask[i, :n] = True
     return features, mask
+
+
+# -- runs and processes -----------------------------------------------------------------------------
+def train_config(caches, out: Path, **kw):
+    """A ``tiny``/``static`` TrainConfig on ``caches`` (the ``square_caches`` fixture): 4 steps of batch 8,
+    checkpoints every 2, no tracker; ``kw`` overrides."""
+    from semroute.stage2_train.config import TrainConfig
+
+    text, latents = caches[:2]
+    base = dict(text_cache=text, latent_cache=latents, out=str(out), preset="tiny", fusion="static", batch_size=8,
+                num_workers=0, report_to="none", log_every=1, checkpoint_every=2, max_steps=4, lr=1e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    """A copy of a run folder (``tmp_path/run``) for a test that changes or damages it."""
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+# What a Python started by a test runs first: ``semroute`` imported from this checkout (as conftest.py does).
+CHECKOUT_PRELUDE = f"""import importlib.util, sys
+_spec = importlib.util.spec_from_file_location("semroute", {str(REPO / '__init__.py')!r},
+                                               submodule_search_locations=[{str(REPO)!r}])
+_mod = importlib.util.module_from_spec(_spec); sys.modules["semroute"] = _mod; _spec.loader.exec_module(_mod)
+"""
+
+
+def hold_lock(import_line: str, lock_expr: str):
+    """Another process that takes ``lock_expr`` (after ``import_line``) and holds it until it is killed;
+    returned once it holds it. The caller kills and waits for it."""
+    import subprocess
+
+    code = CHECKOUT_PRELUDE + f"{import_line}\nimport time\nlock = {lock_expr}.acquire()\nprint('held', flush=True)\n" \
+                              "time.sleep(600)\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar file of ``(member name, bytes)``, in order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
