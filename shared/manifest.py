@@ -241,6 +241,26 @@ def read_manifest(
                     content_sha256=hashlib.sha256(raw).hexdigest())
 
 
+def read_problem_report(path: str | Path) -> list[Problem]:
+    """The records a ``write_problem_report`` file lists ([] when there is none); a damaged line is named."""
+    from semroute.shared.errors import CacheDamaged
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    problems = []
+    for n, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            problems.append(Problem(path=str(entry["path"]), line=int(entry["line"]), reason=str(entry["reason"])))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise CacheDamaged(f"{path}: line {n} is damaged ({type(err).__name__}: {err}); restore the file, or "
+                               "delete it (it only lists the records left out)") from None
+    return problems
+
+
 def write_problem_report(problems: list[Problem], out_path: str | Path) -> None:
     """Write skipped records as JSONL (``path``, ``line``, ``reason``) so they can be fixed and re-run. Written to
     a temporary name, then renamed: an append rewrites the report with the earlier parts' records, which a run

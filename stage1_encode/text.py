@@ -17,7 +17,6 @@ processes, and any resume point, writes the same bits as one uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import sha256_text
 from semroute.shared.layers import parse_layers
 from semroute.shared.llm import LoadedLLM, load_llm
-from semroute.shared.manifest import Problem, write_problem_report
+from semroute.shared.manifest import Problem, read_problem_report, write_problem_report
 from semroute.shared.remote import is_url
 from semroute.shared.sources import read_source
 from semroute.shared.store import DEFAULT_CHUNK_BYTES, ShardLayout, read_parquet, store_file
@@ -363,8 +362,7 @@ def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: Caption
 def _add_problem_report(problems: list[Problem], path: Path) -> None:
     """``write_problem_report`` of the records already listed in ``path`` (earlier parts of the cache) and then
     those of ``problems`` not listed yet."""
-    have = [Problem(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-            ] if path.exists() else []
+    have = read_problem_report(path)
     write_problem_report(have + [p for p in problems if p not in have], path)
 
 

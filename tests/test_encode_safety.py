@@ -290,6 +290,14 @@ def test_append_skip_bad_lists_and_counts_the_new_bad_records(tmp_path, captions
     entries = [json.loads(line) for line in (cache / "bad_records.jsonl").read_text().splitlines()]
     assert [(e["path"], e["line"]) for e in entries] == [(str(old), 25), (str(new), 7)]
     assert summary["bad_records"] == 2 == store_mod.read_attrs(cache)["n_bad_records"]
+    # a report cut by a crash of an older version: named, and the cache is left as it was
+    report = cache / "bad_records.jsonl"
+    report.write_bytes(report.read_bytes()[:-9])
+    before = _hashes(cache)
+    more = write_manifest(tmp_path / "more.jsonl", [{"id": "z0", "text": "a red square"}, {"id": "bad2", "txt": "x"}])
+    with pytest.raises(CacheDamaged, match=r"bad_records\.jsonl: line 2 is damaged .*restore the file, or delete it"):
+        encode_text(_text(tiny_llama_dir, more, cache, append=True, skip_bad=True))
+    assert _hashes(cache) == before
 
 
 # -- A12: a Hugging Face Image struct without bytes is read from its path -----------------------------------
