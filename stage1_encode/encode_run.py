@@ -118,6 +118,11 @@ def decide(cfg, open_writer: Callable, want: dict, input_sha256: str, *, kind: s
         if not attrs.get("complete"):
             raise SemrouteError(f"cannot append to {cfg.out}: it is not complete. Finish it first (the run that made "
                                 "it with --resume, or the unfinished --append with the same data).")
+        parts = segments or [{"input_sha256": attrs.get("input_sha256"), "source": attrs.get("source")}]
+        for k, part in enumerate(parts):
+            if part.get("input_sha256") == input_sha256:  # (a rerun of an append that had finished, say)
+                raise SemrouteError(f"nothing to append: {cfg.out} already holds these {inputs} (part {k + 1} of "
+                                    f"{len(parts)}, from {part.get('source')}), and it is complete")
         return "append"
     if restart:
         return "create"  # a create killed before anything was encoded: nothing in it to keep

@@ -6,6 +6,7 @@ on the old cache refuses to resume on the grown one unless --allow-new-data."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,10 @@ def test_append_grows_by_new_shards_and_reads_like_one_cache(tmp_path, tiny_llam
     assert verify(str(cache))[1] == []
 
     # Refusals: the same ids again (both sources named), another model (what differs named).
+    again = tmp_path / "again.jsonl"  # (new.jsonl itself again: "nothing to append", test_encode_safety.py)
+    again.write_text(new.read_text() + '{"id": "zz", "text": "one more"}\n')
     with pytest.raises(SemrouteError, match=r"sample id 's24' \(line 1\) is already in the cache, from .*new\.jsonl"):
-        encode_text(_cfg(tiny_llama_dir, new, cache, append=True))
+        encode_text(_cfg(tiny_llama_dir, again, cache, append=True))
     more = write_manifest(tmp_path / "more.jsonl", [{"id": "x", "text": "a red circle"}])
     with pytest.raises(FingerprintMismatch, match="cannot append"):
         encode_text(_cfg(tiny_qwen_dir, more, cache, append=True))
@@ -132,5 +135,8 @@ def test_encode_images_append_new_shards_and_new_buckets(tmp_path):
     for sid in b.sample_ids:
         assert torch.equal(a.stored(a.position(sid))["latent"], b.stored(b.position(sid))["latent"])
     assert verify(str(cache))[1] == []
+    again = tmp_path / "again.jsonl"  # (new.jsonl itself again: "nothing to append", test_encode_safety.py)
+    first = json.loads(new.read_text().splitlines()[0])
+    again.write_text(new.read_text() + json.dumps({**first, "id": "zz"}) + "\n")
     with pytest.raises(SemrouteError, match=r"sample id 's10' \(line 1\) is already in the cache, from .*new\.jsonl"):
-        encode_images(EncodeImagesConfig(data=str(new), out=str(cache), append=True, **common))
+        encode_images(EncodeImagesConfig(data=str(again), out=str(cache), append=True, **common))

@@ -571,3 +571,15 @@ def test_the_latent_skipped_list_is_never_cut_and_a_damaged_one_is_named(tmp_pat
     (tmp_path / "skipped.jsonl").write_bytes(before + b'{"path": "n", "li')  # cut by an older semroute
     with pytest.raises(CacheDamaged, match=r"skipped\.jsonl: line 2 is damaged .*restore the file, or delete it"):
         read_skipped(tmp_path)
+
+
+def test_appending_data_the_cache_already_holds_says_so(tmp_path, captions, tiny_llama_dir):
+    cache = tmp_path / "t.zarr"
+    encode_text(_text(tiny_llama_dir, captions[0], cache))
+    encode_text(_text(tiny_llama_dir, captions[1], cache, append=True))
+    before = _hashes(cache)
+    for data, part in ((captions[1], 2), (captions[0], 1)):  # the rerun of a finished append; the first data again
+        with pytest.raises(SemrouteError, match=rf"nothing to append: {cache} already holds these captions \(part "
+                                                rf"{part} of 2, from {data}\), and it is complete"):
+            encode_text(_text(tiny_llama_dir, data, cache, append=True))
+    assert _hashes(cache) == before
