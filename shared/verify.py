@@ -62,6 +62,7 @@ def verify_store(path: str) -> tuple[int, list[str], list[str]]:
     else:
         report.command = "encode-images"
         _verify_latent(path, group, attrs, report)
+    _left_out_lists(path, report)
     if not attrs.get("complete"):
         report.bad(path, "not marked complete (the encoding run stopped early)",
                    f"finish it with `semroute {report.command} ... --resume`")
@@ -178,6 +179,25 @@ def _geometry(expect, report: Report) -> tuple | None:
 
 
 # -- text caches ----------------------------------------------------------------------------------
+def _left_out_lists(path: str, report: Report) -> None:
+    """The lists of records left out (``bad_records.jsonl`` of a text cache, ``skipped.jsonl`` of a latent
+    cache): an ``--append`` reads them back to add its own, so a damaged line is a problem named here."""
+    from pathlib import Path
+
+    from semroute.shared.errors import CacheDamaged
+    from semroute.shared.latent_store import read_skipped
+    from semroute.shared.manifest import read_problem_report
+    from semroute.shared.remote import is_url
+
+    try:
+        if report.command == "encode-images":
+            read_skipped(path)
+        elif not is_url(path):  # (written for local caches only)
+            read_problem_report(Path(path) / "bad_records.jsonl")
+    except CacheDamaged as err:
+        report.problems.append(str(err))
+
+
 def _verify_text(path: str, group, attrs: dict, report: Report) -> None:
     names = ["features", "scales"] if attrs.get("storage") == "fp8" else ["features"]
     n_shards = None

@@ -583,3 +583,18 @@ def test_appending_data_the_cache_already_holds_says_so(tmp_path, captions, tiny
                                                 rf"{part} of 2, from {data}\), and it is complete"):
             encode_text(_text(tiny_llama_dir, data, cache, append=True))
     assert _hashes(cache) == before
+
+
+def test_verify_names_a_damaged_list_of_records_left_out(tmp_path, tiny_llama_dir):
+    text_data = write_manifest(tmp_path / "t.jsonl", [{"id": "a", "text": "a red square"}, {"id": "b", "txt": "x"}])
+    text = tmp_path / "t.zarr"
+    encode_text(_text(tiny_llama_dir, text_data, text, skip_bad=True))
+    images = tmp_path / "l.zarr"
+    records = write_square_images(tmp_path / "img", 4) + [{"id": "gone", "image": "img/missing.png", "text": "x"}]
+    encode_images(_images(write_manifest(tmp_path / "i.jsonl", records), images, skip_bad=True))
+    for cache, name in ((text, "bad_records.jsonl"), (images, "skipped.jsonl")):
+        assert verify(str(cache))[1] == []
+        report = cache / name
+        report.write_bytes(report.read_bytes()[:-9])  # cut short
+        problems = verify(str(cache))[1]
+        assert len(problems) == 1 and f"{report}: line 1 is damaged" in problems[0], problems
