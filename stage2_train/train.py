@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,17 @@ def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resumi
     if grown and before.get("holdout"):
         held = before["holdout"]["sample_ids"]  # grown caches (--allow-new-data) keep the run's validation set
     record["holdout"] = {"seed": cfg.seed, "sample_ids": held}
+    # A run's id, kept over resumes: a checkpoint copied in from another run (same caches and settings, so
+    # every check above passes) would otherwise continue under this run's name, its logs and data position mixed.
+    try:
+        own = run.record(required=False).get("run_id") if resuming else None
+    except SemrouteError:  # the run's run.json damaged: this resume rewrites it from the checkpoint's copy
+        own = None
+    if own and before.get("run_id") and before["run_id"] != own:
+        raise SemrouteError(f"cannot resume from {resuming}: it is a checkpoint of another run (run id "
+                            f"{before['run_id']}; {run.path} is run {own}), copied in from elsewhere. Resume that run "
+                            "in its own folder, or move the checkpoint out of this one")
+    record["run_id"] = before.get("run_id") or own or uuid.uuid4().hex
     if before:
         held_before = before.get("holdout", {}).get("sample_ids", [])
         if held_before != record["holdout"]["sample_ids"]:

@@ -283,3 +283,20 @@ except SemrouteError as err:
     assert len(stopped) == 2, proc.stderr[-3000:]  # both processes, each with its message
     assert any("rank 0 failed" in line and "No space left on device" in line for line in stopped), stopped
     assert any("writing checkpoint step-0000002" in line and "No space left on device" in line for line in stopped)
+
+
+def test_a_checkpoint_copied_in_from_another_run_is_refused(square_caches, run4, tmp_path):
+    other = tmp_path / "other"
+    train(train_config(square_caches, other, max_steps=2), progress=False)
+    ids = {json.loads((r / "run.json").read_text())["run_id"] for r in (run4, other)}
+    assert len(ids) == 2  # each run its own id, kept in every checkpoint's copy of run.json
+    shutil.copytree(run4 / "checkpoints" / "step-0000004", other / "checkpoints" / "step-0000004")
+    with pytest.raises(SemrouteError, match=rf"cannot resume from .*step-0000004: it is a checkpoint of another run "
+                                            rf"\(run id .*; {other} is run .*\), copied in from elsewhere"):
+        Trainer(train_config(square_caches, other, max_steps=6), resume="latest", progress=False)
+    # a run's own checkpoints resume as before, and keep its id
+    shutil.rmtree(other / "checkpoints" / "step-0000004")
+    before = json.loads((other / "run.json").read_text())["run_id"]
+    train(train_config(square_caches, other, max_steps=4), resume="latest", progress=False)
+    assert json.loads((other / "run.json").read_text())["run_id"] == before
+    assert json.loads((other / "checkpoints" / "step-0000004" / "run.json").read_text())["run_id"] == before
