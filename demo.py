@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -302,8 +303,10 @@ def training_processes(cfg: DemoConfig) -> int:
     """``cfg.processes``, or the automatic choice; the global batch must split evenly over them."""
     import torch
 
+    if cfg.processes < 0:
+        raise SemrouteError(f"--processes must be >= 0 (0: automatic), got {cfg.processes}")
     n = cfg.processes or (2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1)
-    if n < 1 or cfg.batch_size % n:
+    if cfg.batch_size % n:
         raise SemrouteError(f"--processes {n}: the batch size {cfg.batch_size} must split evenly over the processes")
     return n
 
@@ -317,10 +320,25 @@ def launch_training(tcfg, processes: int, config_file: Path, progress: bool, res
            "--main_process_port", "0",  # a free port: another run on this machine may hold the default
            "-m", "semroute.cli", "train", "--config", str(config_file), *([] if progress else ["--no-progress"]),
            *(["--resume", resume] if resume else [])]
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=die_with_parent())
     if done.returncode:
         raise SemrouteError(f"training in {processes} processes failed (exit {done.returncode}; its messages are "
-                            f"above); `--processes 1` trains in this process")
+                            f"above); rerun the same command to resume it, or train in this process with "
+                            f"`--processes 1` and another --out")
+
+
+def die_with_parent() -> Callable[[], object] | None:
+    """A ``preexec_fn`` that has the kernel SIGTERM the child when this process dies, even by SIGKILL, so that
+    the launcher stops its training processes (it passes SIGTERM on) instead of leaving them training unseen
+    and holding the run folder's lock against the rerun. Looked up before the fork (only the call runs in the
+    child); None (nothing) off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl, sigterm = ctypes.CDLL(None, use_errno=True).prctl, int(signal.SIGTERM)
+    return lambda: prctl(1, sigterm)  # PR_SET_PDEATHSIG = 1 (linux/prctl.h)
 
 
 def model_overrides(cfg: DemoConfig) -> dict:
@@ -375,6 +393,13 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
                               ("--train-minutes", cfg.train_minutes, dict(low=0.0, low_open=True)),
                               ("--max-steps", cfg.max_steps, dict(integer=True, low=1))):
         check_number(flag, value, **rule)
+    check_number("--guidance", cfg.guidance)
+    from semroute.stage2_train.models import check_fusion
+    from semroute.stage2_train.presets import PRESETS
+
+    check_fusion(cfg.fusion)
+    if cfg.preset not in PRESETS:
+        raise SemrouteError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     parse_tag_weights(cfg.tag_weights)
     training_processes(cfg)
     held = min(cfg.holdout, cfg.images // 8)
