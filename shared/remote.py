@@ -31,6 +31,7 @@ import random
 import re
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -106,7 +107,8 @@ class Stats:
 STATS = Stats()
 
 
-def _transient(err: BaseException) -> bool:
+def transient(err: BaseException) -> bool:
+    """Whether ``err`` is worth another try (network trouble, an overloaded server)."""
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(err, (TimeoutError, ConnectionError)):
@@ -180,7 +182,7 @@ def describe_failure(url: str, err: BaseException, tries: int = 1, missing: str 
     if isinstance(err, FileNotFoundError):
         return SemrouteError(f"{url} does not exist (was it deleted while this job ran?). Run `semroute verify` on "
                              "the cache; an encoding run repairs missing shards with --resume.")
-    if _transient(err):
+    if transient(err):
         return SemrouteError(f"cannot reach the object store for {url} after {tries} tries ({type(err).__name__}: "
                              f"{text}). Check the endpoint (AWS_ENDPOINT_URL or endpoint_url in --storage-options) "
                              "and the network, then run again (finished shards are kept).")
@@ -210,7 +212,7 @@ def call(url: str, fn, *args, tries: int = MAX_TRIES, missing: str | None = None
         except SemrouteError:
             raise
         except Exception as err:  # noqa: BLE001 - classified below
-            if not _transient(err) or attempt == tries:
+            if not transient(err) or attempt == tries:
                 raise describe_failure(url, err, tried + attempt, missing) from err
             STATS.add_retry()
             _backoff(tried + attempt)
@@ -534,7 +536,7 @@ def read_ranges(files: list[RemoteFile], starts: list[int], ends: list[int | Non
         results.update(zip(js, got))
     failed = [j for j in range(len(files)) if isinstance(results[j], BaseException)]
     for j in failed:
-        if not _transient(results[j]):
+        if not transient(results[j]):
             raise describe_failure(files[j].url, results[j]) from results[j]
     if failed:
         _backoff(1)  # once for the batch, then each failed range alone, as `call` goes on
@@ -560,7 +562,8 @@ class ShardCache:
 
     Shared by every process on the node: files are written to a temporary name and renamed, so a
     reader never sees half a file; keys include the object's ETag, so a re-encoded cache at the same
-    URL never reads stale shards. Checksums are verified on every read as for local caches.
+    URL never reads stale shards. Checksums are verified on every read as for local caches; a copy that fails
+    one is deleted and the object read instead (``ShardedArrayFile._from_store_if_copy_damaged``, shared/store.py).
     """
 
     def __init__(self, folder: str | os.PathLike, max_bytes: int, *, threads: int = 2, max_queued: int | None = None):
@@ -577,6 +580,13 @@ class ShardCache:
         self._pool: ThreadPoolExecutor | None = None
         self._threads = threads
         self.errors: list[str] = []
+        _CACHES.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked process (a DataLoader worker): the parent's download threads do not exist here, so its
+        pool would queue downloads that never run, its in-flight shards would stay pending for good, and a lock
+        held by one of its threads at the fork would never be released."""
+        self._pending, self._lock, self._pool = set(), threading.Lock(), None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -586,6 +596,7 @@ class ShardCache:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        _CACHES.add(self)
 
     def local_path(self, remote: RemoteFile) -> Path:
         key = hashlib.sha256(f"{remote.url}\n{remote.etag}".encode()).hexdigest()[:32]
@@ -649,6 +660,10 @@ class ShardCache:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+_CACHES: weakref.WeakSet[ShardCache] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [cache._after_fork() for cache in list(_CACHES)])
 
 
 def parse_size(text: str) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 
 from semroute.shared import integrity
 from semroute.shared.errors import CacheDamaged, SemrouteError
-from semroute.shared.remote import is_url
+from semroute.shared.remote import call, is_url, transient
 
 FORMAT_VERSION = 1
 # Version 2: a text cache grown by `encode-text --append`. Each appended segment starts at a shard boundary
@@ -624,11 +624,18 @@ class ShardedArrayMeta:
 
     def __init__(self, root: str | Path, name: str):
         zarr = _zarr()
-        try:
-            arr = zarr.open_array(join(root, name), mode="r", **_zarr_options(root))
-        except Exception as err:  # noqa: BLE001 - a missing or damaged zarr.json of the array
-            raise CacheDamaged(f"{root}/{name}/zarr.json is missing or damaged ({type(err).__name__}: {err}); "
-                               f"{integrity.verify_hint(root)}") from None
+
+        def open_array():
+            try:
+                return zarr.open_array(join(root, name), mode="r", **_zarr_options(root))
+            except Exception as err:  # noqa: BLE001 - a missing or damaged zarr.json of the array
+                if is_url(root) and transient(err):
+                    raise  # the network, not the cache: retried by ``call``
+                raise CacheDamaged(f"{root}/{name}/zarr.json is missing or damaged ({type(err).__name__}: {err}); "
+                                   f"{integrity.verify_hint(root)}") from None
+
+        # Opened lazily, mid-run for a latent bucket's arrays: an unreachable store is retried, then named as such.
+        arr = call(f"{str(root).rstrip('/')}/{name}/zarr.json", open_array) if is_url(root) else open_array()
         meta = arr.metadata
         codecs = meta.to_dict()["codecs"]
 
@@ -701,6 +708,12 @@ class _FdTable(OrderedDict):
             self.close()
         except Exception:
             pass
+
+
+def _in_shard(shard: int, err: ChecksumError) -> ChecksumError:
+    """``err``, marked with the shard it is about (``ShardedArrayFile._drop_local_copy``)."""
+    err.shard = shard
+    return err
 
 
 class ShardedArrayFile:
@@ -848,8 +861,8 @@ class ShardedArrayFile:
         for shard, raw in zip(missing, self._fetch([(s, -n, None) for s in missing])):
             raw = memoryview(raw)  # bytes, or obstore's Bytes (remote.read_ranges)
             if len(raw) != n or struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(raw[:-_CRC]):
-                raise ChecksumError(f"{self.shard_path(shard)}: the shard index is corrupt (checksum mismatch); "
-                                    f"{integrity.verify_hint(self.root)}")
+                raise _in_shard(shard, ChecksumError(f"{self.shard_path(shard)}: the shard index is corrupt (checksum "
+                                                     f"mismatch); {integrity.verify_hint(self.root)}"))
             out[shard] = self._index[shard] = np.frombuffer(raw[:-_CRC], dtype="<u8").reshape(-1, 2)
             self._index_bytes += out[shard].nbytes
         while self._index_bytes > self.index_cache_bytes and self._index:  # this call's indexes live on in ``out``
@@ -859,8 +872,40 @@ class ShardedArrayFile:
     def _shard_index(self, shard: int) -> np.ndarray:
         return self._load_indexes([shard])[shard]
 
+    def _drop_local_copy(self, shard: int | None) -> bool:
+        """Forget and delete the node-local copy of a remote shard that failed a check; False when the shard
+        was not read from one (the object itself is damaged, or the store is local)."""
+        fd = self._fds.pop(shard, None) if self.remote and self.shard_cache is not None else None
+        if fd is None:
+            return False
+        os.close(fd)
+        path = self.shard_cache.local_path(self._remote(shard))
+        path.unlink(missing_ok=True)  # the next ``ShardCache.get`` downloads it again
+        if shard in self._index:
+            self._index_bytes -= self._index.pop(shard).nbytes
+        self.shard_cache.errors.append(f"{path}: the node-local copy of {self.shard_path(shard)} failed its "
+                                       "checksum; deleted, read from the object store instead")
+        return True
+
+    def _from_store_if_copy_damaged(self, read, *args):
+        """``read(*args)``, again when a node-local copy of a remote shard failed a checksum: that copy is a
+        cache (damaged on this node's disk, or cut short), the object store holds the data; the second read
+        goes there and checks its checksums in turn. A damaged object still raises."""
+        dropped: set[int] = set()  # each shard's copy at most once: a fresh copy failing again is raised
+        while True:
+            try:
+                return read(*args)
+            except ChecksumError as err:
+                shard = getattr(err, "shard", None)
+                if shard in dropped or not self._drop_local_copy(shard):
+                    raise
+                dropped.add(shard)
+
     def read_chunk(self, chunk: int) -> np.ndarray:
         """Inner chunk ``chunk`` (global number) as ``[rows_per_chunk, *row_shape]``."""
+        return self._from_store_if_copy_damaged(self._read_chunk, chunk)
+
+    def _read_chunk(self, chunk: int) -> np.ndarray:
         shard, inner = divmod(chunk, self.chunks_per_shard)
         offset, nbytes = (int(v) for v in self._shard_index(shard)[inner])
         if offset == int(_EMPTY):
@@ -868,7 +913,8 @@ class ShardedArrayFile:
                                f"{integrity.verify_hint(self.root)}")
         (raw,) = self._fetch([(shard, offset, offset + nbytes)])
         if len(raw) != nbytes:
-            raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} is truncated; {integrity.verify_hint(self.root)}")
+            raise _in_shard(shard, ChecksumError(f"{self.shard_path(shard)}: chunk {inner} is truncated; "
+                                                 f"{integrity.verify_hint(self.root)}"))
         return self._check_chunk(memoryview(raw), shard, inner)
 
     def read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -876,6 +922,9 @@ class ShardedArrayFile:
         return self.read_many([(start, stop)], None if out is None else [out])[0]
 
     def read_many(self, spans: list[tuple[int, int]], outs: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        return self._from_store_if_copy_damaged(self._read_many, spans, outs)
+
+    def _read_many(self, spans: list[tuple[int, int]], outs: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Rows ``start:stop`` of every ``(start, stop)`` in ``spans`` (new arrays, or into ``outs``), read together.
 
         The inner chunks a span needs lie back to back in their shard file (written in order), so a span's
@@ -936,8 +985,8 @@ class ShardedArrayFile:
                 a, raw = chunks[bisect.bisect_right(starts, offset) - 1]
                 data = memoryview(raw)[offset - a: offset - a + nbytes]
                 if len(data) != nbytes:
-                    raise ChecksumError(f"{self.shard_path(shard)}: the shard file is truncated; "
-                                        f"{integrity.verify_hint(self.root)}")
+                    raise _in_shard(shard, ChecksumError(f"{self.shard_path(shard)}: the shard file is truncated; "
+                                                         f"{integrity.verify_hint(self.root)}"))
                 rows = self._check_chunk(data, shard, inner)
                 lo, hi = max(start, chunk * c), min(stop, (chunk + 1) * c)
                 outs[k][lo - start: hi - start] = rows[lo - chunk * c: hi - chunk * c]
@@ -960,8 +1009,8 @@ class ShardedArrayFile:
 
     def _check_chunk(self, raw, shard: int, inner: int) -> np.ndarray:
         if self.check_crc and struct.unpack("<I", raw[-_CRC:])[0] != _crc32c(raw[:-_CRC]):
-            raise ChecksumError(f"{self.shard_path(shard)}: chunk {inner} fails its crc32c checksum; "
-                                f"{integrity.verify_hint(self.root)}")
+            raise _in_shard(shard, ChecksumError(f"{self.shard_path(shard)}: chunk {inner} fails its crc32c "
+                                                 f"checksum; {integrity.verify_hint(self.root)}"))
         return np.frombuffer(raw, dtype=self.dtype, count=(len(raw) - _CRC) // self.dtype.itemsize).reshape(
             -1, *self.row_shape
         )

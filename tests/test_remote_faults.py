@@ -1,0 +1,249 @@
+"""Training from caches on object storage under faults, against the loopback S3 server (tests/s3_testutil.py):
+shards deleted or overwritten while a job runs, the server gone, transient errors while an array is opened,
+damaged node-local shard copies (``--cache-dir``). Every fault ends as an error naming the URL, raised in the
+training process by either loader, or (a damaged local copy: a cache, not the data) is read from the store."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import os
+import threading
+import time
+
+import boto3
+import pytest
+import torch
+from s3_testutil import LoopbackS3
+
+from semroute.shared import remote
+from semroute.shared.errors import CacheDamaged, SemrouteError
+from semroute.shared.text_store import TextCacheReader
+from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
+from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+from testkit import write_manifest, write_square_images
+
+_copies = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with LoopbackS3() as server:
+        server.make_bucket("bkt")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def local_caches(tiny_llama_dir, tmp_path_factory):
+    """32 squares encoded locally in small shards (several per array): ``(text, latents)``."""
+    root = tmp_path_factory.mktemp("faults")
+    manifest = write_manifest(root / "m.jsonl", write_square_images(root / "img", 32))
+    encode_text(EncodeTextConfig(out=str(root / "t.zarr"), data=str(manifest), llm=str(tiny_llama_dir),
+                                 dtype="float32", device="cpu", progress=False, shard_mb=0.04))
+    encode_images(EncodeImagesConfig(out=str(root / "l.zarr"), data=str(manifest), vae="pixel", resolution=32,
+                                     device="cpu", workers=0, progress=False, shard_mb=0.05))
+    return str(root / "t.zarr"), str(root / "l.zarr")
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.001)
+
+
+def upload(local_caches) -> tuple[str, str]:
+    """A fresh copy of both caches on the current server (tests damage theirs): ``(text_url, latent_url)``."""
+    fs, _ = remote.filesystem("s3://bkt")
+    n = next(_copies)
+    urls = []
+    for src, kind in zip(local_caches, ("text", "latents")):
+        fs.put(src, f"bkt/c{n}.{kind}.zarr", recursive=True)
+        urls.append(f"s3://bkt/c{n}.{kind}.zarr")
+    fs.invalidate_cache()
+    return urls[0], urls[1]
+
+
+def shard_keys(url: str, name: str = "features") -> list[str]:
+    fs, _ = remote.filesystem(url)
+    return sorted(p.split("/", 1)[1] for p in fs.find(url.split("://", 1)[1] + f"/{name}/c/"))
+
+
+def train_on(text: str, latents: str, out, **kw):
+    from semroute.stage2_train.config import TrainConfig
+    from semroute.stage2_train.train import train
+
+    base = dict(text_cache=text, latent_cache=latents, out=str(out), fusion="static", preset="tiny", batch_size=4,
+                num_workers=1, report_to="none", checkpoint_every=100, max_steps=12)
+    return train(TrainConfig(**{**base, **kw}), progress=False)
+
+
+SHARD_GET = r"^GET .*/(features|latent)/c/"
+
+
+def when_requests(server: LoopbackS3, n: int, fault) -> None:
+    """Run ``fault()`` in this process once the server has seen ``n`` more shard reads (a job is reading)."""
+    seen = len(server.requests)
+
+    def watch():
+        while sum(bool(re.match(SHARD_GET, r)) for r in server.requests[seen:]) < n:
+            time.sleep(0.005)
+        fault()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@pytest.mark.parametrize("loader", ["thread", "process"])
+@pytest.mark.parametrize("change", ["deleted", "overwritten"])
+def test_a_shard_changed_under_a_training_job_stops_it_naming_the_url(s3, local_caches, tmp_path, loader, change):
+    text, latents = upload(local_caches)
+    keys = shard_keys(text)
+    client = boto3.client("s3", endpoint_url=s3.endpoint)
+
+    def fault():
+        for key in keys:
+            if change == "deleted":
+                client.delete_object(Bucket="bkt", Key=key)
+            else:
+                size = client.head_object(Bucket="bkt", Key=key)["ContentLength"]
+                client.put_object(Bucket="bkt", Key=key, Body=os.urandom(size))
+
+    when_requests(s3, 4, fault)
+    want = r"does not exist \(was it deleted" if change == "deleted" else r"(checksum|changed while this job ran)"
+    with pytest.raises(SemrouteError, match=rf"s3://bkt/c\d+\.text\.zarr/features/c/\d+/0/0.*{want}"):
+        train_on(text, latents, tmp_path / "run", loader=loader)
+
+
+@pytest.mark.parametrize("loader", ["thread", "process"])
+def test_the_server_gone_mid_run_is_retried_then_named(local_caches, tmp_path, fast_backoff, loader):
+    with LoopbackS3() as server:
+        server.make_bucket("bkt")
+        text, latents = upload(local_caches)
+        when_requests(server, 6, lambda: server.fail_next(10 ** 6, r"/(features|latent)/c/", kind="reset"))
+        retries = remote.STATS.retries
+        with pytest.raises(SemrouteError, match=r"cannot reach the object store for s3://bkt/c\d+\..*after 6 tries"):
+            train_on(text, latents, tmp_path / "run", loader=loader)
+        assert remote.STATS.retries - retries >= 5  # counted in shared memory, from the worker process too
+        server.fail_next(0)
+
+
+def test_opening_an_array_retries_transient_errors_and_never_calls_them_damage(s3, local_caches, fast_backoff,
+                                                                             monkeypatch):
+    """An array's zarr.json is read when the array is first used (a latent bucket's, mid-run): a 503 there is
+    retried and counted, and a store that stays unreachable is named as such, not as a damaged cache."""
+    from s3fs import S3FileSystem
+
+    from semroute.shared.store import ShardedArrayMeta
+
+    monkeypatch.setattr(S3FileSystem, "retries", 1)  # zarr reads through s3fs: one try each, ours retry
+
+    text, _ = upload(local_caches)
+    retries = remote.STATS.retries
+    failed = s3.failed
+    s3.fail_next(2, r"/features/zarr\.json$")
+    assert ShardedArrayMeta(text, "features").rows > 0
+    assert remote.STATS.retries - retries == 2 and s3.failed - failed == 2
+    s3.fail_next(10 ** 6, r"/features/zarr\.json$")
+    try:
+        with pytest.raises(SemrouteError, match=rf"cannot reach the object store for {text}/features/zarr\.json") as e:
+            ShardedArrayMeta(text, "features")
+        assert not isinstance(e.value, CacheDamaged)
+    finally:
+        s3.fail_next(0)
+
+
+def _raw(t):
+    return None if t is None else t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "cut to a few bytes"])
+def test_a_damaged_node_local_copy_is_dropped_and_read_from_the_store(s3, local_caches, tmp_path, damage):
+    from semroute.shared.remote import ShardCache
+
+    text, _ = upload(local_caches)
+    everything = list(range(TextCacheReader(local_caches[0]).n_captions))
+    want = [(_raw(f), _raw(s)) for f, s in TextCacheReader(local_caches[0]).captions_bits(everything)]
+    cache = ShardCache(tmp_path / "shards", 1 << 30)
+    TextCacheReader(text, shard_cache=cache).captions_bits(everything)  # queues every shard's download
+    cache.wait()
+    copies = {copy: copy.read_bytes() for copy in cache.files()}
+    assert copies
+    for copy in copies:
+        data = bytearray(copy.read_bytes())
+        if damage == "flipped":
+            data[::97] = bytes(b ^ 0xFF for b in data[::97])
+        else:
+            data = data[: len(data) // 2 if damage == "truncated" else 10]
+        copy.write_bytes(bytes(data))
+    reader = TextCacheReader(text, shard_cache=cache)
+    assert all(reader._arrays()["features"]._local_copy(s) is not None
+               for s in range(reader._arrays()["features"].meta.layout.n_shards))  # the damaged copies are used
+    assert [(_raw(f), _raw(s)) for f, s in reader.captions_bits(everything)] == want
+    assert any("node-local copy" in e and "failed its checksum" in e for e in cache.errors)
+    cache.wait()  # each damaged copy deleted, or downloaded again whole
+    assert all(not copy.exists() or copy.read_bytes() == good for copy, good in copies.items())
+
+
+def test_an_object_damaged_on_the_store_still_fails_with_a_shard_cache(s3, local_caches, tmp_path):
+    """The copy downloaded from a damaged object fails its checksum too: dropped, the object read, and it fails
+    as itself, naming the URL (a shard cache never hides damage)."""
+    from semroute.shared.remote import ShardCache
+
+    text, _ = upload(local_caches)
+    client = boto3.client("s3", endpoint_url=s3.endpoint)
+    key = shard_keys(text)[0]
+    body = bytearray(client.get_object(Bucket="bkt", Key=key)["Body"].read())
+    body[:64] = bytes(b ^ 0xFF for b in body[:64])  # the first chunk's bytes: the index still checks out
+    client.put_object(Bucket="bkt", Key=key, Body=bytes(body))
+    cache = ShardCache(tmp_path / "shards", 1 << 30)
+    TextCacheReader(text, shard_cache=cache)._arrays()["features"]._local_copy(0)
+    cache.wait()
+    assert cache.files()
+    with pytest.raises(SemrouteError, match=rf"s3://bkt/{key}: chunk 0 fails its crc32c checksum"):
+        TextCacheReader(text, shard_cache=cache).captions_bits([0])
+
+
+
+
+
+def test_a_worker_forked_after_the_shard_cache_was_used_downloads_shards(s3, local_caches, tmp_path, monkeypatch):
+    """The training process reads a few shards through the cache before the DataLoader forks its workers
+    (``loader=process``): a worker's downloads then run in threads of its own, and a shard that was in
+    flight in the parent at the fork is not left pending there for good."""
+    import multiprocessing
+    import queue
+
+    from semroute.shared.remote import RemoteFile, ShardCache
+
+    text, _ = upload(local_caches)
+    cache = ShardCache(tmp_path / "shards", 1 << 30)
+    features = TextCacheReader(text, shard_cache=cache)._arrays()["features"]
+    release = threading.Event()
+    download = RemoteFile.download
+
+    def held(self, local):
+        release.wait(10)
+        download(self, local)
+
+    monkeypatch.setattr(RemoteFile, "download", held)
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Queue()
+
+    def worker():
+        release.set()  # this process's own downloads do not wait
+        for shard in (0, 1):
+            cache.get(features._remote(shard))
+        cache.wait()
+        done.put(sorted(p.name for p in cache.files()))
+
+    try:
+        assert cache.get(features._remote(0)) is None  # shard 0 in flight in the parent while the worker forks
+        child = ctx.Process(target=worker, daemon=True)
+        child.start()
+        try:
+            got = done.get(timeout=15)
+        except queue.Empty:
+            got = "the worker's downloads never ran"
+        child.join(5)
+    finally:
+        release.set()
+        cache.wait()
+    assert len(got) == 2, got  # shards 0 and 1, downloaded by the worker
