@@ -59,13 +59,20 @@ def check_attrs(location, attrs: dict) -> None:
 
 def read_small_array(location, group, name: str, attrs: dict) -> np.ndarray:
     """A plain array read whole, its chunks' crc32c checked by zarr and its content by the seal."""
-    try:
-        data = np.asarray(group[name][...])
-    except KeyError:
-        raise CacheDamaged(f"{location}/{name} is missing; {verify_hint(location)}") from None
-    except Exception as err:  # noqa: BLE001 - zarr raises ValueError/OSError/... for damaged chunks or metadata
-        raise CacheDamaged(f"{location}/{name} is damaged ({type(err).__name__}: {err}); {verify_hint(location)}"
-                           ) from None
+    from semroute.shared.remote import call, is_url, transient
+
+    def read() -> np.ndarray:
+        try:
+            return np.asarray(group[name][...])
+        except KeyError:
+            raise CacheDamaged(f"{location}/{name} is missing; {verify_hint(location)}") from None
+        except Exception as err:  # noqa: BLE001 - zarr raises ValueError/OSError/... for damaged chunks or metadata
+            if is_url(location) and transient(err):
+                raise  # the network, not the cache: retried by ``call``, then named as unreachable
+            raise CacheDamaged(f"{location}/{name} is damaged ({type(err).__name__}: {err}); {verify_hint(location)}"
+                               ) from None
+
+    data = call(f"{str(location).rstrip('/')}/{name}", read) if is_url(location) else read()
     want = (sealed(attrs) or {}).get("arrays_sha256", {}).get(name)
     if want is not None and array_sha256(data) != want:
         raise CacheDamaged(f"{location}/{name} differs from what was written (sha256 mismatch: a chunk file is "

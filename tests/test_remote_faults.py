@@ -247,3 +247,23 @@ def test_a_worker_forked_after_the_shard_cache_was_used_downloads_shards(s3, loc
         release.set()
         cache.wait()
     assert len(got) == 2, got  # shards 0 and 1, downloaded by the worker
+
+
+def test_reading_a_small_array_retries_transient_errors_and_never_calls_them_damage(s3, local_caches, fast_backoff,
+                                                                                    monkeypatch):
+    """offsets (read whole when a reader first needs them): a 503 is retried, an unreachable store named as such."""
+    from s3fs import S3FileSystem
+
+    monkeypatch.setattr(S3FileSystem, "retries", 1)
+    text, _ = upload(local_caches)
+    retries = remote.STATS.retries
+    s3.fail_next(2, r"/offsets/c/")
+    assert TextCacheReader(text).offsets.tolist() == TextCacheReader(local_caches[0]).offsets.tolist()
+    assert remote.STATS.retries - retries == 2
+    s3.fail_next(10 ** 6, r"/offsets/c/")
+    try:
+        with pytest.raises(SemrouteError, match=rf"cannot reach the object store for {text}/offsets") as e:
+            TextCacheReader(text).offsets
+        assert not isinstance(e.value, CacheDamaged)
+    finally:
+        s3.fail_next(0)
