@@ -185,7 +185,8 @@ def describe_failure(url: str, err: BaseException, tries: int = 1, missing: str 
     if transient(err):
         return SemrouteError(f"cannot reach the object store for {url} after {tries} tries ({type(err).__name__}: "
                              f"{text}). Check the endpoint (AWS_ENDPOINT_URL or endpoint_url in --storage-options) "
-                             "and the network, then run again (finished shards are kept).")
+                             "and the network, then run again (an encode keeps its finished shards; a training "
+                             "resumes from its last checkpoint with --resume latest).")
     return SemrouteError(f"{url}: {type(err).__name__}: {text}")
 
 
