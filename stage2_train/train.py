@@ -356,6 +356,10 @@ class Trainer:
             if cfg.report_to != "none":
                 acc.end_training()
             self.release()
+        cache = self.dataset.text.shard_cache
+        if cache is not None and cache.errors and acc.is_main_process:  # (a full or read-only --cache-dir, say)
+            print(f"warning: the node-local shard cache {cache.folder} had {len(cache.errors)} problem(s), its reads "
+                  f"went to the object store instead; the first: {cache.errors[0]}", file=sys.stderr)
         # (not the run's newest folder: a damaged one that --resume latest passed over may be newer)
         latest = self.saved or self.resume_from
         return {"step": state.step, "train_seconds": state.train_seconds, "validation_seconds": state.validation_seconds,

@@ -427,3 +427,21 @@ def test_the_shard_cache_queues_a_bounded_number_of_downloads(caches, tmp_path, 
     assert cache.get(arr._remote(0)) is not None and cache.get(arr._remote(n - 1)) is None  # queued now
     cache.wait()
     assert len(cache.files()) == 3
+
+
+def test_a_shard_cache_that_cannot_store_shards_is_reported_and_training_goes_on(caches, tmp_path, monkeypatch,
+                                                                                  capsys):
+    _, url_t, _, url_l = caches
+    from semroute.stage2_train.config import TrainConfig
+    from semroute.stage2_train.train import train
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(remote.RemoteFile, "download", disk_full)
+    train(TrainConfig(text_cache=url_t, latent_cache=url_l, fusion="static", preset="tiny", batch_size=8,
+                      num_workers=0, tensorboard=False, max_steps=2, out=str(tmp_path / "run"),
+                      cache_dir=str(tmp_path / "shards"), cache_size="1G"), progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002").exists()  # every read went to the object store
+    err = capsys.readouterr().err
+    assert f"warning: the node-local shard cache {tmp_path / 'shards'} had" in err and "No space left on device" in err
