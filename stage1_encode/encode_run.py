@@ -80,6 +80,17 @@ class ShardWriterThread:
 # ---------------------------------------------------------------------------------------------
 # Create, resume or append?
 # ---------------------------------------------------------------------------------------------
+def check_flags(cfg) -> None:
+    """Refuse contradictory write flags, before any model loads."""
+    if cfg.overwrite and (cfg.resume or cfg.append):
+        keep = "--append" if cfg.append else "--resume"
+        raise SemrouteError(f"--overwrite deletes {cfg.out} and encodes it again, {keep} keeps what it holds: "
+                            "give one of them")
+    if cfg.resume and cfg.append:
+        raise SemrouteError("--append continues an interrupted append by itself (run the same --append again); "
+                            "drop --resume")
+
+
 def decide(cfg, open_writer: Callable, want: dict, input_sha256: str, *, kind: str, inputs: str, changed: str) -> str:
     """What to do at ``cfg.out``: ``"create"``, ``"resume"`` (encode the shards still missing) or
     ``"append"`` (grow a finished cache by ``cfg.data``, or grow it again after a crash while growing).
@@ -91,13 +102,6 @@ def decide(cfg, open_writer: Callable, want: dict, input_sha256: str, *, kind: s
     only a create killed before anything was encoded (``store.interrupted_create``) is started again; one
     missing its index otherwise, or a finished one that no longer matches its seal, is refused.
     """
-    if cfg.overwrite and (cfg.resume or cfg.append):
-        keep = "--append" if cfg.append else "--resume"
-        raise SemrouteError(f"--overwrite deletes {cfg.out} and encodes it again, {keep} keeps what it holds: "
-                            "give one of them")
-    if cfg.resume and cfg.append:
-        raise SemrouteError("--append continues an interrupted append by itself (run the same --append again); "
-                            "drop --resume")
     exists = store_exists(cfg.out)
     restart = exists and (cfg.resume or cfg.append) and not cfg.overwrite and interrupted_create(cfg.out, kind)
     if cfg.append:
@@ -187,7 +191,8 @@ class EncodeRun:
         self.cfg = cfg
         self.proc = proc or process_info()
         self.show = bool(cfg.progress) and self.proc.is_main
-        require_local_inputs(cfg.data)  # before the model loads (seconds to minutes)
+        check_flags(cfg)  # these two before the model loads (seconds to minutes)
+        require_local_inputs(cfg.data)
 
     # -- the steps -------------------------------------------------------------------------------
     def plan_and_create(self) -> dict:

@@ -260,6 +260,8 @@ class EncodeTextRun(EncodeRun):
         check_number("--max-length", cfg.max_length, integer=True, low=1)
         check_number("--batch-tokens", cfg.batch_tokens, integer=True, low=1)
         check_number("--shard-mb", cfg.shard_mb, low=0.0, low_open=True)
+        if cfg.storage not in TextStorage.MODES:  # (TextStorage says so too, but only once the LLM is loaded)
+            raise SemrouteError(f"--storage {cfg.storage!r} is not supported; use {', '.join(TextStorage.MODES)}")
         if llm is None:
             device = cfg.device
             if device in ("auto", None) and proc.world_size > 1:

@@ -598,3 +598,19 @@ def test_verify_names_a_damaged_list_of_records_left_out(tmp_path, tiny_llama_di
         report.write_bytes(report.read_bytes()[:-9])  # cut short
         problems = verify(str(cache))[1]
         assert len(problems) == 1 and f"{report}: line 1 is damaged" in problems[0], problems
+
+
+@pytest.mark.parametrize("flags, said", [
+    ({"overwrite": True, "resume": True}, r"--overwrite deletes .* give one of them"),
+    ({"storage": "fp16"}, r"--storage 'fp16' is not supported; use exact, bf16, fp8"),
+])
+def test_encode_text_refuses_bad_flags_before_it_loads_the_llm(tmp_path, captions, monkeypatch, flags, said):
+    import semroute.stage1_encode.text as text_mod
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("the LLM was loaded before the flags were checked")
+
+    monkeypatch.setattr(text_mod, "load_llm", no_llm)
+    with pytest.raises(SemrouteError, match=said):
+        encode_text(EncodeTextConfig(data=str(captions[0]), out=str(tmp_path / "t.zarr"), llm="unused", **flags))
+    assert not (tmp_path / "t.zarr").exists()
