@@ -66,7 +66,8 @@ def check_guidance_interval(interval) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in interval)
     except (TypeError, ValueError):
-        raise SemrouteError(f"guidance interval {interval!r}: give two sigmas LO,HI in [0, 1]") from None
+        shown = ",".join(str(v) for v in interval) if isinstance(interval, (list, tuple)) else repr(interval)
+        raise SemrouteError(f"guidance interval {shown}: give two sigmas LO,HI in [0, 1] (e.g. 0.3,0.8)") from None
     if not 0.0 <= lo < hi <= 1.0:
         raise SemrouteError(f"guidance interval {lo:g},{hi:g}: need 0 <= LO < HI <= 1 (sigma: 1 = noise, 0 = image)")
     return lo, hi

@@ -154,3 +154,13 @@ def test_bad_model_settings_are_named_before_the_model_is_built(fusion, model, m
     # the same model without the bad key builds
     assert build_model(TrainConfig.build(fusion="static", preset="tiny"),
                        {"llm_num_hidden_layers": 4, "llm_hidden_size": 32}, [1, 2, 3, 4], 4).config.num_blocks == 2
+
+
+@pytest.mark.parametrize("interval, said", [(("abc",), r"guidance interval abc: give two sigmas LO,HI in \[0, 1\]"),
+                                            (("a", "b"), r"guidance interval a,b: give two sigmas"),
+                                            (("0.8", "0.3"), r"guidance interval 0.8,0.3: need 0 <= LO < HI <= 1")])
+def test_a_bad_guidance_interval_is_shown_as_typed(interval, said):
+    from semroute.shared.checks import check_guidance_interval
+
+    with pytest.raises(SemrouteError, match=said):
+        check_guidance_interval(interval)
