@@ -84,3 +84,13 @@ def run4(square_caches, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run4") / "run"
     train(train_config(square_caches, out), progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A loopback S3 server (tests/s3_testutil.py, 127.0.0.1 only) with the bucket ``bkt``, for one test module."""
+    from s3_testutil import LoopbackS3
+
+    with LoopbackS3() as server:
+        server.make_bucket("bkt")
+        yield server

@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from s3_testutil import LoopbackS3
 
 from semroute.shared import remote
 from semroute.shared.errors import SemrouteError
@@ -18,13 +17,6 @@ from semroute.shared.text_store import TextCacheReader, TextCacheWriter
 from semroute.stage1_encode.images import EncodeImagesConfig, encode_images
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from testkit import die_on_call, random_captions, write_manifest, write_square_images
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with LoopbackS3() as server:
-        server.make_bucket("bkt")
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,6 @@ _copies = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with LoopbackS3() as server:
-        server.make_bucket("bkt")
-        yield server
-
-
-@pytest.fixture(scope="module")
 def local_caches(tiny_llama_dir, tmp_path_factory):
     """32 squares encoded locally in small shards (several per array): ``(text, latents)``."""
     root = tmp_path_factory.mktemp("faults")
