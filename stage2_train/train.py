@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from semroute.shared.distributed import process_info
 from semroute.shared.errors import FingerprintMismatch, SemrouteError
 from semroute.shared.fingerprint import require_match
 from semroute.shared.remote import STATS as remote_stats
@@ -146,8 +147,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, *, resume: str | None = None, progress: bool = True):
-        from semroute.shared.distributed import process_info
-
         if not cfg.text_cache or not cfg.latent_cache:
             raise SemrouteError("train needs --text-cache and --latent-cache")
         cfg.text_cache, cfg.latent_cache = absolute_location(cfg.text_cache), absolute_location(cfg.latent_cache)
@@ -425,23 +424,33 @@ class Trainer:
         model = acc.unwrap_model(self.model)
         weights = {"": None} if self.ema is None else {"": None, "_ema": self.ema}
         record: dict = {"step": state.step, "event": "validation", "holdout": len(self.heldout)}
-        columns = {}
         self.model.eval()
         for suffix, ema in weights.items():
             with _weights(model, ema):
                 per_sigma = self.validation.compute(model, acc)  # unwrapped: DDP's forward is a collective
                 record[f"val_loss{suffix}"] = sum(per_sigma.values()) / len(per_sigma)
                 record[f"val_loss{suffix}_sigma"] = {f"{s:.4f}": v for s, v in per_sigma.items()}
-                if self.samples_grid is not None:
+        drawn = []
+
+        def samples() -> None:
+            """The sample grid, on the main process (the only one with ``samples_grid``)."""
+            if self.samples_grid is None:
+                return
+            columns = {}
+            for ema in weights.values():
+                with _weights(model, ema):
                     columns["EMA" if ema is not None else "current"] = self.samples_grid.draw(model)
-        self.model.train()
-        grid = None
-        if self.samples_grid is not None:
             pipe = self.samples_grid.pipeline(model)
             columns = {"truth": self.samples_grid.truth(pipe), **columns}
             path = self.run.sample_grid_path(state.step)
-            grid = self.samples_grid.write(columns, path, f"{cfg.fusion}, step {state.step}")
+            drawn.append(self.samples_grid.write(columns, path, f"{cfg.fusion}, step {state.step}"))
             record["samples"] = str(path.relative_to(self.run_dir))
+
+        # Through run_on_main, a collective: a failure there (a full disk) stops every process, named, rather
+        # than leaving the others to die at the next step's gradient exchange.
+        process_info().run_on_main(samples)
+        self.model.train()
+        grid = drawn[0] if drawn else None
         seconds = time.perf_counter() - t0
         state.validation_seconds += seconds
         record["seconds"] = round(seconds, 3)
@@ -479,8 +488,6 @@ class Trainer:
             ) from None
 
     def _save_checkpoint(self) -> Path:
-        from semroute.shared.distributed import process_info
-
         acc, state = self.accelerator, self.state
         tmp = self.run.staging_path(state.step)
         # The main process's parts run through run_on_main, a collective: if one fails (a full disk), every

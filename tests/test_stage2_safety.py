@@ -247,28 +247,32 @@ def test_the_demo_counts_its_run_from_the_newest_intact_checkpoint(run4, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_checkpoint_write_failing_on_the_main_process_stops_every_process(square_caches, tmp_path):
-    """Two processes: the main one fails to publish (a full disk); the other must stop with it, naming the
-    cause, not wait at a barrier for a process that has stopped."""
+@pytest.mark.parametrize("failing", ["checkpoint", "sample grid"])
+def test_a_write_failing_on_the_main_process_stops_every_process(square_caches, tmp_path, failing):
+    """Two processes: the main one fails to publish a checkpoint, or to write the validation sample grid (a full
+    disk); the other must stop with it, naming the cause, not die at a barrier or the next gradient exchange."""
     import os
     import subprocess
     import sys
 
     text, latents, _ = square_caches
     script = tmp_path / "two.py"
+    patch = ("run_folder.RunFolder.publish = disk_full" if failing == "checkpoint" else
+             "validation.SampleGrid.write = disk_full")
     script.write_text(CHECKOUT_PRELUDE + f"""
 from semroute.shared.errors import SemrouteError
-from semroute.stage2_train import run_folder
+from semroute.stage2_train import run_folder, validation
 from semroute.stage2_train.config import TrainConfig
 from semroute.stage2_train.train import train
 
-def disk_full(self, staged, step, keep):
-    raise OSError(28, "No space left on device", str(staged / "complete.json"))
+def disk_full(self, *args, **kwargs):
+    raise OSError(28, "No space left on device", "a file")
 
-run_folder.RunFolder.publish = disk_full
+{patch}
 try:
     train(TrainConfig(text_cache={text!r}, latent_cache={latents!r}, out={str(tmp_path / 'run')!r}, fusion="static",
-                      preset="tiny", batch_size=8, num_workers=0, report_to="none", max_steps=2, checkpoint_every=2),
+                      preset="tiny", batch_size=8, num_workers=0, report_to="none", max_steps=4, checkpoint_every=2,
+                      holdout=8, validate_every=1, val_samples=2, val_sample_steps=1),
           progress=False)
 except SemrouteError as err:
     print(f"stopped: {{err}}", file=sys.stderr)
