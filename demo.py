@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from semroute.shared.errors import SemrouteError
+from semroute.shared.files import write_atomic
 
 # torch and numpy are imported where used: the CLI reads DemoConfig's defaults for `semroute demo --help`.
 
@@ -137,9 +138,7 @@ def claim_folder(cfg: DemoConfig) -> None:
                             f"an earlier semroute did not write one), so reusing it could report other settings' "
                             f"results as these. Use another --out, or delete {out} to start over.")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(now, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(now, indent=2) + "\n")
 
 
 def _say(msg: str) -> None:
@@ -279,9 +278,7 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
         launch_training(tcfg, processes, Path(cfg.out) / f"{run_dir.name}.train.yaml", cfg.progress, resume=resume)
         trained = _trained(run_dir)
     trained = {k: trained[k] for k in ("step", "train_seconds", "validation_seconds")}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(trained) + "\n")
-    os.replace(tmp, done)
+    write_atomic(done, json.dumps(trained) + "\n")
     return trained
 
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from semroute.shared.errors import FingerprintMismatch
+from semroute.shared.files import write_atomic
 
 _HASH_CACHE = Path(os.environ.get("SEMROUTE_CACHE_DIR", Path.home() / ".cache" / "semroute")) / "file-sha256.json"
 _HEX64 = set("0123456789abcdef")
@@ -35,9 +36,7 @@ def _load_hash_cache() -> dict:
 def _store_hash_cache(cache: dict) -> None:
     try:
         _HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _HASH_CACHE.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, _HASH_CACHE)
+        write_atomic(_HASH_CACHE, json.dumps(cache))
     except OSError:
         pass  # the cache only saves time; hashing again is always correct
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from semroute.shared.errors import ManifestError
+from semroute.shared.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -265,10 +266,5 @@ def write_problem_report(problems: list[Problem], out_path: str | Path) -> None:
     """Write skipped records as JSONL (``path``, ``line``, ``reason``) so they can be fixed and re-run. Written to
     a temporary name, then renamed: an append rewrites the report with the earlier parts' records, which a run
     killed mid-write must not lose."""
-    import os
-
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps({"path": p.path, "line": p.line, "reason": p.reason}) + "\n" for p in problems),
-                   encoding="utf-8")
-    os.replace(tmp, out_path)
+    write_atomic(out_path, "".join(json.dumps({"path": p.path, "line": p.line, "reason": p.reason}) + "\n"
+                                   for p in problems))

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from semroute.shared.files import write_atomic
 
 CLASSES = ("square", "circle", "triangle")
 PLURALS = {"square": "squares", "circle": "circles", "triangle": "triangles"}
@@ -187,7 +188,7 @@ def write_prompt_file(metas: list[dict], path: str | Path) -> Path:
     """Write metadata dicts as a GenEval-format JSONL prompt file (one object per line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in metas))
+    write_atomic(path, "".join(json.dumps(m) + "\n" for m in metas))
     return path
 
 
@@ -357,11 +358,6 @@ def generate_dataset(out_dir: str | Path, n: int, *, size: int = 32, seed: int =
         record["image"] = str(path)
         lines.append(json.dumps(record) + "\n")
     manifest = out_dir / f"{split}.jsonl"
-    _atomic_write_text(manifest, "".join(lines))
+    write_atomic(manifest, "".join(lines))
     return manifest
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

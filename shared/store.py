@@ -34,6 +34,7 @@ import numpy as np
 
 from semroute.shared import integrity
 from semroute.shared.errors import CacheDamaged, SemrouteError
+from semroute.shared.files import write_atomic
 from semroute.shared.remote import call, is_url, transient
 
 FORMAT_VERSION = 1
@@ -239,28 +240,18 @@ def write_file(location, name: str, data: bytes) -> None:
         return
     final = Path(location) / name
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, final)
+    write_atomic(final, data)
 
 
 def write_parquet(location, name: str, table) -> None:
     import pyarrow.parquet as pq
 
-    # Written to a temporary name and renamed, so a crash never leaves a half-written index behind.
-    if is_url(location):  # one PUT of the whole file: readers see the old index or the new one
-        import pyarrow as pa
+    import pyarrow as pa
 
-        from semroute.shared.remote import write_bytes
-
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, row_group_size=65536)
-        write_bytes(join(location, name), sink.getvalue().to_pybytes())
-        return
-    final = Path(location) / name
-    tmp = final.with_name(f".{name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, row_group_size=65536)
-    os.replace(tmp, final)
+    # Whole or not at all (write_file): a crash never leaves a half-written index behind.
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=65536)
+    write_file(location, name, sink.getvalue().to_pybytes())
 
 
 def read_parquet(location, name: str, columns: list[str] | None = None):
@@ -1073,10 +1064,7 @@ class ShardFileWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed run; this shard is ours
             stale.unlink(missing_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(buf.data)
-        os.replace(tmp, path)
+        write_atomic(path, buf.data)
 
 
 NOT_COMPLETED = "shard not completed"

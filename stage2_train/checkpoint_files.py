@@ -12,10 +12,10 @@ Checkpoints written before this file existed have no ``complete.json``; they are
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from semroute.shared.errors import SemrouteError
+from semroute.shared.files import write_atomic
 
 MANIFEST = "complete.json"
 
@@ -42,12 +42,7 @@ def write_manifest(folder: Path, step: int) -> None:
     """Record every file of ``folder`` (call it last, before the rename that publishes the checkpoint)."""
     files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "crc32c": _crc32c_file(p)}
              for p in _files(folder)}
-    tmp = folder / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"step": step, "files": files}, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / MANIFEST)
+    write_atomic(folder / MANIFEST, json.dumps({"step": step, "files": files}, indent=1), fsync=True)
 
 
 def problems(folder: Path, under: str | None = None, crc: bool = True) -> list[str]:

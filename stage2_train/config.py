@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml
 
 from semroute.shared.checks import check_bool, check_guidance_interval, check_number
 from semroute.shared.errors import SemrouteError
+from semroute.shared.files import write_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 FUSION_CONFIGS = {  # --fusion name -> preset file in configs/
@@ -374,10 +374,7 @@ class TrainConfig:
     def save(self, path: Path) -> None:
         """Through a temporary file and a rename: a run's config.yaml is never left half-written (a kill, a full
         disk), which would read as defaults for the keys cut off."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def config_names() -> list[str]:

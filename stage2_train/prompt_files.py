@@ -52,7 +52,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +59,7 @@ from typing import Any
 
 from semroute.shared.checks import json_object
 from semroute.shared.errors import SemrouteError
+from semroute.shared.files import write_atomic
 
 FORMATS = ("text", "jsonl", "geneval", "genaibench", "drawbench", "drawbench_json")
 
@@ -265,11 +265,6 @@ def _read_drawbench_tsv(path: Path, text: str) -> list[PromptEntry]:
 # -- writing ------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
 
 def save_image(image, path: str | Path) -> None:
     """Save a PIL image as PNG through a temporary file and a rename (a partial file never looks done)."""
@@ -277,7 +272,7 @@ def save_image(image, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    _atomic_write_bytes(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 class OutputLayout:
@@ -332,7 +327,7 @@ class OutputLayout:
             files = [p.relative_to(self.out_dir).as_posix() for p in self.image_paths(e)]
             lines.append(json.dumps({**self.index_record(e), "files": files}, ensure_ascii=False) + "\n")
         path = self.out_dir / "prompts.jsonl"
-        _atomic_write_bytes(path, "".join(lines).encode("utf-8"))
+        write_atomic(path, "".join(lines).encode("utf-8"))
         return path
 
 
@@ -357,7 +352,7 @@ class GenEvalLayout(OutputLayout):
         (self._folder(entry) / "samples").mkdir(parents=True, exist_ok=True)
         # GenEval reads this with json.load: exactly one object, despite the .jsonl name.
         data = (json.dumps(entry.record, ensure_ascii=False) + "\n").encode("utf-8")
-        _atomic_write_bytes(self.metadata_paths(entry)[0], data)
+        write_atomic(self.metadata_paths(entry)[0], data)
 
     def write_index(self, entries: list[PromptEntry]) -> Path | None:
         return None  # every prompt folder carries its own metadata

@@ -14,13 +14,13 @@ import base64
 import html
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from semroute.shared.errors import SemrouteError
+from semroute.shared.files import write_atomic
 
 MAX_IMAGES = 12  # routing heatmaps / sample grids shown per run, evenly spaced over training
 
@@ -275,7 +275,5 @@ def write_report(runs: list[str | Path], out: str | Path, *, title: str = "semro
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")  # renamed into place: an earlier report stays whole until then
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, page)  # an earlier report stays whole until the new one is
     return out

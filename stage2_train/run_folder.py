@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from semroute.shared.errors import SemrouteError
+from semroute.shared.files import write_atomic
 from semroute.stage2_train import checkpoint_files, models
 
 CHECKPOINT_PREFIX = "step-"
@@ -137,9 +138,7 @@ class RunFolder:
         return record
 
     def save_record(self, record: dict) -> None:
-        tmp = self.path / f".{self.record_path.name}.tmp"  # renamed into place: never half-written
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-        os.replace(tmp, self.record_path)
+        write_atomic(self.record_path, json.dumps(record, indent=2, default=str))
 
     def log_metrics(self, row: dict) -> None:
         with open(self.metrics_path, "a+b") as fh:

@@ -23,8 +23,9 @@ import torch
 from semroute.shared.checks import check_guidance_interval, check_number
 from semroute.shared.distributed import process_info
 from semroute.shared.errors import SemrouteError
+from semroute.shared.files import write_atomic
 from semroute.shared.llm import resolve_device
-from semroute.stage2_train.prompt_files import (PromptEntry, _atomic_write_bytes, detect_format, layout_for,
+from semroute.stage2_train.prompt_files import (PromptEntry, detect_format, layout_for,
                                                 read_prompts, save_image)
 
 
@@ -161,7 +162,7 @@ def claim_output(out: str | Path, settings: dict) -> dict:
 def write_record(out: Path, record: dict) -> None:
     """``OUT/sample_run.json`` through a temporary file and a rename: one cut short by a kill or a full disk
     would make every rerun into the folder refused as damaged."""
-    _atomic_write_bytes(out / RECORD, (json.dumps(record, indent=2) + "\n").encode())
+    write_atomic(out / RECORD, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def load_pipeline(checkpoint: str | Path, *, ema: bool = False, llm=None, device: str = "auto"):
