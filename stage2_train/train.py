@@ -6,6 +6,7 @@ What it writes, and where, is owned by :class:`~semroute.stage2_train.run_folder
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -561,17 +562,20 @@ class MetricsWindow:
 
     def _reset(self) -> None:
         device = self.trainer.accelerator.device
-        self.loss = torch.zeros((), device=device)  # stays on the device: no sync
-        self.nonfinite = torch.zeros((), device=device)  # steps whose loss or gradient norm was NaN/inf
+        # Sums that stay on the device (no sync). A NaN/inf loss or gradient norm of any step makes its sum
+        # NaN/inf, so one isfinite at log time finds it: no extra kernels per step (issue 11).
+        self.loss = torch.zeros((), device=device)
+        self.grad_norms = torch.zeros((), device=device)
+        self.bad_float = False  # a gradient norm handed over as a Python float that was NaN/inf
         self.first_step = self.trainer.state.step + 1
         self.steps, self.samples, self.flops, self.t0 = 0, 0, 0.0, time.perf_counter()
 
     def add(self, loss: torch.Tensor, grad_norm, flops: float) -> None:
         self.loss += loss
-        bad = ~torch.isfinite(loss)
         if isinstance(grad_norm, torch.Tensor):
-            bad |= ~torch.isfinite(grad_norm.to(loss.device))
-        self.nonfinite += bad
+            self.grad_norms += grad_norm.to(self.grad_norms.device)
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            self.bad_float = True
         self.steps += 1
         self.samples += self.trainer.samples_per_step
         self.flops += flops
@@ -581,7 +585,7 @@ class MetricsWindow:
         t, acc = self.trainer, self.trainer.accelerator
         dt = max(time.perf_counter() - self.t0, 1e-9)
         # one collective: the mean loss and whether any process saw a NaN/inf (the flag's mean is > 0)
-        stats = acc.reduce(torch.stack([(self.loss / self.steps).float(), self.nonfinite.float()]), "mean").tolist()
+        stats = acc.reduce(torch.stack([(self.loss / self.steps).float(), self._nonfinite()]), "mean").tolist()
         mean_loss = stats[0]
         if stats[1] > 0:
             self._stop()
@@ -607,8 +611,13 @@ class MetricsWindow:
     def require_finite(self) -> None:
         """Before a checkpoint: stop if a step since the last log went NaN/inf (the log checks its own), so
         that diverged weights are never saved, and never prune the good checkpoints."""
-        if self.steps and self.trainer.accelerator.reduce(self.nonfinite.float(), "max").item() > 0:
+        if self.steps and self.trainer.accelerator.reduce(self._nonfinite(), "max").item() > 0:
             self._stop()
+
+    def _nonfinite(self) -> torch.Tensor:
+        """1.0 on the device when a step of this window had a NaN/inf loss or gradient norm, else 0.0."""
+        sums = torch.stack([self.loss.float(), self.grad_norms.float()])
+        return (~torch.isfinite(sums)).any().float() + float(self.bad_float)
 
     def _stop(self) -> None:
         t = self.trainer

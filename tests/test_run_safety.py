@@ -268,8 +268,10 @@ def test_resume_takes_only_the_newest_checkpoint_of_its_own_run(square_caches, r
     assert (run / "checkpoints" / "step-0000004").is_dir()  # trained again from step 2
 
 
-@pytest.mark.parametrize("caught_by", ["log", "checkpoint"])
-def test_a_diverging_run_stops_before_saving_nan_weights(square_caches, run4, tmp_path, monkeypatch, caught_by):
+@pytest.mark.parametrize("caught_by,diverges", [("log", "loss"), ("checkpoint", "loss"), ("log", "grad_norm"),
+                                                ("checkpoint", "grad_norm")])
+def test_a_diverging_run_stops_before_saving_nan_weights(square_caches, run4, tmp_path, monkeypatch, caught_by,
+                                                         diverges):
     import semroute.stage2_train.train as train_mod
     from semroute.stage2_train.train import NonFiniteLoss
 
@@ -284,7 +286,16 @@ def test_a_diverging_run_stops_before_saving_nan_weights(square_caches, run4, tm
         loss = real(*args, **kwargs)
         return loss * float("nan") if trainer.state.step >= 4 else loss
 
-    monkeypatch.setattr(train_mod, "flow_loss", diverging)
+    real_clip = trainer.accelerator.clip_grad_norm_
+
+    def diverging_norm(*args, **kwargs):  # the loss stays finite, the gradient norm overflows
+        norm = real_clip(*args, **kwargs)
+        return norm * float("inf") if trainer.state.step >= 4 else norm
+
+    if diverges == "loss":
+        monkeypatch.setattr(train_mod, "flow_loss", diverging)
+    else:
+        monkeypatch.setattr(trainer.accelerator, "clip_grad_norm_", diverging_norm)
     with pytest.raises(NonFiniteLoss, match=r"stopped at step (5|6): the loss or the gradient norm became NaN/inf "
                                             r".*step-0000004 is the last and is untouched"):
         trainer.train()
