@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,10 @@ from semroute.stage2_train import checkpoint_files
 TEXT_DIR = "text"
 TEXT_CONFIG = "semroute_text.json"
 NULL_FILE = "null.safetensors"
+
+
+class PromptTruncated(UserWarning):
+    """A prompt longer than the text cache's ``max_length`` was cut there (as encode-text cuts captions)."""
 
 
 @dataclass
@@ -135,6 +140,13 @@ class SemroutePipeline(DiffusionPipeline):
         from semroute.shared.text_store import TextStorage
 
         tokenized = self.text_encoder.tokenize(prompts)
+        cut = [(i, t) for i, t in enumerate(tokenized) if t.truncated]
+        if cut:  # `semroute sample` names them by file and line itself (sampling.warn_truncated)
+            warnings.warn(PromptTruncated(
+                f"{len(cut)} of {len(prompts)} prompts are longer than the text cache's max_length "
+                f"{self.text_encoder.fmt.max_length} tokens (instruction included) and are cut there: "
+                + ", ".join(f"prompt {i} ({t.n_full} tokens)" for i, t in cut[:5]) + (", ..." if len(cut) > 5 else "")),
+                stacklevel=3)
         feats, _ = self.text_encoder.forward([t.ids for t in tokenized])
         storage = TextStorage(self.text_settings.get("storage", "exact"), self.text_encoder.llm.dtype)
         pick = self._model_layers()

@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,6 +255,8 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
     output folder, the model, the LLM, the image size) before the output folder is claimed."""
     from tqdm.auto import tqdm
 
+    from semroute.stage2_train.pipeline import PromptTruncated
+
     cfg = with_sampling_defaults(cfg)
     check_sample_options(cfg)
     proc = process_info()
@@ -285,8 +288,11 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
         for start in range(0, len(jobs), cfg.batch_size):
             batch = jobs[start: start + cfg.batch_size]
             generators = [torch.Generator().manual_seed(cfg.seed + e.index * cfg.n + k) for e, k in batch]
-            images = pipe([e.text for e, _ in batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                          guidance_interval=cfg.guidance_interval, height=size, width=size, generator=generators).images
+            with warnings.catch_warnings():  # warn_truncated named them above, with their lines
+                warnings.simplefilter("ignore", PromptTruncated)
+                images = pipe([e.text for e, _ in batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                              guidance_interval=cfg.guidance_interval, height=size, width=size,
+                              generator=generators).images
             for (entry, k), image in zip(batch, images):
                 if entry.index not in prepared:
                     layout.prepare(entry)

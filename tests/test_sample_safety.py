@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from semroute.shared.text_store import TextCacheReader
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 from semroute.stage2_train import checkpoint_files
 from semroute.stage2_train.config import TrainConfig
-from semroute.stage2_train.pipeline import SemroutePipeline, export_pipeline
+from semroute.stage2_train.pipeline import PromptTruncated, SemroutePipeline, export_pipeline
 from semroute.stage2_train.sampling import RECORD, SampleConfig, sample
 from semroute.stage2_train.train import train
 from testkit import run_cli, write_manifest, write_square_images
@@ -93,10 +94,26 @@ def test_a_bad_device_is_a_clean_error_before_anything_is_written(run2, tmp_path
 # -- B16: prompts longer than the cache's max_length --------------------------------------------------
 def test_an_overlong_prompt_is_warned_about(run2, tmp_path, capsys):
     prompts = ["a red square", " ".join(["red square"] * 400)]
-    summary = sample(_base(run2, tmp_path / "s", prompts=prompts))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = sample(_base(run2, tmp_path / "s", prompts=prompts))
     err = capsys.readouterr().err
     assert summary["images_written"] == 2 and summary["truncated_prompts"] == 1
     assert "warning: prompt 1 has" in err and "max_length 512" in err and "prompt 0" not in err
+    assert not [w for w in caught if issubclass(w.category, PromptTruncated)]  # named once, with its line
+
+
+def test_the_pipeline_used_directly_warns_about_an_overlong_prompt(run2):
+    from semroute.stage2_train.sampling import load_pipeline
+
+    pipe = load_pipeline(run2, device="cpu")
+    prompts = ["a red square", " ".join(["red square"] * 400)]
+    with pytest.warns(PromptTruncated, match=r"1 of 2 prompts .* max_length 512 .*: prompt 1 \(\d+ tokens\)$"):
+        feats = pipe.encode_prompts(prompts)
+    assert feats[1].shape[0] == 512
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptTruncated)
+        pipe.encode_prompts(prompts[:1])  # no warning for prompts that fit
 
 
 # -- B15: options that would be silently ignored --------------------------------------------------------
