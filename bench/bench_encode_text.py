@@ -8,7 +8,7 @@
    bytes from a memory-mapped file (and against zarr's own slicing, for reference).
 4. Peak memory (max RSS) of whole ``encode-text`` runs at two dataset sizes.
 
-Captions: GenAI-Bench's 1600 prompts (../shared/data). Model: SmolLM2-135M-Instruct (GGUF), bf16.
+Captions: GenAI-Bench's 1600 prompts (its genai_image.json, from the workspace's data folder). Model: SmolLM2-135M-Instruct (GGUF), bf16.
 
     python bench/bench_encode_text.py [--captions 1600] [--threads 2]
 """

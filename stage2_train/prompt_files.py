@@ -21,7 +21,7 @@ Layouts (``layout_for(format, out_dir, n_per_prompt)``):
 
 - GenEval (``geneval``): ``<out>/<index:05d>/metadata.jsonl`` holding that prompt's line as one JSON
   object, and ``<out>/<index:05d>/samples/<k:04d>.png``: the folder GenEval's ``evaluate_images.py``
-  scores (digits-only folder names, ``\\d+\\.png`` sample names; see ``../shared/data/geneval/LAYOUT.md``).
+  scores (digits-only folder names, ``\\d+\\.png`` sample names: GenEval's ``evaluation/evaluate_images.py``).
 - GenAI-Bench (``genaibench``): ``<out>/<id>.png`` with one image per prompt (the naming of its scorer,
   which reads ``<id>.jpeg``: convert the files to JPEG for the upstream ``evaluate.py``), and
   ``<out>/<id>_<k>.png`` with several; plus ``<out>/prompts.jsonl``.
@@ -240,7 +240,7 @@ def read_prompts(path: str | Path, format: str | None = None) -> list[PromptEntr
 
 
 def _read_drawbench_tsv(path: Path, text: str) -> list[PromptEntry]:
-    # TSV, not CSV: prompts contain commas and apostrophes (see ../shared/data/drawbench/PROVENANCE.md).
+    # TSV, not CSV: prompts contain commas and apostrophes.
     rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t"))
     if not rows:
         raise PromptFileError(f"{path}: the prompt file is empty")
