@@ -205,7 +205,9 @@ def read_manifest(
             if id_key in value:
                 raw_id = value[id_key]
                 if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id) == "":
-                    raise ManifestError(f"'{id_key}' must be a non-empty string or an integer, got {raw_id!r}")
+                    # As a Parquet/CSV id column (shared/sources.py): a float (1.0) or true is no stable id.
+                    raise ManifestError(f"'{id_key}' is {json.dumps(raw_id)}; an id must be a non-empty string or an "
+                                        'integer (7 or "7", not 7.0, true or null): write it as one')
                 sample_id = str(raw_id)
             else:
                 sample_id = str(position)

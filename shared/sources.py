@@ -9,9 +9,11 @@ Kinds (``detect_kind`` picks one from the name; ``kind=`` forces it):
 - ``parquet`` / ``csv``: one row per sample; ``--image-key`` names a column of paths, of image bytes,
   or of ``{bytes, path}`` structs (Hugging Face ``datasets`` Image columns; one whose bytes are null names
   a file by its path, taken as a path column's value is); ``--text-key`` a string or
-  list-of-strings column; ``--id-key`` the optional id column (else the row's position over all files).
+  list-of-strings column; ``--id-key`` the optional id column (else the row's position over all files): text
+  as written (a CSV's ``001`` stays ``001``) or integers; a float column (ids like ``1.0``, ``nan``) is refused.
 - ``webdataset``: tar shards of ``{key}.jpg|png|webp...`` + ``{key}.txt|json`` members, local paths or
-  fsspec URLs, with brace ranges (``data-{000000..000127}.tar``). Sample id: the member key.
+  fsspec URLs, with brace ranges (``data-{000000..000127}.tar``). Sample id: the member key. A shard made
+  with ``cat a.tar b.tar`` is read to its end.
 
 Several files of one kind: a brace range, a ``::``-separated list (as webdataset writes them), or a
 folder holding only ``.tar`` / ``.parquet`` files.
@@ -312,10 +314,25 @@ def _tar_members(shard: str, storage_options: dict | None):
 
     Python's ``tarfile`` (not webdataset's streaming reader) lists the shard, because it gives each
     member's byte offset: the decoding workers then read single images with one ranged read instead
-    of streaming whole shards again.
+    of streaming whole shards again. It reads on past tar's end-of-archive block (``ignore_zeros``, as
+    ``tar -i`` does): a shard made with ``cat a.tar b.tar`` holds a second archive there, which would
+    otherwise be left unread without a word. What it skips must be zeros (:func:`_check_gap`), so a damaged
+    header is still named, not stepped over.
     """
-    with _open_binary(shard, storage_options) as fh, tarfile.open(fileobj=fh, mode="r:*") as tf:
-        for info in tf:
+    with _open_binary(shard, storage_options) as fh, \
+            tarfile.open(fileobj=fh, mode="r:*", ignore_zeros=True) as tf:
+        compressed = tf.fileobj is not fh
+        end = 0  # where the next header belongs: the end of the last member's data
+        while True:
+            try:
+                info = tf.next()
+            except tarfile.ReadError:
+                _check_gap(tf, end, tf.offset, compressed)  # a damaged header it stepped over is the cause
+                raise
+            _check_gap(tf, end, tf.offset if info is None else info.offset, compressed)
+            if info is None:
+                break
+            end = tf.offset
             if not info.isfile():
                 continue
             ext = info.name.rpartition(".")[2].lower()
@@ -323,22 +340,42 @@ def _tar_members(shard: str, storage_options: dict | None):
                 yield {"fname": info.name, "data": ImageRange(info.offset_data, info.size)}
             elif ext in ("txt", "json"):
                 yield {"fname": info.name, "data": tf.extractfile(info).read()}
-        _check_tar_end(tf, compressed=tf.fileobj is not fh)
+        _check_tar_end(tf, end, compressed)
 
 
-def _check_tar_end(tf: tarfile.TarFile, compressed: bool) -> None:
-    """Raise ``tarfile.ReadError`` saying where, unless the members ended at tar's end-of-archive block (zeros).
-    ``tarfile`` ends its listing quietly at a missing, cut or damaged header after the first (its
-    ``TarFile.next``), which would drop the rest of a cut or damaged shard without a word."""
+def _where(offset: int, compressed: bool) -> str:
+    return f"byte {offset}" + (" of the decompressed stream" if compressed else "")
+
+
+def _check_gap(tf: tarfile.TarFile, start: int, stop: int, compressed: bool) -> None:
+    """Raise ``tarfile.ReadError`` naming the first block of ``[start, stop)`` that is not zeros: with
+    ``ignore_zeros`` ``tarfile`` steps over a damaged header (and the data after it) to the next header
+    it can parse, which would drop those members without a word. Zeros there are an end-of-archive
+    block and its padding, between the parts of a concatenated tar."""
+    tf.fileobj.seek(start)
+    pos = start
+    while pos < stop:
+        chunk = tf.fileobj.read(min(stop - pos, 1 << 20))
+        if not chunk:
+            return
+        if chunk.count(0) != len(chunk):
+            bad = pos + (len(chunk) - len(chunk.lstrip(b"\0"))) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
+            raise tarfile.ReadError(f"the member header at {_where(bad, compressed)} is damaged (or what follows is "
+                                    "not tar); the members from there on are not read")
+        pos += len(chunk)
+
+
+def _check_tar_end(tf: tarfile.TarFile, end: int, compressed: bool) -> None:
+    """Raise ``tarfile.ReadError`` saying where, unless the members ended at tar's end-of-archive block (zeros,
+    checked by :func:`_check_gap` up to ``tf.offset``). ``tarfile`` ends its listing quietly at a missing or
+    cut header (its ``TarFile.next``), which would drop the rest of a cut shard without a word."""
     tf.fileobj.seek(tf.offset)
-    block = tf.fileobj.read(tarfile.BLOCKSIZE)
-    where = f"byte {tf.offset}" + (" of the decompressed stream" if compressed else "")
-    if not block:
-        raise tarfile.ReadError(f"it ends at {where} without tar's end-of-archive block (cut short?)")
-    if len(block) < tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"it is cut inside the member header at {where}")
-    if block.count(0) != tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"the member header at {where} is damaged; the members from there on are not read")
+    rest = tf.fileobj.read(tarfile.BLOCKSIZE)  # less than a block: a header cut short, or nothing
+    if rest.count(0) != len(rest) or (rest and tf.offset == end):
+        raise tarfile.ReadError(f"it is cut inside the member header at {_where(tf.offset, compressed)}")
+    if tf.offset == end:
+        raise tarfile.ReadError(f"it ends at {_where(end, compressed)} without tar's end-of-archive block "
+                                "(cut short?)")
 
 
 def read_webdataset(shards: list[str], *, text_key: str, need_text: bool, need_image: bool, skip_bad: bool,
@@ -403,7 +440,8 @@ def read_webdataset(shards: list[str], *, text_key: str, need_text: bool, need_i
     return out.result(shards[0] if len(shards) == 1 else f"{shards[0]} ... ({len(shards)} shards)", "webdataset")
 
 
-def _table(path: str, kind: str, storage_options: dict | None):
+def _table(path: str, kind: str, id_key: str, storage_options: dict | None):
+    import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
@@ -412,9 +450,31 @@ def _table(path: str, kind: str, storage_options: dict | None):
             if kind == "parquet":
                 return pq.read_table(fh)
             opts = pcsv.ParseOptions(delimiter="\t") if path.lower().endswith(".tsv") else None
-            return pcsv.read_csv(fh, parse_options=opts)
+            # The id as written: type inference would make "001" the integer 1, "1.50" the float 1.5.
+            convert = pcsv.ConvertOptions(column_types={id_key: pa.string()})
+            return pcsv.read_csv(fh, parse_options=opts, convert_options=convert)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         raise SemrouteError(f"cannot read {kind} table {path}: {err}") from None
+
+
+def _table_ids(table, path: str, id_key: str) -> list | None:
+    """The id column's values (None without one): text as written, or integers (given as their decimal text). A
+    float column is refused, as any other type: pandas writes integers with a missing value as floats, which
+    would give ids like "1.0" and "nan" that no other cache of the same samples joins on."""
+    import pyarrow as pa
+
+    if id_key not in table.column_names:
+        return None
+    column = table.column(id_key)
+    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    values = column.to_pylist()
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+            or pa.types.is_integer(kind) or pa.types.is_null(kind)):
+        row = next((k for k, v in enumerate(values) if v is None or v != v), 0)  # a null or NaN says why, if any
+        detail = f", row {row} holds {values[row]!r}" if values else ""
+        raise SemrouteError(f"{path}: the id column '{id_key}' is of type {column.type}{detail}; ids must be text or "
+                            "integers: cast the column to integer or string (or name another with --id-key)")
+    return values
 
 
 def read_table(files: list[str], kind: str, *, text_key: str, image_key: str, id_key: str, need_text: bool,
@@ -428,7 +488,7 @@ def read_table(files: list[str], kind: str, *, text_key: str, image_key: str, id
     content = hashlib.sha256()  # of every table's content, for ids taken from row positions
     positional = False
     for path in files:
-        table = _table(path, kind, storage_options)
+        table = _table(path, kind, id_key, storage_options)
         if id_key not in table.column_names:
             positional = True
             sink = pa.BufferOutputStream()
@@ -444,7 +504,7 @@ def read_table(files: list[str], kind: str, *, text_key: str, image_key: str, id
         as_bytes = image_type is not None and (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
                                                or (pa.types.is_struct(image_type)
                                                    and image_type.get_field_index("bytes") >= 0))
-        ids = table.column(id_key).to_pylist() if id_key in table.column_names else None
+        ids = _table_ids(table, path, id_key)
         texts_col = table.column(text_key).to_pylist() if need_text else None
         images_col = (table.column(image_key).to_pylist() if need_image and not as_bytes else None)
         present = (table.column(image_key).is_valid().to_pylist() if as_bytes else None)
@@ -460,11 +520,14 @@ def read_table(files: list[str], kind: str, *, text_key: str, image_key: str, id
                 struct_paths = pc.struct_field(column, "path").to_pylist()
         for row in range(table.num_rows):
             line = row + 1
+            if ids is not None and ids[row] in (None, ""):
+                msg = f"row {row}: the id column '{id_key}' is {'empty' if ids[row] == '' else 'null'}"
+                if not skip_bad:
+                    raise ManifestError(f"{path} {msg}; give every row an id (or pass --skip-bad to leave the row out)")
+                out.bad(path, line, msg)
+                continue
+            sample_id = str(position + row) if ids is None else str(ids[row])
             try:
-                sample_id = str(position + row) if ids is None else ids[row]
-                if sample_id is None or isinstance(sample_id, bool) or str(sample_id) == "":
-                    raise ManifestError(f"'{id_key}' is empty")
-                sample_id = str(sample_id)
                 texts = _captions(texts_col[row], text_key) if need_text else ()
                 image = None
                 if need_image:

@@ -51,6 +51,12 @@ def test_json_array_with_line_numbers_and_custom_keys(tmp_path):
         (b'{"image": "a.png", "text": "caf\xe9"}', r"m\.jsonl:2: invalid UTF-8"),
         (b'["not", "an", "object"]', r"m\.jsonl:2: record is list"),
         (b'{"image": "b.png", "text": "dup", "id": "0"}', r"m\.jsonl:2: duplicate id '0' \(first seen on line 1\)"),
+        # ids as a Parquet/CSV id column gives them: a float or a boolean is no stable id
+        (b'{"image": "b.png", "text": "x", "id": 1.0}', r"m\.jsonl:2: 'id' is 1\.0; an id must be a non-empty string or "
+                                                      r"an integer \(7 or \"7\", not 7\.0, true or null\): write it as one"),
+        (b'{"image": "b.png", "text": "x", "id": true}', r"m\.jsonl:2: 'id' is true; an id must be"),
+        (b'{"image": "b.png", "text": "x", "id": null}', r"m\.jsonl:2: 'id' is null; an id must be"),
+        (b'{"image": "b.png", "text": "x", "id": ""}', r"m\.jsonl:2: 'id' is \"\"; an id must be"),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path, line, message):

@@ -194,3 +194,96 @@ def test_plain_inputs_need_no_webdataset(tmp_path, monkeypatch):
     assert len(read_source(str(manifest)).records) == 2
     with pytest.raises(ImportError):
         expand(str(tmp_path / "d-{0..1}.tar"))
+
+
+# -- sample ids from tables: the text as written, never a float's "1.0" or "nan" -----------------------------------
+def test_table_ids_are_the_text_written_and_integers_stay_as_before(tmp_path):
+    (tmp_path / "t.csv").write_text("id,text\n001,a\n002,b\n1.50,c\nNA,d\n")
+    (tmp_path / "t.tsv").write_text("id\ttext\n007\ta\n")
+    assert [r.sample_id for r in read_source(tmp_path / "t.csv").records] == ["001", "002", "1.50", "NA"]
+    assert [r.sample_id for r in read_source(tmp_path / "t.tsv").records] == ["007"]
+    # Integer and string columns give the ids they gave before (existing caches join on them).
+    pq.write_table(pa.table({"id": pa.array([3, 10**12], pa.int64()), "text": ["a", "b"]}), tmp_path / "i.parquet")
+    pq.write_table(pa.table({"id": pa.array(["x", "001"]).dictionary_encode(), "text": ["a", "b"]}),
+                   tmp_path / "s.parquet")
+    assert [r.sample_id for r in read_source(tmp_path / "i.parquet").records] == ["3", "1000000000000"]
+    assert [r.sample_id for r in read_source(tmp_path / "s.parquet").records] == ["x", "001"]
+    (tmp_path / "n.csv").write_text("id,text\n1,a\n2,b\n")
+    assert [r.sample_id for r in read_source(tmp_path / "n.csv").records] == ["1", "2"]
+
+
+@pytest.mark.parametrize("ids, message", [
+    (pa.array([1.0, float("nan"), 3.0]), r"f\.parquet: the id column 'id' is of type double, row 1 holds nan; .*"
+                                         r"cast the column to integer or string"),
+    (pa.array([1.0, None, 3.0]), r"type double, row 1 holds None"),
+    (pa.array([True, False, True]), r"type bool, row 0 holds True"),
+])
+def test_a_float_or_bool_id_column_is_refused_naming_file_column_and_row(tmp_path, ids, message):
+    pq.write_table(pa.table({"id": ids, "text": ["a", "b", "c"]}), tmp_path / "f.parquet")
+    for skip_bad in (False, True):  # the whole column is wrong: no row can be kept
+        with pytest.raises(SemrouteError, match=message):
+            read_source(tmp_path / "f.parquet", skip_bad=skip_bad)
+
+
+def test_a_null_or_empty_id_is_refused_naming_the_row(tmp_path):
+    pq.write_table(pa.table({"id": pa.array([1, None, 3], pa.int64()), "text": ["a", "b", "c"]}),
+                   tmp_path / "n.parquet")
+    with pytest.raises(ManifestError, match=r"n\.parquet row 1: the id column 'id' is null; give every row an id"):
+        read_source(tmp_path / "n.parquet")
+    src = read_source(tmp_path / "n.parquet", skip_bad=True)
+    assert [r.sample_id for r in src.records] == ["1", "3"] and "row 1" in str(src.problems[0]), src.problems
+    (tmp_path / "e.csv").write_text('id,text\na,x\n"",y\n')
+    with pytest.raises(ManifestError, match=r"e\.csv row 1: the id column 'id' is empty"):
+        read_source(tmp_path / "e.csv")
+
+
+def test_the_three_readers_agree_on_numeric_ids(tmp_path):
+    (tmp_path / "ok.jsonl").write_text('{"id": 1, "text": "a"}\n{"id": "001", "text": "b"}\n')
+    pq.write_table(pa.table({"id": pa.array([1], pa.int32()), "text": ["a"]}), tmp_path / "ok.parquet")
+    (tmp_path / "ok.csv").write_text("id,text\n1,a\n001,b\n")
+    assert [r.sample_id for r in read_source(tmp_path / "ok.jsonl").records] == ["1", "001"]
+    assert [r.sample_id for r in read_source(tmp_path / "ok.csv").records] == ["1", "001"]
+    assert [r.sample_id for r in read_source(tmp_path / "ok.parquet").records] == ["1"]
+    for value in ("1.0", "true"):
+        (tmp_path / "bad.jsonl").write_text(f'{{"id": 0, "text": "a"}}\n{{"id": {value}, "text": "b"}}\n')
+        with pytest.raises(ManifestError, match=rf"bad\.jsonl:2: 'id' is {value}; an id must be a non-empty string "
+                                                r"or an integer .*write it as one"):
+            read_source(tmp_path / "bad.jsonl")
+
+
+# -- concatenated tars (cat a.tar b.tar > c.tar) --------------------------------------------------------------------
+def test_a_concatenated_tar_is_read_to_its_end(tmp_path):
+    a = write_tar(tmp_path / "a.tar", [("k0.jpg", _jpeg(0)), ("k0.txt", b"zero"), ("k1.jpg", _jpeg(1)),
+                                       ("k1.txt", b"one")])
+    b = write_tar(tmp_path / "b.tar", [("k2.jpg", _jpeg(2)), ("k2.txt", b"two")])
+    (tmp_path / "c.tar").write_bytes(a.read_bytes() + b.read_bytes())
+    src = read_source(str(tmp_path / "c.tar"), need_text=True, need_image=True)
+    assert [(r.sample_id, r.texts) for r in src.records] == [("k0", ("zero",)), ("k1", ("one",)), ("k2", ("two",))]
+    assert not src.problems
+    # Byte ranges in the second part are exact.
+    assert [read_image_bytes(r.image, src.image_range(k)) for k, r in enumerate(src.records)] == \
+        [_jpeg(0), _jpeg(1), _jpeg(2)]
+    # A tar padded with more zeros at its end (a tape's record size) is a normal end.
+    (tmp_path / "p.tar").write_bytes(a.read_bytes() + bytes(20 * 512))
+    src = read_source(str(tmp_path / "p.tar"), need_text=True)
+    assert [r.sample_id for r in src.records] == ["k0", "k1"] and not src.problems
+    # The same key in both parts is still named.
+    (tmp_path / "d.tar").write_bytes(a.read_bytes() + a.read_bytes())
+    with pytest.raises(ManifestError, match=r"duplicate key 'k0' in .*d\.tar: members 'k0\.jpg' and 'k0\.jpg'"):
+        read_source(str(tmp_path / "d.tar"), need_text=True, need_image=True)
+
+
+def test_data_after_the_end_of_a_tar_or_a_zeroed_header_is_named_with_its_byte(tmp_path):
+    a = write_tar(tmp_path / "a.tar", [(f"k{i}.txt", f"caption {i}".encode()) for i in range(3)])
+    size = len(a.read_bytes())
+    (tmp_path / "junk.tar").write_bytes(a.read_bytes() + b"not a tar header" * 64)
+    src = read_source(str(tmp_path / "junk.tar"), need_text=True)
+    assert [r.sample_id for r in src.records] == ["k0", "k1", "k2"]
+    assert len(src.problems) == 1 and f"byte {size} is damaged" in str(src.problems[0]), src.problems
+    # A header overwritten with zeros looks like tar's end: what follows it is named, not dropped.
+    raw = bytearray(a.read_bytes())
+    raw[1024:1536] = bytes(512)  # k1's header; its data block follows at 1536
+    (tmp_path / "zeroed.tar").write_bytes(bytes(raw))
+    src = read_source(str(tmp_path / "zeroed.tar"), need_text=True)
+    assert [r.sample_id for r in src.records] == ["k0"]
+    assert len(src.problems) == 1 and "byte 1536 is damaged" in str(src.problems[0]), src.problems
