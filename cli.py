@@ -270,9 +270,15 @@ class _FieldOptions:
 
         default = TrainConfig.default(name)
         shown = f" (default: {default})" if default not in (None, "", False) else ""
-        decls = self.DECLS.get(name, ("--" + name.replace("_", "-"),))
         return Annotated[Optional[TrainConfig.option_type(name)],
-                         typer.Option(*decls, help=field_help(name) + shown, show_default=False)]
+                         typer.Option(*self._decls(name), help=field_help(name) + shown, show_default=False)]
+
+    def _decls(self, name: str) -> tuple[str, ...]:
+        return self.DECLS.get(name, ("--" + name.replace("_", "-"),))
+
+    def flag(self, name: str) -> str:
+        """The option of field ``name`` as typed (``--batch-size``), for errors to name it."""
+        return self._decls(name)[0].split("/")[0]
 
 
 Field = _FieldOptions()
@@ -333,12 +339,13 @@ def train_cmd(
         # a resumed run keeps the config its checkpoint was trained with unless told otherwise
         run = RunFolder(out)
         config_file = str(run.config_file(run.resolve_resume(resume)))
-    cfg = TrainConfig.build(
-        config_file=config_file, overrides=set_ or [], text_cache=text_cache, latent_cache=latent_cache,
-        fusion=fusion, preset=preset, out=out, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
-        lr=lr, num_workers=num_workers, compile=compile_, holdout=holdout, validate_every=validate_every,
-        report_to=report_to, allow_new_data=allow_new_data, cache_dir=cache_dir, cache_size=cache_size,
-        shuffle=shuffle, storage_options=_storage_options(storage_options))
+    fields = dict(
+        text_cache=text_cache, latent_cache=latent_cache, fusion=fusion, preset=preset, out=out, max_steps=max_steps,
+        max_minutes=max_minutes, batch_size=batch_size, lr=lr, num_workers=num_workers, compile=compile_,
+        holdout=holdout, validate_every=validate_every, report_to=report_to, allow_new_data=allow_new_data,
+        cache_dir=cache_dir, cache_size=cache_size, shuffle=shuffle, storage_options=_storage_options(storage_options))
+    cfg = TrainConfig.build(config_file=config_file, overrides=set_ or [], flags={k: Field.flag(k) for k in fields},
+                            **fields)
     summary = train(cfg, resume=resume, progress=not no_progress)
     last = summary["last"]
     if last:
@@ -379,7 +386,7 @@ def sample_cmd(
 
       semroute sample -c runs/depth --prompts prompts.txt --guidance 4 --guidance-interval 0.3,0.8 -o samples/
 
-      semroute sample -c pipelines/depth --prompts ../shared/data/geneval/evaluation_metadata.jsonl --n 4 -o geneval/
+      semroute sample -c pipelines/depth --prompts evaluation_metadata.jsonl --n 4 -o geneval/
 
       accelerate launch --num_processes 8 cli.py sample -c runs/depth --prompts genai_image.json -o genai/
     """

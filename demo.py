@@ -99,6 +99,12 @@ class DemoConfig:
 
 
 SETTINGS_FILE = "demo_settings.json"
+# The `semroute demo` option of each setting that has one (declared in cli.py's demo_cmd), for errors to name a
+# setting as the user gave it; the other settings are the demo's recipe, named by their key.
+OPTIONS = {key: "--" + key.replace("_", "-") for key in (
+    "out", "images", "tag_weights", "heldout", "train_minutes", "max_steps", "fusion", "preset", "llm",
+    "samples_per_prompt", "guidance", "guidance_interval", "batch_size", "processes", "seed",
+)} | {"sample_steps": "--steps"}
 # Settings that change nothing the folder holds.
 _NOT_RECORDED = ("out", "progress", "num_workers")
 
@@ -125,7 +131,8 @@ def claim_folder(cfg: DemoConfig) -> None:
         except (OSError, ValueError) as err:
             raise SemrouteError(f"{path}: cannot read the demo's settings ({err}); delete {out} to start over, "
                                 "or use another --out") from None
-        changed = [f"{k} {json.dumps(before.get(k))} (now {json.dumps(v)})" for k, v in now.items() if before.get(k) != v]
+        changed = [f"{OPTIONS.get(k, k)} {json.dumps(before.get(k))} (now {json.dumps(v)})"
+                   for k, v in now.items() if before.get(k) != v]
         if changed:
             raise SemrouteError(
                 f"{out} holds a demo made with other settings: {'; '.join(changed)}. Its data, caches, run and "
@@ -382,15 +389,11 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
     # Mistakes named before minutes of generating and encoding, not after.
     from semroute.shared.checks import check_number
 
-    for flag, value, rule in (("--images", cfg.images, dict(integer=True, low=1)),
-                              ("--heldout", cfg.heldout, dict(integer=True, low=1)),
-                              ("--samples-per-prompt", cfg.samples_per_prompt, dict(integer=True, low=1)),
-                              ("--steps", cfg.sample_steps, dict(integer=True, low=1)),
-                              ("--batch-size", cfg.batch_size, dict(integer=True, low=1)),
-                              ("--train-minutes", cfg.train_minutes, dict(low=0.0, low_open=True)),
-                              ("--max-steps", cfg.max_steps, dict(integer=True, low=1))):
-        check_number(flag, value, **rule)
-    check_number("--guidance", cfg.guidance)
+    for key, rule in (("images", dict(integer=True, low=1)), ("heldout", dict(integer=True, low=1)),
+                      ("samples_per_prompt", dict(integer=True, low=1)), ("sample_steps", dict(integer=True, low=1)),
+                      ("batch_size", dict(integer=True, low=1)), ("train_minutes", dict(low=0.0, low_open=True)),
+                      ("max_steps", dict(integer=True, low=1)), ("guidance", {})):
+        check_number(OPTIONS[key], getattr(cfg, key), **rule)
     from semroute.stage2_train.models import check_fusion
     from semroute.stage2_train.presets import PRESETS
 

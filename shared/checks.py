@@ -13,6 +13,19 @@ import math
 from semroute.shared.errors import SemrouteError
 
 
+class BadValue(SemrouteError):
+    """A value a check refused, with the name it was checked under and the problem (``must be >= 1, got -3``)
+    apart: a caller that knows how the user gave the value (an option, a ``--set``, a config file) names it so
+    (``TrainConfig.build``)."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(name, problem)
+        self.name, self.problem = name, problem
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.problem}"
+
+
 def _kind(value) -> str:
     return "a boolean" if isinstance(value, bool) else f"{type(value).__name__} {value!r}"
 
@@ -26,15 +39,15 @@ def check_number(name: str, value, *, integer: bool = False, low: float | None =
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         want = "an integer" if integer else "a number"
-        raise SemrouteError(f"{name} must be {want}, got {_kind(value)}")
+        raise BadValue(name, f"must be {want}, got {_kind(value)}")
     if not integer and not math.isfinite(value):
-        raise SemrouteError(f"{name} must be a finite number, got {value}")
+        raise BadValue(name, f"must be a finite number, got {value}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
         hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-        raise SemrouteError(f"{name} must be {' and '.join(x for x in (lo, hi) if x)}, got {value}")
+        raise BadValue(name, f"must be {' and '.join(x for x in (lo, hi) if x)}, got {value}")
     return int(value) if integer else value
 
 
@@ -42,7 +55,7 @@ def check_bool(name: str, value) -> bool:
     """A real boolean: YAML's ``true``/``false``; the strings ``'false'`` or ``'no'`` are refused, not read
     as truthy."""
     if not isinstance(value, bool):
-        raise SemrouteError(f"{name} must be true or false, got {_kind(value)}")
+        raise BadValue(name, f"must be true or false, got {_kind(value)}")
     return value
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from semroute.shared.checks import check_bool, check_guidance_interval, check_number
+from semroute.shared.checks import BadValue, check_bool, check_guidance_interval, check_number
 from semroute.shared.errors import SemrouteError
 from semroute.shared.files import write_atomic
 
@@ -226,16 +226,17 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        from semroute.shared.remote import parse_size
         from semroute.stage2_train.models import check_fusion
         from semroute.stage2_train.presets import PRESETS
 
         check_fusion(self.fusion)
         if self.preset not in PRESETS:
-            raise SemrouteError(f"preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+            raise BadValue("preset", f"{self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
         if self.lr_schedule not in ("constant", "warmup", "cosine"):
-            raise SemrouteError(f"lr_schedule {self.lr_schedule!r}: use constant, warmup or cosine")
+            raise BadValue("lr_schedule", f"{self.lr_schedule!r}: use constant, warmup or cosine")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise SemrouteError(f"mixed_precision {self.mixed_precision!r}: use auto, no, bf16 or fp16")
+            raise BadValue("mixed_precision", f"{self.mixed_precision!r}: use auto, no, bf16 or fp16")
         for name, rule in NUMERIC_RULES.items():
             value = getattr(self, name)
             if isinstance(value, str) and not rule.get("integer"):
@@ -245,23 +246,27 @@ class TrainConfig:
             check_bool(name, getattr(self, name))
         for name in ("text_cache", "latent_cache", "out", "fusion", "preset", "lr_schedule", "mixed_precision"):
             if not isinstance(getattr(self, name), str):
-                raise SemrouteError(f"{name} must be a string, got {getattr(self, name)!r}")
+                raise BadValue(name, f"must be a string, got {getattr(self, name)!r}")
         if not self.out.strip():
-            raise SemrouteError("out is empty; it names the run folder (e.g. --out runs/depth)")
+            raise BadValue("out", "is empty; it names the run folder (e.g. --out runs/depth)")
         if self.report_to not in REPORT_TO:
-            raise SemrouteError(f"report_to {self.report_to!r}: use {', '.join(REPORT_TO)}")
+            raise BadValue("report_to", f"{self.report_to!r}: use {', '.join(REPORT_TO)}")
+        try:
+            parse_size(self.cache_size)  # train.py reads it once the caches are open: a bad size is named here, first
+        except SemrouteError:
+            raise BadValue("cache_size", f"{self.cache_size!r}: use a size like 20G, 512M or 1000000") from None
         for name in ("model", "expect_text", "storage_options"):
             if not isinstance(getattr(self, name), dict):
-                raise SemrouteError(f"{name} must be a mapping (e.g. --set {name}.key=value), got {getattr(self, name)!r}")
+                raise BadValue(name, f"must be a mapping (e.g. --set {name}.key=value), got {getattr(self, name)!r}")
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
-            raise SemrouteError(f"betas must be a list of two numbers, got {self.betas!r}")
+            raise BadValue("betas", f"must be a list of two numbers, got {self.betas!r}")
         self.betas = [check_number(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(self.betas)]
         if self.text_layers is not None and not isinstance(self.text_layers, (str, list)):
-            raise SemrouteError(f"text_layers must be a spec string or a list of layer indices, got {self.text_layers!r}")
+            raise BadValue("text_layers", f"must be a spec string or a list of layer indices, got {self.text_layers!r}")
         if self.shuffle not in ("samples", "shards"):
-            raise SemrouteError(f"shuffle {self.shuffle!r}: use samples or shards")
+            raise BadValue("shuffle", f"{self.shuffle!r}: use samples or shards")
         if self.loader not in ("thread", "process"):
-            raise SemrouteError(f"loader {self.loader!r}: use thread or process")
+            raise BadValue("loader", f"{self.loader!r}: use thread or process")
         if self.val_guidance_interval is not None:
             self.val_guidance_interval = list(check_guidance_interval(self.val_guidance_interval))
         self.text_length_buckets()  # a clear error for a bad text_buckets
@@ -300,25 +305,35 @@ class TrainConfig:
 
     @classmethod
     def build(cls, *, config_file: str | None = None, overrides: list[str] | None = None,
-              **fields) -> "TrainConfig":
+              flags: dict[str, str] | None = None, **fields) -> "TrainConfig":
         """Defaults <- the fusion's preset file (or ``config_file``: a path or a name under configs/) <- ``fields``
         <- ``key=value`` overrides.
 
         ``fields`` are field values already of the field's type (the CLI's options parse them so, see
-        ``option_type``); None means not given. ``overrides`` are ``--set`` texts, read as YAML."""
+        ``option_type``); None means not given. ``flags``: the option each of ``fields`` was given as
+        (``{"batch_size": "--batch-size"}``). ``overrides`` are ``--set`` texts, read as YAML. A refused value
+        is named as the user gave it: by its option, or by its key after the ``--set`` or config file that set it."""
         unknown = sorted(set(fields) - set(cls.keys()))
         if unknown:
             raise SemrouteError(f"unknown config field(s) {unknown}; valid fields: {', '.join(cls.keys())}")
         given = {k: v for k, v in fields.items() if v is not None}
         values: dict = {}
+        named: dict[str, tuple[str, str]] = {}  # key -> (its name, where it was set) in the error of a bad value
+
+        def read(path: Path) -> None:
+            loaded = load_yaml(path)
+            values.update(loaded)
+            named.update((k, (k, f"config file {path}: ")) for k in loaded)
+
         fusion = given.get("fusion")
         if config_file is None and fusion in FUSION_CONFIGS:
             preset_file = CONFIG_DIR / FUSION_CONFIGS[fusion]
             if preset_file.exists():
-                values.update(load_yaml(preset_file))
+                read(preset_file)
         if config_file is not None:
-            values.update(load_yaml(resolve_config(config_file)))
+            read(resolve_config(config_file))
         values.update(given)
+        named.update((k, ((flags or {}).get(k, k), "")) for k in given)
         for item in overrides or []:
             key, sep, raw = item.partition("=")
             if not sep:
@@ -339,10 +354,17 @@ class TrainConfig:
                 values[head] = {**values.get(head, {}), sub: value}
             else:
                 values[key] = value
+            named[head] = (head, f"--set {item!r}: ")
         unknown = sorted(set(values) - set(cls.keys()))
         if unknown:
             raise SemrouteError(f"unknown config key(s) {unknown}; valid keys: {', '.join(cls.keys())}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except BadValue as err:
+            if err.name not in named:
+                raise
+            name, where = named[err.name]
+            raise SemrouteError(f"{where}{name} {err.problem}") from None
 
     @classmethod
     def option_type(cls, key: str) -> type:
@@ -419,7 +441,7 @@ def _yaml11_float(name: str, raw: str) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise SemrouteError(f"{name} must be a number, got {raw!r}") from None
+        raise BadValue(name, f"must be a number, got {raw!r}") from None
 
 
 def load_yaml(path: Path) -> dict:

@@ -3,6 +3,7 @@ and a SIGKILLed demo leaves no training processes behind it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,12 +21,38 @@ from semroute.cli import app
     (["--preset", "huge"], "--preset 'huge' is unknown; choose one of tiny, small"),
     (["--guidance", "nan"], "--guidance must be a finite number"),
     (["--processes", "-1"], "--processes must be >= 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--train-minutes", "0"], "--train-minutes must be > 0"),
 ])
 def test_demo_mistakes_are_named_before_anything_is_written(tmp_path, args, message):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--no-progress", *args])
     assert result.exit_code != 0 and message in str(result.exception), result.exception
     assert not out.exists()  # refused before the images, the caches (and the folder's settings) were made
+
+
+def test_a_changed_setting_is_named_by_its_flag(tmp_path):
+    """A demo folder made with other settings is refused naming each change as the user gives it: by its option
+    (``--steps``, not the field ``sample_steps``), or by its key for the demo's fixed recipe."""
+    from semroute.demo import SETTINGS_FILE, DemoConfig, recorded_settings
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / SETTINGS_FILE).write_text(json.dumps({**recorded_settings(DemoConfig()), "width": 64}))
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--no-progress", "--steps", "4"])
+    said = str(result.exception)
+    assert result.exit_code != 0 and "other settings: width 64 (now 128); --steps 50 (now 4). " in said, said
+
+
+def test_demo_options_name_the_flags_the_cli_declares():
+    import typer
+
+    from semroute.demo import OPTIONS, DemoConfig
+
+    demo = typer.main.get_command(app).commands["demo"]
+    declared = {opt for param in demo.params if param.name != "no_progress" for opt in param.opts if opt.startswith("--")}
+    assert set(OPTIONS.values()) == declared
+    assert set(OPTIONS) <= set(DemoConfig.__dataclass_fields__)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")

@@ -56,8 +56,62 @@ def test_cli_prints_one_line_for_a_bad_number(tmp_path):
     proc = run_cli("train", "--text-cache", "t", "--latent-cache", "l", "--fusion", "depth", "--lr", "inf",
                    "--out", str(tmp_path / "r"), check=False)
     assert proc.returncode == 1
-    assert "error: lr must be a finite number, got inf" in proc.stderr and "Traceback" not in proc.stderr
+    assert "error: --lr must be a finite number, got inf" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def _train(tmp_path, *args):
+    from typer.testing import CliRunner
+
+    from semroute.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--text-cache", "t", "--latent-cache", "l", "--fusion", "depth",
+                                      "--out", str(tmp_path / "r"), "--no-progress", *args])
+    assert result.exit_code != 0 and isinstance(result.exception, SemrouteError), result.output
+    assert not (tmp_path / "r").exists()
+    return str(result.exception)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "-3", "--batch-size must be >= 1, got -3"),
+    ("--lr", "2", "--lr must be > 0 and <= 1, got 2.0"),
+    ("--max-steps", "0", "--max-steps must be >= 1, got 0"),
+    ("--max-minutes", "0", "--max-minutes must be > 0, got 0.0"),
+    ("--validate-every", "0", "--validate-every must be >= 1, got 0"),
+    ("--holdout", "-1", "--holdout must be >= 0, got -1"),
+    ("--num-workers", "-1", "--num-workers must be >= 0, got -1"),
+    ("--report-to", "mlflow", "--report-to 'mlflow': use tensorboard, wandb, none"),
+    ("--preset", "huge", "--preset 'huge' is unknown; choose one of"),
+    ("--out", " ", "--out is empty"),
+    ("--cache-size", "lots", "--cache-size 'lots': use a size like 20G"),
+])
+def test_train_names_a_bad_value_by_the_flag_it_came_from(tmp_path, flag, value, message):
+    said = _train(tmp_path, flag, value)
+    assert said.startswith(message), said
+
+
+def test_train_errors_name_each_flag_as_declared():
+    import typer
+
+    from semroute.cli import Field, app
+
+    train = typer.main.get_command(app).commands["train"]
+    declared = {p.name.rstrip("_"): p.opts for p in train.params if p.name.rstrip("_") in TrainConfig.keys()}
+    assert len(declared) >= 18 and all(Field.flag(key) in opts for key, opts in declared.items())
+
+
+def test_train_names_a_bad_value_by_the_set_or_config_file_it_came_from(tmp_path):
+    said = _train(tmp_path, "--set", "batch_size=-3")
+    assert said == "--set 'batch_size=-3': batch_size must be >= 1, got -3"
+    config = tmp_path / "mine.yaml"
+    config.write_text("batch_size: -3\nshuffle: rows\n")
+    assert _train(tmp_path, "--config", str(config)).startswith(f"config file {config}: batch_size must be >= 1")
+    # the source that set the value last is the one named
+    assert _train(tmp_path, "--config", str(config), "--batch-size", "0").startswith("--batch-size must be >= 1")
+    assert _train(tmp_path, "--config", str(config), "--batch-size", "4", "--set", "batch_size=0").startswith(
+        "--set 'batch_size=0': batch_size must be >= 1")
+    assert _train(tmp_path, "--config", str(config), "--batch-size", "4") == \
+        f"config file {config}: shuffle 'rows': use samples or shards"
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -242,6 +242,8 @@ def test_train_options_take_type_help_and_default_from_the_config_fields(monkeyp
     result = CliRunner().invoke(app, ["train", "--lr", "1e-3", "--holdout", "4", "--no-compile", "--allow-new-data",
                                       "--set", "ema=true"])
     assert isinstance(result.exception, SemrouteError)
+    flags = seen.pop("flags")
+    assert (flags["lr"], flags["holdout"], flags["batch_size"]) == ("--lr", "--holdout", "--batch-size")
     given = {k: v for k, v in seen.items() if v is not None}
     assert given == {"lr": 1e-3, "holdout": 4, "compile": False, "allow_new_data": True, "overrides": ["ema=true"]}
     assert type(given["lr"]) is float and type(given["holdout"]) is int
