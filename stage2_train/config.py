@@ -97,6 +97,8 @@ class TrainConfig:
     on over the union (the sample order of the current epoch changes)."""
     expect_text: dict = field(default_factory=dict)
     """Fingerprint entries the text cache must have, e.g. {llm_weights_sha256: ..., prompt_instruction: ...}."""
+    expect_latent: dict = field(default_factory=dict)
+    """Fingerprint entries the latent cache must have, e.g. {resolution: 256, resample: bilinear}."""
 
     # -- model -------------------------------------------------------------------------------
     fusion: str = "depth"
@@ -255,7 +257,7 @@ class TrainConfig:
             parse_size(self.cache_size)  # train.py reads it once the caches are open: a bad size is named here, first
         except SemrouteError:
             raise BadValue("cache_size", f"{self.cache_size!r}: use a size like 20G, 512M or 1000000") from None
-        for name in ("model", "expect_text", "storage_options"):
+        for name in ("model", "expect_text", "expect_latent", "storage_options"):
             if not isinstance(getattr(self, name), dict):
                 raise BadValue(name, f"must be a mapping (e.g. --set {name}.key=value), got {getattr(self, name)!r}")
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
@@ -332,6 +334,12 @@ class TrainConfig:
                 read(preset_file)
         if config_file is not None:
             read(resolve_config(config_file))
+            if fusion is not None and values.get("fusion", fusion) != fusion:
+                # The file's other keys (RoPE base, gate settings) belong to its own fusion: mixing them with
+                # another would train neither the file's run nor the other fusion's (e.g. configs/paper/*).
+                raise SemrouteError(f"--fusion {fusion}: config file {config_file} is a {values['fusion']} run (its "
+                                    f"other settings belong to that fusion); use a config file for {fusion} (e.g. "
+                                    f"the one beside it) or leave out --fusion")
         values.update(given)
         named.update((k, ((flags or {}).get(k, k), "")) for k in given)
         for item in overrides or []:
@@ -349,8 +357,9 @@ class TrainConfig:
                 value = raw.strip()
             head, dot, sub = key.partition(".")
             if dot:  # model.adaln=true sets one entry of a dict-valued key
-                if head not in ("model", "expect_text"):
-                    raise SemrouteError(f"--set {item!r}: only model.* and expect_text.* take a dotted key")
+                if head not in ("model", "expect_text", "expect_latent"):
+                    raise SemrouteError(f"--set {item!r}: only model.*, expect_text.* and expect_latent.* take a "
+                                        "dotted key")
                 values[head] = {**values.get(head, {}), sub: value}
             else:
                 values[key] = value

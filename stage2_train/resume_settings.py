@@ -15,6 +15,7 @@ from semroute.shared.errors import SemrouteError
 MAY_CHANGE = (
     "lr", "fusion_lr_scale", "grad_clip", "max_steps", "max_minutes", "num_workers", "checkpoint_every",
     "keep_checkpoints", "log_every", "tensorboard", "log_samples", "gradient_checkpointing", "expect_text",
+    "expect_latent",
     "compile", "text_buckets", "loader", "peak_tflops", "global_batch", "sample_steps", "sample_guidance",
     "allow_new_data", "cache_dir", "cache_size", "storage_options",
     # watching the run (holdout is fixed: it decides what is trained on)

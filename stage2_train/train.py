@@ -81,8 +81,14 @@ def check_caches(cfg: TrainConfig, dataset: PairedCaches, run: RunFolder, resumi
     """Refuse caches that do not fit: expected fingerprint entries, and on resume the caches the run
     started with (same content, wherever they now are). Returns the record saved as run.json."""
     text_fp, latent_fp = dataset.text.fingerprint, dataset.latents.fingerprint
-    if cfg.expect_text:
-        require_match(text_fp, dict(cfg.expect_text), sorted(cfg.expect_text), f"text cache {cfg.text_cache}")
+    for name, fp, want, where in (("expect_text", text_fp, cfg.expect_text, cfg.text_cache),
+                                  ("expect_latent", latent_fp, cfg.expect_latent, cfg.latent_cache)):
+        try:
+            require_match(fp, dict(want), sorted(want), f"{name.removeprefix('expect_')} cache {where}")
+        except FingerprintMismatch as err:
+            raise FingerprintMismatch(f"{err}\n(the run's {name}; a config from configs/paper/ expects the "
+                                      f"reference's caches: encode them as its header says, or --set {name}={{}} to "
+                                      "train on these anyway)") from None
     record = {"text_cache": cfg.text_cache, "latent_cache": cfg.latent_cache, "text_fingerprint": text_fp,
               "latent_fingerprint": latent_fp, "text_layers_stored": dataset.text.stored_layers,
               "text_captions": dataset.text.n_captions, "latent_samples": len(dataset.latents),

@@ -53,6 +53,13 @@ def test_paper_config_is_the_reference_recipe(name):
     assert (cfg.caption_dropout, cfg.shift, cfg.logit_mean, cfg.logit_std) == (0.1, 3.0, 0.0, 1.0)
     assert (cfg.ema, cfg.ema_decay, cfg.ema_every, cfg.ema_warmup) == (True, 0.99, 100, False)
     assert (cfg.sample_steps, cfg.sample_guidance) == (50, 6.0)
+    assert (cfg.betas, cfg.mixed_precision) == ([0.9, 0.999], "bf16")
+    # The caches it trains on must be the reference's: LLM, prompt format, images, autoencoder.
+    assert cfg.expect_text == {"llm_num_hidden_layers": 36, "llm_hidden_size": 2560,
+                               "prompt_instruction": "Describe this image.", "prompt_chat_template": False,
+                               "prompt_max_length": 512}
+    assert cfg.expect_latent == {"resolution": 256, "resample": "bilinear", "crop": "center", "latent_channels": 16}
+    assert cfg.text_layers == (None if fusion in ("penultimate", "deep") else "all")
     # The model it builds (2.2B parameters: on the meta device) has the reference's keys and size.
     with torch.device("meta"):
         if fusion == "deep":
@@ -66,6 +73,9 @@ def test_paper_config_is_the_reference_recipe(name):
         assert (trainable, frozen) == deep_parameter_count(model.config)
         return
     assert model.config.context_embedder_type == "reference" and model.config.rope_theta == theta
+    c = model.config
+    assert (c.num_blocks, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_hidden_size, c.patch_size,
+            c.in_channels, c.text_dim, c.llm_num_layers) == (24, 2048, 32, 8, 128, 8192, 2, 16, 2560, 36)
     assert model.context_embedder[1].weight.shape == (2560, 2560)
     assert len(model.text_layers) == (1 if fusion == "penultimate" else 36)
     if fusion in ("time", "joint"):
@@ -167,9 +177,37 @@ def test_cli_trains_from_a_paper_config_and_saves_the_reference_keys(square_cach
     text, latents, _ = square_caches
     run_cli("train", "--config", str(PAPER_DIR / "time-wise.yaml"), "--text-cache", text, "--latent-cache", latents,
             "--preset", "tiny", "--num-workers", "0", "--no-progress", "--max-steps", "1", "--set", "global_batch=8",
-            "--set", "tensorboard=false", "--set", "mixed_precision='no'", "--out", str(tmp_path / "run"))
+            "--set", "tensorboard=false", "--set", "mixed_precision='no'", "--set", "expect_text={}",
+            "--set", "expect_latent={}", "--out", str(tmp_path / "run"))
     checkpoint = tmp_path / "run" / "checkpoints" / "step-0000001"
     saved = json.loads((checkpoint / "model" / "config.json").read_text())
     assert (saved["context_embedder_type"], saved["rope_theta"], saved["gate_sigma_scale"], saved["gate_init"]) == (
         "reference", 1e5, 1.0, "reference")
     assert (checkpoint / "model_ema").is_dir()
+
+
+@pytest.mark.parametrize("name", ["depth-wise.yaml", "penultimate.yaml"])
+def test_a_paper_config_refuses_caches_that_are_not_the_references(square_caches, tmp_path, name):
+    """The tiny test caches (another LLM, 32 px images, bicubic, a pixel codec) are named key by key, before
+    anything is written; --set expect_*={} trains on them anyway (the slow CLI test above)."""
+    from semroute.shared.errors import FingerprintMismatch
+
+    text, latents, _ = square_caches
+    cfg = paper(name, text_cache=text, latent_cache=latents, preset="tiny", out=str(tmp_path / "run"), num_workers=0,
+                overrides=["global_batch=null"], tensorboard=False, mixed_precision="no")
+    with pytest.raises(FingerprintMismatch, match=r"(?s)text cache .* does not fit this run:.*llm_hidden_size: cache "
+                                                  r"has \d+, expected 2560.*--set expect_text=\{\}"):
+        Trainer(cfg, progress=False)
+    cfg.expect_text = {}
+    with pytest.raises(FingerprintMismatch, match=r"(?s)latent cache .* does not fit this run:.*latent_channels: cache "
+                                                  r"has 12, expected 16.*resample: cache has 'bicubic', expected "
+                                                  r"'bilinear'.*resolution: cache has 32, expected 256.*"
+                                                  r"--set expect_latent=\{\}"):
+        Trainer(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_another_fusion_than_the_config_files_is_refused():
+    with pytest.raises(SemrouteError, match=r"--fusion time: config file .*depth-wise.yaml is a depth run"):
+        paper("depth-wise.yaml", fusion="time")
+    assert paper("depth-wise.yaml", fusion="depth").fusion == "depth"  # the same fusion: fine
