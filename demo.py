@@ -385,7 +385,7 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
     from semroute.stage2_train.report import write_report
 
     if cfg.size % 2:
-        raise SemrouteError(f"--size must be even (the pixel codec's patch is 2), got {cfg.size}")
+        raise SemrouteError(f"DemoConfig.size must be even (the pixel codec's patch is 2), got {cfg.size}")
     # Mistakes named before minutes of generating and encoding, not after.
     from semroute.shared.checks import check_number
 
@@ -422,7 +422,7 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
                    "train_seconds": trained.get("train_seconds"), "validation_seconds": trained.get("validation_seconds"),
                    "prepare_seconds": prep_seconds,
                    "total_seconds": time.perf_counter() - t0})
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
     html = write_report([run_dir], out / "report.html", title=f"semroute demo: {cfg.fusion}")
     val = report["validation_seconds"] or 0.0
     _say(f"trained {report['train_steps']} steps in {report['train_seconds']:.0f}s, of which validation "
