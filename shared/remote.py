@@ -16,6 +16,8 @@
   retried here with exponential backoff and counted in :data:`STATS` (shown in progress lines); the
   client's own retries are turned off so each one is counted once. Permanent failures become a
   :class:`~semroute.shared.errors.SemrouteError` naming the URL and what to do.
+- Objects replaced under a reader: a :class:`RemoteFile` pins the ETag its first request saw, and its later
+  reads and downloads are If-Match it; a 412 is a :func:`changed` error naming the URL.
 - :class:`ShardCache`: a size-bounded folder of whole shard files on local disk (``--cache-dir``);
   reads fall back to ranged requests while a shard is being downloaded in the background.
 """
@@ -111,6 +113,8 @@ def transient(err: BaseException) -> bool:
     """Whether ``err`` is worth another try (network trouble, an overloaded server)."""
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    if _object_changed(err):
+        return False
     if isinstance(err, (TimeoutError, ConnectionError)):
         return True
     if isinstance(err, OSError) and err.errno in (errno.EBUSY, errno.EREMOTEIO, errno.ECONNRESET, errno.ETIMEDOUT,
@@ -161,9 +165,31 @@ def _bucket_missing(url: str) -> bool:
         return False
 
 
+def _object_changed(err: BaseException) -> bool:
+    """Whether ``err`` is an HTTP 412 Precondition Failed answering a read's If-Match (:attr:`RemoteFile.pinned`):
+    obstore's ``PreconditionError``, or botocore's ``PreconditionFailed`` (s3fs raises it as an ``OSError``
+    caused by it; an If-None-Match write's becomes a ``FileExistsError``)."""
+    if type(err).__name__ == "PreconditionError" and type(err).__module__.startswith("obstore"):
+        return True
+    if isinstance(err, FileExistsError):
+        return False
+    response = getattr(err.__cause__ if isinstance(err, OSError) else err, "response", None)
+    return isinstance(response, dict) and (response.get("Error") or {}).get("Code") == "PreconditionFailed"
+
+
+def changed(url: str) -> SemrouteError:
+    """The error for an object whose pinned ETag (:attr:`RemoteFile.pinned`) no longer holds."""
+    return SemrouteError(f"{url} changed while this job ran: the object was replaced after this job first read it "
+                         "(a re-encode, or an append, into the cache being read), and reading on would mix the two "
+                         "versions. Let the writer finish, then run again (a training resumes from its last "
+                         "checkpoint with --resume latest).")
+
+
 def describe_failure(url: str, err: BaseException, tries: int = 1, missing: str | None = None) -> SemrouteError:
     """A permanent storage failure as a message naming the URL and the fix (``missing``: the message for a
     missing object, when the caller knows better than 'deleted while this job ran')."""
+    if _object_changed(err):
+        return changed(url)
     if isinstance(err, ValueError) and "://" in str(url) and (unknown := unknown_protocol(url)):
         return unknown
     text = _brief(err)
@@ -427,6 +453,25 @@ class RemoteFile:
         info = self.info()
         return str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
 
+    @property
+    def pinned(self) -> str | None:
+        """The ETag that later GETs of an ``s3://`` object require (If-Match; a 412 is :func:`changed`): the one
+        its first HEAD or GET through this object saw. A reader keeps what it learnt from the object (a shard's
+        index) and reads the rest later; were the object replaced in between, those reads would pair the old
+        index with the new bytes, every chunk's crc32c passing when the layout is the same."""
+        if not self._s3 or self._info is None:
+            return None
+        return self._info.get("ETag") or None
+
+    def _saw(self, etag: str | None, size: int | None, last_modified) -> None:
+        """Record what the first answer to a GET says of the object (as :meth:`info` would): its ETag is pinned."""
+        if self._info is None:
+            self._info = {"size": size, "ETag": etag, "LastModified": last_modified}
+
+    def _saw_meta(self, meta: dict) -> None:
+        """:meth:`_saw` for an obstore ``GetResult.meta``."""
+        self._saw(meta["e_tag"], meta["size"], meta["last_modified"])
+
     def read(self, start: int, end: int | None) -> bytes:
         """Bytes ``start:end`` (``start < 0``, ``end`` None: the last ``-start`` bytes, however long the object)."""
         return self._checked(call(self.url, self._read_once, start, end), start, end)
@@ -434,33 +479,73 @@ class RemoteFile:
     def _read_once(self, start: int, end: int | None) -> bytes:
         store = self.store
         if store is None:
+            if self._s3:
+                from fsspec.asyn import sync
+
+                return sync(self.fs.loop, self._read_s3fs, start, end)
             return self.fs.cat_file(self.path, start=start, end=end)
         import obstore
 
         OBSTORE.used = True
+        if end is not None and end <= start:
+            return b""
         try:
-            if end is None:
-                result = obstore.get(store, self.key, options={"range": _open_range(start)})
-                return bytes(result.bytes())
-            return bytes(obstore.get_range(store, self.key, start=start, end=end)) if end > start else b""
+            result = obstore.get(store, self.key, options=self._get_options(start, end))
+            if self._info is None:
+                self._saw_meta(result.meta)
+            return bytes(result.bytes())
         except Exception as err:  # noqa: BLE001 - one case is a short read, the rest go to `call`
             return _past_the_end(err)
+
+    def _get_options(self, start: int | None, end: int | None) -> dict:
+        """obstore's GetOptions: the range (``start`` None: the whole object), If-Match the pinned ETag."""
+        options: dict = {} if start is None else {"range": _open_range(start) if end is None else (start, end)}
+        if pinned := self.pinned:
+            options["if_match"] = pinned
+        return options
 
     async def _read_async(self, store, start: int, end: int | None):
         """The bytes as obstore returns them (``obstore.Bytes``: a buffer, sliceable, not copied into a Python
         ``bytes``: at the `paper` preset's caption size that copy into fresh memory was most of the client's
-        CPU, bench/RESULTS.md "Reads of paper-sized captions")."""
+        CPU, bench/RESULTS.md "Reads of paper-sized captions").
+
+        Every GET is a ``get_async`` If-Match the pinned ETag (``get_range_async`` takes no conditions): ~0.1 ms
+        more client CPU a request than ``get_range_async`` (``bench/bench_data.py --only requests``)."""
         import obstore
 
+        if end is not None and end <= start:
+            return b""
         try:
-            if end is None:
-                result = await obstore.get_async(store, self.key, options={"range": _open_range(start)})
-                return await result.bytes_async()
-            if end <= start:
-                return b""
-            return await obstore.get_range_async(store, self.key, start=start, end=end)
+            result = await obstore.get_async(store, self.key, options=self._get_options(start, end))
+            if self._info is None:
+                self._saw_meta(result.meta)
+            return await result.bytes_async()
         except Exception as err:  # noqa: BLE001 - as in _read_once
             return _past_the_end(err)
+
+    async def _get_s3fs(self, start: int | None, end: int | None) -> dict:
+        """s3fs's GetObject of bytes ``start:end`` (``start`` None: the whole object), If-Match the pinned ETag
+        (s3fs's ``cat_file`` and ``get_file`` take no conditions), its answer recorded as :meth:`_saw` does."""
+        kw = {}
+        if start is not None:
+            kw["Range"] = f"bytes={start}" if start < 0 else f"bytes={start}-" + ("" if end is None else str(end - 1))
+        if pinned := self.pinned:
+            kw["IfMatch"] = pinned
+        bucket, key, _ = self.fs.split_path(self.path)
+        resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, **kw)
+        total = (resp.get("ContentRange") or "").rpartition("/")[2]  # bytes A-B/TOTAL
+        self._saw(resp.get("ETag"), int(total) if total.isdigit() else resp.get("ContentLength"),
+                  resp.get("LastModified"))
+        return resp
+
+    async def _read_s3fs(self, start: int, end: int | None) -> bytes:
+        if end is not None and end <= start:
+            return b""
+        resp = await self._get_s3fs(start, end)
+        try:
+            return await resp["Body"].read()
+        finally:
+            resp["Body"].close()
 
     def _checked(self, data: bytes, start: int, end: int | None) -> bytes:
         if end is not None and len(data) != end - start:
@@ -470,15 +555,33 @@ class RemoteFile:
         return data
 
     def download(self, local: Path) -> None:
+        """The whole object into ``local``, If-Match the pinned ETag (a shard cache keys its copies by it)."""
         store = self.store
-        if store is None:
+        if store is None and not self._s3:
             call(self.url, self.fs.get_file, self.path, str(local))
+            return
+        if store is None:
+            from fsspec.asyn import sync
+
+            async def fetch_s3fs():
+                resp = await self._get_s3fs(None, None)
+                try:
+                    with open(local, "wb") as fh:  # a retry starts the file again
+                        while piece := await resp["Body"].read(8 << 20):
+                            fh.write(piece)
+                finally:
+                    resp["Body"].close()
+
+            call(self.url, sync, self.fs.loop, fetch_s3fs)
             return
         import obstore
 
         def fetch():
+            result = obstore.get(store, self.key, options=self._get_options(None, None))
+            if self._info is None:
+                self._saw_meta(result.meta)
             with open(local, "wb") as fh:  # a retry starts the file again
-                for piece in obstore.get(store, self.key).stream(min_chunk_size=8 << 20):
+                for piece in result.stream(min_chunk_size=8 << 20):
                     fh.write(piece)
 
         OBSTORE.used = True
@@ -530,8 +633,17 @@ def read_ranges(files: list[RemoteFile], starts: list[int], ends: list[int | Non
     for js in groups.values():
         fs = files[js[0]].fs
         try:
-            got = fs.cat_ranges([files[j].path for j in js], [starts[j] for j in js], [ends[j] for j in js],
-                                on_error="return")
+            if files[js[0]]._s3:  # s3fs: its GETs If-Match the pinned ETags, sent together from its event loop
+                from fsspec.asyn import sync
+
+                async def together_s3fs(js=js):
+                    return await asyncio.gather(*(files[j]._read_s3fs(starts[j], ends[j]) for j in js),
+                                                return_exceptions=True)
+
+                got = sync(fs.loop, together_s3fs)
+            else:
+                got = fs.cat_ranges([files[j].path for j in js], [starts[j] for j in js], [ends[j] for j in js],
+                                    on_error="return")
         except Exception as err:  # noqa: BLE001 - the call as a whole failed: every range is retried below
             got = [err] * len(js)
         results.update(zip(js, got))

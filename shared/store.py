@@ -770,14 +770,18 @@ class ShardedArrayFile:
         return self.meta.shard_path(shard)
 
     def _remote(self, shard: int):
-        """The shard's object (remote stores): its size and ranged reads, with retries."""
+        """The shard's object (remote stores): its size and ranged reads, with retries, and the ETag its first
+        read saw (``RemoteFile.pinned``: the object the shard's kept index came from), which later reads require."""
         from semroute.shared.remote import RemoteFile
 
         obj = self._remotes.get(shard)
         if obj is None:
             obj = self._remotes[shard] = RemoteFile(self.shard_path(shard))
             if len(self._remotes) > 4096:
-                self._remotes.popitem(last=False)
+                # Its index goes with it: a new RemoteFile pins whatever version the object has by then.
+                gone, _ = self._remotes.popitem(last=False)
+                if gone in self._index:
+                    self._index_bytes -= self._index.pop(gone).nbytes
         return obj
 
     def _local_copy(self, shard: int) -> int | None:

@@ -260,3 +260,116 @@ def test_reading_a_small_array_retries_transient_errors_and_never_calls_them_dam
         assert not isinstance(e.value, CacheDamaged)
     finally:
         s3.fail_next(0)
+
+
+# -- an object replaced under a reader (a re-encode into the cache being read) ----------------------------
+def replace_shard(server: LoopbackS3, local_text: str, url: str, tmp_path, shard: int = 0):
+    """Overwrite ``features`` shard ``shard`` of the cache at ``url`` with a valid re-encode of the same layout:
+    every byte of its rows changed, every chunk's crc32c and the index's valid, the index itself unchanged (so
+    a reader holding the old index would pass every check on the new bytes). Returns the object's key and the
+    local cache the new shard comes from."""
+    import shutil
+
+    import numpy as np
+
+    from semroute.shared.store import _CRC, _INDEX_ENTRY, ShardedArrayFile, ShardFileWriter
+
+    copy = tmp_path / f"reencoded-{next(_copies)}.zarr"
+    shutil.copytree(local_text, copy)
+    old = ShardedArrayFile(copy, "features")
+    a = shard * old.rows_per_shard
+    rows = old.read_rows(a, min(a + old.rows_per_shard, old.shape[0]))
+    ShardFileWriter(copy, "features").write(shard, (rows.view(np.uint8) ^ 0x01).view(rows.dtype))
+    before, after = (ShardedArrayFile(root, "features").shard_path(shard).read_bytes() for root in (local_text, copy))
+    n = old.chunks_per_shard * _INDEX_ENTRY + _CRC  # the index and its crc32c
+    assert len(after) == len(before) and after[-n:] == before[-n:] and after[:-n] != before[:-n]
+    key = ShardedArrayFile(url, "features").shard_path(shard).split("/", 3)[3]
+    boto3.client("s3", endpoint_url=server.endpoint).put_object(Bucket="bkt", Key=key, Body=after)
+    return key, copy
+
+
+@pytest.mark.parametrize("client", ["s3fs", "obstore"])
+def test_a_shard_replaced_under_a_reader_is_named_not_read(s3, local_caches, tmp_path, monkeypatch, client):
+    """A reader keeps each shard's index; a later batch's ranged GETs are If-Match the ETag its first read saw,
+    so a same-layout re-encode of the object stops the reader with an error naming the URL, not a checksum
+    error and not the new bytes read through the old index. The batch costs no extra request."""
+    monkeypatch.setenv(remote.ENV_CLIENT, client)
+    text, _ = upload(local_caches)
+    reader = TextCacheReader(text)
+    features = reader._arrays()["features"]
+    assert features._remote(0).client == ("obstore" if client == "obstore" else "fsspec")
+    batch = [i for i in range(reader.n_captions) if int(reader.offsets[i]) < features.rows_per_shard][:3]
+    want = [(_raw(f), _raw(s)) for f, s in TextCacheReader(local_caches[0]).captions_bits(batch)]
+    assert [(_raw(f), _raw(s)) for f, s in reader.captions_bits(batch)] == want
+    seen = len(s3.requests)
+    assert [(_raw(f), _raw(s)) for f, s in reader.captions_bits(batch)] == want
+    per_batch = len(s3.requests) - seen
+    key, _ = replace_shard(s3, local_caches[0], text, tmp_path)
+    seen = len(s3.requests)
+    with pytest.raises(SemrouteError, match=rf"s3://bkt/{re.escape(key)} changed while this job ran.*Let the "
+                                            r"writer finish, then run again.*--resume latest") as e:
+        reader.captions_bits(batch)
+    assert not isinstance(e.value, CacheDamaged)
+    assert len(s3.requests) - seen == per_batch  # the same GETs, made conditional
+
+
+@pytest.mark.parametrize("client", ["s3fs", "obstore"])
+def test_a_shard_index_read_again_is_read_from_the_object_first_seen(s3, local_caches, tmp_path, monkeypatch,
+                                                                     client):
+    """An index dropped from the reader's bounded index cache is fetched again If-Match the ETag first seen: the
+    reader never pairs a new object's index with what it read from the old one."""
+    monkeypatch.setenv(remote.ENV_CLIENT, client)
+    text, _ = upload(local_caches)
+    reader = TextCacheReader(text)
+    features = reader._arrays()["features"]
+    features.index_cache_bytes = 1  # less than one index: none is kept
+    reader.captions_bits([0])
+    assert not features._index and features._remote(0).pinned
+    key, _ = replace_shard(s3, local_caches[0], text, tmp_path)
+    with pytest.raises(SemrouteError, match=rf"s3://bkt/{re.escape(key)} changed while this job ran"):
+        reader.captions_bits([0])
+
+
+@pytest.mark.parametrize("client", ["s3fs", "obstore"])
+def test_a_replaced_shard_is_never_kept_as_the_old_ones_local_copy(s3, local_caches, tmp_path, monkeypatch, client):
+    """The node-local shard cache keys copies by URL and ETag. A download for a reader that has seen the old
+    ETag (it keeps the old index) is If-Match it: the new object is not stored as the old one's copy (where
+    that reader would read it through its old index). A new reader sees the new ETag and reads the new bytes,
+    never a copy of the old object."""
+    from semroute.shared.remote import ShardCache
+
+    monkeypatch.setenv(remote.ENV_CLIENT, client)
+    text, _ = upload(local_caches)
+    cache = ShardCache(tmp_path / "shards", 1 << 30)
+    old = TextCacheReader(text, shard_cache=cache)._arrays()["features"]._remote(0)
+    old_copy = cache.local_path(old)  # the old ETag, seen (HEAD) before the download is queued
+    key, reencoded = replace_shard(s3, local_caches[0], text, tmp_path)
+    assert cache.get(old) is None
+    cache.wait()
+    assert not old_copy.exists()
+    assert any(e.startswith(f"s3://bkt/{key}: s3://bkt/{key} changed while this job ran") for e in cache.errors)
+    fresh = TextCacheReader(text, shard_cache=cache)
+    new = fresh._arrays()["features"]._remote(0)
+    assert cache.local_path(new) != old_copy
+    everything = list(range(fresh.n_captions))
+    want = [(_raw(f), _raw(s)) for f, s in TextCacheReader(reencoded).captions_bits(everything)]
+    assert [(_raw(f), _raw(s)) for f, s in fresh.captions_bits(everything)] == want
+    cache.wait()
+    assert cache.local_path(new).read_bytes() == remote.RemoteFile(new.url).read(0, new.size)
+
+
+def test_a_shard_object_forgotten_by_the_reader_takes_its_index_with_it(s3, local_caches, tmp_path):
+    """A reader keeps at most 4096 shard objects per array (each with the ETag it pinned): one dropped takes
+    its shard's index along, so the shard is read again as a whole, index and bytes from the same object."""
+    text, _ = upload(local_caches)
+    reader = TextCacheReader(text)
+    features = reader._arrays()["features"]
+    reader.captions_bits([0])
+    assert 0 in features._index and features._remote(0).pinned
+    key, reencoded = replace_shard(s3, local_caches[0], text, tmp_path)
+    for n in range(1, 4098):  # other shards' objects (none is read)
+        features._remote(10 ** 6 + n)
+    assert 0 not in features._remotes and 0 not in features._index
+    assert features._index_bytes == sum(ix.nbytes for ix in features._index.values())
+    want = [(_raw(f), _raw(s)) for f, s in TextCacheReader(reencoded).captions_bits([0])]
+    assert [(_raw(f), _raw(s)) for f, s in reader.captions_bits([0])] == want
