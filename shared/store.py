@@ -815,9 +815,12 @@ class ShardedArrayFile:
             if fd is None:
                 remote.append(j)
                 continue
-            if begin < 0:  # a suffix: clamped to the file, a short file then shows as a short read
-                begin, end = max(0, os.fstat(fd).st_size + begin), os.fstat(fd).st_size
-            out[j] = os.pread(fd, end - begin, begin)
+            try:
+                if begin < 0:  # a suffix: clamped to the file, a short file then shows as a short read
+                    begin, end = max(0, os.fstat(fd).st_size + begin), os.fstat(fd).st_size
+                out[j] = os.pread(fd, end - begin, begin)
+            except OSError as err:
+                raise self._unreadable(shard, err) from None
         if remote:
             from semroute.shared.remote import read_ranges
 
@@ -835,6 +838,8 @@ class ShardedArrayFile:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 raise CacheDamaged(f"shard file {path} is missing; {integrity.verify_hint(self.root)}") from None
+            except OSError as err:
+                raise self._unreadable(shard, err) from None
             self._fds[shard] = fd
             if len(self._fds) > self._max_open:
                 os.close(self._fds.popitem(last=False)[1])
@@ -969,7 +974,12 @@ class ShardedArrayFile:
                 # The descriptor taken just before the read: one kept from the plan could be closed by now
                 # (more shards in this call than max_open).
                 fd = self._local_copy(shard) if self.remote else self._fd(shard)
-                got = self._pread_into_scratch(fd, a, b - a) if fd is not None else self._fetch([(shard, a, b)])[0]
+                try:
+                    got = self._pread_into_scratch(fd, a, b - a) if fd is not None else None
+                except OSError as err:
+                    raise self._unreadable(shard, err) from None
+                if got is None:
+                    got = self._fetch([(shard, a, b)])[0]
                 chunks, starts = [(a, got)], [a]
             else:
                 chunks = fetched[shard]
@@ -986,6 +996,15 @@ class ShardedArrayFile:
                 lo, hi = max(start, chunk * c), min(stop, (chunk + 1) * c)
                 outs[k][lo - start: hi - start] = rows[lo - chunk * c: hi - chunk * c]
         return outs
+
+    def _unreadable(self, shard: int, err: OSError) -> SemrouteError:
+        """An error reading a shard's file (an I/O error of the disk, a folder in its place): ``pread`` names no
+        file, and a raw traceback would leave the user to guess which of thousands it was."""
+        where = (f"the node-local copy of {self.shard_path(shard)} (in --cache-dir)" if self.remote
+                 else f"shard file {self.shard_path(shard)}")
+        return SemrouteError(f"cannot read {where}: {err.strerror or err} (errno {err.errno}); the disk or file "
+                             f"system refused its bytes, not a checksum: check it, then "
+                             f"{integrity.verify_hint(self.root)}")
 
     def _pread_into_scratch(self, fd: int, begin: int, n: int) -> memoryview:
         """Bytes ``begin:begin + n`` of ``fd`` in this thread's scratch buffer (valid until its next call; a

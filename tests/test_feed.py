@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from semroute.shared.errors import SemrouteError
 from semroute.shared.store import ChecksumError
 from semroute.shared.text_store import TextCacheReader
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
@@ -133,6 +135,25 @@ def test_a_reader_failure_in_the_loader_is_raised_as_itself(square_caches, tmp_p
     loader = BatchLoader(ds, _plan(ds), num_workers=2, workers=workers)
     err = _raises_within(lambda: _first(loader, 3, ds.text), 120)
     assert isinstance(err, ChecksumError) and "crc32c" in str(err), repr(err)
+
+
+@pytest.mark.parametrize("workers", ["thread", "process"])
+def test_an_os_error_in_the_loader_is_raised_as_itself(square_caches, tmp_path, workers):
+    """An OSError reading the cache (here a shard file replaced by a folder; an I/O error of a disk alike) reaches
+    the caller as an error naming the shard file, which `semroute` prints as one line: not a bare errno (``pread``
+    names no file), nor torch's wrapper holding a worker's traceback."""
+    text, latents, _ = square_caches
+    bad = tmp_path / "bad.text.zarr"
+    shutil.copytree(text, bad)
+    ds = PairedCaches(str(bad), latents, text_layers=None, seed=0, caption_dropout=0.0)
+    for shard in [p for p in (bad / "features" / "c").rglob("*") if p.is_file()]:
+        shard.unlink()
+        shard.mkdir()
+    loader = BatchLoader(ds, _plan(ds), num_workers=2, workers=workers)
+    err = _raises_within(lambda: _first(loader, 3, ds.text), 120)
+    assert isinstance(err, SemrouteError) and re.search(r"cannot read shard file .*bad\.text\.zarr/features/c/\S+: "
+                                                        r"Is a directory \(errno 21\)", str(err)), repr(err)
+    assert "worker" not in str(err)
 
 
 def test_training_on_a_corrupt_cache_stops_with_the_readers_error(square_caches, tmp_path):
