@@ -322,7 +322,9 @@ def launch_training(tcfg, processes: int, config_file: Path, progress: bool, res
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", "0",  # a free port: another run on this machine may hold the default
-           "-m", "semroute.cli", "train", "--config", str(config_file), *([] if progress else ["--no-progress"]),
+           # this checkout's cli.py, not whichever `semroute` the interpreter would import by name
+           str(Path(__file__).with_name("cli.py")), "train", "--config", str(config_file),
+           *([] if progress else ["--no-progress"]),
            *(["--resume", resume] if resume else [])]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=die_with_parent())
     if done.returncode:

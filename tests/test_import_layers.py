@@ -1,7 +1,8 @@
 """Imports point one way: ``shared/`` <- ``stage1_encode/`` and ``stage2_train/`` (which never import each
 other) <- the top-level commands (``cli.py``, ``demo.py``). Read from the source with ``ast``, so a lazy
-import inside a function counts as much as one at the top; no module may import itself back through
-others (a cycle)."""
+import inside a function counts as much as one at the top, and so do relative imports (``from ..x import``)
+and modules named in strings for a later ``importlib.import_module`` (``"semroute.stage2_train.dit:SemrouteDiT"``);
+packages are read with their subfolders. No module may import itself back through others (a cycle)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,19 @@ ALLOWED = {
 }
 
 
-def _modules() -> dict[str, Path]:
+def _modules(root: Path = ROOT) -> dict[str, Path]:
     found = {}
-    for path in ROOT.glob("*.py"):
+    for path in root.glob("*.py"):
         found["semroute" if path.stem == "__init__" else f"semroute.{path.stem}"] = path
     for package in PACKAGES:
-        for path in (ROOT / package).glob("*.py"):
-            name = f"semroute.{package}" if path.stem == "__init__" else f"semroute.{package}.{path.stem}"
-            found[name] = path
+        for path in (root / package).rglob("*.py"):
+            parts = ["semroute", package, *path.relative_to(root / package).with_suffix("").parts]
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
+
+
+def _module_of(path: Path, modules: dict[str, Path]) -> str:
+    return next((name for name, p in modules.items() if p == path), "semroute.top")
 
 
 def _layer(module: str) -> str:
@@ -39,10 +44,18 @@ def _layer(module: str) -> str:
 def _imports(path: Path, modules: dict[str, Path]) -> list[tuple[int, str]]:
     """(line, semroute module) for every import in the file, however deep in a function."""
     out = []
+    package = _module_of(path, modules).split(".")[:-1] if path.stem != "__init__" else \
+        _module_of(path, modules).split(".")
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("semroute"):
+        if isinstance(node, ast.ImportFrom) and node.level:  # relative: from the file's own package up
+            base = ".".join(package[: len(package) - node.level + 1])
+            full = f"{base}.{node.module}" if node.module else base
+            names = [full] + [f"{full}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("semroute"):
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("semroute."):
+            names = [node.value.split(":")[0]]  # a module named for importlib, e.g. "semroute.x.y:Class"
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
@@ -95,3 +108,20 @@ def test_the_check_sees_a_wrong_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from semroute.stage2_train.train import train\n")
     assert _imports(bad, _modules()) == [(2, "semroute.stage2_train.train")]
+
+
+def test_the_check_sees_relative_imports_string_names_and_subpackages(tmp_path):
+    modules = _modules()
+    assert modules["semroute.stage2_train.models"] == ROOT / "stage2_train" / "models.py"
+    # stage2_train/models.py names its DiT classes as strings for importlib: those count as imports
+    assert any(t == "semroute.stage2_train.dit" for _, t in _imports(modules["semroute.stage2_train.models"], modules))
+    # a relative import, read as if the file were shared/fake.py
+    fake = tmp_path / "fake.py"
+    fake.write_text("from ..stage2_train import train\nfrom .store import join\nMODEL = 'semroute.stage1_encode.text:x'\n")
+    modules = {**modules, "semroute.shared.fake": fake}
+    assert sorted(t for _, t in _imports(fake, modules)) == [
+        "semroute.shared.store", "semroute.stage1_encode.text", "semroute.stage2_train", "semroute.stage2_train.train"]
+    # a subfolder of a package is read: shared/sub/x.py is semroute.shared.sub.x
+    (tmp_path / "tree" / "shared" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "shared" / "sub" / "x.py").write_text("")
+    assert _modules(tmp_path / "tree")["semroute.shared.sub.x"] == tmp_path / "tree" / "shared" / "sub" / "x.py"
