@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from semroute.shared.llm import AUTO_DEVICES, resolve_device
+
 
 @dataclass
 class ProcessInfo:
@@ -18,6 +20,13 @@ class ProcessInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def device_for(self, requested: str | torch.device | None) -> torch.device:
+        """The device this process runs its model on: ``requested`` (``resolve_device``), except that auto under
+        several processes is this process's own (accelerate gives each its GPU), so the ranks do not share one."""
+        if self.world_size > 1 and requested in AUTO_DEVICES:
+            return self.device
+        return resolve_device(requested)
 
     def barrier(self) -> None:
         if self._state is not None and self.world_size > 1:
@@ -66,4 +75,4 @@ def process_info() -> ProcessInfo:
         # PartialState only joins them into one (gloo) group when told to run on the CPU.
         state = PartialState(cpu=not torch.cuda.is_available())
         return ProcessInfo(state.process_index, state.num_processes, state.device, state)
-    return ProcessInfo(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return ProcessInfo(0, 1, resolve_device("auto"))

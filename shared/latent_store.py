@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from semroute.shared import images as im
+from semroute.shared.dtypes import BY_NAME, cache_dtype
 from semroute.shared.errors import CacheDamaged, SemrouteError
+from semroute.shared.integrity import INDEX
 from semroute.shared.store import (
     ATTR_KEY,
     FORMAT_VERSION,
@@ -88,6 +90,13 @@ class LatentStorage:
         self.stored_dtype = stored_dtype
         self.numpy_dtype = np.dtype(self.NUMPY[stored_dtype])
 
+    @classmethod
+    def of_cache(cls, location, attrs: dict) -> "LatentStorage":
+        """The storage of the latent cache at ``location``, from its attributes."""
+        stored = attrs["stored_dtype"]
+        cache_dtype(stored, location, "stored_dtype", cls.NUMPY)
+        return cls(stored)
+
     def to_numpy(self, t: torch.Tensor) -> np.ndarray:
         t = t.contiguous().cpu()
         if self.stored_dtype == "bfloat16":
@@ -96,7 +105,7 @@ class LatentStorage:
             if t.dtype != torch.uint8:
                 raise ValueError("uint8 storage takes pixel codes (uint8 tensors)")
             return t.numpy()
-        return t.to(getattr(torch, self.stored_dtype)).numpy()
+        return t.to(BY_NAME[self.stored_dtype]).numpy()
 
     def to_tensor(self, a: np.ndarray, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
@@ -135,13 +144,13 @@ class Bucket:
                    ShardLayout.plan(rows, row_bytes, shard_bytes, chunk_bytes))
 
 
-def latent_array_geometry(attrs: dict, bucket: Bucket, name: str) -> tuple:
-    """What array ``name`` (one of ``attrs["arrays"]``, or ``status``) of ``bucket`` must be:
-    ``(shape, dtype, layout)`` (``ShardedArrayMeta.check_geometry``)."""
+def latent_array_geometry(attrs: dict, bucket: Bucket, name: str, location) -> tuple:
+    """What array ``name`` (one of ``attrs["arrays"]``, or ``status``) of ``bucket`` of the latent cache at
+    ``location`` must be: ``(shape, dtype, layout)`` (``ShardedArrayMeta.check_geometry``)."""
     if name == "status":
         return (bucket.rows,), np.uint8, ShardLayout(bucket.rows, bucket.layout.rows_per_shard,
                                                       bucket.layout.rows_per_shard)
-    return (bucket.rows, *bucket.latent_shape), LatentStorage(attrs["stored_dtype"]).numpy_dtype, bucket.layout
+    return (bucket.rows, *bucket.latent_shape), LatentStorage.of_cache(location, attrs).numpy_dtype, bucket.layout
 
 
 def bucket_nbytes(bucket: Bucket, arrays: list[str], itemsize: int) -> int:
@@ -180,7 +189,7 @@ class LatentCacheWriter:
         self.attrs = attrs
         self.buckets = [Bucket.from_attrs(b) for b in attrs["buckets"]]
         self.arrays: list[str] = list(attrs["arrays"])
-        self.storage = LatentStorage(attrs["stored_dtype"])
+        self.storage = LatentStorage.of_cache(self.location, attrs)
         self.flags = open_flags(self.location, group, [b.name for b in self.buckets])
         self._files: dict[str, ShardFileWriter] = {}
 
@@ -217,7 +226,7 @@ class LatentCacheWriter:
         }
         group.attrs.update({ATTR_KEY: attrs})
         write_skipped(location, skipped)
-        write_parquet(location, "index.parquet", index)  # last: its presence says the store was fully created
+        write_parquet(location, INDEX, index)  # last: its presence says the store was fully created
         return cls(location, group, attrs)
 
     @classmethod
@@ -268,10 +277,10 @@ class LatentCacheWriter:
                     zip(index.column("bucket").to_pylist(), index.column("row").to_pylist())]
         new_index = index.set_column(index.schema.get_field_index("row"), "row", pa.array(
             [-1 if r is None else r for r in rows_col], pa.int64()))
-        old_index = read_parquet(self.location, "index.parquet").slice(0, n_before)
+        old_index = read_parquet(self.location, INDEX).slice(0, n_before)
         have = read_skipped(self.location)
         write_skipped(self.location, have + [e for e in skipped if e not in have])  # a rerun adds nothing twice
-        write_parquet(self.location, "index.parquet", pa.concat_tables([old_index, new_index.select(
+        write_parquet(self.location, INDEX, pa.concat_tables([old_index, new_index.select(
             old_index.column_names)], promote_options="default"))
         segments = marker["segments_before"] + [{"source": source, "first_record": n_before,
                                                  "n_records": index.num_rows, "input_sha256": input_sha256}]
@@ -329,7 +338,7 @@ class LatentCacheWriter:
                                 f"(first: {missing[:5]}); run again with --resume")
         import pyarrow as pa
 
-        index = read_parquet(self.location, "index.parquet")
+        index = read_parquet(self.location, INDEX)
         status = index.column("status").to_pylist()
         reason = index.column("reason").to_pylist()
         buckets = index.column("bucket").to_pylist()
@@ -344,7 +353,7 @@ class LatentCacheWriter:
                 reason[i] = _FOUND_WHILE_DECODING
         index = index.set_column(index.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
         index = index.set_column(index.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
-        write_parquet(self.location, "index.parquet", index)
+        write_parquet(self.location, INDEX, index)
         skipped = read_skipped(self.location, manifest_only=True) + skipped_images(index)
         write_skipped(self.location, skipped)
         counts = {"n_encoded": status.count("ok"), "n_skipped_images": index.num_rows - status.count("ok"),
@@ -358,6 +367,8 @@ class LatentCacheWriter:
 # The skipped-images report
 # ---------------------------------------------------------------------------------------------
 SKIPPED_FILE = "skipped.jsonl"
+# The entries of a latent cache's folder besides the generic ones (shared/store.py _store_entries).
+LATENT_ENTRIES = {"buckets", SKIPPED_FILE}
 
 
 def skipped_images(index) -> list[dict]:
@@ -426,7 +437,7 @@ class LatentCacheReader:
         self.buckets = [Bucket.from_attrs(b) for b in self.attrs["buckets"]]
         self.arrays: list[str] = list(self.attrs["arrays"])
         self.posterior_kind: str = self.attrs["posterior"]
-        self.storage = LatentStorage(self.attrs["stored_dtype"])
+        self.storage = LatentStorage.of_cache(self.location, self.attrs)
         self.out_dtype = out_dtype
         self.scaling_factor = float(self.attrs["scaling_factor"])
         self.shift_factor = float(self.attrs["shift_factor"])
@@ -503,7 +514,7 @@ class LatentCacheReader:
         if key not in self._files:
             path = f"buckets/{bucket.name}/{name}"
             reader = ShardedArrayFile(self.location, path, shard_cache=self.shard_cache)
-            reader.meta.check_geometry(*latent_array_geometry(self.attrs, bucket, name))
+            reader.meta.check_geometry(*latent_array_geometry(self.attrs, bucket, name, self.location))
             self._files[key] = reader
         return self._files[key]
 
@@ -582,7 +593,7 @@ class LatentCacheReader:
 def describe_latent_cache(path: str, attrs: dict) -> dict:
     fp = attrs["fingerprint"]
     buckets = [Bucket.from_attrs(b) for b in attrs["buckets"]]
-    itemsize = LatentStorage(attrs["stored_dtype"]).numpy_dtype.itemsize
+    itemsize = LatentStorage.of_cache(path, attrs).numpy_dtype.itemsize
     planned = max(1, attrs["n_planned"])
     data = sum(dir_size(join(path, f"buckets/{b.name}")) for b in buckets)
     raw = sum(b.rows * int(np.prod(b.latent_shape)) * itemsize for b in buckets)

@@ -15,32 +15,21 @@ from pathlib import Path
 
 import torch
 
+# (re-exported: shared/vae.py and shared/text_encoder.py import these from here)
+from semroute.shared.dtypes import DTYPES, dtype_name, parse_dtype  # noqa: F401
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import file_sha256, folder_weights_sha256, sha256_json
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise SemrouteError(f"--dtype {name!r} is not supported; use bfloat16, float16 or float32") from None
+AUTO_DEVICES = (None, "", "auto")  # what --device takes as "pick one" (resolve_device, ProcessInfo.device_for)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` (or None) picks the GPU when one is present; a device this machine lacks is an error here,
     before any model loads, not a traceback from deep inside torch."""
-    if device in (None, "", "auto"):
+    if device in AUTO_DEVICES:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         target = torch.device(device)

@@ -59,9 +59,11 @@ def set_storage_options(options: dict | None) -> None:
         os.environ.pop(ENV_OPTIONS, None)
 
 
-def storage_options(protocol: str | None = None) -> dict:
-    raw = os.environ.get(ENV_OPTIONS)
-    options = json.loads(raw) if raw else {}
+def storage_options(protocol: str | None = None, options: dict | None = None) -> dict:
+    """``options`` (default: those :func:`set_storage_options` set) with this module's client settings."""
+    if options is None:
+        raw = os.environ.get(ENV_OPTIONS)
+        options = json.loads(raw) if raw else {}
     if protocol in ("s3", "s3a"):
         # One attempt per call inside the client: our loop retries, so retries are counted and bounded.
         config = dict(options.get("config_kwargs") or {})
@@ -74,14 +76,14 @@ def storage_options(protocol: str | None = None) -> dict:
     return options
 
 
-def filesystem(url: str):
-    """``(fs, path)`` for a URL, with the configured options."""
+def filesystem(url: str, options: dict | None = None):
+    """``(fs, path)`` for a URL, with ``options`` (default: the configured ones) and the client settings."""
     import fsspec
 
     if unknown := unknown_protocol(url):
         raise unknown
     protocol = url.split("://", 1)[0]
-    fs, path = fsspec.core.url_to_fs(url, **storage_options(protocol))
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(protocol, options))
     if hasattr(fs, "retries"):
         fs.retries = 1  # s3fs's own retry loop (see storage_options)
     return fs, path

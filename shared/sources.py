@@ -139,11 +139,7 @@ def _open_binary(location: str, storage_options: dict | None = None):
     if is_url(location):
         from semroute.shared.remote import call, filesystem
 
-        if storage_options:
-            import fsspec
-
-            return call(location, lambda: fsspec.open(location, "rb", **storage_options).open())
-        fs, path = filesystem(location)
+        fs, path = filesystem(location, storage_options or None)
         return call(location, fs.open, path, "rb")
     return open(location, "rb")
 

@@ -35,7 +35,7 @@ import numpy as np
 from semroute.shared import integrity
 from semroute.shared.errors import CacheDamaged, SemrouteError
 from semroute.shared.files import write_atomic
-from semroute.shared.remote import call, is_url, transient
+from semroute.shared.remote import call, filesystem, is_url, transient
 
 FORMAT_VERSION = 1
 # Version 2: a text cache grown by `encode-text --append`. Each appended segment starts at a shard boundary
@@ -127,25 +127,27 @@ def open_group(location: str | os.PathLike, mode: str = "r"):
         raise SemrouteError(f"no cache at {location}") from None
 
 
-# What a semroute create may find in a folder it is allowed to replace: the entries its own stores write
-# (text and latent caches), so that an interrupted create (group written, attributes not yet) can be redone.
-_STORE_ENTRIES = {"zarr.json", "features", "scales", "offsets", "lengths", "null_features", "null_scales", "progress",
-                  "buckets", "index.parquet", "bad_records.jsonl", "skipped.jsonl"}
+def _store_entries() -> set[str]:
+    """What a semroute create may find in a folder it is allowed to replace: the entries its own stores write
+    (text and latent caches), so that an interrupted create (group written, attributes not yet) can be redone."""
+    from semroute.shared.latent_store import LATENT_ENTRIES  # (they import this module)
+    from semroute.shared.text_store import TEXT_ENTRIES
+
+    return {"zarr.json", "progress", integrity.INDEX} | TEXT_ENTRIES | LATENT_ENTRIES
 
 
 def _store_listing(location: str) -> tuple[bool, list[str], bytes | None]:
     """(exists, top-level entry names, bytes of zarr.json or None) of a folder or URL."""
     if is_url(location):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(location)
+        # The options, protocol check and retries of every other access to object storage (shared/remote.py).
+        fs, path = filesystem(location)
         path = path.rstrip("/")
-        if not fs.exists(path):
+        if not call(location, fs.exists, path):
             return False, [], None
-        if fs.isfile(path):
+        if call(location, fs.isfile, path):
             raise SemrouteError(f"--out {location} is a file, not a folder; choose a new --out")
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-        meta = fs.cat_file(f"{path}/zarr.json") if "zarr.json" in names else None
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in call(location, fs.ls, path, detail=False)]
+        meta = call(join(location, "zarr.json"), fs.cat_file, f"{path}/zarr.json") if "zarr.json" in names else None
         return True, names, meta
     path = Path(location)
     if not path.exists():
@@ -179,7 +181,7 @@ def check_replaceable(location: str | os.PathLike, kind: str) -> None:
             return  # a cache of this kind: --overwrite replaces it
         if isinstance(attrs, dict) and attrs.get("kind"):
             what = f"a {attrs['kind']} store, not a {kind}"
-        elif isinstance(doc, dict) and doc.get("node_type") == "group" and set(names) <= _STORE_ENTRIES:
+        elif isinstance(doc, dict) and doc.get("node_type") == "group" and set(names) <= _store_entries():
             return  # an interrupted create: only entries a semroute store writes, no attributes yet
     if what is None:
         shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
@@ -205,7 +207,7 @@ def interrupted_create(location: str | os.PathLike, kind: str) -> bool:
         if doc.get("node_type") != "group":
             return False
         if attrs is None:
-            if not set(names) <= _STORE_ENTRIES:
+            if not set(names) <= _store_entries():
                 return False
         elif attrs.get("kind") != kind or attrs.get("complete") or attrs.get("segments") or attrs.get("appending"):
             return False

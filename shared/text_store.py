@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from semroute.shared import integrity
+from semroute.shared.dtypes import cache_dtype, dtype_name, parse_dtype
 from semroute.shared.errors import CacheDamaged, SemrouteError
 from semroute.shared.store import (  # the generic sharded arrays, attributes and seal
     APPENDED_VERSION, ATTR_KEY, DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, FORMAT_VERSION, READ_VERSIONS,
@@ -65,6 +66,12 @@ class TextStorage:
         self.mode = mode
         self.compute_dtype = compute_dtype
 
+    @classmethod
+    def of_cache(cls, location, attrs: dict) -> "TextStorage":
+        """The storage of the text cache at ``location``, from its attributes."""
+        compute = cache_dtype(attrs["fingerprint"]["compute_dtype"], location, "fingerprint.compute_dtype")
+        return cls(attrs["storage"], compute)
+
     @property
     def lossy(self) -> bool:
         return self.mode != "exact"
@@ -85,7 +92,7 @@ class TextStorage:
 
     @property
     def stored_dtype_name(self) -> str:
-        return str(self.stored_torch_dtype).removeprefix("torch.")
+        return dtype_name(self.stored_torch_dtype)
 
     def row_bytes(self, n_layers: int, hidden: int) -> dict[str, int]:
         out = {"features": n_layers * hidden * self.feature_dtype.itemsize}
@@ -168,7 +175,7 @@ class TextCacheWriter:
         self.group = group
         self.attrs = attrs
         self.layout = ShardLayout(**attrs["layout"])
-        self.storage = TextStorage(attrs["storage"], getattr(torch, attrs["fingerprint"]["compute_dtype"]))
+        self.storage = TextStorage.of_cache(location, attrs)
         self.flags = open_flags(location, group, self.array_names)
         self._files: dict[str, ShardFileWriter] = {}
 
@@ -182,8 +189,7 @@ class TextCacheWriter:
                chunk_bytes: int = DEFAULT_CHUNK_BYTES, input_sha256: str, extra: dict | None = None
                ) -> "TextCacheWriter":
         """Create the store: arrays, offsets, index.parquet and attributes (``complete`` = False)."""
-        compute = getattr(torch, fingerprint["compute_dtype"])
-        codec = TextStorage(storage, compute)
+        codec = TextStorage(storage, parse_dtype(fingerprint["compute_dtype"]))
         total = int(offsets[-1])
         row_bytes = codec.row_bytes(n_layers, hidden_size)
         layout = ShardLayout.plan(total, row_bytes["features"], shard_bytes, chunk_bytes)
@@ -216,7 +222,7 @@ class TextCacheWriter:
         group.attrs.update({ATTR_KEY: attrs})
         for name in (["features", "scales"] if storage == "fp8" else ["features"]):
             DoneFlags(group, name, layout.n_shards)
-        write_parquet(location, "index.parquet", index)
+        write_parquet(location, integrity.INDEX, index)
         return cls(location, group, attrs)
 
     @classmethod
@@ -247,7 +253,7 @@ class TextCacheWriter:
         if pending_seg is not None:
             segments = pending_seg["segments_before"]
         n_before = sum(s["n_captions"] for s in segments)
-        old_index = read_parquet(self.location, "index.parquet").slice(0, n_before)
+        old_index = read_parquet(self.location, integrity.INDEX).slice(0, n_before)
         all_offsets, lengths = self._rows_before(old_index, n_before, first_try=pending_seg is None)
         if pending_seg is None:
             update_attrs(self.group, complete=False, appending={"source": source, "input_sha256": input_sha256,
@@ -277,7 +283,7 @@ class TextCacheWriter:
                                      pa.array(np.arange(n_before, n_before + index.num_rows, dtype=np.int64)))
         new_index = new_index.set_column(new_index.schema.get_field_index("start"), "start",
                                          pa.array(all_offsets[n_before:-1]))
-        write_parquet(self.location, "index.parquet", pa.concat_tables([old_index, new_index.select(
+        write_parquet(self.location, integrity.INDEX, pa.concat_tables([old_index, new_index.select(
             old_index.column_names)]))
         # 3. Attributes last: the new layout and counts, still incomplete until the new shards are written.
         segments = segments + [{"source": source, "first_caption": n_before, "n_captions": index.num_rows,
@@ -365,13 +371,16 @@ class TextCacheWriter:
 
 
 TEXT_SMALL_ARRAYS = ["offsets", "lengths", "null_features", "null_scales"]  # read whole; sealed by sha256
+BAD_RECORDS_FILE = "bad_records.jsonl"  # the manifest records left out (``--skip-bad``), local caches only
+# The entries of a text cache's folder besides the generic ones (shared/store.py _store_entries).
+TEXT_ENTRIES = {"features", "scales", *TEXT_SMALL_ARRAYS, BAD_RECORDS_FILE}
 
 
-def text_array_geometry(attrs: dict) -> dict[str, tuple]:
-    """What each sharded array of a text cache must be, from its attributes: ``name -> (shape, dtype, layout)``
-    (``ShardedArrayMeta.check_geometry``)."""
+def text_array_geometry(attrs: dict, location) -> dict[str, tuple]:
+    """What each sharded array of the text cache at ``location`` must be, from its attributes:
+    ``name -> (shape, dtype, layout)`` (``ShardedArrayMeta.check_geometry``)."""
     layout = ShardLayout(**attrs["layout"])
-    storage = TextStorage(attrs["storage"], getattr(torch, attrs["fingerprint"]["compute_dtype"]))
+    storage = TextStorage.of_cache(location, attrs)
     n_layers, hidden = len(attrs["layers"]), int(attrs["hidden_size"])
     out = {"features": ((layout.rows, n_layers, hidden), storage.feature_dtype, layout)}
     if attrs["storage"] == "fp8":
@@ -405,8 +414,7 @@ class TextCacheReader:
                                 "re-encode with --layers covering them")
         self.layers = list(layers)
         self._pick = None if self.layers == self.stored_layers else [self.stored_layers.index(i) for i in self.layers]
-        compute = getattr(torch, self.attrs["fingerprint"]["compute_dtype"])
-        self.storage = TextStorage(self.attrs["storage"], compute)
+        self.storage = TextStorage.of_cache(self.location, self.attrs)
         self.out_dtype = out_dtype or self.storage.read_dtype
         self.hidden_size = int(self.attrs["hidden_size"])
         self.n_captions = int(self.attrs["n_captions"])
@@ -456,7 +464,7 @@ class TextCacheReader:
             names = ["features", "scales"] if self.attrs["storage"] == "fp8" else ["features"]
             # Local files or remote objects alike: our reader, ranged reads of the inner chunks needed.
             files = {n: ShardedArrayFile(self.location, n, shard_cache=self.shard_cache) for n in names}
-            for name, expect in text_array_geometry(self.attrs).items():
+            for name, expect in text_array_geometry(self.attrs, self.location).items():
                 files[name].meta.check_geometry(*expect)
             self._files = files
         return self._files

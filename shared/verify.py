@@ -28,7 +28,7 @@ from semroute.shared.errors import SemrouteError
 from semroute.shared.latent_store import LATENT_KIND, Bucket, latent_array_geometry
 from semroute.shared.store import (ATTR_KEY, NOT_COMPLETED, READ_VERSIONS, open_group, read_index, store_file,
                                    verify_array)
-from semroute.shared.text_store import TEXT_KIND, text_array_geometry
+from semroute.shared.text_store import BAD_RECORDS_FILE, TEXT_KIND, text_array_geometry
 
 REENCODE = "re-encode the cache (encode-... --overwrite)"
 
@@ -193,7 +193,7 @@ def _left_out_lists(path: str, report: Report) -> None:
         if report.command == "encode-images":
             read_skipped(path)
         elif not is_url(path):  # (written for local caches only)
-            read_problem_report(Path(path) / "bad_records.jsonl")
+            read_problem_report(Path(path) / BAD_RECORDS_FILE)
     except CacheDamaged as err:
         report.problems.append(str(err))
 
@@ -207,7 +207,7 @@ def _verify_text(path: str, group, attrs: dict, report: Report) -> None:
         except Exception:  # noqa: BLE001 - reported by _flags
             n_shards = 0
         done = _flags(path, group, name, n_shards, report)
-        _sharded(path, name, done, report, _geometry(lambda: text_array_geometry(attrs)[name], report))
+        _sharded(path, name, done, report, _geometry(lambda: text_array_geometry(attrs, path)[name], report))
     null_fix = "delete the null_features folder, then `semroute encode-text ... --resume` writes it again"
     for name in ["null_features"] + (["null_scales"] if attrs.get("storage") == "fp8" else []):
         if not _has(group, name):
@@ -254,7 +254,7 @@ def _verify_latent(path: str, group, attrs: dict, report: Report) -> None:
         done = _flags(path, group, b.name, n_shards, report)
         for name in [*arrays, "status"]:
             _sharded(path, f"buckets/{b.name}/{name}", done, report,
-                     _geometry(lambda: latent_array_geometry(attrs, b, name), report))
+                     _geometry(lambda: latent_array_geometry(attrs, b, name, path), report))
     index = _index(path, attrs, report, ["sample_id", "bucket", "row", "status"])
     if index is None:
         return

@@ -22,7 +22,7 @@ from semroute.shared.errors import CacheDamaged, SemrouteError
 from semroute.shared.fingerprint import require_match
 from semroute.shared.lock import OutputLock
 from semroute.shared.integrity import INDEX
-from semroute.shared.remote import STATS
+from semroute.shared.remote import STATS, set_storage_options
 from semroute.shared.sources import require_local_inputs
 from semroute.shared.store import check_seal, dir_size, file_exists, interrupted_create, join, store_exists
 
@@ -75,6 +75,19 @@ class ShardWriterThread:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(raise_error=exc_type is None)
+
+
+class ShardSizes:
+    """An encode config's ``shard_mb`` and ``chunk_kb`` (EncodeTextConfig, EncodeImagesConfig) in bytes, as the
+    stores take them."""
+
+    @property
+    def shard_bytes(self) -> int:
+        return int(self.shard_mb * 2**20)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return int(self.chunk_kb * 1024)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +202,8 @@ class EncodeRun:
 
     def __init__(self, cfg, proc: ProcessInfo | None = None):
         self.cfg = cfg
+        if cfg.storage_options:  # for every URL of the run, --out too (as stage2_train/train.py applies them)
+            set_storage_options(cfg.storage_options)
         self.proc = proc or process_info()
         self.show = bool(cfg.progress) and self.proc.is_main
         check_flags(cfg)  # these two before the model loads (seconds to minutes)

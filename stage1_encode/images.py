@@ -42,6 +42,7 @@ from semroute.shared.checks import check_number
 from semroute.shared.distributed import ProcessInfo
 from semroute.shared.errors import ManifestError, SemrouteError
 from semroute.shared.fingerprint import sha256_text
+from semroute.shared.integrity import INDEX
 from semroute.shared.latent_store import (
     LATENT_KIND,
     OK,
@@ -57,11 +58,12 @@ from semroute.shared.manifest import Problem
 from semroute.shared.sources import ImageRange, read_image_bytes, read_source, split_locator
 from semroute.shared.store import read_parquet
 from semroute.shared.vae import LatentEncoder, VAEInfo, describe_vae, load_encoder, store_dtype_name
-from semroute.stage1_encode.encode_run import EncodeRun, ShardWriterThread, decide, rate, refuse_known_ids, retries_note
+from semroute.stage1_encode.encode_run import (EncodeRun, ShardSizes, ShardWriterThread, decide, rate,
+                                                refuse_known_ids, retries_note)
 
 
 @dataclass
-class EncodeImagesConfig:
+class EncodeImagesConfig(ShardSizes):
     data: str
     out: str
     vae: str = "pixel"
@@ -241,7 +243,7 @@ def plan_buckets(plan: ImagePlan, opts: im.ImageOptions, info: VAEInfo, itemsize
         if rows:
             shape = info.latent_shape(h, w)
             out.append(Bucket.plan(w, h, shape, rows, int(np.prod(shape)) * itemsize,
-                                   int(cfg.shard_mb * 2**20), int(cfg.chunk_kb * 1024)))
+                                   cfg.shard_bytes, cfg.chunk_bytes))
     return out
 
 
@@ -307,7 +309,6 @@ class EncodeImagesRun(EncodeRun):
     def __init__(self, cfg: EncodeImagesConfig, proc: ProcessInfo | None = None):
         super().__init__(cfg, proc)
         check_image_options(cfg)
-        self.device = str(self.proc.device) if cfg.device in ("auto", None) and self.proc.world_size > 1 else cfg.device
         self.info = describe_vae(cfg.vae, cfg.vae_subfolder, cfg.patch_size)
         self.encoder = None
         if self.info.downsample == 0 or self.info.latent_channels == 0:
@@ -317,8 +318,8 @@ class EncodeImagesRun(EncodeRun):
 
     def _load_encoder(self) -> LatentEncoder:
         cfg = self.cfg
-        return load_encoder(cfg.vae, cfg.vae_subfolder, device=self.device, dtype=cfg.dtype, patch_size=cfg.patch_size,
-                            info=self.info)
+        return load_encoder(cfg.vae, cfg.vae_subfolder, device=self.proc.device_for(cfg.device), dtype=cfg.dtype,
+                            patch_size=cfg.patch_size, info=self.info)
 
     def plan_and_create(self) -> dict:
         """Create, resume or grow (rank 0 decides); to create or grow, every rank reads its slice of the image
@@ -382,7 +383,7 @@ def _plan_and_create(cfg, info, opts, want, sha, records, paths, probes, problem
     if grow:
         writer = LatentCacheWriter.open(cfg.out)
         if writer.attrs.get("appending") is None:  # not a rerun of a grow that stopped halfway
-            have = read_parquet(cfg.out, "index.parquet", columns=["sample_id"]).column("sample_id").to_pylist()
+            have = read_parquet(cfg.out, INDEX, columns=["sample_id"]).column("sample_id").to_pylist()
             segments = writer.attrs.get("segments") or [{"source": writer.attrs.get("source"), "first_record": 0}]
             refuse_known_ids(cfg, have, ((r.sample_id, r.line) for r in records), segments, "first_record", "record")
         writer.append(buckets=buckets, index=plan.index, input_sha256=sha, source=str(cfg.data), skipped=plan.skipped)
@@ -452,7 +453,7 @@ def _encode_units(writer: LatentCacheWriter, encoder: LatentEncoder, opts: im.Im
                   show: bool, rank: int, world: int) -> dict:
     from tqdm.auto import tqdm
 
-    index = read_parquet(cfg.out, "index.parquet")
+    index = read_parquet(cfg.out, INDEX)
     bucket_col = np.asarray(index.column("bucket").to_pylist(), dtype=object)
     path_col = index.column("path").to_pylist()
     has_ranges = "offset" in index.column_names  # caches made before tar inputs existed lack them

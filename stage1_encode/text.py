@@ -27,8 +27,10 @@ import torch
 
 from semroute.shared.checks import check_number
 from semroute.shared.distributed import ProcessInfo
+from semroute.shared.dtypes import dtype_name
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import sha256_text
+from semroute.shared.integrity import INDEX
 from semroute.shared.layers import parse_layers
 from semroute.shared.llm import LoadedLLM, load_llm
 from semroute.shared.manifest import Problem, read_problem_report, write_problem_report
@@ -36,14 +38,15 @@ from semroute.shared.remote import is_url
 from semroute.shared.sources import read_source
 from semroute.shared.store import DEFAULT_CHUNK_BYTES, ShardLayout, read_parquet, store_file
 from semroute.shared.text_encoder import DEFAULT_INSTRUCTION, PromptFormat, TextEncoder
-from semroute.shared.text_store import TEXT_KIND, TextCacheWriter, TextStorage
-from semroute.stage1_encode.encode_run import EncodeRun, ShardWriterThread, decide, rate, refuse_known_ids, retries_note
+from semroute.shared.text_store import BAD_RECORDS_FILE, TEXT_KIND, TextCacheWriter, TextStorage
+from semroute.stage1_encode.encode_run import (EncodeRun, ShardSizes, ShardWriterThread, decide, rate,
+                                                refuse_known_ids, retries_note)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class EncodeTextConfig:
+class EncodeTextConfig(ShardSizes):
     data: str
     out: str
     llm: str = "smollm2"
@@ -198,7 +201,7 @@ class IndexTexts:
     def __init__(self, location: str):
         import pyarrow.parquet as pq
 
-        self._file = pq.ParquetFile(store_file(location, "index.parquet"))
+        self._file = pq.ParquetFile(store_file(location, INDEX))
         meta = self._file.metadata
         self._starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
         self._cache: tuple[int, list[str]] | None = None
@@ -222,7 +225,7 @@ def estimate_text(plan: CaptionPlan, encoder: TextEncoder, cfg: EncodeTextConfig
     storage = TextStorage(cfg.storage, encoder.llm.dtype)
     row_bytes = storage.row_bytes(L, D)
     total = int(plan.offsets[-1])
-    layout = ShardLayout.plan(total, row_bytes["features"], int(cfg.shard_mb * 2**20), int(cfg.chunk_kb * 1024))
+    layout = ShardLayout.plan(total, row_bytes["features"], cfg.shard_bytes, cfg.chunk_bytes)
     arrays = {name: layout.nbytes(rb) for name, rb in row_bytes.items()}
     payload = sum(arrays.values())
     return {
@@ -263,14 +266,11 @@ class EncodeTextRun(EncodeRun):
         if cfg.storage not in TextStorage.MODES:  # (TextStorage says so too, but only once the LLM is loaded)
             raise SemrouteError(f"--storage {cfg.storage!r} is not supported; use {', '.join(TextStorage.MODES)}")
         if llm is None:
-            device = cfg.device
-            if device in ("auto", None) and proc.world_size > 1:
-                device = str(proc.device)  # one GPU per process under accelerate
-            llm = load_llm(cfg.llm, device=device, dtype=cfg.dtype)
+            llm = load_llm(cfg.llm, device=proc.device_for(cfg.device), dtype=cfg.dtype)
         if llm.device.type == "cpu" and llm.dtype != torch.float32 and proc.is_main and not cfg.estimate:
             log.warning("encoding in %s on the CPU: CPU bf16/fp16 matmuls are often several times slower than "
                         "float32; consider --dtype float32 --storage bf16 (same bytes stored)",
-                        str(llm.dtype).removeprefix("torch."))
+                        dtype_name(llm.dtype))
         layers = parse_layers(cfg.layers, llm.num_hidden_layers)
         fmt = PromptFormat(instruction=cfg.instruction, chat_template=cfg.chat_template, max_length=cfg.max_length)
         self.encoder = TextEncoder(llm, fmt, layers)
@@ -335,13 +335,13 @@ def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: Caption
     elif action == "append":  # grow the cache by plan's captions (new shards only)
         writer = TextCacheWriter.open(cfg.out)
         if writer.attrs.get("appending") is None:  # not a rerun of a grow that stopped halfway
-            index = read_parquet(cfg.out, "index.parquet", columns=["sample_id"])
+            index = read_parquet(cfg.out, INDEX, columns=["sample_id"])
             segments = writer.attrs.get("segments") or [{"source": writer.attrs.get("source"), "first_caption": 0}]
             refuse_known_ids(cfg, index.column("sample_id").to_pylist(),
                              zip(plan.index.column("sample_id").to_pylist(), plan.index.column("line").to_pylist()),
                              segments, "first_caption", "caption")
         if plan.problems and not is_url(cfg.out):  # before the grow: a rerun finds them there and adds none twice
-            _add_problem_report(plan.problems, Path(cfg.out) / "bad_records.jsonl")
+            _add_problem_report(plan.problems, Path(cfg.out) / BAD_RECORDS_FILE)
         writer.append(offsets=plan.offsets, index=plan.index, input_sha256=plan.input_sha256, source=str(cfg.data),
                       extra={"n_truncated": plan.n_truncated, "n_bad_records": len(plan.problems)})
     else:
@@ -350,11 +350,11 @@ def _create_or_reopen(cfg: EncodeTextConfig, encoder: TextEncoder, plan: Caption
         writer = TextCacheWriter.create(
             cfg.out, offsets=plan.offsets, index=plan.index, fingerprint=fingerprint,
             n_layers=len(encoder.layers), hidden_size=encoder.llm.hidden_size, storage=cfg.storage,
-            shard_bytes=int(cfg.shard_mb * 2**20), chunk_bytes=int(cfg.chunk_kb * 1024),
+            shard_bytes=cfg.shard_bytes, chunk_bytes=cfg.chunk_bytes,
             input_sha256=plan.input_sha256, extra=extra,
         )
         if plan.problems and not is_url(cfg.out):
-            write_problem_report(plan.problems, Path(cfg.out) / "bad_records.jsonl")
+            write_problem_report(plan.problems, Path(cfg.out) / BAD_RECORDS_FILE)
     if not writer.has_null:  # never written, or its write was killed (the array may exist, zeros)
         null = encoder.null_caption()
         features, _ = encoder.forward([null.ids])

@@ -298,3 +298,46 @@ def test_a_cache_recording_its_llm_by_relative_path_still_matches_the_same_folde
         require_match(old, {"llm_ref": str(tmp_path / "other"), "llm_weights_sha256": "abc"}, None, "cache")
     with pytest.raises(FingerprintMismatch, match=r"llm_ref: cache has 'org/model', expected 'llm'"):
         require_match({"llm_ref": "org/model"}, {"llm_ref": "llm"}, None, "cache")  # a hub id is never a folder here
+
+
+class _Loaded(Exception):
+    """Raised by a stand-in model loader, carrying the device it was asked for."""
+
+
+def test_auto_device_under_several_processes_is_each_process_s_own(tmp_path, monkeypatch):
+    """Every spelling of auto (``auto``, ``""``, none) gives rank N accelerate's device N, never one shared by all
+    ranks; an explicit device is kept."""
+    from semroute.shared.distributed import ProcessInfo
+    from semroute.shared.llm import resolve_device
+    from semroute.stage1_encode import text as text_mod
+
+    own = torch.device("meta")  # not a device resolve_device would pick
+    proc = ProcessInfo(1, 2, own)
+    assert [proc.device_for(d) for d in ("auto", "", None)] == [own] * 3
+    assert proc.device_for("cpu") == torch.device("cpu")
+    assert ProcessInfo(0, 1, own).device_for("") == resolve_device("auto")
+
+    def load(ref, device, dtype):
+        raise _Loaded(device)
+
+    monkeypatch.setattr(text_mod, "load_llm", load)
+    manifest = write_manifest(tmp_path / "m.jsonl", random_captions(2))
+    for auto in ("auto", ""):
+        with pytest.raises(_Loaded) as got:
+            text_mod.EncodeTextRun(EncodeTextConfig(data=str(manifest), out=str(tmp_path / "c.text.zarr"),
+                                                    device=auto, progress=False), proc)
+        assert str(got.value.args[0]) == str(own), auto
+
+
+def test_shard_and_chunk_sizes_are_bytes_the_same_way_for_both_encoders(tmp_path, tiny_llama_dir):
+    from semroute.shared.store import ShardLayout
+    from semroute.stage1_encode.images import EncodeImagesConfig
+
+    for config in (EncodeTextConfig, EncodeImagesConfig):
+        cfg = config(data="d", out="o", shard_mb=0.5, chunk_kb=1.5)
+        assert (cfg.shard_bytes, cfg.chunk_bytes) == (1 << 19, 1536)
+    cfg, summary = _encode(tmp_path, tiny_llama_dir, random_captions(8), dtype="float32", shard_mb=0.01, chunk_kb=2)
+    reader = TextCacheReader(cfg.out)
+    row_bytes = len(reader.stored_layers) * reader.hidden_size * 4
+    assert reader._arrays()["features"].rows_per_shard == ShardLayout.plan(
+        int(reader.offsets[-1]), row_bytes, cfg.shard_bytes, cfg.chunk_bytes).rows_per_shard

@@ -205,3 +205,17 @@ def test_vae_loading_reports_problems(tmp_path, vae_dir):
     with pytest.raises(SemrouteError, match="not divisible"):
         enc.info.latent_shape(33, 32)
     assert np.isfinite(out["logvar"].numpy()).all()
+
+
+def test_auto_device_under_several_processes_is_each_process_s_own(tmp_path, data, monkeypatch):
+    """``--device ""`` is auto: under several processes each loads its autoencoder on its own device."""
+    from semroute.shared.distributed import ProcessInfo
+    from semroute.stage1_encode import images as images_mod
+
+    own = torch.device("meta")
+    monkeypatch.setattr(images_mod, "load_encoder", lambda *a, device, **kw: device)
+    for auto in ("auto", ""):
+        run_ = images_mod.EncodeImagesRun(images_mod.EncodeImagesConfig(
+            data=str(data), out=str(tmp_path / "c.latents.zarr"), vae="pixel", device=auto, progress=False),
+            ProcessInfo(1, 2, own))
+        assert str(run_._load_encoder()) == str(own), auto

@@ -201,3 +201,14 @@ def test_shard_file_writer_writes_zarrs_bytes(tmp_path, rows, per_shard, per_chu
     assert [p.relative_to(tmp_path / "zarr") for p in paths["zarr"]] == [p.relative_to(tmp_path / "ours") for p in paths["ours"]]
     for z, o in zip(paths["zarr"], paths["ours"]):
         assert z.read_bytes() == o.read_bytes()
+
+
+def test_a_damaged_stored_dtype_is_named_with_the_cache(tmp_path):
+    from semroute.shared.errors import CacheDamaged
+    from semroute.shared.store import open_group, update_attrs
+
+    location = _make(tmp_path).location
+    update_attrs(open_group(location, mode="r+"), stored_dtype="abs")
+    for open_ in (LatentCacheWriter.open, lambda loc: LatentCacheReader(loc, allow_incomplete=True)):
+        with pytest.raises(CacheDamaged, match=f"{location}/zarr.json: stored_dtype is 'abs', not a dtype"):
+            open_(location)

@@ -437,3 +437,58 @@ def test_a_shard_cache_that_cannot_store_shards_is_reported_and_training_goes_on
     assert (tmp_path / "run" / "checkpoints" / "step-0000002").exists()  # every read went to the object store
     err = capsys.readouterr().err
     assert f"warning: the node-local shard cache {tmp_path / 'shards'} had" in err and "No space left on device" in err
+
+
+@pytest.fixture
+def options_only(s3, monkeypatch):
+    """The loopback server's endpoint and keys given only as storage options: none in the environment (the other
+    tests' AWS_ENDPOINT_URL would reach the server whether the options are used or not)."""
+    from s3fs import S3FileSystem
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(remote, "MAX_TRIES", 2)  # a request sent elsewhere fails fast
+    S3FileSystem.clear_instance_cache()  # instances made with the environment's endpoint
+    yield {"endpoint_url": s3.endpoint, "key": "testing", "secret": "testing"}
+    remote.set_storage_options(None)
+    S3FileSystem.clear_instance_cache()
+
+
+def test_the_out_folder_is_checked_with_the_storage_options(s3, options_only):
+    """``--storage-options`` (set as the CLI sets them) reach the checks of an ``--out`` folder before a create."""
+    from semroute.shared.store import check_replaceable, interrupted_create
+    from semroute.shared.text_store import TEXT_KIND
+
+    remote.set_storage_options(options_only)
+    remote.write_bytes("s3://bkt/plain/a.txt", b"x")
+    with pytest.raises(SemrouteError, match=r"--out s3://bkt/plain already exists and is not a semroute cache "
+                                            r"\(1 entries: 'a.txt'\)"):
+        check_replaceable("s3://bkt/plain", TEXT_KIND)
+    remote.write_bytes("s3://bkt/half/zarr.json", b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    check_replaceable("s3://bkt/half", TEXT_KIND)  # the remains of an interrupted create: may be replaced
+    assert interrupted_create("s3://bkt/half", TEXT_KIND)
+    check_replaceable("s3://bkt/none", TEXT_KIND)
+
+
+def test_an_encode_config_s_storage_options_reach_its_out_folder(s3, options_only, tiny_llama_dir, tmp_path):
+    """Storage options given to an encode run (not through the CLI) are used for ``--out`` as for the inputs."""
+    manifest = write_manifest(tmp_path / "m.jsonl", random_captions(6, seed=5))
+    url = "s3://bkt/opts.text.zarr"
+    summary = encode_text(EncodeTextConfig(data=str(manifest), out=url, llm=str(tiny_llama_dir), dtype="float32",
+                                           device="cpu", progress=False, storage_options=options_only))
+    assert summary["captions"] >= 6 and TextCacheReader(url).n_captions == summary["captions"]
+
+
+def test_a_source_read_with_explicit_storage_options_is_retried_and_counted(s3, options_only):
+    """A reader given its own options (shared/sources.py) uses this module's client settings: transient failures
+    are retried by our loop (counted), not by the client's own."""
+    from semroute.shared.sources import _open_binary
+
+    remote.set_storage_options(options_only)
+    remote.write_bytes("s3://bkt/src/m.csv", b"id,text\n1,a\n")
+    remote.set_storage_options(None)  # only the reader's own options from here on
+    before = remote.STATS.retries
+    s3.fail_next(1, r"/src/m\.csv")
+    with _open_binary("s3://bkt/src/m.csv", options_only) as fh:
+        assert fh.read() == b"id,text\n1,a\n"
+    assert s3._fail[0] == 0 and remote.STATS.retries - before == 1

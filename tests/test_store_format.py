@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from semroute.shared.inspect import describe
@@ -80,3 +81,48 @@ def test_verify_names_the_shard_file_of_a_flipped_byte_in_a_version_1_cache(tmp_
     shard.write_bytes(bytes(raw))
     _, problems, _ = verify_store(str(root))
     assert len(problems) == 1 and str(shard) in problems[0] and "crc32c" in problems[0]
+
+
+def test_a_damaged_compute_dtype_is_named_with_the_cache(tmp_path):
+    """An unsealed cache (an older semroute's, or one being written) whose attributes name no dtype semroute writes."""
+    import zarr
+
+    from semroute.shared.errors import CacheDamaged
+    from semroute.shared.text_store import TextCacheWriter
+
+    root = tmp_path / "old.text.zarr"
+    _old_cache(root)
+    group = zarr.open_group(str(root), mode="r+")
+    for name in ("abs", "nope", "float64"):
+        attrs = dict(group.attrs["semroute"])
+        attrs["fingerprint"] = {**attrs["fingerprint"], "compute_dtype": name}
+        group.attrs["semroute"] = attrs
+        for open_ in (TextCacheReader, TextCacheWriter.open):
+            with pytest.raises(CacheDamaged, match=f"{root}/zarr.json: fingerprint.compute_dtype is '{name}'"):
+                open_(root)
+
+
+def test_the_remains_of_an_interrupted_create_are_the_entries_the_stores_name(tmp_path):
+    """A create killed before its attributes were written leaves a group and entries its store names (the file
+    names' owners: shared/integrity.py, shared/text_store.py, shared/latent_store.py): a new create may replace
+    them; any other entry stops it."""
+    import zarr
+
+    from semroute.shared.errors import SemrouteError
+    from semroute.shared.integrity import INDEX
+    from semroute.shared.latent_store import LATENT_KIND, SKIPPED_FILE
+    from semroute.shared.store import check_replaceable
+    from semroute.shared.text_store import BAD_RECORDS_FILE, TEXT_KIND, TEXT_SMALL_ARRAYS
+
+    for kind, files, folders in ((TEXT_KIND, [INDEX, BAD_RECORDS_FILE], ["features", "scales", *TEXT_SMALL_ARRAYS]),
+                                 (LATENT_KIND, [INDEX, SKIPPED_FILE], ["buckets"])):
+        root = tmp_path / kind
+        zarr.open_group(str(root), mode="w", zarr_format=3)
+        for name in files:
+            (root / name).write_bytes(b"")
+        for name in [*folders, "progress"]:
+            (root / name).mkdir()
+        check_replaceable(root, kind)
+        (root / "notes.txt").write_text("mine")
+        with pytest.raises(SemrouteError, match="is not a semroute cache"):
+            check_replaceable(root, kind)
