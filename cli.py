@@ -435,9 +435,10 @@ def routing_cmd(
     Example:  semroute routing runs/depth
     """
     from semroute.stage2_train.routing import save_routing
-    from semroute.stage2_train.run_folder import RunFolder, is_checkpoint, open_model
+    from semroute.stage2_train.run_folder import CHECKPOINT, EXPORT, open_model, resolve_model_source
 
-    if out is not None and (is_checkpoint(out) or (out / "model_index.json").exists()):
+    target = resolve_model_source(out) if out is not None else None
+    if target is not None and target.kind in (CHECKPOINT, EXPORT):
         # its complete.json lists its own routing.png/csv: rewritten, the checkpoint would read as damaged
         raise SemrouteError(f"--out {out} is a checkpoint or an exported pipeline, whose files routing does not "
                             "write over: pass another folder (or no --out: RUN/routing)")
@@ -446,11 +447,11 @@ def routing_cmd(
     if out is None:
         # Never into the checkpoint or pipeline read: their complete.json lists their files. A run's (or its
         # checkpoint's) plot goes to RUN/routing/, named after the checkpoint.
-        found = RunFolder.locate(run)
-        if found is None:
+        source = resolve_model_source(run)
+        if source.run is None:
             raise SemrouteError(f"{run} is not a run folder or one of its checkpoints (an exported pipeline, say), "
                                 "which routing does not write into: pass --out FOLDER")
-        out, name = found[0].routing_dir, where + ("-ema" if ema else "")
+        out, name = source.run.routing_dir, where + ("-ema" if ema else "")
     png, csv_path = save_routing(model, out, name, title=f"{model.config.fusion}: {where}{' (EMA)' if ema else ''}")
     typer.echo(f"wrote {png} and {csv_path}")
 
@@ -531,9 +532,10 @@ def info_cmd(
     _storage_options(storage_options)
     from semroute.shared.inspect import describe
     from semroute.shared.remote import is_url
-    from semroute.stage2_train.run_folder import RunFolder
+    from semroute.stage2_train.run_folder import RUN, resolve_model_source
 
-    if not is_url(path) and RunFolder.is_run(path):
+    source = None if is_url(path) else resolve_model_source(path)
+    if source is not None and source.kind == RUN:
         from semroute.stage2_train.run_info import describe_run
 
         info = describe_run(path)

@@ -250,7 +250,9 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
 
     done = trained_marker(run_dir)
     if done.exists():
-        trained = json.loads(done.read_text())
+        from semroute.shared.checks import read_json_object
+
+        trained = read_json_object(done, f"delete it: the demo then resumes {run_dir} from its newest checkpoint")
         _say(f"{run_dir} is already trained ({trained['step']} steps); reusing it")
         return trained
     # A checkpoint without the marker: a training that stopped before its budget was spent (a crash, Ctrl-C).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from semroute.shared.errors import SemrouteError
 
@@ -72,6 +73,23 @@ def json_object(text: str, where: str, *, error: type[Exception] = SemrouteError
     if not isinstance(value, dict):
         raise error(f"{where}: expected {expected}, got a {type(value).__name__}")
     return value
+
+
+def read_json_object(path: str | Path, fix: str) -> dict:
+    """The JSON object the file ``path`` holds. A file that cannot be read, is not UTF-8, is not JSON or holds
+    something else is one :class:`SemrouteError` naming the file and what is wrong, then ``fix`` (what to do)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise SemrouteError(f"cannot read {path}: {err.strerror or err}; {fix}") from None
+    except UnicodeDecodeError as err:
+        raise SemrouteError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}), so "
+                            f"not JSON; {fix}") from None
+    try:
+        return json_object(text, str(path), error_line=True)
+    except SemrouteError as err:
+        raise SemrouteError(f"{err}; {fix}") from None
 
 
 def check_guidance_interval(interval) -> tuple[float, float]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from semroute.shared.checks import read_json_object
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import folder_weights_sha256
 from semroute.shared.llm import dtype_name, parse_dtype, resolve_device
@@ -122,7 +123,7 @@ class PixelCodec(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, path, subfolder: str | None = None, **kwargs) -> "PixelCodec":
         file = Path(path) / (subfolder or "") / "config.json"
-        config = json.loads(file.read_text())
+        config = read_json_object(file, "restore it (in an exported pipeline: export it again)")
         if config.pop("_class_name", None) != "PixelCodec":
             raise SemrouteError(f"{file} does not describe a PixelCodec")
         return cls(**config)
@@ -131,6 +132,31 @@ class PixelCodec(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Describing an autoencoder from its config (no weights loaded)
 # ---------------------------------------------------------------------------------------------
+def downsample_factor(vae_or_config) -> int:
+    """Pixels per latent cell along a side, from an autoencoder or its config (``config.json`` as a dict): the
+    pixel codec's patch; a stated ``spatial_compression_ratio``; else one factor of 2 per encoder block but the
+    last (diffusers' own vae_scale_factor rule), on ``block_out_channels`` (AutoencoderKL) or
+    ``encoder_block_out_channels`` (AutoencoderDC, AutoencoderTiny). 0 when the config states none of these
+    (``load_encoder`` then measures it). Stage one (the cache's shapes) and stage two (sampling) both ask here."""
+    config = getattr(vae_or_config, "config", vae_or_config)
+    if isinstance(config, PixelCodecConfig):
+        return config.patch_size
+    if config.get("spatial_compression_ratio"):
+        return int(config["spatial_compression_ratio"])
+    for key in ("block_out_channels", "encoder_block_out_channels"):
+        if config.get(key):
+            return 2 ** (len(config[key]) - 1)
+    return 0
+
+
+def latent_scale(vae_or_config) -> tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` of an autoencoder or its config (1 and 0 where unset): the cache maps
+    ``(z - shift) * scaling`` into the DiT's space, sampling maps back."""
+    config = getattr(vae_or_config, "config", vae_or_config)
+    get = (lambda key: getattr(config, key)) if isinstance(config, PixelCodecConfig) else config.get
+    return float(get("scaling_factor") or 1.0), float(get("shift_factor") or 0.0)
+
+
 @dataclass
 class VAEInfo:
     """What the plan and the fingerprint need, read from ``config.json`` alone."""
@@ -185,31 +211,22 @@ def describe_vae(ref: str, subfolder: str | None = None, patch_size: int = 2) ->
                        latent_channels=3 * patch_size**2, downsample=patch_size, scaling_factor=1.0,
                        shift_factor=0.0, identity={"vae": PIXEL, "class": "PixelCodec", "patch_size": patch_size})
     folder, revision = _resolve_folder(ref, subfolder)
-    config = json.loads((folder / "config.json").read_text())
-    class_name = config.get("_class_name", "")
-    if not class_name.startswith("Autoencoder"):
+    config = read_json_object(folder / "config.json", f"--vae {ref}: restore the autoencoder's folder (a hub "
+                              "download: delete it from the Hugging Face cache to fetch it again)")
+    class_name = config.get("_class_name") or ""
+    if not isinstance(class_name, str) or not class_name.startswith("Autoencoder"):
         raise SemrouteError(f"--vae {ref}: config.json describes {class_name or 'no diffusers class'}, not a diffusers "
                             "autoencoder (AutoencoderKL, AutoencoderDC, AutoencoderTiny, ...)")
-    # Downsampling: one factor of 2 per encoder block but the last (diffusers' own vae_scale_factor
-    # rule); DC-AE states it; anything else is measured once the weights are loaded.
-    if "spatial_compression_ratio" in config and config["spatial_compression_ratio"]:
-        downsample = int(config["spatial_compression_ratio"])
-    elif "block_out_channels" in config:
-        downsample = 2 ** (len(config["block_out_channels"]) - 1)
-    elif "encoder_block_out_channels" in config:
-        downsample = 2 ** (len(config["encoder_block_out_channels"]) - 1)
-    else:
-        downsample = 0
     try:
         weights = folder_weights_sha256(folder)
     except FileNotFoundError as err:
         raise SemrouteError(f"--vae {ref}: {err}") from None
-    shift = config.get("shift_factor")
+    scaling, shift = latent_scale(config)
     return VAEInfo(
         ref=ref, folder=folder, class_name=class_name,
         posterior=GAUSSIAN if class_name.startswith("AutoencoderKL") else EXACT,
-        latent_channels=int(config.get("latent_channels", 0)), downsample=downsample,
-        scaling_factor=float(config.get("scaling_factor", 1.0) or 1.0), shift_factor=float(shift or 0.0),
+        latent_channels=int(config.get("latent_channels", 0)), downsample=downsample_factor(config),
+        scaling_factor=scaling, shift_factor=shift,
         identity={"vae": ref, "class": class_name, "subfolder": subfolder, "revision": revision,
                   "weights_sha256": weights},
     )
@@ -287,4 +304,4 @@ def store_dtype_name(info: VAEInfo, dtype: str | torch.dtype) -> str:
 
 
 __all__ = ["PIXEL", "GAUSSIAN", "EXACT", "PixelCodec", "VAEInfo", "LatentEncoder", "describe_vae", "load_encoder",
-           "pixels_to_unit", "unit_to_pixels", "store_dtype_name"]
+           "downsample_factor", "latent_scale", "pixels_to_unit", "unit_to_pixels", "store_dtype_name"]

@@ -19,7 +19,6 @@ for the text cache's fingerprint, so training can compare the two.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from semroute.shared.checks import read_json_object
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import folder_weights_sha256
 from semroute.shared.llm import LoadedLLM, resolve_llm_ref, load_llm
@@ -174,7 +174,11 @@ def _safetensors_key_map(folder: Path) -> dict[str, str]:
 
     index = folder / "model.safetensors.index.json"
     if not (folder / "model.safetensors").exists() and index.exists():
-        return dict(json.loads(index.read_text())["weight_map"])
+        fix = "restore the LLM's folder (a hub download: delete it from the Hugging Face cache to fetch it again)"
+        weight_map = read_json_object(index, fix).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise SemrouteError(f"{index}: no weight_map object (tensor name -> file); {fix}")
+        return dict(weight_map)
     single = folder / "model.safetensors"
     key_to_file = {}
     for path in [single] if single.exists() else sorted(folder.glob("*.safetensors")):

@@ -13,7 +13,7 @@ import inspect
 import json
 from pathlib import Path
 
-from semroute.shared.checks import check_bool, check_number
+from semroute.shared.checks import check_bool, check_number, read_json_object
 from semroute.shared.errors import SemrouteError
 from semroute.shared.layers import parse_layers
 from semroute.stage2_train.fusion import FUSIONS
@@ -40,11 +40,15 @@ def model_class(fusion: str) -> type:
 def load_model(model_dir: Path):
     """A DiT saved with ``save_pretrained`` (a checkpoint's ``model/`` or a pipeline's ``transformer/``)."""
     model_dir = Path(model_dir)
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except FileNotFoundError:
-        raise SemrouteError(f"{model_dir} holds no model (config.json missing)") from None
-    klass = model_class(config.get("fusion", "depth"))
+    file = model_dir / "config.json"
+    if not file.exists():
+        raise SemrouteError(f"{model_dir} holds no model (config.json missing)")
+    config = read_json_object(file, "the model folder is damaged: use another checkpoint, or export the pipeline again")
+    fusion = config.get("fusion", "depth")
+    if not isinstance(fusion, str):
+        raise SemrouteError(f"{file}: fusion is {json.dumps(fusion)}, not a name; the model folder is damaged: use "
+                            "another checkpoint, or export the pipeline again")
+    klass = model_class(fusion)
     if klass.__name__ != config.get("_class_name", klass.__name__):
         raise SemrouteError(f"{model_dir}/config.json: class {config['_class_name']} does not implement fusion "
                             f"{config.get('fusion')!r} ({klass.__name__} does)")

@@ -40,12 +40,14 @@ import diffusers
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
-from semroute.shared.checks import check_guidance_interval
+from semroute.shared.checks import check_guidance_interval, read_json_object
 from semroute.shared.errors import SemrouteError
 from semroute.shared.llm import LoadedLLM, load_llm
 from semroute.shared.text_encoder import PromptFormat, TextEncoder
 from semroute.shared.text_store import pad_batch
-from semroute.stage2_train import checkpoint_files
+from semroute.shared.vae import PIXEL, PixelCodec, downsample_factor, latent_scale
+from semroute.stage2_train import checkpoint_files, models
+from semroute.stage2_train.run_folder import MODEL_INDEX
 
 TEXT_DIR = "text"
 TEXT_CONFIG = "semroute_text.json"
@@ -258,11 +260,11 @@ class SemroutePipeline(DiffusionPipeline):
     # -- autoencoder facts -----------------------------------------------------------------------
     @property
     def vae_scaling(self) -> float:
-        return float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+        return latent_scale(self.vae)[0]
 
     @property
     def vae_shift(self) -> float:
-        return float(getattr(self.vae.config, "shift_factor", 0.0) or 0.0)
+        return latent_scale(self.vae)[1]
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -271,15 +273,12 @@ class SemroutePipeline(DiffusionPipeline):
 
     @property
     def vae_downsample(self) -> int:
-        cfg = self.vae.config
-        if hasattr(cfg, "patch_size") and type(self.vae).__name__ == "PixelCodec":
-            return int(cfg.patch_size)
-        if getattr(cfg, "block_out_channels", None):
-            return 2 ** (len(cfg.block_out_channels) - 1)
-        ratio = getattr(cfg, "spatial_compression_ratio", None)
-        if ratio:
-            return int(ratio)
-        raise SemrouteError(f"cannot tell the downsampling factor of {type(self.vae).__name__}")
+        """The factor the latent cache was made with (shared.vae.downsample_factor, as encode-images read it)."""
+        down = downsample_factor(self.vae)
+        if not down:
+            raise SemrouteError(f"cannot tell the downsampling factor of {type(self.vae).__name__}: its config states "
+                                "no spatial_compression_ratio, block_out_channels or encoder_block_out_channels")
+        return down
 
     # -- saving and loading ----------------------------------------------------------------------
     def save_pretrained(self, save_directory, **kwargs) -> None:
@@ -302,36 +301,37 @@ class SemroutePipeline(DiffusionPipeline):
             "vae": [type(self.vae).__module__, type(self.vae).__name__],
             "scheduler": ["diffusers", type(self.scheduler).__name__],
         }
-        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         checkpoint_files.write_manifest(out, self.source_step)  # last: lists every file above
 
     @classmethod
     def from_pretrained(cls, path, *, llm: LoadedLLM | str | None = None, device: str | None = "auto",
                         **kwargs) -> "SemroutePipeline":
         """Load an exported folder; ``llm`` overrides where the LLM is loaded from (same weights required)."""
-        import importlib
-
         from safetensors.torch import load_file
 
         from semroute.shared.llm import resolve_device
 
         folder = Path(path)
         check_export(folder)
-        try:
-            index = json.loads((folder / "model_index.json").read_text())
-        except FileNotFoundError as err:
-            raise SemrouteError(f"{folder} is not an exported semroute pipeline ({err.filename} missing)") from None
-        except (ValueError, UnicodeDecodeError) as err:
-            raise SemrouteError(f"{folder / 'model_index.json'} is damaged ({err}); export the pipeline again") from None
+        index_file = folder / MODEL_INDEX
+        if not index_file.exists():
+            raise SemrouteError(f"{folder} is not an exported semroute pipeline ({index_file} missing)")
+        index = read_json_object(index_file, "export the pipeline again")
+        if index.get("_class_name") != SemroutePipeline.__name__:
+            raise SemrouteError(f"{index_file} describes a {index.get('_class_name')!r} pipeline, not a "
+                                f"{SemroutePipeline.__name__}: load a folder `semroute export` wrote")
         settings = read_text_settings(folder)
-
-        def load(name: str):
-            module, cls_name = index[name]
-            klass = getattr(importlib.import_module(module), cls_name)
-            return klass.from_pretrained(str(folder / name))
+        classes = {name: _index_class(index_file, index, name) for name in ("transformer", "vae", "scheduler")}
+        # diffusers' own readers turn a damaged config into a bare OSError (the pixel codec and the DiT's loader
+        # read theirs through read_json_object)
+        for name in ("vae", "scheduler"):
+            if classes[name] is not PixelCodec:
+                read_json_object(folder / name / classes[name].config_name, "export the pipeline again")
 
         target = resolve_device(device)
-        pipe = cls(load("transformer"), load("vae"), FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"))
+        pipe = cls(models.load_model(folder / "transformer"), classes["vae"].from_pretrained(str(folder / "vae")),
+                   classes["scheduler"].from_pretrained(folder / "scheduler"))
         pipe.to(target)
         null = load_file(str(folder / TEXT_DIR / NULL_FILE))["null"]
         size = settings.pop("default_size", None)
@@ -347,7 +347,6 @@ class SemroutePipeline(DiffusionPipeline):
         """Build the pipeline from a training run folder: its newest checkpoint (or ``checkpoint``), the
         caches' fingerprints recorded in run.json, the training shift."""
         from semroute.shared.llm import resolve_device
-        from semroute.stage2_train import models
         from semroute.stage2_train.run_folder import RunFolder
 
         run = RunFolder(run_dir)
@@ -395,6 +394,33 @@ def _load_recorded_llm(ref: str, *, device: str | None, dtype: str) -> LoadedLLM
 
 
 # -- exported folders ----------------------------------------------------------------------------
+def _index_class(index_file: Path, index: dict, name: str) -> type:
+    """The class ``model_index.json`` names for component ``name``, if it is one ``save_pretrained`` writes there:
+    a DiT of the model registry, the pixel codec or a diffusers autoencoder, diffusers' flow-matching scheduler.
+    Looked up by its name among those; the module the file names is never imported (a folder from elsewhere must
+    not choose the code that runs). Any other is refused, naming the file and the class."""
+    allowed = {"transformer": " or ".join(sorted({path.split(":")[1] for path in models.MODELS.values()})),
+               "vae": f"{PixelCodec.__name__} or a diffusers Autoencoder class",
+               "scheduler": FlowMatchEulerDiscreteScheduler.__name__}
+    entry = index.get(name)
+    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
+    klass = None
+    if name == "transformer":
+        by_class = {path.split(":")[1]: fusion for fusion, path in models.MODELS.items()}
+        klass = models.model_class(by_class[class_name]) if class_name in by_class else None
+    elif name == "vae" and class_name == PixelCodec.__name__:
+        klass = PixelCodec
+    elif name == "vae" and class_name and class_name.startswith("Autoencoder"):
+        klass = getattr(diffusers, class_name, None)
+    elif name == "scheduler" and class_name == FlowMatchEulerDiscreteScheduler.__name__:
+        klass = FlowMatchEulerDiscreteScheduler
+    if not isinstance(klass, type):
+        raise SemrouteError(f"{index_file}: {name} is {json.dumps(entry)}, not a class semroute writes there "
+                            f"({allowed[name]}); refusing to load it, as that would import whatever module the file "
+                            "names. Load a folder `semroute export` wrote")
+    return klass
+
+
 def _manifest_step(folder: Path) -> int:
     """The training step a checkpoint's or an export's ``complete.json`` records (0 when it has none)."""
     try:
@@ -420,22 +446,17 @@ def check_export(folder: Path) -> None:
 def read_text_settings(folder: Path) -> dict:
     """An exported pipeline's ``text/semroute_text.json``."""
     path = Path(folder) / TEXT_DIR / TEXT_CONFIG
-    try:
-        settings = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SemrouteError(f"{folder} is not an exported semroute pipeline ({path} missing)") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise SemrouteError(f"{path} is damaged ({err}); export the pipeline again") from None
-    if not isinstance(settings, dict):
-        raise SemrouteError(f"{path} is damaged (not a JSON object); export the pipeline again")
-    return settings
+    if not path.exists():
+        raise SemrouteError(f"{folder} is not an exported semroute pipeline ({path} missing)")
+    return read_json_object(path, "export the pipeline again")
 
 
 def is_export(folder: Path) -> bool:
-    """A folder ``save_pretrained`` wrote (its ``model_index.json`` names this pipeline class)."""
+    """A folder ``save_pretrained`` wrote (its ``model_index.json`` names this pipeline class); a damaged one is
+    not taken for one (``export --overwrite`` replaces only what is surely an earlier export)."""
     try:
-        return json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name") == SemroutePipeline.__name__
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return read_json_object(Path(folder) / MODEL_INDEX, "").get("_class_name") == SemroutePipeline.__name__
+    except SemrouteError:
         return False
 
 
@@ -464,7 +485,7 @@ def export_pipeline(run: str | Path, out: str | Path, *, ema: bool = False, chec
                     llm: str | None = None, overwrite: bool = False) -> SemroutePipeline:
     """``semroute export``: the pipeline of a run (or of one of its checkpoints) written to ``out`` through
     a temporary sibling folder and a rename; an earlier export there is replaced only with ``overwrite``."""
-    from semroute.stage2_train.run_folder import RunFolder
+    from semroute.stage2_train.run_folder import EXPORT, resolve_model_source
 
     out = Path(out)
     final = out.resolve()
@@ -472,12 +493,12 @@ def export_pipeline(run: str | Path, out: str | Path, *, ema: bool = False, chec
     if old.is_dir() and not final.exists():  # an --overwrite that crashed between its two renames
         os.replace(old, final)  # the earlier export, whole, is back under its name
     check_export_target(out, overwrite)
-    found = RunFolder.locate(run)
-    if found is None:
+    source = resolve_model_source(run)
+    if source is None or source.kind == EXPORT or source.run is None:
         raise SemrouteError(f"{run} is not a run folder or one of its checkpoints (no run.json); export takes the "
                             "folder `semroute train --out` wrote")
-    folder, ckpt = found
-    pipe = SemroutePipeline.from_run(folder.path, ema=ema, checkpoint=checkpoint or ckpt, llm=llm, device="cpu")
+    pipe = SemroutePipeline.from_run(source.run.path, ema=ema, checkpoint=checkpoint or source.checkpoint, llm=llm,
+                                     device="cpu")
     for leftover in (tmp, old):  # of an export that crashed: ours, never a user's (hidden, our suffix)
         if leftover.exists():
             shutil.rmtree(leftover)
@@ -516,11 +537,11 @@ def _null_from_cache(text_cache: str) -> torch.Tensor | None:
 
 def _vae_from_fingerprint(fp: dict):
     """The autoencoder a latent cache was made with, and the cache's image size (height, width)."""
-    from semroute.shared.vae import PixelCodec, load_encoder
+    from semroute.shared.vae import load_encoder
 
     size = fp.get("resolution")
     size = (int(size), int(size)) if isinstance(size, (int, float)) and not fp.get("buckets") else None
-    if fp.get("vae") == "pixel":
+    if fp.get("vae") == PIXEL:
         return PixelCodec(int(fp.get("patch_size", 2))), size
     dtype = fp.get("stored_dtype", "float32")
     encoder = load_encoder(fp["vae"], fp.get("subfolder"), device="cpu", dtype=dtype if dtype != "uint8" else "float32")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from semroute.shared.checks import read_json_object
 from semroute.shared.errors import SemrouteError
 from semroute.shared.files import write_atomic
 
@@ -61,10 +62,7 @@ def _checker_scores(run: Path) -> dict | None:
     for candidate in (run / "report.json", run.parent / "report.json"):
         if not candidate.exists():
             continue
-        try:
-            data = json.loads(candidate.read_text())
-        except json.JSONDecodeError as err:
-            raise SemrouteError(f"{candidate}: not valid JSON ({err})") from None
+        data = read_json_object(candidate, "it is the demo's report: delete it, or run the demo again to rewrite it")
         named = data.get("run_dir")
         if candidate.parent == run or (named and Path(named).resolve() == run.resolve()):
             return data.get("samples")

@@ -26,14 +26,17 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from semroute.shared.checks import read_json_object
 from semroute.shared.errors import SemrouteError
 from semroute.shared.files import write_atomic
 from semroute.stage2_train import checkpoint_files, models
 
 CHECKPOINT_PREFIX = "step-"
 TRAIN_STATE = "train_state.json"
+MODEL_INDEX = "model_index.json"  # the file that marks an exported pipeline (pipeline.save_pretrained)
 
 
 def checkpoint_name(step: int) -> str:
@@ -70,16 +73,6 @@ class RunFolder:
     def is_run(path: str | Path) -> bool:
         """A folder written by ``train`` (it has config.yaml; a checkpoint, which holds a copy, is not one)."""
         return (Path(path) / "config.yaml").exists() and not is_checkpoint(path)
-
-    @classmethod
-    def locate(cls, path: str | Path) -> tuple[RunFolder, Path | None] | None:
-        """A run folder -> (run, None); a checkpoint folder of a run -> (run, checkpoint); else None."""
-        path = Path(path)
-        if is_checkpoint(path) and (path.parent.parent / "run.json").exists():
-            return cls(path.parent.parent), path  # (checked first: a checkpoint holds a copy of run.json)
-        if (path / "run.json").exists():
-            return cls(path), None
-        return None
 
     # -- files (the layout drawn above) ----------------------------------------------------------
     config_path = _Inside("config.yaml")
@@ -127,15 +120,8 @@ class RunFolder:
             if required:
                 raise SemrouteError(f"{self.path} is not a training run folder (no run.json)")
             return {}
-        try:
-            record = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise SemrouteError(f"{path} is damaged ({type(err).__name__}: {err}); "
-                                + ("the checkpoint's copy is checked by its complete.json" if path != self.record_path
-                                   else "a resume rewrites it from the newest checkpoint's copy")) from None
-        if not isinstance(record, dict):
-            raise SemrouteError(f"{path} is damaged (not a JSON object)")
-        return record
+        return read_json_object(path, "the checkpoint's copy is checked by its complete.json" if path != self.record_path
+                                else "a resume rewrites it from the newest checkpoint's copy")
 
     def save_record(self, record: dict) -> None:
         write_atomic(self.record_path, json.dumps(record, indent=2, default=str))
@@ -254,7 +240,7 @@ class RunFolder:
     @staticmethod
     def train_state(checkpoint: Path) -> dict:
         """Step, epoch, samples and training seconds saved with a checkpoint."""
-        return json.loads((Path(checkpoint) / TRAIN_STATE).read_text())
+        return read_json_object(Path(checkpoint) / TRAIN_STATE, "the checkpoint is damaged: resume from another one")
 
     def model_dir(self, ema: bool = False, checkpoint: str | Path | None = None) -> Path:
         """The diffusers model folder (``model/`` or ``model_ema/``) of a checkpoint (default: the newest
@@ -329,19 +315,60 @@ def _row_ok(row: dict) -> bool:
     return all(isinstance(row.get(key), kinds) and not isinstance(row.get(key), bool) for key, kinds in need.items())
 
 
-def open_model(path: str | Path, ema: bool = False):
-    """The DiT of a run (newest checkpoint), a checkpoint folder, or an exported pipeline; and a label."""
+# -- what a path given to sample, export, routing or info is ------------------------------------------
+EXPORT, CHECKPOINT, RUN = "export", "checkpoint", "run"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A path ``resolve_model_source`` recognised."""
+
+    kind: str  # EXPORT, CHECKPOINT or RUN
+    path: Path
+    run: RunFolder | None  # the run folder (of a checkpoint: None when it was moved out of its run)
+    checkpoint: Path | None  # the checkpoint folder, when one was given
+
+    def model_dir(self, ema: bool = False) -> Path:
+        """The DiT's folder: an export's ``transformer/``; else ``model/`` (``model_ema/``) of the checkpoint
+        (default: the run's newest intact one), checked against its complete.json (``RunFolder.model_dir``)."""
+        if self.kind == EXPORT:
+            if ema:
+                raise SemrouteError("--ema applies to run folders; an exported pipeline holds one set of weights")
+            if not (self.path / "transformer").is_dir():
+                raise SemrouteError(f"exported pipeline {self.path} has no transformer/ (the DiT): it is damaged or "
+                                    "cut short; export it again")
+            return self.path / "transformer"
+        run = self.run or RunFolder(self.path.parent.parent)  # a checkpoint moved out of its run: its own files
+        return run.model_dir(ema=ema, checkpoint=self.checkpoint)
+
+
+def resolve_model_source(path: str | Path) -> ModelSource | None:
+    """What ``path`` is, by the file that marks each kind (none is read): an exported pipeline (``model_index.json``),
+    a checkpoint folder (``is_checkpoint``; tested before runs, as it holds copies of their files), with its run
+    when the folder two levels up has run.json; a run folder (run.json or config.yaml, which train writes
+    together). None when it is none of these. Each command decides which kinds it takes; a file a kind lacks is
+    named where it is read (``RunFolder.record``, ``RunFolder.config``, ``SemroutePipeline.from_pretrained``)."""
     path = Path(path)
-    if (path / "transformer" / "config.json").exists():
-        if ema:
-            raise SemrouteError("--ema applies to run folders; an exported pipeline holds one set of weights")
-        return models.load_model(path / "transformer"), path.name
-    found = RunFolder.locate(path)
-    if found is not None:
-        run, ckpt = found
-        model_dir = run.model_dir(ema=ema, checkpoint=ckpt)
-    elif (path / "model").is_dir():  # a checkpoint folder moved out of its run
-        model_dir = RunFolder(path.parent.parent).model_dir(ema=ema, checkpoint=path)
-    else:
+    if (path / MODEL_INDEX).exists():
+        return ModelSource(EXPORT, path, None, None)
+    if is_checkpoint(path):
+        home = path.parent.parent
+        return ModelSource(CHECKPOINT, path, RunFolder(home) if (home / "run.json").exists() else None, path)
+    if (path / "run.json").exists() or (path / "config.yaml").exists():
+        return ModelSource(RUN, path, RunFolder(path), None)
+    return None
+
+
+def open_model(path: str | Path, ema: bool = False):
+    """The DiT of a run (newest intact checkpoint), a checkpoint folder (also one moved out of its run), or an
+    exported pipeline (checked against its complete.json first); and a label."""
+    source = resolve_model_source(path)
+    if source is None:
         raise SemrouteError(f"{path} is not a run folder, a checkpoint or an exported pipeline")
+    model_dir = source.model_dir(ema)
+    if source.kind == EXPORT:
+        from semroute.stage2_train.pipeline import check_export
+
+        check_export(source.path)
+        return models.load_model(model_dir), source.path.name
     return models.load_model(model_dir), model_dir.parent.name

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from semroute.shared.checks import check_guidance_interval, check_number
+from semroute.shared.checks import check_guidance_interval, check_number, read_json_object
 from semroute.shared.distributed import process_info
 from semroute.shared.errors import SemrouteError
 from semroute.shared.files import write_atomic
@@ -80,19 +80,7 @@ def prompts_identity(entries: list[PromptEntry]) -> dict:
 def model_identity(checkpoint: str, ema: bool) -> dict:
     """Which weights ``--checkpoint`` resolves to now: the model folder and its files' sizes and times (a
     run that trained on, or a pipeline exported again, gives another identity)."""
-    from semroute.stage2_train.run_folder import RunFolder
-
-    path = Path(checkpoint)
-    if (path / "model_index.json").exists():
-        folder = path / "transformer"
-    else:
-        found = RunFolder.locate(path)
-        if found is None:
-            raise SemrouteError(f"--checkpoint {checkpoint}: not a run folder, a checkpoint folder or an exported "
-                                "pipeline")
-        run, ckpt = found
-        folder = run.model_dir(ema=ema, checkpoint=ckpt)
-    folder = folder.resolve()
+    folder = sampling_source(checkpoint).model_dir(ema).resolve()
     files = sorted(p for p in folder.iterdir() if p.is_file())
     return {"folder": str(folder), "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
 
@@ -129,13 +117,7 @@ def check_output(out: str | Path, settings: dict) -> None:
     out = Path(out)
     record = out / RECORD
     if record.exists():
-        try:
-            before = json.loads(record.read_text())
-            if not isinstance(before, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError):
-            raise SemrouteError(f"{record} is damaged; it says which settings made the images in {out}: "
-                                "sample into a new -o") from None
+        before = read_json_object(record, f"it says which settings made the images in {out}: sample into a new -o")
         if "prompts" not in before:
             raise SemrouteError(f"{record} was written by an older semroute that did not record its prompts, so "
                                 f"which prompts the images in {out} show is unknown; sample into another -o so old "
@@ -166,21 +148,32 @@ def write_record(out: Path, record: dict) -> None:
     write_atomic(out / RECORD, (json.dumps(record, indent=2) + "\n").encode())
 
 
+def sampling_source(checkpoint: str | Path):
+    """``--checkpoint`` as ``run_folder.resolve_model_source`` reads it: an exported pipeline, or a run or one of
+    its checkpoints (a pipeline is built from the run's record of its caches, so a checkpoint moved out of its
+    run is refused)."""
+    from semroute.stage2_train.run_folder import EXPORT, resolve_model_source
+
+    source = resolve_model_source(checkpoint)
+    if source is None:
+        raise SemrouteError(f"--checkpoint {checkpoint}: not a run folder, a checkpoint folder or an exported pipeline")
+    if source.kind != EXPORT and source.run is None:
+        raise SemrouteError(f"--checkpoint {checkpoint}: a checkpoint folder outside its run (no run.json two levels "
+                            "up); sampling needs the run's record of its caches: give the checkpoint in "
+                            "RUN/checkpoints/, or an exported pipeline")
+    return source
+
+
 def load_pipeline(checkpoint: str | Path, *, ema: bool = False, llm=None, device: str = "auto"):
     """A run folder, a checkpoint folder, or an exported pipeline folder."""
     from semroute.stage2_train.pipeline import SemroutePipeline
-    from semroute.stage2_train.run_folder import RunFolder
+    from semroute.stage2_train.run_folder import EXPORT
 
-    path = Path(checkpoint)
-    if (path / "model_index.json").exists():
-        if ema:
-            raise SemrouteError("--ema applies to run folders; an exported pipeline holds one set of weights")
-        return SemroutePipeline.from_pretrained(path, llm=llm, device=device)
-    found = RunFolder.locate(path)
-    if found is not None:
-        run, ckpt = found
-        return SemroutePipeline.from_run(run.path, checkpoint=ckpt, ema=ema, llm=llm, device=device)
-    raise SemrouteError(f"--checkpoint {checkpoint}: not a run folder, a checkpoint folder or an exported pipeline")
+    source = sampling_source(checkpoint)
+    if source.kind == EXPORT:
+        source.model_dir(ema)  # (refuses --ema)
+        return SemroutePipeline.from_pretrained(source.path, llm=llm, device=device)
+    return SemroutePipeline.from_run(source.run.path, checkpoint=source.checkpoint, ema=ema, llm=llm, device=device)
 
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 6.0
@@ -189,18 +182,17 @@ DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 6.0
 def sampling_defaults(checkpoint: str | Path) -> dict:
     """``{"steps", "guidance"}`` that a run folder's config.yaml (also for one of its checkpoints) or an
     exported pipeline's text settings ask for; {} when they name none."""
-    path = Path(checkpoint)
-    if (path / "model_index.json").exists():
+    from semroute.stage2_train.run_folder import EXPORT, resolve_model_source
+
+    source = resolve_model_source(checkpoint)
+    if source is not None and source.kind == EXPORT:
         from semroute.stage2_train.pipeline import TEXT_CONFIG, TEXT_DIR, read_text_settings
 
-        settings = path / TEXT_DIR / TEXT_CONFIG
-        return (read_text_settings(path).get("sample_defaults") or {}) if settings.exists() else {}
-    from semroute.stage2_train.run_folder import RunFolder
-
-    found = RunFolder.locate(path)
-    if found is None or not RunFolder.is_run(found[0].path):
+        settings = source.path / TEXT_DIR / TEXT_CONFIG
+        return (read_text_settings(source.path).get("sample_defaults") or {}) if settings.exists() else {}
+    if source is None or source.run is None or not source.run.config_path.exists():
         return {}
-    cfg = found[0].config()
+    cfg = source.run.config()
     return {"steps": cfg.sample_steps, "guidance": cfg.sample_guidance}
 
 

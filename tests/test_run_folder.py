@@ -13,7 +13,7 @@ from semroute.stage2_train.deep_fusion import DeepFusionDiT
 from semroute.stage2_train.dit import SemrouteDiT
 from semroute.stage2_train.fusion import FUSIONS
 from semroute.stage2_train.models import MODELS, model_class
-from semroute.stage2_train.run_folder import RunFolder, open_model
+from semroute.stage2_train.run_folder import CHECKPOINT, RUN, RunFolder, open_model, resolve_model_source
 
 
 def _fake_run(tmp_path: Path, steps: list[int], model=None, ema: bool = False) -> RunFolder:
@@ -49,11 +49,11 @@ def test_checkpoints_newest_last_pruned_and_staging_ignored(tmp_path):
     assert [r["step"] for r in run.metrics() if r.get("event") == "checkpoint"] == [5, 10, 20]
     with pytest.raises(SemrouteError, match="not a checkpoint folder"):
         run.resolve_resume(str(tmp_path))
-    found, ckpt = RunFolder.locate(run.path)
-    assert found.path == run.path and ckpt is None
-    found, ckpt = RunFolder.locate(run.checkpoints_dir / "step-0000010")
-    assert found.path == run.path and ckpt.name == "step-0000010"
-    assert RunFolder.locate(tmp_path) is None
+    source = resolve_model_source(run.path)
+    assert source.kind == RUN and source.run.path == run.path and source.checkpoint is None
+    source = resolve_model_source(run.checkpoints_dir / "step-0000010")
+    assert source.kind == CHECKPOINT and source.run.path == run.path and source.checkpoint.name == "step-0000010"
+    assert resolve_model_source(tmp_path) is None
     cfg = run.config()  # a config.yaml of few keys (an older version's) gets today's defaults for the rest
     assert cfg.fusion == "depth" and cfg.shift == 3.0 and cfg.max_steps == type(cfg)().max_steps
 
