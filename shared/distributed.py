@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from semroute.shared.errors import SemrouteError
 from semroute.shared.llm import AUTO_DEVICES, resolve_device
 
 
@@ -53,9 +54,7 @@ class ProcessInfo:
         if result[0] == "error":
             if self.is_main:
                 raise result[1]
-            from semroute.shared.errors import SemrouteError
-
-            raise SemrouteError(f"rank 0 failed: {result[1]}")
+            raise MainProcessFailed(f"rank 0 failed: {result[1]}")
         return result[1]
 
     def gather_object(self, obj) -> list:
@@ -64,6 +63,12 @@ class ProcessInfo:
         from accelerate.utils import gather_object
 
         return gather_object([obj])
+
+
+class MainProcessFailed(SemrouteError):
+    """Raised on the other ranks by :meth:`ProcessInfo.run_on_main` when rank 0's part failed: a consequence of
+    rank 0's error, which rank 0 raises and reports itself (``stage2_train/ranks.py`` does not post this one as
+    the job's failure)."""
 
 
 def process_info() -> ProcessInfo:

@@ -31,6 +31,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+from semroute.shared.distributed import MainProcessFailed
 from semroute.shared.errors import SemrouteError
 
 KEY = "semroute/failed"
@@ -173,7 +174,10 @@ def fail_together():
             # What this rank met is the other rank's failure (its connection closed mid-collective).
             raise PeerFailed(f"rank {watch.rank} stopped: rank {peer['rank']} failed (its error is printed by "
                              "that process)") from None
-        watch.post(err)
+        if not isinstance(err, MainProcessFailed):
+            # (rank 0's own error is the job's failure: rank 0 posts it. Posted from here first, it made rank 0
+            # report "rank 1 failed" and end the job before this rank printed why.)
+            watch.post(err)
         _exit_later(EXIT_GRACE_S)
         raise
     finally:

@@ -286,6 +286,7 @@ except SemrouteError as err:
     # The other process stops with the cause named. (The two processes' lines may interleave, and the launcher
     # stops the main one when the other exits, perhaps before it prints its own message.)
     assert "stopped: rank 0 failed: [Errno 28] No space left on device" in proc.stderr, proc.stderr[-3000:]
+    assert "rank 1 failed" not in proc.stderr, proc.stderr[-3000:]  # rank 0 had the error, not rank 1
 
 
 def test_a_checkpoint_copied_in_from_another_run_is_refused(square_caches, run4, tmp_path):
