@@ -130,6 +130,7 @@ def encode_text_cmd(
       accelerate launch --num_processes 8 cli.py encode-text captions.jsonl --llm ./qwen3 --out data.text.zarr --resume
     """
     from semroute.shared.store import format_bytes
+    from semroute.shared.text_store import BAD_RECORDS_FILE
     from semroute.stage1_encode.text import EncodeTextConfig, encode_text
 
     cfg = EncodeTextConfig(
@@ -165,7 +166,7 @@ def encode_text_cmd(
     _echo_shards_before(summary, append)
     typer.echo(f"truncated at --max-length {summary['max_length']}: {summary['truncated']} of {summary['captions']} captions")
     if summary["bad_records"]:
-        typer.echo(f"bad records left out: {summary['bad_records']} (see {out}/bad_records.jsonl)")
+        typer.echo(f"bad records left out: {summary['bad_records']} (see {out}/{BAD_RECORDS_FILE})")
     typer.echo(f"cache: {out} ({format_bytes(summary['bytes'])}, {summary['captions']} captions, {summary['tokens']} tokens)")
 
 

@@ -125,7 +125,7 @@ def main() -> None:
     from semroute.stage1_encode.images import default_workers
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-encode-images-"))
-    from semroute.shared.llm import parse_dtype
+    from semroute.shared.dtypes import parse_dtype
 
     n = args.records or args.images
     manifest = make_images(tmp / "imgs", args.images, n)

@@ -44,6 +44,7 @@ def write_manifest(path: Path, texts: list[str]) -> Path:
 
 
 def bench_throughput(llm, texts, tmp: Path, batch_tokens: int, storage: str, tag: str = "") -> dict:
+    from semroute.shared.dtypes import dtype_name
     from semroute.shared.layers import parse_layers
     from semroute.shared.store import ShardLayout
     from semroute.shared.text_encoder import PromptFormat, TextEncoder
@@ -54,14 +55,14 @@ def bench_throughput(llm, texts, tmp: Path, batch_tokens: int, storage: str, tag
     out = tmp / f"bench-{storage}{tag}.text.zarr"
     cfg = EncodeTextConfig(data=str(manifest), out=str(out), llm="smollm2", progress=False,
                            batch_tokens=batch_tokens, storage=storage, overwrite=True,
-                           dtype=str(llm.dtype).removeprefix("torch."))
+                           dtype=dtype_name(llm.dtype))
     encoder = TextEncoder(llm, PromptFormat(), parse_layers("all", llm.num_hidden_layers))
 
     # Warm-up (first calls allocate), then the bare loop over exactly the batches the run will use.
     plan = build_plan(cfg, encoder, progress=False)
     storage_codec = TextStorage(storage, llm.dtype)
     row_bytes = storage_codec.row_bytes(len(encoder.layers), llm.hidden_size)["features"]
-    layout = ShardLayout.plan(int(plan.offsets[-1]), row_bytes, int(cfg.shard_mb * 2**20), int(cfg.chunk_kb * 1024))
+    layout = ShardLayout.plan(int(plan.offsets[-1]), row_bytes, cfg.shard_bytes, cfg.chunk_bytes)
     texts_all = plan.index.column("text").to_pylist()
     batches = []
     for s in range(layout.n_shards):

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-# (re-exported: shared/vae.py and shared/text_encoder.py import these from here)
-from semroute.shared.dtypes import DTYPES, dtype_name, parse_dtype  # noqa: F401
+from semroute.shared.dtypes import parse_dtype
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import file_sha256, folder_weights_sha256, sha256_json
 

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from semroute.shared.errors import SemrouteError
-from semroute.shared.llm import LoadedLLM, dtype_name
+from semroute.shared.dtypes import dtype_name
+from semroute.shared.llm import LoadedLLM
 
 DEFAULT_INSTRUCTION = "Describe this image."
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from semroute.shared.checks import read_json_object
 from semroute.shared.errors import SemrouteError
 from semroute.shared.fingerprint import folder_weights_sha256
-from semroute.shared.llm import dtype_name, parse_dtype, resolve_device
+from semroute.shared.dtypes import dtype_name, parse_dtype
+from semroute.shared.llm import resolve_device
 
 PIXEL = "pixel"
 GAUSSIAN, EXACT = "gaussian", "exact"  # what a cache stores: a posterior, or the latent itself

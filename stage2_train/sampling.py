@@ -260,7 +260,7 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
     jobs = [(entry, k) for entry in mine for k in range(cfg.n)]
     truncated = 0
     if jobs:
-        device = cfg.device if cfg.device not in ("auto", None) or proc.world_size == 1 else str(proc.device)
+        device = proc.device_for(cfg.device)
         # The folder the identity recorded, not --checkpoint again: a run still training may have published
         # a newer checkpoint since, whose images would then be recorded as this one's.
         source = Path(settings["model"]["folder"]).parent

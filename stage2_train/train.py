@@ -61,10 +61,11 @@ def cache_content_id(location: str, attrs: dict) -> str:
     caches with equal ids hold the same data; a cache moved or copied keeps its id."""
     import hashlib
 
+    from semroute.shared.integrity import INDEX
     from semroute.shared.store import store_file
 
     digest = hashlib.sha256(json.dumps(attrs.get("fingerprint"), sort_keys=True, default=str).encode())
-    with store_file(location, "index.parquet") as fh:
+    with store_file(location, INDEX) as fh:
         while block := fh.read(8 << 20):
             digest.update(block)
     return digest.hexdigest()

@@ -8,18 +8,17 @@ import re
 import pytest
 import torch
 
-from semroute.shared import dtypes, llm
+from semroute.shared import dtypes
 from semroute.shared.errors import CacheDamaged, SemrouteError
 
 
-def test_dtype_names_round_trip_and_llm_keeps_its_names():
+def test_dtype_names_round_trip():
     for spelling, dtype in dtypes.DTYPES.items():
         assert dtypes.parse_dtype(spelling.upper()) is dtype
         assert dtypes.cache_dtype(dtypes.dtype_name(dtype), "c.zarr", "k") is dtype
     assert dtypes.dtype_name(torch.float8_e4m3fn) == "float8_e4m3fn"
     with pytest.raises(SemrouteError, match="--dtype 'int8' is not supported"):
         dtypes.parse_dtype("int8")
-    assert (llm.DTYPES, llm.dtype_name, llm.parse_dtype) == (dtypes.DTYPES, dtypes.dtype_name, dtypes.parse_dtype)
 
 
 @pytest.mark.parametrize("name", ["abs", "float", "float64", "Tensor", "", None, 3])
