@@ -86,12 +86,17 @@ def resolve_llm_ref(ref: str) -> tuple[str, Path, str | None, str | None]:
     if ref == "smollm2":
         gguf = smollm2_gguf_path()
         return "gguf", gguf.parent, gguf.name, None
+    if not ref.strip():
+        raise SemrouteError("--llm is empty: give a model folder, a .gguf file, a hub id or 'smollm2'")
     path = Path(ref).expanduser()
     if ref.endswith(".gguf"):
         if not path.is_file():
             raise SemrouteError(f"--llm {ref}: no such GGUF file")
         return "gguf", path.parent, path.name, None
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SemrouteError(f"--llm {ref}: not a model folder (it has no config.json); give the folder "
+                                "transformers saved the model in, a .gguf file, a hub id or 'smollm2'")
         return "local", path, None, None
     if path.exists() or ref.startswith((".", "/", "~")):
         raise SemrouteError(f"--llm {ref}: not a model folder, a .gguf file, a hub id or 'smollm2'")
@@ -148,8 +153,11 @@ def load_llm(ref: str, *, device: str | None = "auto", dtype: str | torch.dtype 
             model = AutoModel.from_pretrained(folder, dtype=torch_dtype, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
-    except OSError as err:
-        raise SemrouteError(f"--llm {ref}: cannot load the model or tokenizer from {folder}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, struct.error, KeyError ...
+        # for a damaged or foreign model file: each is the user's input, not a bug here
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SemrouteError(f"--llm {ref}: cannot load the model or tokenizer from {folder} ({type(err).__name__}: "
+                            f"{text[:300]})") from None
     decoder = _text_decoder(model)
     del model  # drops the LM head and any vision tower
     decoder = decoder.to(device=target, dtype=torch_dtype).eval().requires_grad_(False)

@@ -56,9 +56,14 @@ def expand(data: str) -> list[str]:
     """``a-{000..002}.tar::b.tar`` -> ``[a-000.tar, a-001.tar, a-002.tar, b.tar]`` (webdataset's own expansion)."""
     if "{" not in str(data) and "::" not in str(data):
         return [str(data)]  # nothing to expand, and no webdataset needed (the GPU image lacks it)
+    from braceexpand import UnbalancedBracesError
     from webdataset.shardlists import expand_urls
 
-    return list(expand_urls(str(data)))
+    try:
+        return list(expand_urls(str(data)))
+    except UnbalancedBracesError:  # webdataset expands braces with the braceexpand package
+        raise SemrouteError(f"{data}: its braces do not pair up (a range is written like data-{{000000..000127}}.tar)"
+                            ) from None
 
 
 def require_local_inputs(data: str | os.PathLike) -> None:

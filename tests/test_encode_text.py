@@ -341,3 +341,25 @@ def test_shard_and_chunk_sizes_are_bytes_the_same_way_for_both_encoders(tmp_path
     row_bytes = len(reader.stored_layers) * reader.hidden_size * 4
     assert reader._arrays()["features"].rows_per_shard == ShardLayout.plan(
         int(reader.offsets[-1]), row_bytes, cfg.shard_bytes, cfg.chunk_bytes).rows_per_shard
+
+
+@pytest.mark.parametrize("case", ["empty", "folder without config.json", "damaged gguf", "folder with a bad config"])
+def test_an_llm_that_cannot_be_loaded_is_one_error_naming_it(tmp_path, monkeypatch, case):
+    """Not the current folder taken as a model for ``--llm ''``, not transformers' own ValueError or struct.error."""
+    from semroute.shared.errors import SemrouteError
+
+    monkeypatch.chdir(tmp_path)
+    if case == "empty":
+        ref, match = "", r"--llm is empty"
+    elif case == "folder without config.json":
+        (tmp_path / "m").mkdir()
+        ref, match = "m", r"--llm m: not a model folder \(it has no config.json\)"
+    elif case == "damaged gguf":
+        (tmp_path / "bad.gguf").write_bytes(b"GGUFxxxx")
+        ref, match = "bad.gguf", r"--llm bad.gguf: cannot load the model or tokenizer from .* \(\w+: "
+    else:
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "config.json").write_text('{"model_type": "no-such-architecture"}')
+        ref, match = "m", r"--llm m: cannot load the model or tokenizer from m \(\w+: "
+    with pytest.raises(SemrouteError, match=match):
+        load_llm(ref, device="cpu", dtype="float32")

@@ -57,6 +57,8 @@ def test_json_array_with_line_numbers_and_custom_keys(tmp_path):
         (b'{"image": "b.png", "text": "x", "id": true}', r"m\.jsonl:2: 'id' is true; an id must be"),
         (b'{"image": "b.png", "text": "x", "id": null}', r"m\.jsonl:2: 'id' is null; an id must be"),
         (b'{"image": "b.png", "text": "x", "id": ""}', r"m\.jsonl:2: 'id' is \"\"; an id must be"),
+        # valid JSON that Python's reader refuses (more than 4300 digits)
+        (b'{"image": "b.png", "text": "x", "id": ' + b"9" * 5000 + b"}", r"m\.jsonl:2: unreadable JSON: Exceeds the limit"),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path, line, message):
@@ -72,6 +74,13 @@ def test_bad_records_name_file_and_line(tmp_path, line, message):
     report = tmp_path / "bad.jsonl"
     write_problem_report(m.problems, report)
     assert json.loads(report.read_text())["line"] == 2
+
+
+def test_an_integer_too_long_for_python_in_a_json_array_names_line(tmp_path):
+    p = tmp_path / "m.json"
+    p.write_bytes(b'[\n{"text": "a"},\n{"text": "b", "id": ' + b"9" * 5000 + b"}\n]")
+    with pytest.raises(ManifestError, match=r"m\.json:3: unreadable JSON: Exceeds the limit"):
+        read_manifest(p)
 
 
 def test_invalid_utf8_in_json_array_names_line(tmp_path):

@@ -287,3 +287,11 @@ def test_data_after_the_end_of_a_tar_or_a_zeroed_header_is_named_with_its_byte(t
     src = read_source(str(tmp_path / "zeroed.tar"), need_text=True)
     assert [r.sample_id for r in src.records] == ["k0"]
     assert len(src.problems) == 1 and "byte 1536 is damaged" in str(src.problems[0]), src.problems
+
+
+def test_unpaired_braces_are_named():
+    from semroute.shared.sources import expand
+
+    with pytest.raises(SemrouteError, match=r"x-\{0\.\.2\}\}\.tar: its braces do not pair up"):
+        expand("x-{0..2}}.tar")
+    assert expand("x-{0..2}.tar") == ["x-0.tar", "x-1.tar", "x-2.tar"]
