@@ -43,6 +43,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
                                 f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     elif target.type == "mps" and not torch.backends.mps.is_available():
         raise SemrouteError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+    elif target.type == "meta":
+        raise SemrouteError(f"--device {device}: torch's meta device holds shapes, not numbers; use auto, cpu, cuda, "
+                            "cuda:N or mps")
     return target
 
 

@@ -83,7 +83,11 @@ def filesystem(url: str, options: dict | None = None):
     if unknown := unknown_protocol(url):
         raise unknown
     protocol = url.split("://", 1)[0]
-    fs, path = fsspec.core.url_to_fs(url, **storage_options(protocol, options))
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options(protocol, options))
+    except OSError as err:  # a client that connects when made (ftp, sftp): refused, unreachable, timed out
+        raise SemrouteError(f"{url}: cannot connect ({type(err).__name__}: {err}); check the address and that the "
+                            "server runs") from None
     if hasattr(fs, "retries"):
         fs.retries = 1  # s3fs's own retry loop (see storage_options)
     return fs, path

@@ -33,7 +33,7 @@ from semroute.shared.fingerprint import sha256_text
 from semroute.shared.integrity import INDEX
 from semroute.shared.layers import parse_layers
 from semroute.shared.llm import LoadedLLM, load_llm
-from semroute.shared.manifest import Problem, read_problem_report, write_problem_report
+from semroute.shared.manifest import Problem, check_unicode, read_problem_report, write_problem_report
 from semroute.shared.remote import is_url
 from semroute.shared.sources import read_source
 from semroute.shared.store import DEFAULT_CHUNK_BYTES, ShardLayout, read_parquet, store_file
@@ -265,6 +265,7 @@ class EncodeTextRun(EncodeRun):
         check_number("--shard-mb", cfg.shard_mb, low=0.0, low_open=True)
         if cfg.storage not in TextStorage.MODES:  # (TextStorage says so too, but only once the LLM is loaded)
             raise SemrouteError(f"--storage {cfg.storage!r} is not supported; use {', '.join(TextStorage.MODES)}")
+        check_unicode(cfg.instruction, "--instruction")  # bytes that are not UTF-8 in the shell's argument
         if llm is None:
             llm = load_llm(cfg.llm, device=proc.device_for(cfg.device), dtype=cfg.dtype)
         if llm.device.type == "cpu" and llm.dtype != torch.float32 and proc.is_main and not cfg.estimate:

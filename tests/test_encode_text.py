@@ -363,3 +363,16 @@ def test_an_llm_that_cannot_be_loaded_is_one_error_naming_it(tmp_path, monkeypat
         ref, match = "m", r"--llm m: cannot load the model or tokenizer from m \(\w+: "
     with pytest.raises(SemrouteError, match=match):
         load_llm(ref, device="cpu", dtype="float32")
+
+
+def test_an_instruction_that_is_not_utf8_is_refused_before_the_llm_loads(tmp_path, monkeypatch):
+    """``--instruction $'\\xff'``: the shell hands Python lone surrogates, which the tokenizer met as a TypeError."""
+    import semroute.stage1_encode.text as text_mod
+    from semroute.shared.errors import SemrouteError
+
+    monkeypatch.setattr(text_mod, "load_llm", lambda *a, **k: pytest.fail("the LLM was loaded first"))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"text": "a red square"}\n')
+    with pytest.raises(SemrouteError, match=r"--instruction holds a lone surrogate '\\udcff' at character 1"):
+        encode_text(EncodeTextConfig(data=str(manifest), out=str(tmp_path / "c.zarr"), llm="x", instruction="\udcff"))
+    assert not (tmp_path / "c.zarr").exists()

@@ -373,3 +373,11 @@ def test_a_shard_object_forgotten_by_the_reader_takes_its_index_with_it(s3, loca
     assert features._index_bytes == sum(ix.nbytes for ix in features._index.values())
     want = [(_raw(f), _raw(s)) for f, s in TextCacheReader(reencoded).captions_bits([0])]
     assert [(_raw(f), _raw(s)) for f, s in reader.captions_bits([0])] == want
+
+
+def test_a_client_that_cannot_connect_when_made_is_named_with_the_url():
+    """fsspec's ftp client connects in its constructor: a refused connection was a bare ConnectionRefusedError."""
+    from semroute.shared.remote import filesystem
+
+    with pytest.raises(SemrouteError, match=r"ftp://127\.0\.0\.1:1/x\.zarr: cannot connect \(ConnectionRefusedError"):
+        filesystem("ftp://127.0.0.1:1/x.zarr")

@@ -83,7 +83,7 @@ def test_a_refused_size_claims_nothing_and_the_corrected_rerun_works(run2, tmp_p
 
 
 # -- B11: a device the machine lacks ----------------------------------------------------------------
-@pytest.mark.parametrize("device", ["bogus", "cuda:99", *([] if torch.cuda.is_available() else ["cuda"])])
+@pytest.mark.parametrize("device", ["bogus", "cuda:99", "meta", *([] if torch.cuda.is_available() else ["cuda"])])
 def test_a_bad_device_is_a_clean_error_before_anything_is_written(run2, tmp_path, device):
     out = tmp_path / "s"
     with pytest.raises(SemrouteError, match=rf"--device {device}"):
