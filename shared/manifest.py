@@ -95,7 +95,7 @@ def _iter_raw_records(path: str, raw: bytes) -> Iterator[tuple[int, object | Exc
             except json.JSONDecodeError as err:
                 # Inside one array a syntax error leaves no reliable way to find the next record.
                 raise ManifestError(f"{path}:{_line_of(text, err.pos)}: malformed JSON: {err.msg}") from None
-            except ValueError as err:  # valid JSON Python refuses: an integer of more than 4300 digits
+            except (ValueError, RecursionError) as err:  # valid JSON Python refuses: >4300 digits, deep nesting
                 raise ManifestError(f"{path}:{_line_of(text, pos)}: unreadable JSON: {err}") from None
             yield _line_of(text, pos), value
             pos = end
@@ -114,7 +114,7 @@ def _iter_raw_records(path: str, raw: bytes) -> Iterator[tuple[int, object | Exc
                 yield lineno, json.loads(line_text)
             except json.JSONDecodeError as err:
                 yield lineno, ManifestError(f"malformed JSON: {err.msg} (column {err.colno})")
-            except ValueError as err:  # valid JSON Python refuses: an integer of more than 4300 digits
+            except (ValueError, RecursionError) as err:  # valid JSON Python refuses: >4300 digits, deep nesting
                 yield lineno, ManifestError(f"unreadable JSON: {err}")
 
 

@@ -429,8 +429,8 @@ def read_webdataset(shards: list[str], *, text_key: str, need_text: bool, need_i
                         texts = _captions(value[text_key], text_key)
                     else:
                         raise ManifestError("no caption member (.txt or .json)")
-                except (ManifestError, json.JSONDecodeError) as err:
-                    out.bad(shard, n, str(err), key)
+                except (ManifestError, ValueError, RecursionError) as err:  # (JSONDecodeError is a ValueError;
+                    out.bad(shard, n, str(err), key)  # valid JSON Python refuses: >4300 digits, deep nesting)
                     continue
             if compressed and need_image:
                 out.bad(shard, n, "images in a compressed tar cannot be read by byte range; use plain .tar shards", key)

@@ -289,7 +289,14 @@ def load_encoder(ref: str, subfolder: str | None = None, *, device: str | torch.
     if cls is None:
         raise SemrouteError(f"--vae {ref}: diffusers {diffusers.__version__} has no class {info.class_name}; "
                             "upgrade diffusers")
-    model = cls.from_pretrained(str(info.folder), torch_dtype=dt).to(dev).eval().requires_grad_(False)
+    try:
+        model = cls.from_pretrained(str(info.folder), torch_dtype=dt)
+    except Exception as err:  # noqa: BLE001 - diffusers raises OSError, ValueError, KeyError ... for a folder
+        # missing its weights or holding damaged ones: the user's input, named, not a traceback
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SemrouteError(f"--vae {ref}: cannot load {info.class_name} from {info.folder} ({type(err).__name__}: "
+                            f"{text[:300]})") from None
+    model = model.to(dev).eval().requires_grad_(False)
     encoder = LatentEncoder(info, model, dev, dt)
     if info.downsample == 0 or info.latent_channels == 0:
         # Not stated by the config: measure once on a small input.

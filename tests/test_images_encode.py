@@ -219,3 +219,12 @@ def test_auto_device_under_several_processes_is_each_process_s_own(tmp_path, dat
             data=str(data), out=str(tmp_path / "c.latents.zarr"), vae="pixel", device=auto, progress=False),
             ProcessInfo(1, 2, own))
         assert str(run_._load_encoder()) == str(own), auto
+
+
+def test_a_vae_folder_without_weights_is_one_error_naming_it(tmp_path):
+    """diffusers' OSError ("no file named diffusion_pytorch_model.bin") carries no file name: named with --vae."""
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    with pytest.raises(SemrouteError, match=r"--vae .*vae: cannot load AutoencoderKL from .*vae \(OSError: "):
+        load_encoder(str(folder), device="cpu")

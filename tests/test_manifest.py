@@ -59,6 +59,8 @@ def test_json_array_with_line_numbers_and_custom_keys(tmp_path):
         (b'{"image": "b.png", "text": "x", "id": ""}', r"m\.jsonl:2: 'id' is \"\"; an id must be"),
         # valid JSON that Python's reader refuses (more than 4300 digits)
         (b'{"image": "b.png", "text": "x", "id": ' + b"9" * 5000 + b"}", r"m\.jsonl:2: unreadable JSON: Exceeds the limit"),
+        (b'{"image": "b.png", "text": ' + b"[" * 100000 + b"]" * 100000 + b"}", r"m\.jsonl:2: unreadable JSON: maximum "
+                                                                                r"recursion depth"),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path, line, message):

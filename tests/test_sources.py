@@ -295,3 +295,14 @@ def test_unpaired_braces_are_named():
     with pytest.raises(SemrouteError, match=r"x-\{0\.\.2\}\}\.tar: its braces do not pair up"):
         expand("x-{0..2}}.tar")
     assert expand("x-{0..2}.tar") == ["x-0.tar", "x-1.tar", "x-2.tar"]
+
+
+@pytest.mark.parametrize("body", [b'{"text": "x", "n": ' + b"9" * 5000 + b"}", b'{"text": ' + b"[" * 100000 + b"]" * 100000 + b"}"])
+def test_a_json_caption_python_cannot_read_is_a_bad_member(tmp_path, body):
+    """Valid JSON Python's reader refuses (an integer of more than 4300 digits, deep nesting): named with shard and
+    key like any bad member, not a ValueError/RecursionError traceback."""
+    shard = write_tar(tmp_path / "s.tar", [("ok.jpg", _jpeg(0)), ("ok.txt", b"fine"), ("big.jpg", _jpeg(1)),
+                                           ("big.json", body)])
+    src = read_source(str(shard), need_text=True, need_image=True)
+    assert [r.sample_id for r in src.records] == ["ok"]
+    assert any("s.tar" in str(p) and "'big'" in str(p) for p in src.problems), [str(p) for p in src.problems]
