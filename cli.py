@@ -31,7 +31,7 @@ import typer
 
 from semroute.demo import DemoConfig  # light: the demo imports torch only where it runs
 from semroute.shared.errors import SemrouteError, describe_path_error, write_faults_named
-from semroute.stage2_train.config import config_names, field_help
+from semroute.stage2_train.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS, config_names, field_help
 
 app = typer.Typer(
     name="semroute",
@@ -368,8 +368,8 @@ def sample_cmd(
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: text lines, JSONL with 'prompt', GenEval metadata, GenAI-Bench json, DrawBench tsv/json.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Override the detected prompt-file format (text, jsonl, geneval, genaibench, drawbench, drawbench_json).")] = None,
     n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = 1,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Euler flow-matching steps (default: the run's sample_steps, 25 unless its config sets it).", show_default=False)] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale w (1 = none) (default: the run's sample_guidance, 6.0 unless its config sets it).", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help=f"Euler flow-matching steps (default: the run's sample_steps, {DEFAULT_SAMPLE_STEPS} unless its config sets it).", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help=f"Classifier-free guidance scale w (1 = none) (default: the run's sample_guidance, {DEFAULT_GUIDANCE} unless its config sets it).", show_default=False)] = None,
     guidance_interval: Annotated[Optional[str], typer.Option("--guidance-interval", metavar="LO,HI", help="Guide only the steps whose sigma is in [LO, HI] (1 = noise, 0 = image), e.g. 0.3,0.8; elsewhere the conditional prediction alone, at half the cost (default: every step).", show_default=False)] = None,
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Image side in pixels (default: the training resolution).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Image k of prompt i uses seed + i*n + k.")] = 0,

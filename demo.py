@@ -148,6 +148,12 @@ def claim_folder(cfg: DemoConfig) -> None:
     write_atomic(path, json.dumps(now, indent=2) + "\n")
 
 
+def held_out(cfg: DemoConfig) -> int:
+    """Images the training keeps out for validation: ``holdout``, at most an eighth of ``images`` (the check
+    that the rest fills a batch and the training config both use this)."""
+    return min(cfg.holdout, cfg.images // 8)
+
+
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
@@ -270,7 +276,7 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
         # A checkpoint (hence a routing heatmap) at each validation, for the report's routing over training.
         checkpoint_every=cfg.validate_every, keep_checkpoints=1, log_every=20, seed=cfg.seed,
         num_workers=cfg.num_workers, ema=cfg.ema, ema_decay=cfg.ema_decay, report_to="tensorboard",
-        holdout=min(cfg.holdout, cfg.images // 8), validate_every=cfg.validate_every, val_guidance=cfg.guidance,
+        holdout=held_out(cfg), validate_every=cfg.validate_every, val_guidance=cfg.guidance,
         val_guidance_interval=list(cfg.guidance_interval) if cfg.guidance_interval else None,
     )
     size = f"{cfg.blocks or 'preset'} blocks x {cfg.width or 'preset'} wide"
@@ -387,6 +393,7 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
     """All four steps; ``llm`` may be passed already loaded (tests)."""
     from semroute.stage2_train import shape_checker
     from semroute.stage2_train.report import write_report
+    from semroute.stage2_train.run_folder import RunFolder
 
     if cfg.size % 2:
         raise SemrouteError(f"DemoConfig.size must be even (the pixel codec's patch is 2), got {cfg.size}")
@@ -398,15 +405,14 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
                       ("batch_size", dict(integer=True, low=1)), ("train_minutes", dict(low=0.0, low_open=True)),
                       ("max_steps", dict(integer=True, low=1)), ("guidance", {})):
         check_number(OPTIONS[key], getattr(cfg, key), **rule)
+    from semroute.stage2_train.config import check_preset
     from semroute.stage2_train.models import check_fusion
-    from semroute.stage2_train.presets import PRESETS
 
     check_fusion(cfg.fusion)
-    if cfg.preset not in PRESETS:
-        raise SemrouteError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    check_preset(cfg.preset, "--preset")
     parse_tag_weights(cfg.tag_weights)
     training_processes(cfg)
-    held = min(cfg.holdout, cfg.images // 8)
+    held = held_out(cfg)
     if cfg.images - held < cfg.batch_size:
         raise SemrouteError(f"--images {cfg.images}: {cfg.images - held} training images ({held} held out for "
                             f"validation) cannot fill one batch of {cfg.batch_size}; generate more or lower --batch-size")
@@ -419,8 +425,8 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
     run_dir = out / f"run-{cfg.fusion}"
     trained = train_strategy(cfg, data, cfg.fusion, run_dir)
     report = evaluate(cfg, data, run_dir, out)
-    shutil.copyfile(run_dir / "routing" / "latest.png", out / "routing.png")
-    shutil.copyfile(run_dir / "routing" / "latest.csv", out / "routing.csv")
+    shutil.copyfile(RunFolder(run_dir).latest_routing("png"), out / "routing.png")
+    shutil.copyfile(RunFolder(run_dir).latest_routing("csv"), out / "routing.csv")
     shutil.copyfile(Path(report["samples_dir"]) / "grid.png", out / "grid.png")
     report.update({"config": asdict(cfg), "run_dir": str(run_dir), "train_steps": trained.get("step"),
                    "train_seconds": trained.get("train_seconds"), "validation_seconds": trained.get("validation_seconds"),

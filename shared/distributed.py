@@ -39,6 +39,12 @@ class ProcessInfo:
             return obj
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
+        # A barrier (no tensors) after it: gloo's worker thread releases a finished broadcast's tensors only when
+        # it takes its next work, and releasing them needs the GIL. Were the broadcast the job's last collective,
+        # the process group's destructor at exit (run with the GIL held, when the DDP model is freed) would join
+        # that thread while it waits for the GIL: a hang seen once in the 2-process demo test (gdb: main thread
+        # in ~ProcessGroupGloo from ~Reducer, pt_gloo_runloop in ~AsyncBroadcastWork -> take_gil).
+        torch.distributed.barrier()
         return box[0]
 
     def run_on_main(self, fn):

@@ -18,6 +18,7 @@ from semroute.shared.errors import SemrouteError
 from semroute.shared.files import write_atomic
 
 MANIFEST = "complete.json"
+TRAIN_STATE = "train_state.json"  # step, epoch, samples, seconds: every checkpoint has it
 
 
 class DamagedCheckpoint(SemrouteError):
@@ -52,7 +53,7 @@ def problems(folder: Path, under: str | None = None, crc: bool = True) -> list[s
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.exists():
-        return [] if (folder / "train_state.json").exists() else [f"{folder} has no {MANIFEST} (never completed)"]
+        return [] if (folder / TRAIN_STATE).exists() else [f"{folder} has no {MANIFEST} (never completed)"]
     try:
         listed = json.loads(path.read_text())["files"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:

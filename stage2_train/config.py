@@ -36,6 +36,10 @@ FUSION_CONFIGS = {  # --fusion name -> preset file in configs/
     "deep": "deep.yaml",
 }
 REPORT_TO = ("tensorboard", "wandb", "none")
+# What `semroute sample` and the pipeline use when neither the call nor the run's config names steps /
+# guidance; the owner of these numbers (sampling.py, pipeline.py and cli.py's help refer here).
+DEFAULT_SAMPLE_STEPS = 25
+DEFAULT_GUIDANCE = 6.0
 
 # Allowed range of every numeric key (checked on every build: defaults, YAML, flags and --set alike).
 _POSITIVE = dict(low=0.0, low_open=True)
@@ -75,6 +79,14 @@ NUMERIC_RULES = {
 }
 BOOL_KEYS = ("decay_fusion_logits", "gradient_checkpointing", "compile", "ema", "ema_warmup", "length_batching",
              "log_samples", "allow_new_data")
+
+
+def check_preset(preset: str, name: str = "preset") -> None:
+    """Refuse a DiT size ``presets.PRESETS`` does not have; ``name``: how the user gave it (the demo: ``--preset``)."""
+    from semroute.stage2_train.presets import PRESETS
+
+    if preset not in PRESETS:
+        raise BadValue(name, f"{preset!r} is unknown; choose one of {', '.join(PRESETS)}")
 
 
 @dataclass
@@ -198,9 +210,9 @@ class TrainConfig:
     """Debug: record which sample ids each process trains on (logs/samples-rank<r>.jsonl)."""
 
     # -- sampling defaults of this run (`semroute sample` / `export`) ---------------------------
-    sample_steps: int = 25
+    sample_steps: int = DEFAULT_SAMPLE_STEPS
     """Euler steps `semroute sample` uses for this run unless --steps is given (the reference evaluates with 50)."""
-    sample_guidance: float = 6.0
+    sample_guidance: float = DEFAULT_GUIDANCE
     """Classifier-free guidance `semroute sample` uses for this run unless --guidance is given."""
 
     # -- watching the run --------------------------------------------------------------------
@@ -215,7 +227,7 @@ class TrainConfig:
     """Held-out captions drawn at each validation (RUN/samples/step-*.png); 0: none."""
     val_sample_steps: int = 20
     """Euler steps of those samples."""
-    val_guidance: float = 6.0
+    val_guidance: float = DEFAULT_GUIDANCE
     """Classifier-free guidance of those samples (against the stored null caption)."""
     val_guidance_interval: list | None = None
     """``[lo, hi]``: guide those samples only where sigma is in [lo, hi] (see `semroute sample
@@ -230,11 +242,9 @@ class TrainConfig:
     def validate(self) -> None:
         from semroute.shared.remote import parse_size
         from semroute.stage2_train.models import check_fusion
-        from semroute.stage2_train.presets import PRESETS
 
         check_fusion(self.fusion)
-        if self.preset not in PRESETS:
-            raise BadValue("preset", f"{self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+        check_preset(self.preset)
         if self.lr_schedule not in ("constant", "warmup", "cosine"):
             raise BadValue("lr_schedule", f"{self.lr_schedule!r}: use constant, warmup or cosine")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):

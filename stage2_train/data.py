@@ -24,7 +24,7 @@ from semroute.shared.latent_store import LatentCacheReader
 from semroute.shared.text_store import TextCacheReader
 
 
-def _seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """A 63-bit seed mixing integers (SplitMix64 steps), stable across processes and Python versions."""
     x = 0x9E3779B97F4A7C15
     for p in parts:
@@ -142,7 +142,7 @@ class PairedCaches(Dataset):
         samples = [int(s) for s in samples]
         out, generators = [], []
         for sample in samples:
-            g = torch.Generator().manual_seed(_seed(self.seed, epoch, sample))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, sample))
             caps = self.caption_idx[self.caption_ptr[sample]: self.caption_ptr[sample + 1]]
             pick = int(caps[int(torch.randint(len(caps), (1,), generator=g))])
             dropped = bool(torch.rand((), generator=g) < self.caption_dropout)
@@ -332,7 +332,7 @@ class EpochBatches:
 
     def epoch(self, epoch: int) -> list[np.ndarray]:
         """Every batch of ``epoch`` (all processes' together), in order."""
-        rng = np.random.default_rng(_seed(self.seed, epoch, 0xBA7C4))
+        rng = np.random.default_rng(mix_seed(self.seed, epoch, 0xBA7C4))
         order = rng.permutation(len(self.buckets))
         group = None
         if self.blocks is not None:  # shard-local: windows of shuffled shards, each window's samples shuffled

@@ -35,6 +35,7 @@ from semroute.stage2_train.fusion import (
     layer_norm_layers,
     resolve_layer_indices,
 )
+from semroute.stage2_train.models import default_text_layers
 
 # Text path of the cross-attention: what the context embedder maps the fused LLM features to (the config
 # key is `context_embedder_type`: a key named like the `context_embedder` module would shadow it).
@@ -112,8 +113,8 @@ class SemrouteDiT(DiTBase):
         llm_num_layers: the LLM's ``num_hidden_layers`` N (its ``hidden_states`` has N + 1 entries).
         text_layers: transformers ``hidden_states`` indices the model reads, in the order the text input's
             layer axis carries them, or a spec string as ``encode-text --layers`` takes (``all``, ``last:K``,
-            ...). Default: every decoder layer ``1..N``; for ``penultimate`` just ``[N-1]``
-            (= ``hidden_states[-2]``). Negative indices are resolved against N; the config stores the list.
+            ...). Default: ``models.default_text_layers`` (every decoder layer ``1..N``; for ``penultimate``
+            just ``[N-1]`` = ``hidden_states[-2]``). Negative indices are resolved against N; the config stores the list.
         fusion: one of ``penultimate, uniform, static, time, depth, joint``.
         gate_embed_dim, gate_hidden_dim: sizes of the sigma gates of ``time``/``joint`` (128 and 512 as the paper).
         gate_sigma_scale: the gates embed ``gate_sigma_scale * sigma``: 1000 (ours, the t the model receives)
@@ -173,8 +174,8 @@ class SemrouteDiT(DiTBase):
         if context_embedder_type not in CONTEXT_EMBEDDERS:
             raise SemrouteError(f"context_embedder_type {context_embedder_type!r} is unknown; choose one of {', '.join(CONTEXT_EMBEDDERS)}")
         penultimate = llm_num_layers - 1  # hidden_states[-2] in transformers' numbering
-        if text_layers is None:
-            text_layers = [penultimate] if fusion == "penultimate" else list(range(1, llm_num_layers + 1))
+        if text_layers is None:  # the rule training uses for a cache of every layer
+            text_layers = default_text_layers(fusion, llm_num_layers)
         elif isinstance(text_layers, str):
             text_layers = parse_layers(text_layers, llm_num_layers)
         self.text_layers = resolve_layer_indices(text_layers, llm_num_layers)

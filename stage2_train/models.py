@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from semroute.shared.checks import check_bool, check_number, read_json_object
@@ -65,12 +66,19 @@ def load_model(model_dir: Path):
 # ---------------------------------------------------------------------------------------------
 # Building a model for training, sized by the caches
 # ---------------------------------------------------------------------------------------------
+def default_text_layers(fusion: str, n_llm_layers: int, stored: Sequence[int] | None = None) -> list[int]:
+    """The ``hidden_states`` a model reads when ``text_layers`` is unset (training and ``SemrouteDiT`` alike):
+    for ``penultimate`` just ``[N-1]`` (``hidden_states[-2]``), else every layer the cache stores but the
+    embeddings (index 0); ``stored`` None: a cache of every layer ``0..N``."""
+    if fusion == "penultimate":
+        return [n_llm_layers - 1]
+    return [i for i in (range(n_llm_layers + 1) if stored is None else stored) if i != 0]
+
+
 def model_text_layers(cfg, n_llm_layers: int, stored: list[int]) -> list[int]:
     if cfg.text_layers is not None:
         return parse_layers(cfg.text_layers, n_llm_layers)
-    if cfg.fusion == "penultimate":
-        return [n_llm_layers - 1]
-    return [i for i in stored if i != 0]
+    return default_text_layers(cfg.fusion, n_llm_layers, stored)
 
 
 def check_model_overrides(klass: type, overrides: dict, preset: str) -> dict:

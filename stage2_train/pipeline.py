@@ -47,6 +47,7 @@ from semroute.shared.text_encoder import PromptFormat, TextEncoder
 from semroute.shared.text_store import pad_batch
 from semroute.shared.vae import PIXEL, PixelCodec, downsample_factor, latent_scale
 from semroute.stage2_train import checkpoint_files, models
+from semroute.stage2_train.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS
 from semroute.stage2_train.run_folder import MODEL_INDEX
 
 TEXT_DIR = "text"
@@ -157,7 +158,8 @@ class SemroutePipeline(DiffusionPipeline):
 
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, num_inference_steps: int = 25, guidance_scale: float = 6.0,
+    def __call__(self, prompt: str | list[str] | None = None, num_inference_steps: int = DEFAULT_SAMPLE_STEPS,
+                 guidance_scale: float = DEFAULT_GUIDANCE,
                  height: int | None = None, width: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", reuse_text: bool = True, return_dict: bool = True,

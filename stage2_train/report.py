@@ -46,12 +46,14 @@ class RunData:
 
 
 def _steps_of(folder: Path) -> list[tuple[int, Path]]:
+    from semroute.stage2_train.run_folder import CHECKPOINT_PREFIX
+
     if not folder.is_dir():
         return []
     found = []
-    for p in folder.glob("step-*.png"):
+    for p in folder.glob(f"{CHECKPOINT_PREFIX}*.png"):
         try:
-            found.append((int(p.stem.removeprefix("step-")), p))
+            found.append((int(p.stem.removeprefix(CHECKPOINT_PREFIX)), p))
         except ValueError:
             continue
     return sorted(found)

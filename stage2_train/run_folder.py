@@ -33,9 +33,11 @@ from semroute.shared.checks import read_json_object
 from semroute.shared.errors import SemrouteError
 from semroute.shared.files import write_atomic
 from semroute.stage2_train import checkpoint_files, models
+from semroute.stage2_train.checkpoint_files import TRAIN_STATE
 
 CHECKPOINT_PREFIX = "step-"
-TRAIN_STATE = "train_state.json"
+RUN_RECORD = "run.json"  # the caches and fingerprints of a run (a checkpoint holds a copy)
+MODEL_DIR, EMA_MODEL_DIR = "model", "model_ema"  # a checkpoint's diffusers model folders
 MODEL_INDEX = "model_index.json"  # the file that marks an exported pipeline (pipeline.save_pretrained)
 
 
@@ -45,7 +47,7 @@ def checkpoint_name(step: int) -> str:
 
 def is_checkpoint(path: Path) -> bool:
     path = Path(path)
-    return (path / TRAIN_STATE).exists() or (path / "model").is_dir() or (path / checkpoint_files.MANIFEST).exists()
+    return (path / TRAIN_STATE).exists() or (path / MODEL_DIR).is_dir() or (path / checkpoint_files.MANIFEST).exists()
 
 
 class _Inside:
@@ -76,12 +78,16 @@ class RunFolder:
 
     # -- files (the layout drawn above) ----------------------------------------------------------
     config_path = _Inside("config.yaml")
-    record_path = _Inside("run.json")
+    record_path = _Inside(RUN_RECORD)
     logs = _Inside("logs")
     metrics_path = _Inside("logs", "metrics.jsonl")
     checkpoints_dir = _Inside("checkpoints")
     routing_dir = _Inside("routing")
     samples_dir = _Inside("samples")
+
+    def latest_routing(self, suffix: str) -> Path:
+        """routing/latest.png (``suffix`` png) or .csv: the newest checkpoint's routing plot or table."""
+        return self.routing_dir / f"latest.{suffix}"
 
     def sample_grid_path(self, step: int) -> Path:
         """The sheet of held-out samples drawn at a validation."""
@@ -114,8 +120,8 @@ class RunFolder:
         """run.json: the caches and fingerprints the run trains on ({} if absent and not ``required``); with
         a checkpoint, that checkpoint's copy when it has one."""
         path = self.record_path
-        if checkpoint is not None and (Path(checkpoint) / "run.json").exists():
-            path = Path(checkpoint) / "run.json"
+        if checkpoint is not None and (Path(checkpoint) / RUN_RECORD).exists():
+            path = Path(checkpoint) / RUN_RECORD
         if not path.exists():
             if required:
                 raise SemrouteError(f"{self.path} is not a training run folder (no run.json)")
@@ -245,7 +251,7 @@ class RunFolder:
     def model_dir(self, ema: bool = False, checkpoint: str | Path | None = None) -> Path:
         """The diffusers model folder (``model/`` or ``model_ema/``) of a checkpoint (default: the newest
         whose model files are intact), its files checked against the checkpoint's ``complete.json``."""
-        name = "model_ema" if ema else "model"
+        name = EMA_MODEL_DIR if ema else MODEL_DIR
         ckpt = self.checkpoint(checkpoint) if checkpoint is not None else (self.newest_intact(under=name)
                                                                             or self.checkpoint())
         checkpoint_files.require_intact(ckpt, under=name)
@@ -283,7 +289,7 @@ class RunFolder:
         for suffix in ("png", "csv"):
             if (final / f"routing.{suffix}").exists():
                 shutil.copyfile(final / f"routing.{suffix}", self.routing_dir / f"{name}.{suffix}")
-                shutil.copyfile(final / f"routing.{suffix}", self.routing_dir / f"latest.{suffix}")
+                shutil.copyfile(final / f"routing.{suffix}", self.latest_routing(suffix))
         self.log_metrics({"step": step, "event": "checkpoint", "path": str(final)})
         # Only checkpoints up to this one count: newer ones are damaged ones that --resume latest passed over
         # (it takes the newest intact one); counted, they would prune the checkpoint just written.
@@ -353,8 +359,8 @@ def resolve_model_source(path: str | Path) -> ModelSource | None:
         return ModelSource(EXPORT, path, None, None)
     if is_checkpoint(path):
         home = path.parent.parent
-        return ModelSource(CHECKPOINT, path, RunFolder(home) if (home / "run.json").exists() else None, path)
-    if (path / "run.json").exists() or (path / "config.yaml").exists():
+        return ModelSource(CHECKPOINT, path, RunFolder(home) if (home / RUN_RECORD).exists() else None, path)
+    if (path / RUN_RECORD).exists() or (path / "config.yaml").exists():
         return ModelSource(RUN, path, RunFolder(path), None)
     return None
 

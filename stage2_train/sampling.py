@@ -26,6 +26,7 @@ from semroute.shared.distributed import process_info
 from semroute.shared.errors import SemrouteError
 from semroute.shared.files import write_atomic
 from semroute.shared.llm import resolve_device
+from semroute.stage2_train.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS
 from semroute.stage2_train.prompt_files import (PromptEntry, detect_format, layout_for,
                                                 read_prompts, save_image)
 
@@ -39,9 +40,9 @@ class SampleConfig:
     format: str | None = None
     n: int = 1
     steps: int | None = None
-    """Euler steps; None: the run's (or exported pipeline's) ``sample_steps``, else 25."""
+    """Euler steps; None: the run's (or exported pipeline's) ``sample_steps``, else DEFAULT_SAMPLE_STEPS."""
     guidance: float | None = None
-    """Guidance scale; None: the run's (or exported pipeline's) ``sample_guidance``, else 6.0."""
+    """Guidance scale; None: the run's (or exported pipeline's) ``sample_guidance``, else DEFAULT_GUIDANCE."""
     guidance_interval: tuple[float, float] | None = None
     """Guide only where sigma is in ``[lo, hi]`` (conditional prediction alone elsewhere); None: every step."""
     resolution: int | None = None
@@ -176,9 +177,6 @@ def load_pipeline(checkpoint: str | Path, *, ema: bool = False, llm=None, device
     return SemroutePipeline.from_run(source.run.path, checkpoint=source.checkpoint, ema=ema, llm=llm, device=device)
 
 
-DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 6.0
-
-
 def sampling_defaults(checkpoint: str | Path) -> dict:
     """``{"steps", "guidance"}`` that a run folder's config.yaml (also for one of its checkpoints) or an
     exported pipeline's text settings ask for; {} when they name none."""
@@ -197,13 +195,14 @@ def sampling_defaults(checkpoint: str | Path) -> dict:
 
 
 def with_sampling_defaults(cfg: SampleConfig) -> SampleConfig:
-    """``cfg`` with unset ``steps``/``guidance`` taken from the checkpoint's ``sampling_defaults`` (else 25 / 6.0)."""
+    """``cfg`` with unset ``steps``/``guidance`` taken from the checkpoint's ``sampling_defaults`` (else
+    config.py's DEFAULT_SAMPLE_STEPS / DEFAULT_GUIDANCE)."""
     if cfg.steps is not None and cfg.guidance is not None:
         return cfg
     defaults = sampling_defaults(cfg.checkpoint)
     return dataclasses.replace(
         cfg,
-        steps=cfg.steps if cfg.steps is not None else int(defaults.get("steps", DEFAULT_STEPS)),
+        steps=cfg.steps if cfg.steps is not None else int(defaults.get("steps", DEFAULT_SAMPLE_STEPS)),
         guidance=cfg.guidance if cfg.guidance is not None else float(defaults.get("guidance", DEFAULT_GUIDANCE)),
     )
 

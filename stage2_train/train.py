@@ -24,12 +24,13 @@ from semroute.shared.fingerprint import require_match
 from semroute.shared.remote import STATS as remote_stats
 from semroute.stage2_train import ranks, resume_settings, routing
 from semroute.stage2_train.config import TrainConfig
-from semroute.stage2_train.data import BatchLoader, EpochBatches, PairedCaches, _seed
+from semroute.stage2_train.data import BatchLoader, EpochBatches, PairedCaches, mix_seed
 from semroute.stage2_train.feed import DeviceFeed
 from semroute.stage2_train.models import build_model
 from semroute.stage2_train.objective import flow_loss
 from semroute.stage2_train.perf import compile_blocks, dit_train_flops, peak_flops
-from semroute.stage2_train.run_folder import TRAIN_STATE, RunFolder, checkpoint_name
+from semroute.stage2_train.run_folder import (EMA_MODEL_DIR, MODEL_DIR, RUN_RECORD, TRAIN_STATE, RunFolder,
+                                              checkpoint_name)
 from semroute.stage2_train.run_lock import RunLock
 from semroute.stage2_train.validation import SampleGrid, ValidationLoss, holdout_split
 
@@ -386,7 +387,7 @@ class Trainer:
                                      len(batch.sample_ids)) or 0.0
             with acc.accumulate(self.model):
                 # The noise and sigmas of a micro-step depend on (seed, step, rank, micro) only: exact resume.
-                g = torch.Generator(acc.device).manual_seed(_seed(cfg.seed, state.step, acc.process_index, micro))
+                g = torch.Generator(acc.device).manual_seed(mix_seed(cfg.seed, state.step, acc.process_index, micro))
                 with acc.autocast():
                     loss = flow_loss(self.model, batch.latents, batch.text, batch.text_mask,
                                      shift=cfg.shift, mean=cfg.logit_mean, std=cfg.logit_std, generator=g)
@@ -510,14 +511,14 @@ class Trainer:
         """Main process: the checkpoint's model folders, state, config and routing, then publish it."""
         acc, state = self.accelerator, self.state
         model = acc.unwrap_model(self.model)
-        model.save_pretrained(tmp / "model")
+        model.save_pretrained(tmp / MODEL_DIR)
         if self.ema is not None:
             with _weights(model, self.ema):
-                model.save_pretrained(tmp / "model_ema")
+                model.save_pretrained(tmp / EMA_MODEL_DIR)
         (tmp / TRAIN_STATE).write_text(json.dumps(state.state_dict()))
         # what a resume from this checkpoint is compared with, and what sample reads (checked by complete.json)
         self.cfg.save(tmp / "config.yaml")
-        shutil.copyfile(self.run.record_path, tmp / "run.json")
+        shutil.copyfile(self.run.record_path, tmp / RUN_RECORD)
         routing.save_routing(model, tmp, "routing", title=f"{self.cfg.fusion}, step {state.step}")
         self.run.publish(tmp, state.step, keep=self.cfg.keep_checkpoints)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semroute.stage2_train.data import PairedCaches, _seed
+from semroute.stage2_train.data import PairedCaches, mix_seed
 from semroute.stage2_train.objective import noisy_input
 
 LABEL_WIDTH, HEADER_HEIGHT = 300, 32  # sample sheets: caption column, title + column names
@@ -30,7 +30,7 @@ HOLDOUT_SALT = 0x401D0  # mixed into the seed: the split differs from the batch 
 
 def holdout_split(n_samples: int, n_holdout: int, seed: int) -> np.ndarray:
     """Sorted dataset indices of the ``n_holdout`` held-out samples (a seeded random choice)."""
-    rng = np.random.default_rng(_seed(seed, HOLDOUT_SALT))
+    rng = np.random.default_rng(mix_seed(seed, HOLDOUT_SALT))
     return np.sort(rng.permutation(n_samples)[:n_holdout]).astype(np.int64)
 
 
@@ -57,7 +57,7 @@ def load_heldout(dataset: PairedCaches, index: int) -> HeldOut:
     caption = int(dataset.caption_idx[dataset.caption_ptr[index]])
     latent = dataset.latents.latent(pos, mode="mean")
     # The noise depends on the sample id only (crc32: stable across processes and Python versions).
-    g = torch.Generator().manual_seed(_seed(zlib.crc32(sample_id.encode()), 0xE95))
+    g = torch.Generator().manual_seed(mix_seed(zlib.crc32(sample_id.encode()), 0xE95))
     noise = torch.randn(latent.shape, generator=g, dtype=torch.float32)
     return HeldOut(sample_id, caption, dataset.text.caption(caption), latent, noise)
 
