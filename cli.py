@@ -436,13 +436,16 @@ def routing_cmd(
     Example:  semroute routing runs/depth
     """
     from semroute.stage2_train.routing import save_routing
-    from semroute.stage2_train.run_folder import CHECKPOINT, EXPORT, open_model, resolve_model_source
+    from semroute.stage2_train.run_folder import (CHECKPOINT, EXPORT, open_model, refuse_output_inside_model,
+                                                  resolve_model_source)
 
     target = resolve_model_source(out) if out is not None else None
     if target is not None and target.kind in (CHECKPOINT, EXPORT):
         # its complete.json lists its own routing.png/csv: rewritten, the checkpoint would read as damaged
         raise SemrouteError(f"--out {out} is a checkpoint or an exported pipeline, whose files routing does not "
                             "write over: pass another folder (or no --out: RUN/routing)")
+    if out is not None:
+        refuse_output_inside_model(out, "--out")  # a folder inside one: pruned with it, or unlisted in it
     model, where = open_model(run, ema=ema)
     name = "routing"
     if out is None:
@@ -515,7 +518,9 @@ def report_cmd(
       semroute report runs/depth runs/static runs/penultimate --out strategies.html
     """
     from semroute.stage2_train.report import write_report
+    from semroute.stage2_train.run_folder import refuse_output_inside_model
 
+    refuse_output_inside_model(out, "--out")
     path = write_report([str(r) for r in runs], out, title=title)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) for {len(runs)} run(s)")
 

@@ -48,7 +48,7 @@ from semroute.shared.text_store import pad_batch
 from semroute.shared.vae import PIXEL, PixelCodec, downsample_factor, latent_scale
 from semroute.stage2_train import checkpoint_files, models
 from semroute.stage2_train.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS
-from semroute.stage2_train.run_folder import MODEL_INDEX
+from semroute.stage2_train.run_folder import MODEL_INDEX, refuse_output_inside_model
 
 TEXT_DIR = "text"
 TEXT_CONFIG = "semroute_text.json"
@@ -489,6 +489,7 @@ def export_pipeline(run: str | Path, out: str | Path, *, ema: bool = False, chec
     a temporary sibling folder and a rename; an earlier export there is replaced only with ``overwrite``."""
     from semroute.stage2_train.run_folder import EXPORT, resolve_model_source
 
+    refuse_output_inside_model(out, "--out", replacing_export=True)
     out = Path(out)
     final = out.resolve()
     tmp, old = final.with_name(f".{final.name}.export.tmp"), final.with_name(f".{final.name}.export.old")

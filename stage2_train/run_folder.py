@@ -50,6 +50,20 @@ def is_checkpoint(path: Path) -> bool:
     return (path / TRAIN_STATE).exists() or (path / MODEL_DIR).is_dir() or (path / checkpoint_files.MANIFEST).exists()
 
 
+def refuse_output_inside_model(out: str | Path, flag: str, *, replacing_export: bool = False) -> None:
+    """Refuse an output at or below a checkpoint or an exported pipeline: a resume prunes old checkpoints whole,
+    with whatever was written into them, and both are checked against the list of their own files.
+    ``replacing_export``: ``out`` itself may be an earlier export (``export --overwrite`` replaces it whole)."""
+    path = Path(out).resolve()
+    for folder in (path, *path.parents):
+        if replacing_export and folder == path and (folder / MODEL_INDEX).exists():
+            continue
+        if folder.is_dir() and (is_checkpoint(folder) or (folder / MODEL_INDEX).exists()):
+            kind = "an exported pipeline" if (folder / MODEL_INDEX).exists() else "a checkpoint"
+            raise SemrouteError(f"{flag} {out} is {'' if folder == path else 'inside '}{kind} ({folder}), which "
+                                "training prunes or checks against its own list of files: choose a folder outside it")
+
+
 class _Inside:
     """A path inside the run folder, read as an attribute: ``run.logs`` is ``run.path / "logs"``."""
 
@@ -95,6 +109,14 @@ class RunFolder:
 
     def create(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
+
+    def refuse_cache(self) -> None:
+        """Refuse a cache folder: a run written into it masks the cache (``info`` reads a run), and the cache's
+        ``--overwrite`` would then delete the run with it. (Other folders of the user's are fine: a config file
+        kept beside the run is a common layout.)"""
+        if (self.path / "zarr.json").exists():
+            raise SemrouteError(f"--out {self.path} is a cache (it has zarr.json), not a run folder: train into a "
+                                "folder of its own (e.g. runs/NAME)")
 
     def config_file(self, checkpoint: str | Path | None = None) -> Path:
         """The config a checkpoint was trained with: its own copy (checked by its complete.json), else the

@@ -115,6 +115,9 @@ def check_output(out: str | Path, settings: dict) -> None:
     """Refuse an output folder holding images made with other settings (other prompts, model, seed,
     guidance, ...): the skip-what-exists resume would otherwise mix old images with new ones. Writes
     nothing, so a run refused later (a bad size, a missing LLM) leaves the folder as it was."""
+    from semroute.stage2_train.run_folder import refuse_output_inside_model
+
+    refuse_output_inside_model(out, "-o")
     out = Path(out)
     record = out / RECORD
     if record.exists():

@@ -165,6 +165,7 @@ class Trainer:
         self.run_dir = self.run.path
         self.accelerator = _accelerator(cfg, self.run)
         cfg.check_global_batch(self.accelerator.num_processes)  # before the lock creates the run folder
+        self.run.refuse_cache()
         # Held by the main process until train() ends; every process raises if the main one cannot take it.
         self.lock = RunLock(self.run_dir)
         process_info().run_on_main(lambda: bool(self.lock.acquire()))

@@ -244,3 +244,38 @@ def test_an_older_relative_llm_reference_says_what_was_tried(exported, tiny_llam
     monkeypatch.chdir(tmp_path)  # where the relative path holds: it loads
     assert SemroutePipeline.from_pretrained(pipe, device="cpu").text_encoder is not None
 
+
+
+@pytest.mark.parametrize("command", ["export", "sample", "routing", "report"])
+def test_no_output_inside_a_checkpoint_or_an_export(run2, tmp_path, command):
+    """A resume prunes old checkpoints whole, with whatever was written into them (an export there was deleted
+    without a word); a checkpoint and an export are also checked against their own list of files."""
+    from typer.testing import CliRunner
+
+    from semroute.cli import app
+
+    def cli(*args):
+        result = CliRunner().invoke(app, list(args))
+        if result.exit_code == 0:
+            return None
+        assert isinstance(result.exception, SemrouteError), repr(result.exception)
+        return str(result.exception)
+
+    run = tmp_path / "run"
+    shutil.copytree(run2, run)
+    ckpt = sorted((run / "checkpoints").iterdir())[0]
+    before = _snapshot(ckpt)
+    inside = ckpt / "mine"
+    args = {"export": ["export", str(run), "--out", str(inside)],
+            "sample": ["sample", "-c", str(run), "-p", "a red square", "--steps", "1", "--device", "cpu",
+                       "--no-progress", "-o", str(inside)],
+            "routing": ["routing", str(run), "--out", str(inside)],
+            "report": ["report", str(run), "--out", str(inside / "r.html")]}[command]
+    err = cli(*args)
+    assert err and f"{'-o' if command == 'sample' else '--out'} {inside}" in err and "is inside a checkpoint (" in err
+    assert _snapshot(ckpt) == before and not inside.exists()
+    if command == "export":  # nor inside an export; replacing an earlier export whole stays allowed
+        pipe = tmp_path / "pipe"
+        assert cli("export", str(run), "--out", str(pipe)) is None
+        assert "is inside an exported pipeline" in (cli("export", str(run), "--out", str(pipe / "sub")) or "")
+        assert cli("export", str(run), "--out", str(pipe), "--overwrite") is None

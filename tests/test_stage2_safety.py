@@ -304,3 +304,15 @@ def test_a_checkpoint_copied_in_from_another_run_is_refused(square_caches, run4,
     train(train_config(square_caches, other, max_steps=4), resume="latest", progress=False)
     assert json.loads((other / "run.json").read_text())["run_id"] == before
     assert json.loads((other / "checkpoints" / "step-0000004" / "run.json").read_text())["run_id"] == before
+
+
+def test_train_refuses_an_out_that_is_a_cache(square_caches, tmp_path):
+    """A run written into a cache folder masked it (`info` called it a run) and the cache's --overwrite then deleted
+    the run."""
+    text, _, _ = square_caches
+    cache = tmp_path / "copy.text.zarr"
+    shutil.copytree(text, cache)
+    before = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*"))
+    with pytest.raises(SemrouteError, match=rf"--out {cache} is a cache \(it has zarr.json\), not a run folder"):
+        Trainer(train_config(square_caches, cache, max_steps=1), progress=False)
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")) == before
