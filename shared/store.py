@@ -127,13 +127,12 @@ def open_group(location: str | os.PathLike, mode: str = "r"):
         raise SemrouteError(f"no cache at {location}") from None
 
 
-def _store_entries() -> set[str]:
-    """What a semroute create may find in a folder it is allowed to replace: the entries its own stores write
-    (text and latent caches), so that an interrupted create (group written, attributes not yet) can be redone."""
-    from semroute.shared.latent_store import LATENT_ENTRIES  # (they import this module)
-    from semroute.shared.text_store import TEXT_ENTRIES
-
-    return {"zarr.json", "progress", integrity.INDEX} | TEXT_ENTRIES | LATENT_ENTRIES
+# What a semroute create may find in a folder it is allowed to replace: the entries its own stores write (text and
+# latent caches), so that an interrupted create (group written, attributes not yet) can be redone. Written out here,
+# below the stores that own them (they import this module); tests/test_store_format.py keeps it equal to
+# text_store.TEXT_ENTRIES | latent_store.LATENT_ENTRIES.
+STORE_ENTRIES = frozenset({"zarr.json", "progress", integrity.INDEX, "features", "scales", "offsets", "lengths",
+                           "null_features", "null_scales", "bad_records.jsonl", "buckets", "skipped.jsonl"})
 
 
 def _store_listing(location: str) -> tuple[bool, list[str], bytes | None]:
@@ -181,7 +180,7 @@ def check_replaceable(location: str | os.PathLike, kind: str) -> None:
             return  # a cache of this kind: --overwrite replaces it
         if isinstance(attrs, dict) and attrs.get("kind"):
             what = f"a {attrs['kind']} store, not a {kind}"
-        elif isinstance(doc, dict) and doc.get("node_type") == "group" and set(names) <= _store_entries():
+        elif isinstance(doc, dict) and doc.get("node_type") == "group" and set(names) <= STORE_ENTRIES:
             return  # an interrupted create: only entries a semroute store writes, no attributes yet
     if what is None:
         shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
@@ -207,7 +206,7 @@ def interrupted_create(location: str | os.PathLike, kind: str) -> bool:
         if doc.get("node_type") != "group":
             return False
         if attrs is None:
-            if not set(names) <= _store_entries():
+            if not set(names) <= STORE_ENTRIES:
                 return False
         elif attrs.get("kind") != kind or attrs.get("complete") or attrs.get("segments") or attrs.get("appending"):
             return False

@@ -79,3 +79,17 @@ def require_intact(folder: Path, under: str | None = None) -> None:
                                 + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")
                                 + "; resume from an earlier checkpoint (--resume RUN/checkpoints/step-N) or "
                                   "retrain")
+
+
+def check_export(folder: Path) -> None:
+    """Refuse an exported pipeline whose files do not match its ``complete.json`` (a disk fault, an
+    interrupted copy, a hand edit), naming the files. Exports written before the manifest existed have
+    none and are taken as they are."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).exists():
+        return
+    found = problems(folder)
+    if found:
+        raise SemrouteError(f"exported pipeline {folder} is damaged: {'; '.join(found[:5])}"
+                            + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")
+                            + f"; export it again (semroute export RUN --out {folder} --overwrite)")

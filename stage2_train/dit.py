@@ -31,11 +31,11 @@ from semroute.stage2_train.fusion import (
     FUSIONS,
     SIGMA_EMBED_SCALE,
     build_fusion,
+    default_text_layers,
     gather_positions,
     layer_norm_layers,
     resolve_layer_indices,
 )
-from semroute.stage2_train.models import default_text_layers
 
 # Text path of the cross-attention: what the context embedder maps the fused LLM features to (the config
 # key is `context_embedder_type`: a key named like the `context_embedder` module would shadow it).
@@ -113,7 +113,7 @@ class SemrouteDiT(DiTBase):
         llm_num_layers: the LLM's ``num_hidden_layers`` N (its ``hidden_states`` has N + 1 entries).
         text_layers: transformers ``hidden_states`` indices the model reads, in the order the text input's
             layer axis carries them, or a spec string as ``encode-text --layers`` takes (``all``, ``last:K``,
-            ...). Default: ``models.default_text_layers`` (every decoder layer ``1..N``; for ``penultimate``
+            ...). Default: ``fusion.default_text_layers`` (every decoder layer ``1..N``; for ``penultimate``
             just ``[N-1]`` = ``hidden_states[-2]``). Negative indices are resolved against N; the config stores the list.
         fusion: one of ``penultimate, uniform, static, time, depth, joint``.
         gate_embed_dim, gate_hidden_dim: sizes of the sigma gates of ``time``/``joint`` (128 and 512 as the paper).

@@ -355,3 +355,12 @@ def build_fusion(name: str, num_layers: int, num_blocks: int, **options) -> Fusi
     if name not in FUSIONS:
         raise SemrouteError(f"Unknown fusion {name!r}. Choose one of: {', '.join(FUSIONS)}.")
     return FUSIONS[name](num_layers, num_blocks, **options)
+
+
+def default_text_layers(fusion: str, n_llm_layers: int, stored: Sequence[int] | None = None) -> list[int]:
+    """The ``hidden_states`` a model reads when ``text_layers`` is unset (training and ``SemrouteDiT`` alike):
+    for ``penultimate`` just ``[N-1]`` (``hidden_states[-2]``), else every layer the cache stores but the
+    embeddings (index 0); ``stored`` None: a cache of every layer ``0..N``."""
+    if fusion == "penultimate":
+        return [n_llm_layers - 1]
+    return [i for i in (range(n_llm_layers + 1) if stored is None else stored) if i != 0]

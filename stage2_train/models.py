@@ -11,13 +11,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 from semroute.shared.checks import check_bool, check_number, read_json_object
 from semroute.shared.errors import SemrouteError
 from semroute.shared.layers import parse_layers
-from semroute.stage2_train.fusion import FUSIONS
+from semroute.stage2_train.fusion import FUSIONS, default_text_layers
 
 _DIT = "semroute.stage2_train.dit:SemrouteDiT"
 _DEEP = "semroute.stage2_train.deep_fusion:DeepFusionDiT"
@@ -66,15 +65,6 @@ def load_model(model_dir: Path):
 # ---------------------------------------------------------------------------------------------
 # Building a model for training, sized by the caches
 # ---------------------------------------------------------------------------------------------
-def default_text_layers(fusion: str, n_llm_layers: int, stored: Sequence[int] | None = None) -> list[int]:
-    """The ``hidden_states`` a model reads when ``text_layers`` is unset (training and ``SemrouteDiT`` alike):
-    for ``penultimate`` just ``[N-1]`` (``hidden_states[-2]``), else every layer the cache stores but the
-    embeddings (index 0); ``stored`` None: a cache of every layer ``0..N``."""
-    if fusion == "penultimate":
-        return [n_llm_layers - 1]
-    return [i for i in (range(n_llm_layers + 1) if stored is None else stored) if i != 0]
-
-
 def model_text_layers(cfg, n_llm_layers: int, stored: list[int]) -> list[int]:
     if cfg.text_layers is not None:
         return parse_layers(cfg.text_layers, n_llm_layers)

@@ -315,7 +315,7 @@ class SemroutePipeline(DiffusionPipeline):
         from semroute.shared.llm import resolve_device
 
         folder = Path(path)
-        check_export(folder)
+        checkpoint_files.check_export(folder)
         index_file = folder / MODEL_INDEX
         if not index_file.exists():
             raise SemrouteError(f"{folder} is not an exported semroute pipeline ({index_file} missing)")
@@ -429,20 +429,6 @@ def _manifest_step(folder: Path) -> int:
         return int(json.loads((Path(folder) / checkpoint_files.MANIFEST).read_text()).get("step") or 0)
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
-
-
-def check_export(folder: Path) -> None:
-    """Refuse an exported pipeline whose files do not match its ``complete.json`` (a disk fault, an
-    interrupted copy, a hand edit), naming the files. Exports written before the manifest existed have
-    none and are taken as they are."""
-    folder = Path(folder)
-    if not (folder / checkpoint_files.MANIFEST).exists():
-        return
-    found = checkpoint_files.problems(folder)
-    if found:
-        raise SemrouteError(f"exported pipeline {folder} is damaged: {'; '.join(found[:5])}"
-                            + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")
-                            + f"; export it again (semroute export RUN --out {folder} --overwrite)")
 
 
 def read_text_settings(folder: Path) -> dict:

@@ -395,8 +395,6 @@ def open_model(path: str | Path, ema: bool = False):
         raise SemrouteError(f"{path} is not a run folder, a checkpoint or an exported pipeline")
     model_dir = source.model_dir(ema)
     if source.kind == EXPORT:
-        from semroute.stage2_train.pipeline import check_export
-
-        check_export(source.path)
+        checkpoint_files.check_export(source.path)
         return models.load_model(model_dir), source.path.name
     return models.load_model(model_dir), model_dir.parent.name

@@ -41,7 +41,7 @@ def test_sample_help_names_the_defaults():
 @pytest.mark.parametrize("fusion", ["penultimate", "uniform", "depth", "joint"])
 def test_dit_default_text_layers_follow_training_rule(fusion, monkeypatch):
     """A DiT built without ``text_layers`` reads what training picks for a cache of every layer, by the same
-    rule (``models.default_text_layers``), not a copy of it."""
+    rule (``fusion.default_text_layers``), not a copy of it."""
     from semroute.stage2_train.dit import SemrouteDiT
 
     n = 4  # the tiny preset's llm_num_layers

@@ -126,3 +126,13 @@ def test_the_remains_of_an_interrupted_create_are_the_entries_the_stores_name(tm
         (root / "notes.txt").write_text("mine")
         with pytest.raises(SemrouteError, match="is not a semroute cache"):
             check_replaceable(root, kind)
+
+
+def test_the_store_entries_written_out_below_the_stores_are_theirs():
+    """shared/store.py lists them itself (the stores import it, not the reverse): kept equal to the owners' lists."""
+    from semroute.shared.integrity import INDEX
+    from semroute.shared.latent_store import LATENT_ENTRIES
+    from semroute.shared.store import STORE_ENTRIES
+    from semroute.shared.text_store import TEXT_ENTRIES
+
+    assert STORE_ENTRIES == {"zarr.json", "progress", INDEX} | TEXT_ENTRIES | LATENT_ENTRIES
