@@ -403,7 +403,7 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
     for key, rule in (("images", dict(integer=True, low=1)), ("heldout", dict(integer=True, low=1)),
                       ("samples_per_prompt", dict(integer=True, low=1)), ("sample_steps", dict(integer=True, low=1)),
                       ("batch_size", dict(integer=True, low=1)), ("train_minutes", dict(low=0.0, low_open=True)),
-                      ("max_steps", dict(integer=True, low=1)), ("guidance", {})):
+                      ("max_steps", dict(integer=True, low=1)), ("guidance", {}), ("seed", dict(integer=True, low=0))):
         check_number(OPTIONS[key], getattr(cfg, key), **rule)
     from semroute.stage2_train.config import check_preset
     from semroute.stage2_train.models import check_fusion

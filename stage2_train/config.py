@@ -275,6 +275,8 @@ class TrainConfig:
         self.betas = [check_number(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(self.betas)]
         if self.text_layers is not None and not isinstance(self.text_layers, (str, list)):
             raise BadValue("text_layers", f"must be a spec string or a list of layer indices, got {self.text_layers!r}")
+        if self.text_layers in ([], ""):  # a model reading no layer: a failure deep in its first step otherwise
+            raise BadValue("text_layers", f"is {self.text_layers!r}: name at least one layer (or leave it unset)")
         if self.shuffle not in ("samples", "shards"):
             raise BadValue("shuffle", f"{self.shuffle!r}: use samples or shards")
         if self.loader not in ("thread", "process"):

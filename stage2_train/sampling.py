@@ -220,6 +220,10 @@ def prompt_entries(cfg: SampleConfig) -> tuple[str, list[PromptEntry]]:
     if cfg.prompts_file:
         fmt = cfg.format or detect_format(cfg.prompts_file)
         return fmt, read_prompts(cfg.prompts_file, fmt)
+    from semroute.shared.manifest import check_unicode
+
+    for i, p in enumerate(cfg.prompts):  # bytes that are not UTF-8 in the shell's argument
+        check_unicode(p, f"--prompt {i + 1}")
     entries = [PromptEntry(index=i, name=f"{i:05d}", text=p, record={"prompt": p}, line=0)
                for i, p in enumerate(cfg.prompts)]
     return "generic", entries

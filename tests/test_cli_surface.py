@@ -23,6 +23,7 @@ from semroute.cli import app
     (["--processes", "-1"], "--processes must be >= 0"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--train-minutes", "0"], "--train-minutes must be > 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),  # was numpy's ValueError after the data was written
 ])
 def test_demo_mistakes_are_named_before_anything_is_written(tmp_path, args, message):
     out = tmp_path / "demo"

@@ -112,6 +112,9 @@ def test_train_names_a_bad_value_by_the_set_or_config_file_it_came_from(tmp_path
         "--set 'batch_size=0': batch_size must be >= 1")
     assert _train(tmp_path, "--config", str(config), "--batch-size", "4") == \
         f"config file {config}: shuffle 'rows': use samples or shards"
+    # a model reading no layer failed deep in its first step (IndexError), leaving a run folder behind
+    assert _train(tmp_path, "--set", "text_layers=[]") == \
+        "--set 'text_layers=[]': text_layers is []: name at least one layer (or leave it unset)"
 
 
 @pytest.mark.parametrize("field, value, message", [

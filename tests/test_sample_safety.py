@@ -116,6 +116,13 @@ def test_the_pipeline_used_directly_warns_about_an_overlong_prompt(run2):
         pipe.encode_prompts(prompts[:1])  # no warning for prompts that fit
 
 
+def test_a_prompt_that_is_not_utf8_is_named(run2, tmp_path):
+    """``-p $'\\xff'``: the shell hands Python a lone surrogate, which the prompts' record met as a traceback."""
+    with pytest.raises(SemrouteError, match=r"--prompt 2 holds a lone surrogate '\\udcff'"):
+        sample(_base(run2, tmp_path / "s", prompts=["a red square", "\udcff"]))
+    assert not (tmp_path / "s").exists()
+
+
 # -- B15: options that would be silently ignored --------------------------------------------------------
 def test_format_with_prompt_flags_is_refused(run2, tmp_path):
     with pytest.raises(SemrouteError, match="--format geneval applies to a --prompts FILE"):
