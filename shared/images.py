@@ -85,12 +85,16 @@ def parse_buckets(spec: str | None, resolution: int, multiple: int) -> tuple[tup
     patch size)."""
     if spec in (None, "", "none"):
         return None
-    if spec.startswith("auto"):
+    if spec == "auto" or spec.startswith("auto:"):
         _, _, ratio = spec.partition(":")
         try:
-            return tuple(auto_buckets(resolution, multiple, float(ratio) if ratio else 2.0))
+            max_aspect = float(ratio) if ratio else 2.0
         except ValueError:
-            raise SemrouteError(f"--buckets {spec!r}: expected auto or auto:MAX_ASPECT, e.g. auto:2") from None
+            max_aspect = float("nan")
+        if not (1.0 <= max_aspect < float("inf")):  # below 1 no bucket fits: it read as no buckets (a square crop)
+            raise SemrouteError(f"--buckets {spec!r}: expected auto or auto:MAX_ASPECT with MAX_ASPECT >= 1, e.g. "
+                                "auto:2")
+        return tuple(auto_buckets(resolution, multiple, max_aspect))
     out = []
     for item in spec.split(","):
         try:

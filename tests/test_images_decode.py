@@ -116,6 +116,15 @@ def test_auto_buckets_have_equal_area_and_nearest_aspect():
     assert im.parse_buckets("64x32,32x64", 64, 8) == ((32, 64), (64, 32))
     with pytest.raises(im.SemrouteError, match="multiple of 16"):
         im.parse_buckets("60x32", 64, 16)
+    assert im.parse_buckets("auto", 64, 8) == tuple(im.auto_buckets(64, 8, 2.0))
+    assert im.parse_buckets("auto:3", 64, 8) == tuple(im.auto_buckets(64, 8, 3.0))
+
+
+@pytest.mark.parametrize("spec", ["auto:0.5", "auto:0", "auto:-1", "auto:nan", "auto:inf", "auto:x"])
+def test_auto_buckets_below_one_or_not_a_number_are_refused(spec):
+    """No bucket fits an aspect bound below 1: it read as no buckets, i.e. a square crop, without a word."""
+    with pytest.raises(im.SemrouteError, match=r"expected auto or auto:MAX_ASPECT with MAX_ASPECT >= 1"):
+        im.parse_buckets(spec, 64, 8)
 
 
 # ---------------------------------------------------------------------------------------------
