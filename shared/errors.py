@@ -34,6 +34,13 @@ PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EA
                errno.ENAMETOOLONG} | WRITE_ERRNOS
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an error's text, cut at ``limit`` characters ("" when it has none): what a one-line message
+    quotes of a library's own (often multi-line) error."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 def describe_path_error(err: OSError) -> str | None:
     """One line for an OSError about a named path (``PATH_ERRNOS``), else None (an unexpected failure)."""
     if err.errno not in PATH_ERRNOS or not err.filename:

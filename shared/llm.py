@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from semroute.shared.dtypes import parse_dtype
-from semroute.shared.errors import SemrouteError
+from semroute.shared.errors import SemrouteError, first_line
 from semroute.shared.fingerprint import file_sha256, folder_weights_sha256, sha256_json
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,8 @@ def load_llm(ref: str, *, device: str | None = "auto", dtype: str | torch.dtype 
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
     except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, struct.error, KeyError ...
         # for a damaged or foreign model file: each is the user's input, not a bug here
-        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise SemrouteError(f"--llm {ref}: cannot load the model or tokenizer from {folder} ({type(err).__name__}: "
-                            f"{text[:300]})") from None
+                            f"{first_line(err)})") from None
     decoder = _text_decoder(model)
     del model  # drops the LM head and any vision tower
     decoder = decoder.to(device=target, dtype=torch_dtype).eval().requires_grad_(False)

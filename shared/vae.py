@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from semroute.shared.checks import read_json_object
-from semroute.shared.errors import SemrouteError
+from semroute.shared.errors import SemrouteError, first_line
 from semroute.shared.fingerprint import folder_weights_sha256
 from semroute.shared.dtypes import dtype_name, parse_dtype
 from semroute.shared.llm import resolve_device
@@ -293,9 +293,8 @@ def load_encoder(ref: str, subfolder: str | None = None, *, device: str | torch.
         model = cls.from_pretrained(str(info.folder), torch_dtype=dt)
     except Exception as err:  # noqa: BLE001 - diffusers raises OSError, ValueError, KeyError ... for a folder
         # missing its weights or holding damaged ones: the user's input, named, not a traceback
-        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise SemrouteError(f"--vae {ref}: cannot load {info.class_name} from {info.folder} ({type(err).__name__}: "
-                            f"{text[:300]})") from None
+                            f"{first_line(err)})") from None
     model = model.to(dev).eval().requires_grad_(False)
     encoder = LatentEncoder(info, model, dev, dt)
     if info.downsample == 0 or info.latent_channels == 0:

@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 
 from semroute.shared.distributed import MainProcessFailed
-from semroute.shared.errors import SemrouteError
+from semroute.shared.errors import SemrouteError, first_line
 
 KEY = "semroute/failed"
 ACKS = "semroute/failed/seen"
@@ -109,7 +109,7 @@ class _Watch:
         if not self._attach():
             return
         try:
-            message = str(err).strip().splitlines()[0][:500] if str(err).strip() else type(err).__name__
+            message = first_line(err, 500) or type(err).__name__
             record = json.dumps({"rank": self.rank, "error": message})
             self.store.compare_set(KEY, "", record)  # the first failure is the one reported
             deadline = time.monotonic() + ACK_WAIT_S

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from semroute.shared.distributed import process_info
-from semroute.shared.errors import FingerprintMismatch, SemrouteError
+from semroute.shared.errors import FingerprintMismatch, SemrouteError, first_line
 from semroute.shared.fingerprint import require_match
 from semroute.shared.remote import STATS as remote_stats
 from semroute.stage2_train import ranks, resume_settings, routing
@@ -308,7 +308,7 @@ class Trainer:
         try:
             acc.load_state(str(self.resume_from))
         except (RuntimeError, KeyError, ValueError, OSError, EOFError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err) or type(err).__name__
             raise SemrouteError(f"cannot resume from {self.resume_from}: its state does not load into the model "
                                 f"and optimizer built from this run's config ({type(err).__name__}: {first[:300]})"
                                 ) from None
