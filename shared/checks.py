@@ -3,6 +3,9 @@
 Typer and YAML hand over whatever they parsed (``--lr inf``, ``--set shift=.nan``, ``--set ema='false'``
 as a string); these checks turn anything outside an option's allowed range into a :class:`SemrouteError`
 naming the option, the value received and what is allowed, before any work starts.
+
+JSON that a user or a record supplies is read through ``loads_json`` / ``raw_decode_json``: Python's reader
+keeps the last of a repeated key silently (a record ``{"text": "x", "text": "y"}`` would train on "y").
 """
 
 from __future__ import annotations
@@ -60,16 +63,99 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+class DuplicateKey(json.JSONDecodeError):
+    """A JSON object that gives ``key`` twice. A ``JSONDecodeError`` (``lineno``, ``colno``, ``pos``: where the
+    second one starts), so a reader's handler of malformed JSON names it too."""
+
+    def __init__(self, key: str, doc: str, pos: int):
+        super().__init__(f"the key {json.dumps(key)} is given twice in one object (JSON readers would silently "
+                         "keep the last); give it once", doc, pos)
+        self.key = key
+
+
+class _Repeated(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _unique_pairs(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Repeated(key)
+            seen.add(key)
+    return obj
+
+
+_STRICT = json.JSONDecoder(object_pairs_hook=_unique_pairs)
+
+
+def _locate(key: str, text: str, pos: int) -> DuplicateKey:
+    """The ``DuplicateKey`` of the first object from ``pos`` on that repeats a key, with the position of the second
+    one: ``text`` is read again with the pure-Python scanner, whose objects see where their values end (slow, so
+    only once a repeat is known). ``pos`` itself where that reading fails (too deep for its recursion)."""
+    decoder = json.JSONDecoder()
+    skip = json.decoder.WHITESPACE.match
+
+    def parse_object(s_and_end, strict, scan_once, object_hook, object_pairs_hook, memo=None):
+        ends: list[int] = []
+
+        def scan(s: str, idx: int):
+            value, end = scan_once(s, idx)
+            ends.append(end)
+            return value, end
+
+        pairs, end = json.decoder.JSONObject(s_and_end, strict, scan, None, list, memo)
+        s, seen = s_and_end[0], set()
+        for i, (name, _) in enumerate(pairs):
+            if name in seen:  # never the first pair: this one starts past the comma after the previous value
+                raise DuplicateKey(name, s, skip(s, skip(s, ends[i - 1]).end() + 1).end())
+            seen.add(name)
+        return dict(pairs), end
+
+    decoder.parse_object = parse_object
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)
+    try:
+        decoder.raw_decode(text, skip(text, pos).end())
+    except DuplicateKey as found:
+        return found
+    except (ValueError, RecursionError):
+        pass
+    return DuplicateKey(key, text, pos)
+
+
+def loads_json(text: str):
+    """``json.loads(text)``, refusing an object that repeats a key: raises ``DuplicateKey`` (a ``JSONDecodeError``)."""
+    if text.startswith("\ufeff"):  # as json.loads words it
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    try:
+        return _STRICT.decode(text)  # json.loads with the hook would build a decoder per call (per record)
+    except _Repeated as rep:
+        raise _locate(rep.key, text, 0) from None
+
+
+def raw_decode_json(text: str, pos: int = 0) -> tuple[object, int]:
+    """``JSONDecoder().raw_decode(text, pos)`` (the JSON value at ``pos`` and where it ends), refusing an object that
+    repeats a key as ``loads_json`` does."""
+    try:
+        return _STRICT.raw_decode(text, pos)
+    except _Repeated as rep:
+        raise _locate(rep.key, text, pos) from None
+
+
 def json_object(text: str, where: str, *, error: type[Exception] = SemrouteError, expected: str = "a JSON object",
                 error_line: bool = False) -> dict:
     """``text`` parsed as JSON, which must be an object. Otherwise ``error`` naming ``where`` (a file and line,
     or an option): the parser's message and column, or what was found instead of ``expected``. With
     ``error_line`` (``text`` is a whole file) a syntax error names its line too."""
     try:
-        value = json.loads(text)
+        value = loads_json(text)
     except json.JSONDecodeError as err:
         at = f"{where}:{err.lineno}" if error_line else where
-        raise error(f"{at}: malformed JSON: {err.msg} (column {err.colno})") from None
+        what = err.msg if isinstance(err, DuplicateKey) else f"malformed JSON: {err.msg}"
+        raise error(f"{at}: {what} (column {err.colno})") from None
     if not isinstance(value, dict):
         raise error(f"{where}: expected {expected}, got a {type(value).__name__}")
     return value

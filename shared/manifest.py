@@ -1,7 +1,7 @@
 """Data manifests: a JSON array or JSONL file of records with an image path and one or more captions.
 
-Every record problem (bad JSON, a missing key, a non-string or empty caption, invalid UTF-8, a duplicate
-id) is reported with the file and line it comes from. By default the first problem is an error; with
+Every record problem (bad JSON, a key given twice, a missing key, a non-string or empty caption, invalid UTF-8,
+a duplicate id) is reported with the file and line it comes from. By default the first problem is an error; with
 ``skip_bad=True`` bad records are left out and listed in ``Manifest.problems`` so the caller can report
 them. Nothing is ever substituted for a bad value.
 """
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from semroute.shared.checks import DuplicateKey, loads_json, raw_decode_json
 from semroute.shared.errors import ManifestError
 from semroute.shared.files import write_atomic
 
@@ -80,7 +81,6 @@ def _iter_raw_records(path: str, raw: bytes) -> Iterator[tuple[int, object | Exc
         except UnicodeDecodeError as err:
             line = raw[: err.start].count(b"\n") + 1
             raise ManifestError(f"{path}:{line}: invalid UTF-8 ({err.reason} at byte {err.start})") from None
-        decoder = json.JSONDecoder()
         pos = text.index("[") + 1
         n = len(text)
         while True:
@@ -89,9 +89,18 @@ def _iter_raw_records(path: str, raw: bytes) -> Iterator[tuple[int, object | Exc
             if pos >= n:
                 raise ManifestError(f"{path}:{_line_of(text, n)}: the JSON array is not closed with ']'")
             if text[pos] == "]":
+                rest = text[pos + 1:].lstrip(" \t\r\n")
+                if rest:  # a second array or record after the first: all of it would be left out unread
+                    at = _line_of(text, n - len(rest))
+                    raise ManifestError(f"{path}:{at}: data after the JSON array's closing ']' (line "
+                                        f"{_line_of(text, pos)}): {rest[:40]!r}; a .json manifest is one array of "
+                                        "records: move them into it (or write JSONL, one record per line)")
                 return
             try:
-                value, end = decoder.raw_decode(text, pos)
+                value, end = raw_decode_json(text, pos)
+            except DuplicateKey as err:  # a bad record, but well-formed: the next one starts where it ends
+                value = ManifestError(f"{err.msg} (line {err.lineno}, column {err.colno})")
+                end = json.JSONDecoder().raw_decode(text, pos)[1]
             except json.JSONDecodeError as err:
                 # Inside one array a syntax error leaves no reliable way to find the next record.
                 raise ManifestError(f"{path}:{_line_of(text, err.pos)}: malformed JSON: {err.msg}") from None
@@ -111,7 +120,9 @@ def _iter_raw_records(path: str, raw: bytes) -> Iterator[tuple[int, object | Exc
                 yield lineno, ManifestError(f"invalid UTF-8 ({err.reason} at column {err.start + 1})")
                 continue
             try:
-                yield lineno, json.loads(line_text)
+                yield lineno, loads_json(line_text)
+            except DuplicateKey as err:
+                yield lineno, ManifestError(f"{err.msg} (column {err.colno})")
             except json.JSONDecodeError as err:
                 yield lineno, ManifestError(f"malformed JSON: {err.msg} (column {err.colno})")
             except (ValueError, RecursionError) as err:  # valid JSON Python refuses: >4300 digits, deep nesting
@@ -260,7 +271,7 @@ def read_problem_report(path: str | Path) -> list[Problem]:
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
+            entry = loads_json(line.decode("utf-8"))
             problems.append(Problem(path=str(entry["path"]), line=int(entry["line"]), reason=str(entry["reason"])))
         except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise CacheDamaged(f"{path}: line {n} is damaged ({type(err).__name__}: {err}); restore the file, or "

@@ -28,6 +28,7 @@ import asyncio
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -47,8 +48,25 @@ BACKOFF_S = 0.2
 BACKOFF_MAX_S = 5.0
 
 
+# URL schemes of object storage and servers, as fsspec names them: a local path that starts with one and a colon but
+# not "://" (``s3:/bkt/x``) is a mistyped URL (see is_url).
+URL_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "oci", "hf", "http", "https", "ftp",
+               "sftp", "ssh", "hdfs", "webhdfs", "file")
+_SCHEME_NO_SLASHES = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(?!//)")
+
+
 def is_url(location) -> bool:
-    return "://" in str(location)
+    """Whether ``location`` is a URL (``s3://bkt/x``) rather than a local path. Every location that may be a URL
+    (DATA, caches) is asked here, so a local path that starts like a URL with a slash missing (``s3:/bkt/x.zarr``,
+    ``gs:bkt``) is refused: it would read or write a local folder named ``s3:`` without a word."""
+    text = str(location)
+    if "://" in text:
+        return True
+    if (m := _SCHEME_NO_SLASHES.match(text)) and m.group(1).lower() in URL_SCHEMES:
+        scheme, rest = m.group(1), text[m.end():].lstrip("/")
+        raise SemrouteError(f"{text}: not a URL ({scheme}: needs two slashes), and as a local path it names a folder "
+                            f"'{text.split('/')[0]}' here; write {scheme}://{rest} (or ./{text} for such a local path)")
+    return False
 
 
 def set_storage_options(options: dict | None) -> None:
@@ -117,6 +135,8 @@ STATS = Stats()
 
 def transient(err: BaseException) -> bool:
     """Whether ``err`` is worth another try (network trouble, an overloaded server)."""
+    if isinstance(err, FileNotFoundError) and err.__cause__ is not None and transient(err.__cause__):
+        return True  # fsspec's HTTP filesystem raises a refused connection as a missing file (its ``_info``)
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if _object_changed(err):
@@ -163,6 +183,10 @@ def _status(err: BaseException) -> int | None:
     return int(m.group(1)) if m else None
 
 
+# Protocols whose URLs start with a bucket (or container), which may not exist.
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "oci")
+
+
 def _bucket_missing(url: str) -> bool:
     try:
         fs, _ = filesystem(url)
@@ -198,15 +222,23 @@ def describe_failure(url: str, err: BaseException, tries: int = 1, missing: str 
         return changed(url)
     if isinstance(err, ValueError) and "://" in str(url) and (unknown := unknown_protocol(url)):
         return unknown
+    if isinstance(err, FileNotFoundError) and transient(err):
+        err = err.__cause__  # the connection failure it stands for
     text = _brief(err)
     bucket = url.split("://", 1)[-1].split("/", 1)[0]
+    protocol = url.split("://", 1)[0] if "://" in url else ""
+    s3 = protocol in ("s3", "s3a")
+    if type(err).__name__ == "NoCredentialsError":  # botocore's: no key in --storage-options, environment or profile
+        return SemrouteError(f"{url}: no credentials for the object store ({text}). Set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or give key and secret in --storage-options; "
+                             'for a public bucket pass --storage-options \'{"anon": true}\'.')
     denied = isinstance(err, PermissionError) or type(err).__name__ in ("PermissionDeniedError", "UnauthenticatedError")
     if denied or "AccessDenied" in text or "Forbidden" in text or "InvalidAccessKeyId" in text:
         return SemrouteError(f"{url}: access denied ({text}). Check the credentials (AWS_ACCESS_KEY_ID / "
                              "AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or key/secret in --storage-options) and that they "
                              f"may read and write bucket {bucket!r}.")
-    if isinstance(err, FileNotFoundError) and ("bucket does not exist" in text.lower() or "NoSuchBucket" in text
-                                               or _bucket_missing(url)):
+    if isinstance(err, FileNotFoundError) and protocol in BUCKET_PROTOCOLS and (
+            "bucket does not exist" in text.lower() or "NoSuchBucket" in text or _bucket_missing(url)):
         return SemrouteError(f"{url}: the bucket {bucket!r} does not exist. Check the URL and the endpoint, or "
                              "create the bucket first.")
     if isinstance(err, FileNotFoundError) and missing:
@@ -215,10 +247,12 @@ def describe_failure(url: str, err: BaseException, tries: int = 1, missing: str 
         return SemrouteError(f"{url} does not exist (was it deleted while this job ran?). Run `semroute verify` on "
                              "the cache; an encoding run repairs missing shards with --resume.")
     if transient(err):
-        return SemrouteError(f"cannot reach the object store for {url} after {tries} tries ({type(err).__name__}: "
-                             f"{text}). Check the endpoint (AWS_ENDPOINT_URL or endpoint_url in --storage-options) "
-                             "and the network, then run again (an encode keeps its finished shards; a training "
-                             "resumes from its last checkpoint with --resume latest).")
+        check = ("the endpoint (AWS_ENDPOINT_URL or endpoint_url in --storage-options)" if s3 else
+                 "the address, that the server runs")
+        return SemrouteError(f"cannot reach the {'object store' if s3 else 'server'} for {url} after {tries} tries "
+                             f"({type(err).__name__}: {text}). Check {check} and the network, then run again (an "
+                             "encode keeps its finished shards; a training resumes from its last checkpoint with "
+                             "--resume latest).")
     return SemrouteError(f"{url}: {type(err).__name__}: {text}")
 
 
@@ -786,10 +820,13 @@ os.register_at_fork(after_in_child=lambda: [cache._after_fork() for cache in lis
 
 
 def parse_size(text: str) -> int:
-    """``20G``, ``512M``, ``1.5T``, ``1000000`` -> bytes."""
+    """``20G``, ``512M``, ``1.5T``, ``1000000`` -> bytes; at least one byte (``-5G``, ``0``, ``infG`` are refused)."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     s = str(text).strip().lower().removesuffix("ib").removesuffix("b")
     try:
-        return int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(s)
+        value = float(s[:-1]) * units[s[-1]] if s and s[-1] in units else int(s)
     except (ValueError, KeyError):
         raise SemrouteError(f"size {text!r} is not a size like 20G, 512M or 1000000") from None
+    if not math.isfinite(value) or int(value) < 1:
+        raise SemrouteError(f"size {text!r} is not a size: give more than 0 bytes, like 20G, 512M or 1000000")
+    return int(value)

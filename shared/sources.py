@@ -23,7 +23,10 @@ Images inside containers (tar members, Parquet bytes) are named by a *locator* `
 the bytes then go through the same decode path as files (``shared/images.py``). Tar members carry
 their byte range, so a DataLoader worker reads one image with one ranged read.
 
-Bad members (an image without a caption, a caption that is not UTF-8, a caption file without an
+A bad row of a table (an empty or null caption or id, no image) is an error naming file, row and column, as a
+bad manifest record is; with ``skip_bad`` it is reported and left out.
+
+Bad members of folders and shards (an image without a caption, a caption that is not UTF-8, a caption file without an
 image, an unreadable shard, one cut short or with a damaged header: named with the byte where it stops)
 are reported with shard and key and left out, as bad images are: a large dataset always has a few. A
 duplicate sample id is an error naming both places it comes from (with ``skip_bad`` the second one is left
@@ -33,13 +36,13 @@ members (with ``skip_bad`` the sample is left out and reported).
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from semroute.shared.checks import loads_json
 from semroute.shared.errors import ManifestError, SemrouteError
 from semroute.shared.manifest import Manifest, Problem, Record, _captions, check_record_text, printable, read_manifest
 from semroute.shared.remote import is_url
@@ -52,31 +55,109 @@ MEMBER_SEP = "::"
 # ---------------------------------------------------------------------------------------------
 # Which kind, which files
 # ---------------------------------------------------------------------------------------------
+# The most names one DATA may expand to. Datasets hold up to a few hundred thousand shards (billions of samples at
+# ten thousand a shard); a million names take about 100 MB and two seconds to list. A range with a digit too many
+# (data-{0..99999999}.tar) is refused with this instead of filling gigabytes before the first shard is looked at.
+MAX_EXPANDED = 1_000_000
+
+
 def expand(data: str) -> list[str]:
-    """``a-{000..002}.tar::b.tar`` -> ``[a-000.tar, a-001.tar, a-002.tar, b.tar]`` (webdataset's own expansion)."""
+    """``a-{000..002}.tar::b.tar`` -> ``[a-000.tar, a-001.tar, a-002.tar, b.tar]`` (webdataset's own expansion),
+    counted first: at most :data:`MAX_EXPANDED` names."""
     if "{" not in str(data) and "::" not in str(data):
         return [str(data)]  # nothing to expand, and no webdataset needed (the GPU image lacks it)
     from braceexpand import UnbalancedBracesError
-    from webdataset.shardlists import expand_urls
+    from webdataset.shardlists import envsubst, expand_urls
 
     try:
+        count = 0
+        for url in str(data).split("::"):  # what expand_urls expands: each part, its ${VAR}s (WDS_VAR) substituted
+            for _ in range(10):
+                url, last = envsubst(url), url
+                if url == last:
+                    break
+            count += _expansion_size(url)
+        if count > MAX_EXPANDED:
+            raise SemrouteError(f"{data}: its braces expand to {count:,} names, more than the {MAX_EXPANDED:,} "
+                                "one DATA may have (a range with a digit too many?); check the pattern, or "
+                                "encode the data in parts (--append)")
         return list(expand_urls(str(data)))
     except UnbalancedBracesError:  # webdataset expands braces with the braceexpand package
         raise SemrouteError(f"{data}: its braces do not pair up (a range is written like data-{{000000..000127}}.tar)"
                             ) from None
 
 
+def _expansion_size(pattern: str) -> int:
+    """How many names ``braceexpand(pattern)`` gives, counted without making them: its generator is not lazy
+    (``itertools.product`` first turns every range into a tuple of all its names). Parses as its
+    ``parse_pattern`` / ``parse_sequence`` / ``parse_expression`` do, backslash escapes included."""
+    from braceexpand import UnbalancedBracesError, char_range_re, int_range_re, make_char_range
+
+    def pattern_size(p: str) -> int:
+        size, start, depth, pos = 1, 0, 0, 0
+        while pos < len(p):
+            if p[pos] == "\\":
+                pos += 2
+                continue
+            if p[pos] == "{":
+                if depth == 0:
+                    start = pos
+                depth += 1
+            elif p[pos] == "}":
+                depth -= 1
+                if depth == 0:
+                    size *= expression_size(p[start + 1:pos])
+            pos += 1
+        if depth != 0:
+            raise UnbalancedBracesError(f"Unbalanced braces: '{p}'")
+        return size
+
+    def expression_size(expr: str) -> int:
+        if m := int_range_re.match(expr):
+            first, last, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1) or 1
+            return len(range(first, last + 1, step) if first < last else range(first, last - 1, -step))
+        if m := char_range_re.match(expr):
+            return len(make_char_range(*m.groups()))
+        items, start, depth, pos = [], 0, 0, 0  # a sequence {a,b,...}: the sum of its items
+        while pos < len(expr):
+            if expr[pos] == "\\":
+                pos += 2
+                continue
+            if expr[pos] == "{":
+                depth += 1
+            elif expr[pos] == "}":
+                depth -= 1
+            elif expr[pos] == "," and depth == 0:
+                items.append(expr[start:pos])
+                start = pos + 1
+            pos += 1
+        if depth != 0 or not items:
+            return pattern_size(expr)  # neither: braces kept as written around what the inside expands to
+        return sum(pattern_size(item) for item in items + [expr[start:]])
+
+    return pattern_size(pattern)
+
+
 def require_local_inputs(data: str | os.PathLike) -> None:
-    """Name a local input that is not there, or a URL no installed client reads, before anything slow starts
-    (an encoder loads its model first)."""
+    """Name a local input that is not there, a URL no installed client reads, or a manifest URL, before anything
+    slow starts (an encoder loads its model first)."""
     from semroute.shared.remote import unknown_protocol
 
     for f in expand(str(data)):
         if is_url(f):
             if unknown := unknown_protocol(f):
                 raise unknown
+            if _suffix_kind(f) == "manifest":
+                raise manifest_url(f)
         elif not Path(f).exists():
             raise SemrouteError(f"cannot read {f}: no such file or folder")
+
+
+def manifest_url(url: str) -> SemrouteError:
+    """The error for a manifest given as a URL: ``read_manifest`` (shared/manifest.py) reads a local file."""
+    return SemrouteError(f"{url}: a JSON/JSONL manifest is read from a local file, not a URL; copy it here first "
+                         "(aws s3 cp, gsutil cp ...), or give the data as Parquet/CSV tables or WebDataset shards, "
+                         "which are read from URLs")
 
 
 def _suffix_kind(name: str) -> str | None:
@@ -145,7 +226,8 @@ def _open_binary(location: str, storage_options: dict | None = None):
         from semroute.shared.remote import call, filesystem
 
         fs, path = filesystem(location, storage_options or None)
-        return call(location, fs.open, path, "rb")
+        return call(location, fs.open, path, "rb", missing=f"cannot read {location}: there is no such object; check "
+                                                          "the URL")
     return open(location, "rb")
 
 
@@ -233,16 +315,21 @@ class _Collector:
         self.seen: dict[str, str] = {}
 
     def bad(self, where: str, line: int, reason: str, key: str | None = None) -> None:
-        """A bad member: always reported and left out (as a bad image is)."""
+        """A bad member of a folder or shard: always reported and left out (as a bad image is)."""
         self.problems.append(Problem(printable(where), line, reason if key is None else f"key {key!r}: {reason}"))
+
+    def refuse(self, where: str, line: int, reason: str) -> None:
+        """A bad record, as a manifest's is (shared/manifest.py ``read_manifest``): an error naming where it is,
+        or with ``skip_bad`` reported and left out."""
+        if not self.skip_bad:
+            raise ManifestError(f"{printable(where)}: {reason} (or pass --skip-bad to leave it out)") from None
+        self.problems.append(Problem(printable(where), line, reason))
 
     def add(self, record: Record, where: str, image_range: ImageRange | None = None) -> None:
         try:  # an id, caption or path the cache cannot store (a name that is not UTF-8)
             check_record_text(record.sample_id, record.texts, record.image)
         except ManifestError as err:
-            if not self.skip_bad:
-                raise ManifestError(f"{printable(where)}: {err} (or pass --skip-bad to leave it out)") from None
-            self.problems.append(Problem(printable(where), record.line, str(err)))
+            self.refuse(where, record.line, str(err))
             return
         first = self.seen.get(record.sample_id)
         if first is not None:
@@ -423,7 +510,7 @@ def read_webdataset(shards: list[str], *, text_key: str, need_text: bool, need_i
                     if "txt" in sample:
                         texts = (_caption_text(sample["txt"], shard),)
                     elif "json" in sample:
-                        value = json.loads(_caption_text(sample["json"], shard))
+                        value = loads_json(_caption_text(sample["json"], shard))  # a repeated key is refused
                         if not isinstance(value, dict) or text_key not in value:
                             raise ManifestError(f"{key}.json has no '{text_key}' key")
                         texts = _captions(value[text_key], text_key)
@@ -522,10 +609,8 @@ def read_table(files: list[str], kind: str, *, text_key: str, image_key: str, id
         for row in range(table.num_rows):
             line = row + 1
             if ids is not None and ids[row] in (None, ""):
-                msg = f"row {row}: the id column '{id_key}' is {'empty' if ids[row] == '' else 'null'}"
-                if not skip_bad:
-                    raise ManifestError(f"{path} {msg}; give every row an id (or pass --skip-bad to leave the row out)")
-                out.bad(path, line, msg)
+                out.refuse(path, line, f"row {row}: the id column '{id_key}' is "
+                                       f"{'empty' if ids[row] == '' else 'null'}; give every row an id")
                 continue
             sample_id = str(position + row) if ids is None else str(ids[row])
             try:
@@ -543,8 +628,8 @@ def read_table(files: list[str], kind: str, *, text_key: str, image_key: str, id
                         image = images_col[row]
                         if not isinstance(image, str) or not image.strip():
                             raise ManifestError(f"'{image_key}' must be a non-empty path string, got {image!r}")
-            except ManifestError as err:
-                out.bad(path, line, f"row {row}: {err}")
+            except ManifestError as err:  # an empty or null caption, a missing image: as a manifest's record
+                out.refuse(path, line, f"row {row}: {err}")
                 continue
             out.add(Record(sample_id=sample_id, line=line, texts=texts, image=image), f"{path} row {row}")
         position += table.num_rows
@@ -566,6 +651,8 @@ def read_source(data: str | os.PathLike, *, kind: str = "auto", text_key: str = 
         if len(files) == 1 and kind in ("webdataset", "parquet") and not is_url(files[0]) and Path(files[0]).is_dir():
             files = _folder_files(Path(files[0]), (".tar",) if kind == "webdataset" else (".parquet",))
     if kind == "manifest":
+        if is_url(files[0]):
+            raise manifest_url(files[0])
         m = read_manifest(files[0], text_key=text_key, image_key=image_key, id_key=id_key, need_text=need_text,
                           need_image=need_image, skip_bad=skip_bad)
         return Source(path=m.path, records=m.records, problems=m.problems, kind="manifest",

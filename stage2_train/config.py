@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,7 +241,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        from semroute.shared.remote import parse_size
+        from semroute.shared.remote import is_url, parse_size
         from semroute.stage2_train.models import check_fusion
 
         check_fusion(self.fusion)
@@ -261,6 +262,13 @@ class TrainConfig:
                 raise BadValue(name, f"must be a string, got {getattr(self, name)!r}")
         if not self.out.strip():
             raise BadValue("out", "is empty; it names the run folder (e.g. --out runs/depth)")
+        if is_url(self.out):  # it would be taken as a local path: s3://b/r as the folder s3:/b/r
+            raise BadValue("out", f"{self.out!r} is a URL: a run folder is written to a local disk (only the caches "
+                                  "may be on object storage); give a local path")
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
+            # train.py keeps no shard cache for a falsy cache_dir: an empty one would silently mean "none"
+            raise BadValue("cache_dir", f"is {self.cache_dir!r}: name a folder for the shards of caches on object "
+                                        "storage (e.g. --cache-dir /scratch/shards), or leave it out")
         if self.report_to not in REPORT_TO:
             raise BadValue("report_to", f"{self.report_to!r}: use {', '.join(REPORT_TO)}")
         try:
@@ -312,6 +320,15 @@ class TrainConfig:
             f"grad_accum {self.grad_accum} = {got}; {fix} (--set ...), or --set global_batch=null to train with {got}."
         )
 
+    def check_tracker(self) -> None:
+        """Refuse a ``report_to`` tracker that is not installed: accelerate only warns and trains without it, so a
+        run meant to be watched would log nowhere. Checked when training starts (``Trainer``), not in ``validate``:
+        sampling or exporting a run reads its config too, and needs no tracker."""
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            others = "|".join(t for t in REPORT_TO if t != self.report_to)
+            raise SemrouteError(f"--report-to {self.report_to}: the {self.report_to} package is not installed; pip "
+                                f"install {self.report_to}, or use --report-to {others}")
+
     # -- building ----------------------------------------------------------------------------
     @classmethod
     def keys(cls) -> list[str]:
@@ -361,7 +378,7 @@ class TrainConfig:
             key = key.strip()
             # A text-valued key keeps the text as typed: YAML would read `no`/`off` as False (mixed_precision=no).
             try:
-                value = yaml.safe_load(raw)
+                value = yaml.load(raw, Loader=_UniqueKeyLoader)
             except yaml.YAMLError as err:
                 raise SemrouteError(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); quote "
                                     "a text value, e.g. --set 'key=\"...\"'") from None
@@ -427,6 +444,8 @@ def config_names() -> list[str]:
 
 def resolve_config(spec: str | Path) -> Path:
     """``--config``: an existing file, or a name of ``config_names()`` (``depth-wise``, ``paper/depth-wise``)."""
+    if not str(spec).strip():  # Path('') is the working folder
+        raise SemrouteError(f"--config is empty; give a YAML file or a config name: {', '.join(config_names())}")
     path = Path(spec)
     if path.exists() or path.suffix in (".yaml", ".yml"):
         return path  # a missing .yaml file is reported by load_yaml, naming it
@@ -465,11 +484,40 @@ def _yaml11_float(name: str, raw: str) -> float:
         raise BadValue(name, f"must be a number, got {raw!r}") from None
 
 
+class _RepeatedKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"key {key!r} is given twice (first on line {first}); YAML would silently keep the last: "
+                         "give it once")
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a mapping that gives a key twice (``lr: 1e-4`` ... ``lr: 3e-4``), which
+    PyYAML reads as the last one. Merged keys (``<<: *base``) may still be overridden: they are not compared."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _RepeatedKey(key, line, seen[key])
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise SemrouteError(f"config file {path} does not exist") from None
+    except OSError as err:  # a folder (--config .), no permission
+        raise SemrouteError(f"cannot read config file {path}: {err.strerror or err}") from None
+    except _RepeatedKey as err:
+        raise SemrouteError(f"config file {path}:{err.line}: {err}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise SemrouteError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

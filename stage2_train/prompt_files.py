@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from semroute.shared.checks import json_object
+from semroute.shared.checks import DuplicateKey, json_object, loads_json
 from semroute.shared.errors import SemrouteError
 from semroute.shared.files import write_atomic
 
@@ -100,9 +100,12 @@ def _lines(text: str) -> list[tuple[int, str]]:
     return [(i + 1, line.rstrip("\r")) for i, line in enumerate(text.split("\n")) if line.strip()]
 
 
-def _whole_json(text: str) -> Any:
+def _whole_json(path: Path, text: str) -> Any:
+    """The file as one JSON value, None when it is not one (it may be JSONL); a key given twice is an error."""
     try:
-        return json.loads(text)
+        return loads_json(text)
+    except DuplicateKey as err:
+        raise PromptFileError(f"{path}:{err.lineno}: {err.msg} (column {err.colno})") from None
     except json.JSONDecodeError:
         return None
 
@@ -122,7 +125,7 @@ def detect_format(path: str | Path) -> str:
         raise PromptFileError(f"{path}: a JSON array is not a supported prompt file; use JSONL (one object "
                               f"with a 'prompt' key per line) or plain text (one prompt per line)")
     if stripped.startswith("{"):
-        whole = _whole_json(text)
+        whole = _whole_json(path, text)
         if isinstance(whole, dict) and whole and all(isinstance(v, dict) for v in whole.values()):
             values = list(whole.values())
             if "caption" in values[0]:
@@ -132,7 +135,7 @@ def detect_format(path: str | Path) -> str:
             raise PromptFileError(f"{path}: a JSON object of records, but its first record has neither 'prompt' "
                                   f"(GenAI-Bench) nor 'caption' (DrawBench); keys: {', '.join(values[0]) or 'none'}")
         try:
-            record = json.loads(first)
+            record = loads_json(first)  # a key given twice there was met by _whole_json already
         except json.JSONDecodeError as err:
             raise PromptFileError(f"{path}:{lines[0][0]}: looks like JSONL but is not valid JSON: {err.msg}") from None
         if isinstance(record, dict) and "tag" in record and "include" in record:

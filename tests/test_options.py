@@ -84,6 +84,7 @@ def _train(tmp_path, *args):
     ("--preset", "huge", "--preset 'huge' is unknown; choose one of"),
     ("--out", " ", "--out is empty"),
     ("--cache-size", "lots", "--cache-size 'lots': use a size like 20G"),
+    ("--cache-dir", "", "--cache-dir is '': name a folder for the shards"),  # an empty one meant "no shard cache"
 ])
 def test_train_names_a_bad_value_by_the_flag_it_came_from(tmp_path, flag, value, message):
     said = _train(tmp_path, flag, value)
@@ -183,6 +184,19 @@ def test_image_root_confines_paths(tmp_path):
                                                    **cfg))
         assert allowed["n_encoded"] == 3
 
+
+
+def test_an_image_root_that_is_not_a_folder_is_named_once(tmp_path):
+    records = write_square_images(tmp_path / "img", 2)
+    manifest = write_manifest(tmp_path / "m.jsonl", records)
+    (tmp_path / "file").write_text("x")
+    for root, what in ((tmp_path / "missing", "does not exist"), (tmp_path / "file", "is not a folder")):
+        out = tmp_path / f"{root.name}.zarr"
+        cfg = EncodeImagesConfig(data=str(manifest), out=str(out), vae="pixel", resolution=32, image_root=str(root),
+                                 workers=0, device="cpu", progress=False, skip_bad=True)
+        with pytest.raises(SemrouteError, match=rf"^--image-root {root} {what}; give the folder"):
+            encode_images(cfg)
+        assert not out.exists()
 
 def test_set_keeps_text_values_as_typed():
     # YAML reads `no` as False; a text-valued key must get the word the user typed.

@@ -109,7 +109,10 @@ def test_parquet_bytes_paths_and_csv(tmp_path):
     images = [_jpeg(i) for i in range(4)]
     pq.write_table(pa.table({"key": ["p0", "p1", "p2", "p3"], "jpg": images,
                              "caption": [["x", "y"], ["z"], ["w"], [""]]}), tmp_path / "t.parquet")
-    src = read_source(tmp_path / "t.parquet", text_key="caption", image_key="jpg", id_key="key", need_image=True)
+    keys = dict(text_key="caption", image_key="jpg", id_key="key", need_image=True)
+    with pytest.raises(ManifestError, match=r"t\.parquet: row 3: 'caption' is empty \(or pass --skip-bad"):
+        read_source(tmp_path / "t.parquet", **keys)  # a bad row stops the run, as a bad manifest record does
+    src = read_source(tmp_path / "t.parquet", skip_bad=True, **keys)
     assert [r.sample_id for r in src.records] == ["p0", "p1", "p2"] and src.records[0].texts == ("x", "y")
     assert "row 3" in str(src.problems[0]) and "empty" in str(src.problems[0])
     assert read_image_bytes(src.records[2].image) == images[2]
@@ -228,12 +231,12 @@ def test_a_float_or_bool_id_column_is_refused_naming_file_column_and_row(tmp_pat
 def test_a_null_or_empty_id_is_refused_naming_the_row(tmp_path):
     pq.write_table(pa.table({"id": pa.array([1, None, 3], pa.int64()), "text": ["a", "b", "c"]}),
                    tmp_path / "n.parquet")
-    with pytest.raises(ManifestError, match=r"n\.parquet row 1: the id column 'id' is null; give every row an id"):
+    with pytest.raises(ManifestError, match=r"n\.parquet: row 1: the id column 'id' is null; give every row an id"):
         read_source(tmp_path / "n.parquet")
     src = read_source(tmp_path / "n.parquet", skip_bad=True)
     assert [r.sample_id for r in src.records] == ["1", "3"] and "row 1" in str(src.problems[0]), src.problems
     (tmp_path / "e.csv").write_text('id,text\na,x\n"",y\n')
-    with pytest.raises(ManifestError, match=r"e\.csv row 1: the id column 'id' is empty"):
+    with pytest.raises(ManifestError, match=r"e\.csv: row 1: the id column 'id' is empty"):
         read_source(tmp_path / "e.csv")
 
 
@@ -296,6 +299,14 @@ def test_unpaired_braces_are_named():
         expand("x-{0..2}}.tar")
     assert expand("x-{0..2}.tar") == ["x-0.tar", "x-1.tar", "x-2.tar"]
 
+
+def test_a_json_caption_giving_a_key_twice_is_a_bad_member(tmp_path):
+    shard = write_tar(tmp_path / "s.tar", [("ok.jpg", _jpeg(0)), ("ok.txt", b"fine"), ("two.jpg", _jpeg(1)),
+                                           ("two.json", b'{"text": "a dog", "text": "a cat"}')])
+    src = read_source(str(shard), need_text=True, need_image=True)
+    assert [r.sample_id for r in src.records] == ["ok"]
+    assert any("'two'" in str(p) and 'the key "text" is given twice' in str(p) for p in src.problems), \
+        [str(p) for p in src.problems]
 
 @pytest.mark.parametrize("body", [b'{"text": "x", "n": ' + b"9" * 5000 + b"}", b'{"text": ' + b"[" * 100000 + b"]" * 100000 + b"}"])
 def test_a_json_caption_python_cannot_read_is_a_bad_member(tmp_path, body):
