@@ -270,7 +270,7 @@ class _FieldOptions:
         from semroute.stage2_train.config import TrainConfig
 
         default = TrainConfig.default(name)
-        shown = f" (default: {default})" if default not in (None, "", False) else ""
+        shown = f" (default: {default})" if default not in (None, "") and default is not False else ""  # 0 == False
         return Annotated[Optional[TrainConfig.option_type(name)],
                          typer.Option(*self._decls(name), help=field_help(name) + shown, show_default=False)]
 
@@ -335,7 +335,7 @@ def train_cmd(
     from semroute.stage2_train.run_folder import RunFolder
     from semroute.stage2_train.train import train
 
-    config_file = str(config) if config else None
+    config_file = config  # '' reaches TrainConfig.build, which refuses it (it is not "no --config")
     if resume and config_file is None and out and RunFolder.is_run(out):
         # a resumed run keeps the config its checkpoint was trained with unless told otherwise
         run = RunFolder(out)
@@ -363,13 +363,13 @@ def _interval(text: str | None) -> tuple[str, ...] | None:
 @app.command("sample")
 def sample_cmd(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A run folder, a checkpoint folder or an exported pipeline.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],  # str: '' is refused, not read as '.'
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: text lines, JSONL with 'prompt', GenEval metadata, GenAI-Bench json, DrawBench tsv/json.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Override the detected prompt-file format (text, jsonl, geneval, genaibench, drawbench, drawbench_json).")] = None,
     n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = 1,
     steps: Annotated[Optional[int], typer.Option("--steps", help=f"Euler flow-matching steps (default: the run's sample_steps, {DEFAULT_SAMPLE_STEPS} unless its config sets it).", show_default=False)] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", help=f"Classifier-free guidance scale w (1 = none) (default: the run's sample_guidance, {DEFAULT_GUIDANCE} unless its config sets it).", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help=f"Classifier-free guidance scale w (1 = none, 0 = unconditional: the null caption alone) (default: the run's sample_guidance, {DEFAULT_GUIDANCE} unless its config sets it).", show_default=False)] = None,
     guidance_interval: Annotated[Optional[str], typer.Option("--guidance-interval", metavar="LO,HI", help="Guide only the steps whose sigma is in [LO, HI] (1 = noise, 0 = image), e.g. 0.3,0.8; elsewhere the conditional prediction alone, at half the cost (default: every step).", show_default=False)] = None,
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Image side in pixels (default: the training resolution).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Image k of prompt i uses seed + i*n + k.")] = 0,
@@ -393,7 +393,7 @@ def sample_cmd(
     """
     from semroute.stage2_train.sampling import SampleConfig, sample
 
-    cfg = SampleConfig(checkpoint=str(checkpoint), out=str(out), prompts=list(prompt or []),
+    cfg = SampleConfig(checkpoint=str(checkpoint), out=out, prompts=list(prompt or []),
                        prompts_file=str(prompts) if prompts else None, format=fmt, n=n, steps=steps,
                        guidance=guidance, guidance_interval=_interval(guidance_interval), resolution=resolution,
                        seed=seed, batch_size=batch_size, ema=ema, llm=llm,
@@ -409,7 +409,7 @@ def sample_cmd(
 @app.command("export")
 def export_cmd(
     run: Annotated[Path, typer.Argument(help="A training run folder.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the pipeline to.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the pipeline to.")],
     ema: Annotated[bool, typer.Option("--ema", help="Export the EMA weights.")] = False,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A specific checkpoint folder (default: the newest).")] = None,
     llm: Annotated[Optional[str], typer.Option("--llm", help="Load the LLM from here instead of the recorded reference (same weights required); the export then names this one.")] = None,
@@ -428,7 +428,7 @@ def export_cmd(
 @app.command("routing")
 def routing_cmd(
     run: Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder or an exported pipeline.", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for routing.png and routing.csv (default: RUN/routing).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for routing.png and routing.csv (default: RUN/routing).")] = None,
     ema: Annotated[bool, typer.Option("--ema", help="Use the EMA weights.")] = False,
 ) -> None:
     """Plot the routing weights (blocks x LLM layers; over sigma for time-wise/joint gates) and write them as CSV.
@@ -437,8 +437,10 @@ def routing_cmd(
     """
     from semroute.stage2_train.routing import save_routing
     from semroute.stage2_train.run_folder import (CHECKPOINT, EXPORT, open_model, refuse_output_inside_model,
-                                                  resolve_model_source)
+                                                  refuse_url_output, resolve_model_source)
 
+    if out is not None:
+        refuse_url_output(out, "--out")  # (typed as text: a Path would have made s3://b/x the folder s3:/b/x)
     target = resolve_model_source(out) if out is not None else None
     if target is not None and target.kind in (CHECKPOINT, EXPORT):
         # its complete.json lists its own routing.png/csv: rewritten, the checkpoint would read as damaged
@@ -456,7 +458,7 @@ def routing_cmd(
             raise SemrouteError(f"{run} is not a run folder or one of its checkpoints (an exported pipeline, say), "
                                 "which routing does not write into: pass --out FOLDER")
         out, name = source.run.routing_dir, where + ("-ema" if ema else "")
-    png, csv_path = save_routing(model, out, name, title=f"{model.config.fusion}: {where}{' (EMA)' if ema else ''}")
+    png, csv_path = save_routing(model, Path(out), name, title=f"{model.config.fusion}: {where}{' (EMA)' if ema else ''}")
     typer.echo(f"wrote {png} and {csv_path}")
 
 
@@ -465,7 +467,7 @@ _DEMO = DemoConfig()  # the demo's defaults, owned by DemoConfig
 
 @app.command("demo")
 def demo_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data, caches, run, samples, report).")] = Path(_DEMO.out),
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder (data, caches, run, samples, report).")] = _DEMO.out,
     images: Annotated[int, typer.Option("--images", help="Training images to generate.")] = _DEMO.images,
     tag_weights: Annotated[str, typer.Option("--tag-weights", metavar="TAG=W,...", help="Extra shares of GenEval tags in the training images (others weigh 1); '' for equal shares.")] = _DEMO.tag_weights,
     heldout: Annotated[int, typer.Option("--heldout", help="Held-out prompts to sample and score.")] = _DEMO.heldout,
@@ -494,7 +496,7 @@ def demo_cmd(
     from semroute.shared.checks import check_guidance_interval
 
     interval = None if guidance_interval.strip().lower() == "none" else check_guidance_interval(_interval(guidance_interval))
-    run_demo(DemoConfig(out=str(out), images=images, tag_weights=tag_weights, heldout=heldout, train_minutes=train_minutes,
+    run_demo(DemoConfig(out=out, images=images, tag_weights=tag_weights, heldout=heldout, train_minutes=train_minutes,
                         max_steps=max_steps, fusion=fusion, preset=preset, llm=llm,
                         samples_per_prompt=samples_per_prompt, sample_steps=steps, guidance=guidance,
                         guidance_interval=interval, batch_size=batch_size, processes=processes, seed=seed,
@@ -504,7 +506,7 @@ def demo_cmd(
 @app.command("report")
 def report_cmd(
     runs: Annotated[list[Path], typer.Argument(help="One or more training run folders.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
+    out: Annotated[str, typer.Option("--out", "-o", help="HTML file to write.")] = "report.html",
     title: Annotated[str, typer.Option("--title", help="Page title.")] = "semroute runs",
 ) -> None:
     """Write one self-contained HTML page (no server, no network): loss and validation-loss curves, routing

@@ -400,6 +400,8 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
     # Mistakes named before minutes of generating and encoding, not after.
     from semroute.shared.checks import check_number
 
+    if not str(cfg.out).strip():  # Path('') is the current folder: the demo's files would land among the user's
+        raise SemrouteError("--out is empty: name the demo's folder (--out . for the current folder)")
     for key, rule in (("images", dict(integer=True, low=1)), ("heldout", dict(integer=True, low=1)),
                       ("samples_per_prompt", dict(integer=True, low=1)), ("sample_steps", dict(integer=True, low=1)),
                       ("batch_size", dict(integer=True, low=1)), ("train_minutes", dict(low=0.0, low_open=True)),
@@ -408,7 +410,7 @@ def run_demo(cfg: DemoConfig, llm=None) -> dict:
     from semroute.stage2_train.config import check_preset
     from semroute.stage2_train.models import check_fusion
 
-    check_fusion(cfg.fusion)
+    check_fusion(cfg.fusion, "--fusion")
     check_preset(cfg.preset, "--preset")
     parse_tag_weights(cfg.tag_weights)
     training_processes(cfg)

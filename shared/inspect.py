@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Callable
 
 from semroute.shared.errors import CacheDamaged, SemrouteError
+from semroute.shared.integrity import INDEX, verify_hint
 from semroute.shared.latent_store import LATENT_KIND, describe_latent_cache
-from semroute.shared.store import read_attrs
+from semroute.shared.store import file_exists, interrupted_create, read_attrs
 from semroute.shared.text_store import TEXT_KIND, describe_text_cache
 
 
@@ -22,12 +23,28 @@ def describe(path: str) -> dict:
     if kind not in DESCRIBERS:
         raise SemrouteError(f"{path}: unknown cache kind {kind!r}")
     try:
-        return DESCRIBERS[kind](path, attrs)
+        info = DESCRIBERS[kind](path, attrs)
     except SemrouteError:
         raise
     except Exception as err:  # noqa: BLE001 - zarr/pyarrow errors of a damaged file name neither store nor file
         raise CacheDamaged(f"{path}: a file of the cache is damaged ({type(err).__name__}: {err}); run "
                            f"`semroute verify {path}` to find it") from None
+    missing = missing_index(path, kind)
+    if missing:  # the describers read the attributes only: without its index no reader opens the cache
+        at = list(info).index("complete") + 1
+        items = [*info.items()]
+        info = dict([*items[:at], ("index", missing), *items[at:]], complete=False)
+    return info
+
+
+def missing_index(path: str, kind: str) -> str | None:
+    """What to do about a cache without ``index.parquet`` (None when it has one): a create cut short before
+    writing it (``store.interrupted_create``) is resumed, any other such cache is damaged."""
+    if file_exists(path, INDEX):
+        return None
+    if interrupted_create(path, kind):
+        return f"{INDEX} not written yet: the encode that creates the cache was cut short; run it again with --resume"
+    return f"{INDEX} is missing, so the cache cannot be read; re-encode it (encode-... --overwrite); {verify_hint(path)}"
 
 
 def verify(path: str) -> tuple[int, list[str], list[str]]:

@@ -6,7 +6,8 @@ copy that stopped, a hand edit). ``complete.json`` is the checkpoint's table of 
 latest`` takes the newest checkpoint whose files all match it (and says which it skipped and why), and
 ``sample``/``export`` check the model files they load. crc32c (hardware-accelerated in the ``crc32c``
 package the cache reader uses) reads gigabytes per second, so checking a large checkpoint costs seconds.
-Checkpoints written before this file existed have no ``complete.json``; they are taken as they are.
+Checkpoints written before this file existed have no ``complete.json`` (nor has one whose list was lost); of
+those, only the weights files can be checked: each safetensors file must be whole (``unlisted_problems``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from semroute.shared.errors import SemrouteError
+from semroute.shared.errors import SemrouteError, first_line
 from semroute.shared.files import write_atomic
 
 MANIFEST = "complete.json"
@@ -46,14 +47,33 @@ def write_manifest(folder: Path, step: int) -> None:
     write_atomic(folder / MANIFEST, json.dumps({"step": step, "files": files}, indent=1), fsync=True)
 
 
+def unlisted_problems(folder: Path, under: str | None = None) -> list[str]:
+    """What is wrong with the weights of a folder that has no ``complete.json``: each ``*.safetensors`` file (below
+    ``under``) must be whole, its header read and its tensors ending where the file ends (``safe_open`` checks
+    both, reading the header only). A file cut short would otherwise reach diffusers' loader as a bare OSError."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    found = []
+    for file in sorted((folder / under if under else folder).rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            found.append(f"{file} is damaged or cut short ({first_line(err, 120)})")
+    return found
+
+
 def problems(folder: Path, under: str | None = None, crc: bool = True) -> list[str]:
     """What is wrong with a checkpoint (empty when every listed file is there, whole and unchanged).
     ``under``: check only the files below that subfolder (e.g. ``model``); ``crc=False``: sizes only (a quick
-    look that reads no file, as ``info`` takes)."""
+    look that reads no file, as ``info`` takes). Without a ``complete.json``: ``unlisted_problems``."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.exists():
-        return [] if (folder / TRAIN_STATE).exists() else [f"{folder} has no {MANIFEST} (never completed)"]
+        if not (folder / TRAIN_STATE).exists():
+            return [f"{folder} has no {MANIFEST} (never completed)"]
+        return unlisted_problems(folder, under)
     try:
         listed = json.loads(path.read_text())["files"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
@@ -83,12 +103,10 @@ def require_intact(folder: Path, under: str | None = None) -> None:
 
 def check_export(folder: Path) -> None:
     """Refuse an exported pipeline whose files do not match its ``complete.json`` (a disk fault, an
-    interrupted copy, a hand edit), naming the files. Exports written before the manifest existed have
-    none and are taken as they are."""
+    interrupted copy, a hand edit), naming the files. Exports without one (written before it existed, or
+    whose list was lost) have their weights files checked whole (``unlisted_problems``)."""
     folder = Path(folder)
-    if not (folder / MANIFEST).exists():
-        return
-    found = problems(folder)
+    found = problems(folder) if (folder / MANIFEST).exists() else unlisted_problems(folder)
     if found:
         raise SemrouteError(f"exported pipeline {folder} is damaged: {'; '.join(found[:5])}"
                             + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")

@@ -13,8 +13,8 @@ import inspect
 import json
 from pathlib import Path
 
-from semroute.shared.checks import check_bool, check_number, read_json_object
-from semroute.shared.errors import SemrouteError
+from semroute.shared.checks import BadValue, check_bool, check_number, read_json_object
+from semroute.shared.errors import SemrouteError, first_line
 from semroute.shared.layers import parse_layers
 from semroute.stage2_train.fusion import FUSIONS, default_text_layers
 
@@ -25,9 +25,10 @@ MODELS: dict[str, str] = {**{name: _DIT for name in FUSIONS}, "deep": _DEEP}
 """``fusion`` name -> ``module:Class`` of the DiT that implements it."""
 
 
-def check_fusion(name: str) -> None:
+def check_fusion(name: str, key: str = "fusion") -> None:
+    """A ``BadValue`` under ``key`` (``TrainConfig.build`` names it by the flag or ``--set`` it came from)."""
     if name not in MODELS:
-        raise SemrouteError(f"fusion {name!r} is unknown; choose one of {', '.join(MODELS)}")
+        raise BadValue(key, f"{name!r} is unknown; choose one of {', '.join(MODELS)}")
 
 
 def model_class(fusion: str) -> type:
@@ -55,11 +56,14 @@ def load_model(model_dir: Path):
     try:
         # local_files_only: a folder gone missing must not turn into a hub lookup of its path
         return klass.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as err:
         if not model_dir.is_dir():  # removed since config.json was read: a live run prunes old checkpoints
             raise SemrouteError(f"{model_dir} was removed while it was being read (a run still training keeps "
                                 "only its newest checkpoints); run the command again") from None
-        raise
+        # diffusers' error for a weights file that is gone or unreadable; complete.json, where there is one, was
+        # checked before this (stage2_train/checkpoint_files.py)
+        raise SemrouteError(f"{model_dir}: cannot load the model ({first_line(err)}); the model folder is damaged: "
+                            "use another checkpoint, or export the pipeline again") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@ that wrote the text cache), the DiT with its gates, the VAE or pixel codec, and 
 ``FlowMatchEulerDiscreteScheduler`` with the training shift.
 
     pipe = SemroutePipeline.from_run("runs/depth")              # or .from_pretrained("exported/")
-    images = pipe(["a red circle left of a blue square"], num_inference_steps=25, guidance_scale=6.0,
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(["a red circle left of a blue square"], generator=torch.Generator().manual_seed(0)).images
+
+(``num_inference_steps`` and ``guidance_scale`` default to config.py's ``DEFAULT_SAMPLE_STEPS`` and
+``DEFAULT_GUIDANCE``; ``semroute sample`` takes the run's ``sample_steps`` / ``sample_guidance``.)
 
 Folder written by ``save_pretrained`` / ``semroute export``::
 
@@ -53,6 +55,10 @@ from semroute.stage2_train.run_folder import MODEL_INDEX, refuse_output_inside_m
 TEXT_DIR = "text"
 TEXT_CONFIG = "semroute_text.json"
 NULL_FILE = "null.safetensors"
+# The downsampling factor encode-images measured for an autoencoder whose config states none (shared/vae.py
+# load_encoder), as the latent cache records it: held on the autoencoder (the pipeline's and the training sample
+# grid's) and in an export's semroute_text.json.
+LATENT_DOWNSAMPLE = "latent_downsample"
 
 
 class PromptTruncated(UserWarning):
@@ -275,11 +281,13 @@ class SemroutePipeline(DiffusionPipeline):
 
     @property
     def vae_downsample(self) -> int:
-        """The factor the latent cache was made with (shared.vae.downsample_factor, as encode-images read it)."""
-        down = downsample_factor(self.vae)
+        """The factor the latent cache was made with: as encode-images read it from the config
+        (shared.vae.downsample_factor), else as it measured it (``LATENT_DOWNSAMPLE``)."""
+        down = downsample_factor(self.vae) or getattr(self.vae, LATENT_DOWNSAMPLE, 0)
         if not down:
             raise SemrouteError(f"cannot tell the downsampling factor of {type(self.vae).__name__}: its config states "
-                                "no spatial_compression_ratio, block_out_channels or encoder_block_out_channels")
+                                "no spatial_compression_ratio, block_out_channels or encoder_block_out_channels, and "
+                                "no latent cache's record of it came with it")
         return down
 
     # -- saving and loading ----------------------------------------------------------------------
@@ -292,8 +300,10 @@ class SemroutePipeline(DiffusionPipeline):
         self.vae.save_pretrained(out / "vae")
         self.scheduler.save_pretrained(out / "scheduler")
         (out / TEXT_DIR).mkdir(exist_ok=True)
+        measured = getattr(self.vae, LATENT_DOWNSAMPLE, None)
         settings = {**self.text_settings, "default_size": list(self.default_size) if self.default_size else None,
-                    "sample_defaults": self.sample_defaults or None}
+                    "sample_defaults": self.sample_defaults or None,
+                    **({LATENT_DOWNSAMPLE: measured} if measured else {})}
         (out / TEXT_DIR / TEXT_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
         save_file({"null": self.null_features.contiguous()}, str(out / TEXT_DIR / NULL_FILE))
         index = {
@@ -339,6 +349,12 @@ class SemroutePipeline(DiffusionPipeline):
         size = settings.pop("default_size", None)
         pipe.default_size = tuple(size) if size else None
         pipe.sample_defaults = settings.pop("sample_defaults", None) or {}
+        down = settings.pop(LATENT_DOWNSAMPLE, None)
+        if down is not None:
+            if not isinstance(down, int) or isinstance(down, bool) or down < 1:
+                raise SemrouteError(f"{folder / TEXT_DIR / TEXT_CONFIG}: {LATENT_DOWNSAMPLE} is {json.dumps(down)}, "
+                                    "not a whole number >= 1; export the pipeline again")
+            setattr(pipe.vae, LATENT_DOWNSAMPLE, down)
         pipe.source_step = _manifest_step(folder)
         pipe.attach_text(settings, null, llm=llm, device=str(target))
         return pipe
@@ -486,6 +502,10 @@ def export_pipeline(run: str | Path, out: str | Path, *, ema: bool = False, chec
     if source is None or source.kind == EXPORT or source.run is None:
         raise SemrouteError(f"{run} is not a run folder or one of its checkpoints (no run.json); export takes the "
                             "folder `semroute train --out` wrote")
+    if checkpoint is not None and source.checkpoint is not None and \
+            Path(checkpoint).resolve() != source.checkpoint.resolve():
+        raise SemrouteError(f"{run} is a checkpoint, and --checkpoint {checkpoint} another: give the run folder "
+                            "with --checkpoint, or the checkpoint alone")
     pipe = SemroutePipeline.from_run(source.run.path, ema=ema, checkpoint=checkpoint or source.checkpoint, llm=llm,
                                      device="cpu")
     for leftover in (tmp, old):  # of an export that crashed: ours, never a user's (hidden, our suffix)
@@ -536,6 +556,8 @@ def _vae_from_fingerprint(fp: dict):
     encoder = load_encoder(fp["vae"], fp.get("subfolder"), device="cpu", dtype=dtype if dtype != "uint8" else "float32")
     if fp.get("weights_sha256") and encoder.info.identity.get("weights_sha256") != fp["weights_sha256"]:
         raise SemrouteError(f"the VAE at {fp['vae']} has other weights than the one the latent cache was made with")
+    if not downsample_factor(encoder.model):  # its config states none: the factor encode-images measured
+        setattr(encoder.model, LATENT_DOWNSAMPLE, int(fp.get("downsample") or encoder.info.downsample))
     return encoder.model, size
 
 

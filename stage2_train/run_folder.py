@@ -32,6 +32,7 @@ from pathlib import Path
 from semroute.shared.checks import read_json_object
 from semroute.shared.errors import SemrouteError
 from semroute.shared.files import write_atomic
+from semroute.shared.remote import is_url
 from semroute.stage2_train import checkpoint_files, models
 from semroute.stage2_train.checkpoint_files import TRAIN_STATE
 
@@ -46,19 +47,46 @@ def checkpoint_name(step: int) -> str:
 
 
 def is_checkpoint(path: Path) -> bool:
+    """What a checkpoint holds at the least: the training state (``--resume``) or the model folder (``sample``,
+    ``export``). A ``complete.json`` alone is not one (``not_a_checkpoint`` says what it lost)."""
     path = Path(path)
-    return (path / TRAIN_STATE).exists() or (path / MODEL_DIR).is_dir() or (path / checkpoint_files.MANIFEST).exists()
+    return (path / TRAIN_STATE).exists() or (path / MODEL_DIR).is_dir()
+
+
+def not_a_checkpoint(path: Path, what: str, expected: str = "RUN/checkpoints/step-*") -> SemrouteError:
+    """Why ``path`` (given as ``what``) is not a checkpoint: a checkpoint or export that lost the files that make
+    one, named from its ``complete.json``; else no checkpoint at all."""
+    path = Path(path)
+    if (path / checkpoint_files.MANIFEST).is_file():
+        lost = checkpoint_files.problems(path, crc=False)
+        return checkpoint_files.DamagedCheckpoint(
+            f"{path} is damaged: it has a {checkpoint_files.MANIFEST}, but not what makes a checkpoint "
+            f"({MODEL_DIR}/ or {TRAIN_STATE}) or an exported pipeline ({MODEL_INDEX})"
+            + (f" ({'; '.join(lost[:3])}{'; ...' if len(lost) > 3 else ''})" if lost else "")
+            + "; use another checkpoint of the run, or export again")
+    return SemrouteError(f"{what}: not a checkpoint folder (expected {expected})")
+
+
+def refuse_url_output(out: str | Path, flag: str) -> None:
+    """Runs, exports, samples and reports are written to a local folder; only the caches may be on object storage.
+    A URL given for one would be taken as a local path (``s3://b/r`` as the folder ``s3:/b/r``)."""
+    if is_url(out):  # (it also refuses s3:/b/r, a URL with a slash missing)
+        raise SemrouteError(f"{flag} {out}: this is written to a local folder, not to a URL (only the caches may be "
+                            "on object storage); give a local path")
 
 
 def refuse_output_inside_model(out: str | Path, flag: str, *, replacing_export: bool = False) -> None:
     """Refuse an output at or below a checkpoint or an exported pipeline: a resume prunes old checkpoints whole,
     with whatever was written into them, and both are checked against the list of their own files.
     ``replacing_export``: ``out`` itself may be an earlier export (``export --overwrite`` replaces it whole)."""
+    refuse_url_output(out, flag)
     path = Path(out).resolve()
     for folder in (path, *path.parents):
         if replacing_export and folder == path and (folder / MODEL_INDEX).exists():
             continue
-        if folder.is_dir() and (is_checkpoint(folder) or (folder / MODEL_INDEX).exists()):
+        # (a complete.json alone: the folder is checked against it, whatever else it lost)
+        if folder.is_dir() and (is_checkpoint(folder) or (folder / MODEL_INDEX).exists()
+                                or (folder / checkpoint_files.MANIFEST).exists()):
             kind = "an exported pipeline" if (folder / MODEL_INDEX).exists() else "a checkpoint"
             raise SemrouteError(f"{flag} {out} is {'' if folder == path else 'inside '}{kind} ({folder}), which "
                                 "training prunes or checks against its own list of files: choose a folder outside it")
@@ -87,8 +115,11 @@ class RunFolder:
     # -- finding runs ----------------------------------------------------------------------------
     @staticmethod
     def is_run(path: str | Path) -> bool:
-        """A folder written by ``train`` (it has config.yaml; a checkpoint, which holds a copy, is not one)."""
-        return (Path(path) / "config.yaml").exists() and not is_checkpoint(path)
+        """A folder written by ``train`` (it has config.yaml; a checkpoint, which holds a copy, is not one, nor is
+        a damaged one: a run folder has no complete.json)."""
+        path = Path(path)
+        return ((path / "config.yaml").exists() and not is_checkpoint(path)
+                and not (path / checkpoint_files.MANIFEST).exists())
 
     # -- files (the layout drawn above) ----------------------------------------------------------
     config_path = _Inside("config.yaml")
@@ -206,7 +237,8 @@ class RunFolder:
         found = self.checkpoints()
         skipped = []
         for ckpt in reversed(found):
-            bad = checkpoint_files.problems(ckpt, under=under)
+            bad = checkpoint_files.problems(ckpt, under=under) or (
+                [] if is_checkpoint(ckpt) else [f"{ckpt} holds neither {MODEL_DIR}/ nor {TRAIN_STATE}"])
             if not bad:
                 for name, why in skipped:
                     print(f"warning: skipping damaged checkpoint {name}: {why}", file=sys.stderr)
@@ -238,7 +270,7 @@ class RunFolder:
             return self.newest_intact()
         path = Path(resume)
         if not is_checkpoint(path):
-            raise SemrouteError(f"--resume {resume}: not a checkpoint folder (expected {self.path}/checkpoints/step-*)")
+            raise not_a_checkpoint(path, f"--resume {resume}", f"{self.path}/checkpoints/step-*")
         if path.resolve().parent != self.checkpoints_dir.resolve():
             owner = path.resolve().parent.parent
             raise SemrouteError(
@@ -258,7 +290,13 @@ class RunFolder:
         if checkpoint is not None:
             path = Path(checkpoint)
             if not is_checkpoint(path):
-                raise SemrouteError(f"{path} is not a checkpoint folder (expected {self.path}/checkpoints/step-*)")
+                raise not_a_checkpoint(path, str(path), f"{self.path}/checkpoints/step-*")
+            owner = path.resolve().parent.parent  # (RUN/checkpoints/step-N, or a folder beside it: set-aside/)
+            if owner != self.path.resolve():
+                # its weights would be read with this run's config and caches (a checkpoint written before it held
+                # its own copies), and sampled or exported under this run's name
+                raise SemrouteError(f"{path} is a checkpoint of {owner}, not of the run given ({self.path}): give it "
+                                    f"with its own run ({owner}), or one of {self.checkpoints_dir}/step-*")
             return path
         found = self.latest_checkpoint()
         if found is None:
@@ -374,14 +412,17 @@ def resolve_model_source(path: str | Path) -> ModelSource | None:
     """What ``path`` is, by the file that marks each kind (none is read): an exported pipeline (``model_index.json``),
     a checkpoint folder (``is_checkpoint``; tested before runs, as it holds copies of their files), with its run
     when the folder two levels up has run.json; a run folder (run.json or config.yaml, which train writes
-    together). None when it is none of these. Each command decides which kinds it takes; a file a kind lacks is
-    named where it is read (``RunFolder.record``, ``RunFolder.config``, ``SemroutePipeline.from_pretrained``)."""
+    together). None when it is none of these; refused, as damaged, when it has a complete.json but lost what marks
+    its kind. Each command decides which kinds it takes; a file a kind lacks is named where it is read
+    (``RunFolder.record``, ``RunFolder.config``, ``SemroutePipeline.from_pretrained``)."""
     path = Path(path)
     if (path / MODEL_INDEX).exists():
         return ModelSource(EXPORT, path, None, None)
     if is_checkpoint(path):
         home = path.parent.parent
         return ModelSource(CHECKPOINT, path, RunFolder(home) if (home / RUN_RECORD).exists() else None, path)
+    if (path / checkpoint_files.MANIFEST).exists():  # a checkpoint (or export) that lost what marks it
+        raise not_a_checkpoint(path, str(path))
     if (path / RUN_RECORD).exists() or (path / "config.yaml").exists():
         return ModelSource(RUN, path, RunFolder(path), None)
     return None

@@ -16,6 +16,7 @@ import json
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 
 from semroute.shared.checks import check_guidance_interval, check_number, read_json_object
 from semroute.shared.distributed import process_info
-from semroute.shared.errors import SemrouteError
+from semroute.shared.errors import SemrouteError, first_line
 from semroute.shared.files import write_atomic
 from semroute.shared.llm import resolve_device
 from semroute.stage2_train.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS
@@ -56,6 +57,8 @@ class SampleConfig:
 
 
 def check_sample_options(cfg: SampleConfig) -> None:
+    if not str(cfg.out).strip():  # Path('') is the current folder: images would land among the user's files
+        raise SemrouteError("-o is empty: name the folder for the images (-o . for the current folder)")
     for name, value in (("--n", cfg.n), ("--batch-size", cfg.batch_size), ("--steps", cfg.steps)):
         check_number(name, value, integer=True, low=1)
     check_number("--guidance", cfg.guidance)  # any finite scale (1 = no guidance, 0 = unconditional)
@@ -120,6 +123,8 @@ def check_output(out: str | Path, settings: dict) -> None:
     refuse_output_inside_model(out, "-o")
     out = Path(out)
     record = out / RECORD
+    if next(out.rglob("*.png"), None) is None:
+        return  # no images to mix with: a record left by a run that failed before its first one describes none
     if record.exists():
         before = read_json_object(record, f"it says which settings made the images in {out}: sample into a new -o")
         if "prompts" not in before:
@@ -132,7 +137,7 @@ def check_output(out: str | Path, settings: dict) -> None:
             detail = ", ".join(_describe(k, before.get(k), settings[k]) for k in differ)
             raise SemrouteError(f"{out} holds images made with other settings ({detail}); sample into another -o "
                                 "(or delete the folder) so old and new images do not mix")
-    elif out.is_dir() and next(out.rglob("*.png"), None) is not None:
+    else:
         raise SemrouteError(f"-o {out} holds images but no {RECORD} saying which settings made them; sample into "
                             "another -o so old and new images do not mix")
 
@@ -224,6 +229,9 @@ def prompt_entries(cfg: SampleConfig) -> tuple[str, list[PromptEntry]]:
 
     for i, p in enumerate(cfg.prompts):  # bytes that are not UTF-8 in the shell's argument
         check_unicode(p, f"--prompt {i + 1}")
+        if not p.strip():  # no caption is empty (shared/manifest.py refuses them), so the model never saw one
+            raise SemrouteError(f"--prompt {i + 1} is empty; give the text to draw (for unconditional images, from "
+                                "the null caption alone, give any prompt with --guidance 0)")
     entries = [PromptEntry(index=i, name=f"{i:05d}", text=p, record={"prompt": p}, line=0)
                for i, p in enumerate(cfg.prompts)]
     return "generic", entries
@@ -271,7 +279,7 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
         # a newer checkpoint since, whose images would then be recorded as this one's.
         source = Path(settings["model"]["folder"]).parent
         pipe = pipe or load_pipeline(source, ema=cfg.ema, llm=cfg.llm, device=device)
-        pipe.image_size(cfg.resolution, cfg.resolution)
+        check_image_size(pipe, cfg.resolution)
         truncated = warn_truncated(pipe, mine)
     proc.run_on_main(lambda: claim_output(cfg.out, settings))
     if proc.is_main:
@@ -286,8 +294,8 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
         for start in range(0, len(jobs), cfg.batch_size):
             batch = jobs[start: start + cfg.batch_size]
             generators = [torch.Generator().manual_seed(cfg.seed + e.index * cfg.n + k) for e, k in batch]
-            with warnings.catch_warnings():  # warn_truncated named them above, with their lines
-                warnings.simplefilter("ignore", PromptTruncated)
+            with warnings.catch_warnings(), out_of_memory_named(pipe, cfg, len(batch), written):
+                warnings.simplefilter("ignore", PromptTruncated)  # warn_truncated named them above, with their lines
                 images = pipe([e.text for e, _ in batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
                               guidance_interval=cfg.guidance_interval, height=size, width=size,
                               generator=generators).images
@@ -311,6 +319,48 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
             "skipped_prompts_done": len(entries[proc.rank:: proc.world_size]) - len(mine),
             "seconds": time.perf_counter() - t0, "grid": str(grid) if grid else None, "out": cfg.out,
             "truncated_prompts": truncated}
+
+
+def check_image_size(pipe, resolution: int | None) -> tuple[int, int]:
+    """``(height, width)`` of the images, refused unless the DiT can patchify its latent: a side must be a
+    multiple of the autoencoder's factor times the DiT's patch size (``dit_base.patchify``), checked here before
+    the output folder is claimed rather than in the first forward pass."""
+    height, width = pipe.image_size(resolution, resolution)
+    step = pipe.vae_downsample * pipe.transformer.config.patch_size
+    if height % step or width % step:
+        given = f"--resolution {resolution}" if resolution else f"the training size {width}x{height}"
+        near = sorted({max(step, height // step * step), (height // step + 1) * step})
+        raise SemrouteError(f"{given}: a side must be a multiple of {step} (the autoencoder's factor "
+                            f"{pipe.vae_downsample} x the DiT's patch size {pipe.transformer.config.patch_size}), "
+                            f"e.g. {' or '.join(map(str, near))}")
+    return height, width
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError (CUDA and other accelerators) or the CPU
+    allocator's RuntimeError; no other RuntimeError."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and ("DefaultCPUAllocator" in str(err) or "can't allocate memory" in str(err))
+
+
+@contextmanager
+def out_of_memory_named(pipe, cfg: SampleConfig, batch: int, written: int):
+    """Turn a failed allocation while drawing ``batch`` images into a message naming the size and batch and
+    what to lower; the images already written are kept (``check_output`` lets a folder without any images be
+    claimed again with other settings)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        height, width = pipe.image_size(cfg.resolution, cfg.resolution)
+        lower = "--resolution" + (" or --batch-size" if cfg.batch_size > 1 else "")
+        raise SemrouteError(f"out of memory drawing {batch} image(s) of {width}x{height} px at once (--batch-size "
+                            f"{cfg.batch_size}, --resolution {cfg.resolution or f'{height} (the training size)'}): "
+                            f"{first_line(err)}; try a smaller {lower}"
+                            + (f" into another -o (the {written} image(s) written are kept in {cfg.out})" if written
+                               else "")) from None
 
 
 def write_grid(layout, entries: list[PromptEntry], n: int, path: Path, max_prompts: int = 16) -> Path | None:

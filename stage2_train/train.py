@@ -163,6 +163,7 @@ class Trainer:
         self.run = RunFolder(cfg.out)
         self.saved: Path | None = None  # the checkpoint this process wrote last
         self.run_dir = self.run.path
+        cfg.check_tracker()  # before accelerate would start without the tracker, and before anything is written
         self.accelerator = _accelerator(cfg, self.run)
         cfg.check_global_batch(self.accelerator.num_processes)  # before the lock creates the run folder
         self.run.refuse_cache()
@@ -191,11 +192,22 @@ class Trainer:
         self.changed_on_resume = {}
         if self.resume_from is not None:
             self.changed_on_resume = resume_settings.compare(self._config_before(), self.cfg.to_dict())
+            self._refuse_steps_done(resume)
         _limit_cpu_threads()
         set_seed(self.cfg.seed)  # the model's initial weights come from the global RNG: a run is reproducible
         self._build_data()
         self._build_optimization()
         self._open_run()
+
+    def _refuse_steps_done(self, resume: str) -> None:
+        """A resume whose max_steps lies below the checkpoint's step would train nothing, yet record the lower
+        max_steps as the run's: refused before anything is written."""
+        step = RunFolder.train_state(self.resume_from).get("step")
+        if isinstance(step, int) and step > self.cfg.max_steps:
+            raise SemrouteError(
+                f"--resume {resume}: {self.resume_from.name} is at step {step}, past max_steps {self.cfg.max_steps}, "
+                f"so nothing would be trained (nothing in {self.run_dir} was changed). Pass a --max-steps above "
+                f"{step} to train on from it, or start a new --out")
 
     def _build_data(self) -> None:
         """1. Data: both caches opened and joined once; the model, sized by them, then picks the layers read.

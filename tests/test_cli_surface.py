@@ -17,7 +17,7 @@ from semroute.cli import app
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--fusion", "bogus"], "fusion 'bogus' is unknown; choose one of"),
+    (["--fusion", "bogus"], "--fusion 'bogus' is unknown; choose one of"),
     (["--preset", "huge"], "--preset 'huge' is unknown; choose one of tiny, small"),
     (["--guidance", "nan"], "--guidance must be a finite number"),
     (["--processes", "-1"], "--processes must be >= 0"),

@@ -116,6 +116,16 @@ def test_a_damaged_model_config_is_one_named_error_for_routing_and_sample(run4, 
     assert not (out / RECORD).exists()
 
 
+
+@pytest.mark.parametrize("kind", ["run", "export"])
+def test_a_deleted_weights_file_without_complete_json_is_one_named_error(run4, exported, tmp_path, kind):
+    path, config = _unlisted_copy(tmp_path, run4, exported, kind)
+    for weights in config.parent.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(SemrouteError, match=rf"^{config.parent}: cannot load the model \(.*\); the model folder is "
+                                            "damaged"):
+        open_model(path)  # semroute routing PATH
+
 def test_routing_checks_an_export_against_its_manifest(exported, tmp_path):
     pipe = tmp_path / "pipe"
     shutil.copytree(exported, pipe)

@@ -4,6 +4,8 @@ joins that cannot pair the wrong captions, sample outputs never mixed across set
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import os
 import shutil
@@ -223,6 +225,16 @@ def test_a_run_that_fails_to_start_leaves_no_empty_folder(square_caches, tmp_pat
     ok.release()
     assert (new / "run.json").exists()
 
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_a_tracker_that_is_not_installed_stops_the_run_before_it_writes(square_caches, tmp_path):
+    text, latents, _ = square_caches
+    new = tmp_path / "runs" / "wandb"
+    with pytest.raises(SemrouteError, match=r"^--report-to wandb: the wandb package is not installed"):
+        Trainer(TrainConfig(text_cache=text, latent_cache=latents, out=str(new), preset="tiny", report_to="wandb",
+                            num_workers=0), progress=False)
+    assert not new.exists()
 
 # -- a run is never written over --------------------------------------------------------------------
 def _snapshot(folder: Path) -> dict:
