@@ -332,6 +332,7 @@ def train_cmd(
       accelerate launch --num_processes 8 cli.py train --text-cache t.zarr --latent-cache l.zarr --fusion depth --preset paper
     """
     from semroute.stage2_train.config import TrainConfig
+    from semroute.stage2_train import ranks
     from semroute.stage2_train.run_folder import RunFolder
     from semroute.stage2_train.train import train
 
@@ -353,6 +354,7 @@ def train_cmd(
         typer.echo(f"step {summary['step']}: loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s, "
                    f"{summary['train_seconds']:.0f}s of training")
     typer.echo(f"checkpoint: {summary['checkpoint']}")
+    ranks.end_process()  # under several processes: exit without freeing the process group (it can hang)
 
 
 def _interval(text: str | None) -> tuple[str, ...] | None:

@@ -43,7 +43,9 @@ class ProcessInfo:
         # it takes its next work, and releasing them needs the GIL. Were the broadcast the job's last collective,
         # the process group's destructor at exit (run with the GIL held, when the DDP model is freed) would join
         # that thread while it waits for the GIL: a hang seen once in the 2-process demo test (gdb: main thread
-        # in ~ProcessGroupGloo from ~Reducer, pt_gloo_runloop in ~AsyncBroadcastWork -> take_gil).
+        # in ~ProcessGroupGloo from ~Reducer, pt_gloo_runloop in ~AsyncBroadcastWork -> take_gil). This made the
+        # hang rarer, not impossible (gloo has two worker threads): a training job now ends without freeing the
+        # process group (stage2_train/ranks.py end_process).
         torch.distributed.barrier()
         return box[0]
 

@@ -152,6 +152,35 @@ def _exit_later(seconds: float) -> None:
 
 
 _current: _Watch | None = None
+_kept: list = []
+
+
+def several_processes() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) >= 2
+
+
+def keep_until_exit(obj) -> None:
+    """Hold ``obj`` (a finished trainer: its DDP model, whose reducer holds the process group) until
+    :func:`end_process`, under several processes; under one, nothing is held."""
+    if several_processes():
+        _kept.append(obj)
+
+
+def end_process(code: int = 0) -> None:
+    """Under several processes, end this one now, its output flushed, without freeing the process group.
+
+    Freeing it can hang for good (seen in the 2-process demo test, twice; gdb: the main thread in
+    ``~ProcessGroupGloo``, reached from the DDP ``~Reducer`` with the GIL held, joins gloo's worker thread, which
+    waits for the GIL to free the tensors of a collective it has just finished: pytorch/pytorch#56297). A barrier
+    after each broadcast (shared/distributed.py) made it rarer, not impossible: gloo has two worker threads, and
+    a finished collective is freed on its worker after the caller's ``wait`` returns. Called once everything is
+    written (checkpoints and logs closed, the run lock released, the trackers ended), so skipping the
+    interpreter's teardown loses nothing. Under one process it returns."""
+    if not several_processes():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def watch_rank() -> int:
@@ -162,7 +191,7 @@ def watch_rank() -> int:
 def fail_together():
     """Around a multi-process job (a no-op under one process): see the module docstring."""
     global _current
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if not several_processes():
         yield
         return
     watch = _current = _Watch()

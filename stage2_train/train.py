@@ -753,6 +753,9 @@ def _lr_schedule(optimizer, cfg: TrainConfig):
 
 def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True) -> dict:
     with ranks.fail_together():  # one rank failing ends the others (no wait in a collective)
-        return Trainer(cfg, resume=resume, progress=progress).train()
+        trainer = Trainer(cfg, resume=resume, progress=progress)
+        summary = trainer.train()
+        ranks.keep_until_exit(trainer)  # not freed here: freeing the process group can hang (ranks.end_process)
+        return summary
 
 
