@@ -83,11 +83,32 @@ def _iter_raw_records(path: str, raw: bytes) -> Iterator[tuple[int, object | Exc
             raise ManifestError(f"{path}:{line}: invalid UTF-8 ({err.reason} at byte {err.start})") from None
         pos = text.index("[") + 1
         n = len(text)
+        first = True
         while True:
-            while pos < n and text[pos] in " \t\r\n,":
+            # Records are parsed one by one (a bad one is left out with --skip-bad), so the separators between
+            # them are checked here, as json.loads would: one comma between two records, none before the first
+            # or after the last.
+            start = pos
+            while pos < n and text[pos] in " \t\r\n":
                 pos += 1
             if pos >= n:
                 raise ManifestError(f"{path}:{_line_of(text, n)}: the JSON array is not closed with ']'")
+            if text[pos] not in ",]" and not first:
+                raise ManifestError(f"{path}:{_line_of(text, pos)}: malformed JSON: expected ',' or ']' after the "
+                                    f"record ending on line {_line_of(text, start)}")
+            if text[pos] == ",":
+                if first:
+                    raise ManifestError(f"{path}:{_line_of(text, pos)}: malformed JSON: a ',' before the first record")
+                pos += 1
+                while pos < n and text[pos] in " \t\r\n":
+                    pos += 1
+                if pos >= n:
+                    raise ManifestError(f"{path}:{_line_of(text, n)}: the JSON array is not closed with ']'")
+                if text[pos] in ",]":
+                    what = "two ','s with no record between them" if text[pos] == "," else \
+                        "a ',' after the last record (JSON allows none)"
+                    raise ManifestError(f"{path}:{_line_of(text, pos)}: malformed JSON: {what}")
+            first = False
             if text[pos] == "]":
                 rest = text[pos + 1:].lstrip(" \t\r\n")
                 if rest:  # a second array or record after the first: all of it would be left out unread

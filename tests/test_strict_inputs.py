@@ -157,3 +157,28 @@ def test_a_set_value_refuses_a_repeated_key():
                                             r"valid YAML \(key 'channels' is given twice"):
         TrainConfig.build(overrides=["expect_latent={channels: 16, channels: 12}"])
     assert TrainConfig.build(overrides=["expect_latent={channels: 16}"]).expect_latent == {"channels": 16}
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ('[{"image": "a.png", "text": "a"}\n {"image": "b.png", "text": "b"}]', 2, "expected ',' or ']' after the record "
+                                                                              "ending on line 1"),
+    ('[{"image": "a.png", "text": "a"},\n,{"image": "b.png", "text": "b"}]', 2, "two ','s with no record between"),
+    ('[{"image": "a.png", "text": "a"},\n]', 2, "a ',' after the last record"),
+    ('[,\n{"image": "a.png", "text": "a"}]', 1, "a ',' before the first record"),
+    ('[{"image": "a.png", "text": "a"},\n', 2, "the JSON array is not closed"),
+])
+def test_json_array_manifest_refuses_missing_or_extra_commas(tmp_path, text, line, message):
+    """Its records are parsed one by one; the commas between them were skipped however many there were."""
+    path = tmp_path / "m.json"
+    path.write_text(text)
+    with pytest.raises(ManifestError, match=rf"^{path}:{line}: .*{message}"):
+        read_manifest(path, need_image=True, skip_bad=True)
+
+
+def test_json_array_manifest_with_commas_in_place_reads_every_record(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text('[ {"image": "a.png", "text": "a"} ,\n  {"image": "b.png", "text": "b"}\n]\n')
+    assert [r.texts for r in read_manifest(path, need_image=True).records] == [("a",), ("b",)]
+    path.write_text("[]")
+    with pytest.raises(ManifestError):  # (no records: refused as before, for being empty)
+        read_manifest(path, need_image=True)
