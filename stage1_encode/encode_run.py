@@ -22,7 +22,7 @@ from semroute.shared.errors import CacheDamaged, SemrouteError
 from semroute.shared.fingerprint import require_match
 from semroute.shared.lock import OutputLock
 from semroute.shared.integrity import INDEX
-from semroute.shared.remote import STATS, set_storage_options
+from semroute.shared.remote import STATS, is_url, set_storage_options
 from semroute.shared.sources import require_local_inputs
 from semroute.shared.store import check_seal, dir_size, file_exists, interrupted_create, join, store_exists
 
@@ -94,7 +94,8 @@ class ShardSizes:
 # Create, resume or append?
 # ---------------------------------------------------------------------------------------------
 def check_flags(cfg) -> None:
-    """Refuse contradictory write flags, before any model loads."""
+    """Refuse contradictory write flags and an --out with a URL's slash missing, before any model loads."""
+    is_url(cfg.out)  # raises for s3:/x.zarr (a local folder named "s3:" would be written)
     if cfg.overwrite and (cfg.resume or cfg.append):
         keep = "--append" if cfg.append else "--resume"
         raise SemrouteError(f"--overwrite deletes {cfg.out} and encodes it again, {keep} keeps what it holds: "

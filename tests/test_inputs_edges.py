@@ -182,6 +182,10 @@ def test_an_encode_into_a_mistyped_url_writes_nothing(tmp_path, monkeypatch, tin
     with pytest.raises(SemrouteError, match=r"^s3:/x\.zarr: not a URL .*write s3://x\.zarr"):
         encode_images(EncodeImagesConfig(data=str(manifest), out="s3:/x.zarr", vae="pixel", resolution=32,
                                          device="cpu", workers=0, progress=False))
+    def no_load(*args, **kwargs):
+        raise AssertionError("the LLM was loaded before --out was checked")
+
+    monkeypatch.setattr("semroute.stage1_encode.text.load_llm", no_load)  # named before minutes of loading
     with pytest.raises(SemrouteError, match=r"^s3:/x\.zarr: not a URL"):
         encode_text(EncodeTextConfig(data=str(manifest), out="s3:/x.zarr", llm=str(tiny_llama_dir), dtype="float32",
                                      device="cpu", progress=False))
