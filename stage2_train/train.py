@@ -183,6 +183,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.resume_from = self.run.resolve_resume(resume)
+        self.resumed_latest = resume == "latest"
         if resume and resume != "latest" and self.resume_from is None:
             raise SemrouteError(f"--resume {resume}: no checkpoint found")
         held = self.run.holds_work() if not resume else None
@@ -297,6 +298,8 @@ class Trainer:
                       file=sys.stderr)
         if self.resume_from is not None:
             self._load_checkpoint()
+        elif self.resumed_latest and acc.is_main_process:  # (so that a mistyped --out is not a silent new run)
+            print(f"--resume latest: {self.run_dir} has no checkpoint yet; starting a new run", file=sys.stderr)
         acc.wait_for_everyone()
         if cfg.report_to != "none":
             wandb = {"wandb": {"name": self.run_dir.name, "dir": str(self.run.logs)}}

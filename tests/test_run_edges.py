@@ -51,6 +51,17 @@ def test_a_resume_below_the_checkpoints_step_is_refused_and_changes_nothing(squa
     assert _snapshot(run) == before
 
 
+
+def test_resume_latest_without_a_checkpoint_says_it_starts_a_new_run(square_caches, run4, tmp_path, capsys):
+    """The same command starts a job and restarts it after a preemption, so no checkpoint is no error; but a
+    mistyped --out must not begin a new run without a word."""
+    trainer = Trainer(train_config(square_caches, tmp_path / "new"), resume="latest", progress=False)
+    trainer.release()
+    assert f"--resume latest: {tmp_path / 'new'} has no checkpoint yet; starting a new run" in capsys.readouterr().err
+    trainer = Trainer(train_config(square_caches, copy_run(run4, tmp_path / "copy")), resume="latest", progress=False)
+    trainer.release()
+    assert "starting a new run" not in capsys.readouterr().err
+
 # -- 2. a checkpoint of another run given with a run ------------------------------------------------------------
 def test_a_checkpoint_of_another_run_is_refused_with_both_named(run4, tmp_path):
     mine, other = tmp_path / "mine", tmp_path / "other"
