@@ -138,19 +138,25 @@ def _expansion_size(pattern: str) -> int:
     return pattern_size(pattern)
 
 
-def require_local_inputs(data: str | os.PathLike) -> None:
+def require_local_inputs(data: str | os.PathLike, storage_options: dict | None = None) -> None:
     """Name a local input that is not there, a URL no installed client reads, or a manifest URL, before anything
-    slow starts (an encoder loads its model first)."""
-    from semroute.shared.remote import unknown_protocol
+    slow starts (an encoder loads its model first). Of URLs, the first is asked for (one request): an endpoint
+    that cannot be reached, a missing bucket or object, missing credentials are named then, not after the load."""
+    from semroute.shared.remote import call, filesystem, unknown_protocol
 
+    first_url = None
     for f in expand(str(data)):
         if is_url(f):
             if unknown := unknown_protocol(f):
                 raise unknown
             if _suffix_kind(f) == "manifest":
                 raise manifest_url(f)
+            first_url = first_url or f
         elif not Path(f).exists():
             raise SemrouteError(f"cannot read {f}: no such file or folder")
+    if first_url is not None:
+        fs, path = filesystem(first_url, storage_options or None)
+        call(first_url, fs.info, path, missing=f"cannot read {first_url}: there is no such object; check the URL")
 
 
 def manifest_url(url: str) -> SemrouteError:

@@ -208,7 +208,7 @@ class EncodeRun:
         self.proc = proc or process_info()
         self.show = bool(cfg.progress) and self.proc.is_main
         check_flags(cfg)  # these two before the model loads (seconds to minutes)
-        require_local_inputs(cfg.data)
+        require_local_inputs(cfg.data, cfg.storage_options)
 
     # -- the steps -------------------------------------------------------------------------------
     def plan_and_create(self) -> dict:

@@ -219,3 +219,18 @@ def test_train_refuses_a_negative_cache_size_naming_the_flag(tmp_path):
                                           str(tmp_path / "shards"), "--no-progress", *given])
         assert isinstance(result.exception, SemrouteError) and named in str(result.exception), result.output
         assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()
+
+
+def test_a_missing_input_object_is_named_before_the_llm_loads(s3, tmp_path, monkeypatch):
+    """A URL input was first asked for when reading started, after the model load (minutes for a large LLM)."""
+    from semroute.stage1_encode.text import EncodeTextConfig, encode_text
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the LLM was loaded before the input was asked for")
+
+    monkeypatch.setattr("semroute.stage1_encode.text.load_llm", no_load)
+    for data, message in (("s3://bkt/nope-{0..3}.tar", r"^cannot read s3://bkt/nope-0\.tar: there is no such object"),
+                          ("s3://nobkt/x.parquet", r"^s3://nobkt/x\.parquet: the bucket 'nobkt' does not exist")):
+        with pytest.raises(SemrouteError, match=message):
+            encode_text(EncodeTextConfig(data=data, out=str(tmp_path / "t.zarr"), llm="unused", progress=False))
+    assert not (tmp_path / "t.zarr").exists()
