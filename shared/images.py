@@ -194,6 +194,10 @@ def _open(path: str, opts: ImageOptions, data: bytes | None = None) -> Image.Ima
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
+            if "://" in str(path):  # (a manifest's image is a local path; tar members and Parquet cells carry bytes)
+                raise BadImage(path, MISSING, "an image URL: a manifest's images are read from local files; download "
+                                              "them first, or pack them into WebDataset tars or Parquet, which are "
+                                              "read from URLs") from None
             raise BadImage(path, MISSING, "no such file") from None
         except OSError as err:
             raise BadImage(path, UNREADABLE, err.strerror or str(err)) from None

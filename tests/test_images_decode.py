@@ -166,6 +166,13 @@ def test_bad_images_are_reported_with_reason(tmp_path, name, reason, at_probe):
     assert err.value.reason == reason and name in str(err.value)
 
 
+def test_an_image_url_in_a_manifest_is_named_as_a_url(tmp_path):
+    """It was "missing: no such file" (a manifest's images are local files; nothing is requested)."""
+    probe = im.probe_image("s3://bkt/a.png", opts())
+    assert probe.reason == im.MISSING and probe.detail.startswith("an image URL: a manifest's images are read from "
+                                                                  "local files")
+    assert im.probe_image(str(tmp_path / "missing.png"), opts()).detail == "no such file"
+
 def test_pixel_cap_and_upscale_options(tmp_path):
     _bad_files(tmp_path)
     big = str(tmp_path / "big.png")
