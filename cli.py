@@ -332,7 +332,6 @@ def train_cmd(
       accelerate launch --num_processes 8 cli.py train --text-cache t.zarr --latent-cache l.zarr --fusion depth --preset paper
     """
     from semroute.stage2_train.config import TrainConfig
-    from semroute.stage2_train import ranks
     from semroute.stage2_train.run_folder import RunFolder
     from semroute.stage2_train.train import train
 
@@ -354,7 +353,6 @@ def train_cmd(
         typer.echo(f"step {summary['step']}: loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s, "
                    f"{summary['train_seconds']:.0f}s of training")
     typer.echo(f"checkpoint: {summary['checkpoint']}")
-    ranks.end_process()  # under several processes: exit without freeing the process group (it can hang)
 
 
 def _interval(text: str | None) -> tuple[str, ...] | None:
@@ -588,9 +586,17 @@ def verify_cmd(
 
 
 def main() -> None:
-    """Entry point: run the app; known errors print one message and exit 1."""
+    """Entry point: run the app; known errors print one message and exit 1. A command that finished under several
+    processes ends its process without freeing the process group (``end_process``: that can hang)."""
+    from semroute.shared.processes import end_process
+
     try:
         app()
+        end_process()
+    except SystemExit as done:
+        if done.code in (0, None):
+            end_process()
+        raise
     except SemrouteError as err:
         if os.environ.get("SEMROUTE_TRACEBACK"):
             raise

@@ -44,8 +44,8 @@ class ProcessInfo:
         # the process group's destructor at exit (run with the GIL held, when the DDP model is freed) would join
         # that thread while it waits for the GIL: a hang seen once in the 2-process demo test (gdb: main thread
         # in ~ProcessGroupGloo from ~Reducer, pt_gloo_runloop in ~AsyncBroadcastWork -> take_gil). This made the
-        # hang rarer, not impossible (gloo has two worker threads): a training job now ends without freeing the
-        # process group (stage2_train/ranks.py end_process).
+        # hang rarer, not impossible (gloo has two worker threads): a command now ends without freeing the
+        # process group (shared/processes.py end_process).
         torch.distributed.barrier()
         return box[0]
 

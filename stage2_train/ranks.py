@@ -32,6 +32,7 @@ import time
 from contextlib import contextmanager
 
 from semroute.shared.distributed import MainProcessFailed
+from semroute.shared.processes import several_processes
 from semroute.shared.errors import SemrouteError, first_line
 
 KEY = "semroute/failed"
@@ -155,32 +156,11 @@ _current: _Watch | None = None
 _kept: list = []
 
 
-def several_processes() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) >= 2
-
-
 def keep_until_exit(obj) -> None:
-    """Hold ``obj`` (a finished trainer: its DDP model, whose reducer holds the process group) until
-    :func:`end_process`, under several processes; under one, nothing is held."""
+    """Hold ``obj`` (a finished trainer: its DDP model, whose reducer holds the process group) until the CLI ends
+    the process (``shared/processes.py`` ``end_process``), under several processes; under one, nothing is held."""
     if several_processes():
         _kept.append(obj)
-
-
-def end_process(code: int = 0) -> None:
-    """Under several processes, end this one now, its output flushed, without freeing the process group.
-
-    Freeing it can hang for good (seen in the 2-process demo test, twice; gdb: the main thread in
-    ``~ProcessGroupGloo``, reached from the DDP ``~Reducer`` with the GIL held, joins gloo's worker thread, which
-    waits for the GIL to free the tensors of a collective it has just finished: pytorch/pytorch#56297). A barrier
-    after each broadcast (shared/distributed.py) made it rarer, not impossible: gloo has two worker threads, and
-    a finished collective is freed on its worker after the caller's ``wait`` returns. Called once everything is
-    written (checkpoints and logs closed, the run lock released, the trackers ended), so skipping the
-    interpreter's teardown loses nothing. Under one process it returns."""
-    if not several_processes():
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def watch_rank() -> int:

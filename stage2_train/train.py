@@ -758,7 +758,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True)
     with ranks.fail_together():  # one rank failing ends the others (no wait in a collective)
         trainer = Trainer(cfg, resume=resume, progress=progress)
         summary = trainer.train()
-        ranks.keep_until_exit(trainer)  # not freed here: freeing the process group can hang (ranks.end_process)
+        ranks.keep_until_exit(trainer)  # not freed here: freeing the process group can hang (shared/processes.py)
         return summary
 
 

@@ -22,7 +22,7 @@ from semroute.shared.store import read_parquet
 from semroute.shared.text_store import TextCacheReader
 from semroute.shared.text_encoder import PromptFormat, TextEncoder
 from semroute.stage1_encode.text import EncodeTextConfig, encode_text
-from testkit import CLI, random_captions, run_cli, write_manifest
+from testkit import CLI, random_captions, run_cli, teardown_marks, write_manifest
 
 
 def _encode(tmp_path, llm_dir, records, name="c.text.zarr", **kw):
@@ -251,7 +251,8 @@ def test_two_processes_write_the_same_store_as_one(tmp_path, tiny_llama_dir):
     one = tmp_path / "one.text.zarr"
     run_cli(*common, "--out", str(one))
     two = tmp_path / "two.text.zarr"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    hook_env, marks = teardown_marks(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **hook_env}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(CLI), *common,
@@ -262,6 +263,7 @@ def test_two_processes_write_the_same_store_as_one(tmp_path, tiny_llama_dir):
     attrs = TextCacheReader(two).attrs
     assert attrs["world_size"] == 2  # two processes really ran
     assert "on 2 process(es)" in proc.stdout
+    assert list(marks.iterdir()) == []  # ended without the teardown that can hang (shared/processes.py)
     assert TextCacheReader(one).attrs["world_size"] == 1
     _assert_same_store(one, two)
 

@@ -28,7 +28,7 @@ from semroute.stage2_train.config import (
 )
 from semroute.stage2_train.data import EpochBatches, PairedCaches
 from semroute.stage2_train.train import Trainer, train
-from testkit import CLI, run_cli
+from testkit import CLI, run_cli, teardown_marks
 
 FAST = ["--preset", "tiny", "--batch-size", "8", "--num-workers", "0", "--no-progress", "--set", "report_to=none"]
 
@@ -93,26 +93,10 @@ def test_resume_after_kill_9_continues_with_the_same_losses(square_caches, tmp_p
     assert [b[s] for s in range(1, 21)] == [a[s] for s in range(1, 21)]
 
 
-# Started in each process of the launch below (through PYTHONPATH): notes it when a trainer is freed.
-FREED_HOOK = """
-import os, sys
-if sys.argv and sys.argv[0].endswith("cli.py"):
-    from semroute.stage2_train.train import Trainer
-
-    def _freed(self, _path=os.path.join(os.environ["SEMROUTE_TEST_FREED"], str(os.getpid())), _os=os):
-        _os.close(_os.open(_path, _os.O_CREAT | _os.O_WRONLY))  # (bound now: also at the interpreter's exit)
-
-    Trainer.__del__ = _freed
-"""
-
-
 def test_two_processes_see_disjoint_samples_and_share_one_step_count(square_caches, tmp_path):
     text, latents, _ = square_caches
     run = tmp_path / "ddp"
-    hook, freed = tmp_path / "hook", tmp_path / "freed"
-    hook.mkdir(), freed.mkdir()
-    (hook / "sitecustomize.py").write_text(FREED_HOOK)
-    pythonpath = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    hook_env, marks = teardown_marks(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(CLI),
@@ -120,14 +104,14 @@ def test_two_processes_see_disjoint_samples_and_share_one_step_count(square_cach
          "--max-steps", "8", *FAST, "--set", "log_samples=true", "--set", "log_every=1", "--set", "holdout=12",
          "--set", "val_samples=1", "--set", "val_sample_steps=2"],
         capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, "SEMROUTE_TEST_FREED": str(freed)},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **hook_env},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
     assert "checkpoint: " in proc.stdout
-    # Neither process freed its trainer (and so its DDP model and process group: freeing them can hang for
-    # good, stage2_train/ranks.py end_process).
-    assert list(freed.iterdir()) == []
+    # Neither process freed its trainer (and so its DDP model and process group) nor went through the
+    # interpreter's teardown: freeing them can hang for good (shared/processes.py end_process).
+    assert list(marks.iterdir()) == []
     logs = [[json.loads(l) for l in (run / "logs" / f"samples-rank{r}.jsonl").read_text().splitlines()]
             for r in (0, 1)]
     assert [e["step"] for e in logs[0]] == [e["step"] for e in logs[1]] == list(range(8))

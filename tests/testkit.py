@@ -219,3 +219,32 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return path
+
+
+# Started in each process of a launch (through PYTHONPATH, as sitecustomize): leaves a file in
+# $SEMROUTE_TEST_TEARDOWN when the process frees a Trainer or exits through the interpreter's teardown.
+_TEARDOWN_HOOK = """
+import atexit, os, sys
+if sys.argv and sys.argv[0].endswith("cli.py"):
+    _marks = os.environ["SEMROUTE_TEST_TEARDOWN"]
+
+    def _mark(what, _os=os, _pid=os.getpid()):  # (bound now: also during the interpreter's exit)
+        _os.close(_os.open(_os.path.join(_marks, f"{what}-{_pid}"), _os.O_CREAT | _os.O_WRONLY))
+
+    atexit.register(_mark, "exit")
+    if "train" in sys.argv:
+        from semroute.stage2_train.train import Trainer
+
+        Trainer.__del__ = lambda self: _mark("trainer-freed")
+"""
+
+
+def teardown_marks(tmp_path: Path) -> tuple[dict, Path]:
+    """Environment for a launched CLI whose processes mark a freed Trainer and an exit through the interpreter's
+    teardown (freeing the process group there can hang: shared/processes.py), and the folder of the marks."""
+    hook, marks = tmp_path / "teardown-hook", tmp_path / "teardown-marks"
+    hook.mkdir()
+    marks.mkdir()
+    (hook / "sitecustomize.py").write_text(_TEARDOWN_HOOK)
+    pythonpath = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": pythonpath, "SEMROUTE_TEST_TEARDOWN": str(marks)}, marks
