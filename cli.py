@@ -178,7 +178,7 @@ def encode_images_cmd(
     vae_subfolder: Annotated[Optional[str], typer.Option("--vae-subfolder", help="Subfolder holding the autoencoder, e.g. vae for a pipeline folder.")] = None,
     resolution: Annotated[int, typer.Option("--resolution", help="Shorter side is resized to this, then center-cropped square (or the pixel count of each bucket).")] = 256,
     buckets: Annotated[str, typer.Option("--buckets", help="none (square crop) | auto[:MAX_ASPECT] (equal-area buckets) | WxH,WxH,...")] = "none",
-    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder that relative image paths resolve against; images must lie inside it (after .. and symlinks).")] = None,
+    image_root: Annotated[Optional[str], typer.Option("--image-root", help="Folder that relative image paths resolve against; images must lie inside it (after .. and symlinks).")] = None,
     allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="Let manifest paths (absolute, .., symlinks) leave --image-root.")] = False,
     background: Annotated[str, typer.Option("--background", help="Color that transparent images are composited on: name, #rrggbb or r,g,b.")] = "white",
     allow_upscale: Annotated[bool, typer.Option("--allow-upscale", help="Upscale images under resolution/4 on a side instead of skipping them.")] = False,
@@ -225,7 +225,7 @@ def encode_images_cmd(
         raise SemrouteError(f"--batch-size must be at least 1, not {batch_size}")
     cfg = EncodeImagesConfig(
         data=str(data), out=out, vae=vae, vae_subfolder=vae_subfolder, patch_size=patch_size, resolution=resolution,
-        buckets=buckets, image_root=str(image_root) if image_root else None,
+        buckets=buckets, image_root=image_root,  # (text: a Path would read '' as the current folder)
         allow_outside_root=allow_outside_root, image_key=image_key, id_key=id_key,
         background=background, allow_upscale=allow_upscale, max_pixels=max_pixels, resample=resample, dtype=dtype,
         device=device, batch_size=batch_size, workers=workers, shard_mb=shard_mb, input_format=input_format,

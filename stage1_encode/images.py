@@ -294,6 +294,9 @@ def check_image_options(cfg: EncodeImagesConfig) -> None:
     check_number("--batch-size", cfg.batch_size, integer=True, low=1)
     check_number("--workers", cfg.workers, integer=True, low=-1)
     check_number("--shard-mb", cfg.shard_mb, low=0.0, low_open=True)
+    if cfg.image_root is not None and not str(cfg.image_root).strip():
+        raise SemrouteError("--image-root is empty; give the folder the manifest's image paths are relative to "
+                            "(--image-root . for the current folder), or leave it out")
     if cfg.image_root and "://" not in cfg.image_root and not Path(cfg.image_root).expanduser().is_dir():
         # Said once here: otherwise every record would be refused as lying outside a folder that is not there.
         what = "is not a folder" if Path(cfg.image_root).expanduser().exists() else "does not exist"

@@ -197,6 +197,14 @@ def test_an_image_root_that_is_not_a_folder_is_named_once(tmp_path):
         with pytest.raises(SemrouteError, match=rf"^--image-root {root} {what}; give the folder"):
             encode_images(cfg)
         assert not out.exists()
+    from typer.testing import CliRunner
+
+    from semroute.cli import app
+
+    result = CliRunner().invoke(app, ["encode-images", str(manifest), "--vae", "pixel", "--resolution", "32",
+                                      "--image-root", "", "--out", str(tmp_path / "e.zarr"), "--no-progress"])
+    assert str(result.exception).startswith("--image-root is empty"), result.exception
+    assert not (tmp_path / "e.zarr").exists()
 
 def test_set_keeps_text_values_as_typed():
     # YAML reads `no` as False; a text-valued key must get the word the user typed.
