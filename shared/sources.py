@@ -394,6 +394,9 @@ def read_folder(folder: str, *, need_text: bool, need_image: bool, skip_bad: boo
             except FileNotFoundError:
                 out.bad(str(path), 0, f"no caption file {caption.name} next to the image")
                 continue
+            except OSError as err:  # a folder named like a caption, no permission: a bad member as any other
+                out.bad(str(caption), 0, f"cannot read the caption file: {err.strerror or err}")
+                continue
             except ManifestError as err:
                 out.bad(str(caption), 0, str(err))
                 continue

@@ -105,6 +105,19 @@ def test_folder_recursive_with_txt_captions(tmp_path):
     assert [r.sample_id for r in read_source(root, need_image=True, need_text=False).records] == ["a", "sub/b", "sub/c"]
 
 
+def test_a_folder_named_like_a_caption_file_is_a_bad_member(tmp_path):
+    """It was read as the caption: "dirc.txt: Is a directory" stopped the run, --skip-bad or not."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name in ("a", "b"):
+        random_rgb(40, 40, seed=len(name)).save(root / f"{name}.png")
+    (root / "a.txt").write_text("first")
+    (root / "b.txt").mkdir()
+    src = read_source(root, need_text=True, need_image=True)
+    assert [r.sample_id for r in src.records] == ["a"]
+    assert [(p.path.rsplit("/", 1)[-1], p.reason) for p in src.problems] == [
+        ("b.txt", "cannot read the caption file: Is a directory")]
+
 def test_parquet_bytes_paths_and_csv(tmp_path):
     images = [_jpeg(i) for i in range(4)]
     pq.write_table(pa.table({"key": ["p0", "p1", "p2", "p3"], "jpg": images,
