@@ -734,6 +734,20 @@ class ShardCache:
         self._threads = threads
         self.errors: list[str] = []
         _CACHES.add(self)
+        self._remove_orphans()
+
+    def _remove_orphans(self) -> None:
+        """Delete partial downloads left by processes of this node that are gone (killed, or ended with
+        ``os._exit``, shared/processes.py, while a download ran): the size bound counts only whole shards, so
+        they would fill the disk unseen. A partial download of a process still running is left to it."""
+        for tmp in self.folder.glob("*/.*.tmp"):
+            try:
+                pid = int(tmp.name.rsplit(".", 3)[-3])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except (ValueError, IndexError, OSError):
+                continue  # not one of ours, or a process we may not signal (alive): kept
 
     def _after_fork(self) -> None:
         """In a forked process (a DataLoader worker): the parent's download threads do not exist here, so its
@@ -776,11 +790,13 @@ class ShardCache:
             self.make_room(remote.size)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            remote.download(tmp)
-            if tmp.stat().st_size != remote.size:
-                tmp.unlink(missing_ok=True)
-                return
-            os.replace(tmp, path)
+            try:
+                remote.download(tmp)
+                if tmp.stat().st_size != remote.size:
+                    return
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)  # (gone already once renamed)
         except Exception as err:  # noqa: BLE001 - a failed download only means reads stay remote
             self.errors.append(f"{remote.url}: {err}")
         finally:

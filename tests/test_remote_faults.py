@@ -6,10 +6,12 @@ training process by either loader, or (a damaged local copy: a cache, not the da
 from __future__ import annotations
 
 import itertools
-import re
 import os
+import re
+import sys
 import threading
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -381,3 +383,39 @@ def test_a_client_that_cannot_connect_when_made_is_named_with_the_url():
 
     with pytest.raises(SemrouteError, match=r"ftp://127\.0\.0\.1:1/x\.zarr: cannot connect \(ConnectionRefusedError"):
         filesystem("ftp://127.0.0.1:1/x.zarr")
+
+
+class _FailingDownload:
+    """A remote shard whose download writes part of the file, then fails (a reset connection)."""
+    url, etag, size = "s3://bkt/x.shard", '"e1"', 1000
+
+    def download(self, path):
+        Path(path).write_bytes(b"x" * 300)
+        raise ConnectionResetError("connection reset by peer")
+
+
+def test_a_failed_download_leaves_no_partial_file(tmp_path):
+    from semroute.shared.remote import ShardCache
+
+    cache = ShardCache(tmp_path / "shards", 1 << 30, threads=1)
+    assert cache.get(_FailingDownload()) is None  # queued
+    cache.wait()
+    assert "connection reset by peer" in cache.errors[0]
+    assert [p for p in (tmp_path / "shards").rglob("*") if p.is_file()] == []
+
+
+def test_partial_downloads_of_processes_that_are_gone_are_removed(tmp_path):
+    """They are invisible to the size bound (which counts whole shards): a killed job's would fill the disk."""
+    import subprocess
+
+    from semroute.shared.remote import ShardCache
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "shards" / "ab").mkdir(parents=True)
+    dead = tmp_path / "shards" / "ab" / f".abcd.shard.{gone.pid}.140.tmp"
+    alive = tmp_path / "shards" / "ab" / f".abce.shard.{os.getpid()}.140.tmp"
+    for f in (dead, alive):
+        f.write_bytes(b"partial")
+    ShardCache(tmp_path / "shards", 1 << 30)
+    assert not dead.exists() and alive.exists()  # a running process's download is left to it
