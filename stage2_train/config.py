@@ -241,7 +241,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        from semroute.shared.remote import is_url, parse_size
+        from semroute.shared.remote import parse_size
         from semroute.stage2_train.models import check_fusion
 
         check_fusion(self.fusion)
@@ -262,9 +262,6 @@ class TrainConfig:
                 raise BadValue(name, f"must be a string, got {getattr(self, name)!r}")
         if not self.out.strip():
             raise BadValue("out", "is empty; it names the run folder (e.g. --out runs/depth)")
-        if is_url(self.out):  # it would be taken as a local path: s3://b/r as the folder s3:/b/r
-            raise BadValue("out", f"{self.out!r} is a URL: a run folder is written to a local disk (only the caches "
-                                  "may be on object storage); give a local path")
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
             # train.py keeps no shard cache for a falsy cache_dir: an empty one would silently mean "none"
             raise BadValue("cache_dir", f"is {self.cache_dir!r}: name a folder for the shards of caches on object "

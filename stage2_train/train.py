@@ -30,7 +30,7 @@ from semroute.stage2_train.models import build_model
 from semroute.stage2_train.objective import flow_loss
 from semroute.stage2_train.perf import compile_blocks, dit_train_flops, peak_flops
 from semroute.stage2_train.run_folder import (EMA_MODEL_DIR, MODEL_DIR, RUN_RECORD, TRAIN_STATE, RunFolder,
-                                              checkpoint_name)
+                                              checkpoint_name, refuse_url_output)
 from semroute.stage2_train.run_lock import RunLock
 from semroute.stage2_train.validation import SampleGrid, ValidationLoss, holdout_split
 
@@ -159,6 +159,7 @@ class Trainer:
         if not cfg.text_cache or not cfg.latent_cache:
             raise SemrouteError("train needs --text-cache and --latent-cache")
         cfg.text_cache, cfg.latent_cache = absolute_location(cfg.text_cache), absolute_location(cfg.latent_cache)
+        refuse_url_output(cfg.out, "--out")  # s3://b/r would be the local folder s3:/b/r
         self.cfg, self.progress = cfg, progress
         self.run = RunFolder(cfg.out)
         self.saved: Path | None = None  # the checkpoint this process wrote last
@@ -183,7 +184,9 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.resume_from = self.run.resolve_resume(resume)
-        self.resumed_latest = resume == "latest"
+        if resume == "latest" and self.resume_from is None and self.accelerator.is_main_process:
+            # (so that a mistyped --out is not a silent new run)
+            print(f"--resume latest: {self.run_dir} has no checkpoint yet; starting a new run", file=sys.stderr)
         if resume and resume != "latest" and self.resume_from is None:
             raise SemrouteError(f"--resume {resume}: no checkpoint found")
         held = self.run.holds_work() if not resume else None
@@ -298,8 +301,6 @@ class Trainer:
                       file=sys.stderr)
         if self.resume_from is not None:
             self._load_checkpoint()
-        elif self.resumed_latest and acc.is_main_process:  # (so that a mistyped --out is not a silent new run)
-            print(f"--resume latest: {self.run_dir} has no checkpoint yet; starting a new run", file=sys.stderr)
         acc.wait_for_everyone()
         if cfg.report_to != "none":
             wandb = {"wandb": {"name": self.run_dir.name, "dir": str(self.run.logs)}}

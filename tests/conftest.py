@@ -86,6 +86,16 @@ def run4(square_caches, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def exported(run4, tmp_path_factory) -> Path:
+    """``run4`` exported (``semroute export``); tests change copies of it, never it."""
+    from semroute.stage2_train.pipeline import export_pipeline
+
+    out = tmp_path_factory.mktemp("exported") / "pipe"
+    export_pipeline(run4, out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def s3():
     """A loopback S3 server (tests/s3_testutil.py, 127.0.0.1 only) with the bucket ``bkt``, for one test module."""

@@ -21,13 +21,6 @@ from semroute.stage2_train.sampling import RECORD, SampleConfig, sample
 from testkit import copy_run, write_manifest, write_square_images
 
 
-@pytest.fixture(scope="module")
-def exported(run4, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("exported") / "pipe"
-    export_pipeline(run4, out)
-    return out
-
-
 def _tiny_dc_ae(folder: Path) -> Path:
     """A random 2-block diffusers AutoencoderDC (downsampling 2, 4 latent channels, scaling 0.5), saved."""
     from diffusers import AutoencoderDC

@@ -33,13 +33,6 @@ def _cut_short(file: Path) -> Path:
     return file
 
 
-@pytest.fixture(scope="module")
-def exported(run4, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("edges_export") / "pipe"
-    export_pipeline(run4, out)
-    return out
-
-
 # -- 1. a resume whose max_steps lies below the checkpoint's step ---------------------------------------------
 def test_a_resume_below_the_checkpoints_step_is_refused_and_changes_nothing(square_caches, run4, tmp_path):
     run = copy_run(run4, tmp_path)
