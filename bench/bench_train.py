@@ -10,7 +10,7 @@
 
 Same DiT preset, batch size, captions and images in all four. Images for (b)/(b') are decoded to
 tensors in memory up front, so only the LLM and VAE forward passes are added per step. The step is the
-trainer's: bf16 autocast on GPUs, AdamW (fused on GPUs), grad clipping, noise drawn on the device, no
+trainer's: bf16 autocast on GPUs, fused AdamW, grad clipping, noise drawn on the device, no
 host sync. ``--compile`` compiles each DiT block (captions padded to --text-buckets); MFU is printed
 where the device's peak is known (or --peak-tflops). ``--caption-tokens N`` replaces GenAI-Bench's
 prompts by synthetic captions of about N tokens (median; log-normal spread, capped below 512).
@@ -180,6 +180,7 @@ class Bench:
     def __init__(self, args, device: torch.device, dataset, latent_channels: int):
         from semroute.stage2_train.dit import SemrouteDiT
         from semroute.stage2_train.perf import compile_blocks
+        from semroute.stage2_train.train import FUSED_ADAMW_DEVICES
 
         self.args, self.device = args, device
         fp = dataset.text.fingerprint
@@ -193,7 +194,7 @@ class Bench:
         if args.compile:
             compile_blocks(self.model)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4,
-                                     weight_decay=1e-4, fused=device.type == "cuda")
+                                     weight_decay=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step(self, x0, text, mask, seed: int):

@@ -50,6 +50,33 @@ def check_id_sources(text_cache: str, text_attrs: dict, latent_cache: str, laten
             "captions with other samples' images. Encode both from the same file, or give every record an 'id'")
 
 
+def id_join_hint(text_only, image_only: list[str]) -> str | None:
+    """Why ids left out of the join on both sides may be meant to join: how many of ``image_only`` (encoded
+    images without a caption) equal one of ``text_only`` (caption ids without an image) up to surrounding
+    whitespace and letter case (a CSV id " 001" and a tar key "001"; "IMG_1" and "img_1"), with an example;
+    None when none does. Linear: one dict of the normalised ``text_only``."""
+    by_norm: dict[str, str] = {}
+    for sid in text_only:
+        by_norm.setdefault(sid.strip().casefold(), sid)
+    count, example, kinds = 0, None, set()
+    for sid in image_only:
+        match = by_norm.get(sid.strip().casefold())
+        if match is None:
+            continue
+        count += 1
+        example = example or (match, sid)
+        if match.casefold() != sid.casefold():
+            kinds.add("whitespace")
+        if match.strip() != sid.strip():
+            kinds.add("case")
+    if not count:
+        return None
+    return (f"ids differ only by surrounding {'/'.join(k for k in ('whitespace', 'case') if k in kinds)}: {count} "
+            f"of the {len(image_only)} encoded images without a caption would join one after str.strip()/casefold() "
+            f"(e.g. text cache {example[0]!r}, latent cache {example[1]!r}); ids are joined exactly, so re-encode one "
+            "side with ids that match the other's")
+
+
 class PairedCaches(Dataset):
     """The samples present in both caches: one latent and one or more captions each.
 
@@ -75,23 +102,33 @@ class PairedCaches(Dataset):
         by_id: dict[str, list[int]] = {}
         for c, sid in enumerate(caption_ids):
             by_id.setdefault(sid, []).append(c)
-        positions, ptr, captions = [], [0], []
+        positions, ptr, captions, image_only = [], [0], [], []
         for pos, sid in enumerate(self.latents.sample_ids):
             caps = by_id.get(sid)
             if caps:
                 positions.append(pos)
                 captions.extend(caps)
                 ptr.append(len(captions))
+            else:
+                image_only.append(sid)
+        text_only = by_id.keys() - set(self.latents.sample_ids)
+        # Ids stay exact; ids left out on both sides are only compared normalised to say why.
+        hint = id_join_hint(text_only, image_only) if text_only and image_only else None
         if not positions:
+            examples = (f"e.g. {next(iter(by_id), None)!r} in the text cache, "
+                        f"{next(iter(self.latents.sample_ids), None)!r} in the latent cache")
             raise SemrouteError(
                 f"no sample id is in both {text_cache} ({len(by_id)} ids) and {latent_cache} "
-                f"({len(self.latents)} encoded images): were they encoded from the same manifest?"
+                f"({len(self.latents)} encoded images; {examples}): "
+                + (hint or "were they encoded from the same manifest?")
             )
+        # some ids join and others would only after normalising: for train.py to print (never joined silently)
+        self.join_warning: str | None = hint
         self.latent_pos = np.asarray(positions, dtype=np.int64)
         self.caption_ptr = np.asarray(ptr, dtype=np.int64)
         self.caption_idx = np.asarray(captions, dtype=np.int64)
-        self.n_text_only = len(set(by_id) - set(self.latents.sample_ids))
-        self.n_image_only = len(self.latents) - len(positions)
+        self.n_text_only = len(text_only)
+        self.n_image_only = len(image_only)
         self._null: torch.Tensor | None = None
         self._null_bits: tuple[torch.Tensor, torch.Tensor | None] | None = None
 

@@ -44,6 +44,16 @@ def test_a_resume_below_the_checkpoints_step_is_refused_and_changes_nothing(squa
     assert _snapshot(run) == before
 
 
+def test_a_resume_at_the_checkpoints_step_says_there_is_nothing_to_train(square_caches, run4, tmp_path, capsys):
+    """The same command run again after the run finished (a job retried) trains nothing, exits, and says why."""
+    run = copy_run(run4, tmp_path)
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    summary = Trainer(train_config(square_caches, run, max_steps=4), resume="latest", progress=False).train()
+    assert summary["step"] == 4 and summary["checkpoint"] == str(run / "checkpoints" / "step-0000004")
+    assert ("the run is at step 4, its max_steps 4: nothing to train; resume with a larger --max-steps to go on"
+            in capsys.readouterr().err)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+
 
 def test_resume_latest_without_a_checkpoint_says_it_starts_a_new_run(square_caches, run4, tmp_path, capsys):
     """The same command starts a job and restarts it after a preemption, so no checkpoint is no error; but a

@@ -170,6 +170,15 @@ def test_caches_are_opened_and_joined_once_and_the_model_reads_only_its_layers(s
         trainer.release()
 
 
+def test_adamw_runs_fused_on_the_cpu(square_caches, tmp_path):
+    """torch's CPU default loops over the tensors; the fused kernel is 4-7x faster (bench/RESULTS.md)."""
+    trainer = Trainer(_cfg(square_caches, tmp_path), progress=False)
+    try:
+        assert [group["fused"] for group in trainer.optimizer.param_groups] == [True] * len(trainer.optimizer.param_groups)
+    finally:
+        trainer.release()
+
+
 def test_refuses_a_cache_with_fewer_layers_or_another_llm(square_caches, tmp_path, tiny_llama_dir, tiny_qwen_dir):
     text, latents, manifest = square_caches
     few = tmp_path / "few.text.zarr"
