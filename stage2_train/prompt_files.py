@@ -322,6 +322,11 @@ class OutputLayout:
             record["metadata"] = entry.record
         return record
 
+    @property
+    def index_path(self) -> Path | None:
+        """The prompt index ``write_index`` writes (None: the layout writes none)."""
+        return self.out_dir / "prompts.jsonl"
+
     def write_index(self, entries: list[PromptEntry]) -> Path | None:
         """Write ``prompts.jsonl`` (one line per prompt, with its files relative to ``out_dir``)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -329,9 +334,8 @@ class OutputLayout:
         for e in entries:
             files = [p.relative_to(self.out_dir).as_posix() for p in self.image_paths(e)]
             lines.append(json.dumps({**self.index_record(e), "files": files}, ensure_ascii=False) + "\n")
-        path = self.out_dir / "prompts.jsonl"
-        write_atomic(path, "".join(lines).encode("utf-8"))
-        return path
+        write_atomic(self.index_path, "".join(lines).encode("utf-8"))
+        return self.index_path
 
 
 class GenEvalLayout(OutputLayout):
@@ -357,8 +361,18 @@ class GenEvalLayout(OutputLayout):
         data = (json.dumps(entry.record, ensure_ascii=False) + "\n").encode("utf-8")
         write_atomic(self.metadata_paths(entry)[0], data)
 
-    def write_index(self, entries: list[PromptEntry]) -> Path | None:
+    @property
+    def index_path(self) -> Path | None:
         return None  # every prompt folder carries its own metadata
+
+    def write_index(self, entries: list[PromptEntry]) -> Path | None:
+        return None
+
+
+def prompt_metadata_files(out_dir: str | Path) -> list[Path]:
+    """The per-prompt metadata a GenEval layout wrote in ``out_dir`` (``<index:05d>/metadata.jsonl``), sorted.
+    ``prepare`` writes it before the prompt's images, so it can be there without any image."""
+    return sorted(p for p in Path(out_dir).glob("*/metadata.jsonl") if p.parent.name.isdigit() and p.is_file())
 
 
 class GenAIBenchLayout(OutputLayout):

@@ -28,7 +28,7 @@ from semroute.shared.errors import SemrouteError, first_line
 from semroute.shared.files import write_atomic
 from semroute.shared.llm import resolve_device
 from semroute.stage2_train.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS
-from semroute.stage2_train.prompt_files import (PromptEntry, detect_format, layout_for,
+from semroute.stage2_train.prompt_files import (PromptEntry, detect_format, layout_for, prompt_metadata_files,
                                                 read_prompts, save_image)
 
 
@@ -123,23 +123,44 @@ def check_output(out: str | Path, settings: dict) -> None:
     refuse_output_inside_model(out, "-o")
     out = Path(out)
     record = out / RECORD
-    if next(out.rglob("*.png"), None) is None:
-        return  # no images to mix with: a record left by a run that failed before its first one describes none
+    images = next(out.rglob("*.png"), None) is not None
+    # GenEval's per-prompt metadata is written before the prompt's images (a run killed or failed in between
+    # leaves it alone); another prompt set would leave it beside its own folders, which the scorer reads too.
+    metadata = [] if images else prompt_metadata_files(out)
+    if not images and not metadata:
+        return  # nothing to mix with: a record left by a run that failed before its first image describes none
+    what = "images" if images else f"prompt metadata ({metadata[0].relative_to(out).as_posix()}, no images yet)"
     if record.exists():
-        before = read_json_object(record, f"it says which settings made the images in {out}: sample into a new -o")
+        before = read_json_object(record, f"it says which settings made the {what} in {out}: sample into a new -o")
         if "prompts" not in before:
             raise SemrouteError(f"{record} was written by an older semroute that did not record its prompts, so "
-                                f"which prompts the images in {out} show is unknown; sample into another -o so old "
+                                f"which prompts the {what} in {out} show is unknown; sample into another -o so old "
                                 "and new images do not mix")
-        # a key missing from the record is one added since it was written (it had its default then)
-        differ = [k for k in SETTINGS if k in before and _compared(before, k) != _compared(settings, k)]
+        # a key missing from the record is one added since it was written (it had its default then); without
+        # images only the prompts matter (a rerun after a failure may change the rest, e.g. --resolution)
+        differ = [k for k in (SETTINGS if images else ("prompts",))
+                  if k in before and _compared(before, k) != _compared(settings, k)]
         if differ:
             detail = ", ".join(_describe(k, before.get(k), settings[k]) for k in differ)
-            raise SemrouteError(f"{out} holds images made with other settings ({detail}); sample into another -o "
-                                "(or delete the folder) so old and new images do not mix")
+            raise SemrouteError(f"{out} holds {what} made with other settings ({detail}); sample into another -o "
+                                "(or delete the folder) so old and new outputs do not mix")
     else:
-        raise SemrouteError(f"-o {out} holds images but no {RECORD} saying which settings made them; sample into "
-                            "another -o so old and new images do not mix")
+        raise SemrouteError(f"-o {out} holds {what} but no {RECORD} saying which settings made them; sample into "
+                            "another -o (or delete the folder) so old and new outputs do not mix")
+
+
+def check_index(layout, prompts_file: str | None) -> None:
+    """Refuse a prompt index (``OUT/prompts.jsonl``) that a sample run would overwrite but did not write: the
+    user's own file (``--prompts prompts.jsonl -o .``), or one in a folder without a ``sample_run.json``."""
+    index = layout.index_path
+    if index is None or not index.exists():
+        return
+    if prompts_file and Path(prompts_file).resolve() == index.resolve():
+        raise SemrouteError(f"--prompts {prompts_file} is the file this run writes its prompt index to ({index}); "
+                            "sample into another -o (nothing was written)")
+    if not (layout.out_dir / RECORD).exists():
+        raise SemrouteError(f"-o {layout.out_dir} holds a {index.name} that no sample run wrote (no {RECORD}); this "
+                            "run would overwrite it with its prompt index: sample into another -o (nothing was written)")
 
 
 def claim_output(out: str | Path, settings: dict) -> dict:
@@ -270,6 +291,7 @@ def sample(cfg: SampleConfig, *, pipe=None) -> dict:
     layout = layout_for(fmt, cfg.out, n_per_prompt=cfg.n)
     settings = output_settings(cfg, fmt, entries)
     proc.run_on_main(lambda: check_output(cfg.out, settings))
+    proc.run_on_main(lambda: check_index(layout, cfg.prompts_file))
     mine = layout.pending(entries[proc.rank:: proc.world_size])
     jobs = [(entry, k) for entry in mine for k in range(cfg.n)]
     truncated = 0
@@ -348,7 +370,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 def out_of_memory_named(pipe, cfg: SampleConfig, batch: int, written: int):
     """Turn a failed allocation while drawing ``batch`` images into a message naming the size and batch and
     what to lower; the images already written are kept (``check_output`` lets a folder without any images be
-    claimed again with other settings)."""
+    claimed again with other settings, the same prompts where it holds GenEval metadata)."""
     try:
         yield
     except RuntimeError as err:

@@ -73,6 +73,49 @@ def test_other_prompts_into_the_same_folder_are_refused_and_nothing_is_touched(r
     assert _snapshot(out) == before
 
 
+def test_a_geneval_folder_holding_only_metadata_is_not_claimed_for_other_prompts(run2, tmp_path, monkeypatch):
+    """A run killed between a prompt's metadata.jsonl and its first image leaves metadata and no image: another
+    prompt set claimed that folder, and GenEval's scorer then read one set's metadata beside the other's."""
+    import semroute.stage2_train.sampling as sampling_mod
+
+    def prompt_file(name: str, prompts: list[str]) -> str:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"tag": "single_object", "include": [{"class": "square", "count": 1}],
+                                            "prompt": p}) + "\n" for p in prompts))
+        return str(path)
+
+    first = prompt_file("a.jsonl", ["a red square", "a blue square"])
+    other = prompt_file("b.jsonl", ["a green square", "a yellow square"])
+    out = tmp_path / "s"
+
+    def killed(image, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling_mod, "save_image", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sample(_base(run2, out, prompts=[], prompts_file=first))
+    monkeypatch.undo()
+    before = _snapshot(out)
+    assert sorted(before) == ["00000/metadata.jsonl", RECORD]
+    with pytest.raises(SemrouteError, match=rf"{out} holds prompt metadata \(00000/metadata.jsonl, no images yet\) "
+                                            r"made with other settings \(prompts 2 prompts .*sample into another -o"):
+        sample(_base(run2, out, prompts=[], prompts_file=other))
+    assert _snapshot(out) == before
+    # without its record nothing says which prompts the metadata is for: refused for any prompts
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    (bare / RECORD).unlink()
+    for prompts in (first, other):
+        with pytest.raises(SemrouteError, match=rf"-o {bare} holds prompt metadata \(00000/metadata.jsonl, no images "
+                                                rf"yet\) but no {RECORD} .*sample into another -o"):
+            sample(_base(run2, bare, prompts=[], prompts_file=prompts))
+    assert _snapshot(bare) == {"00000/metadata.jsonl": before["00000/metadata.jsonl"]}
+    # the same prompts resume, other settings allowed as before any image (here another seed)
+    assert sample(_base(run2, out, prompts=[], prompts_file=first, seed=5))["images_written"] == 2
+    assert [json.loads((out / f"{i:05d}" / "metadata.jsonl").read_text())["prompt"] for i in range(2)] == \
+        ["a red square", "a blue square"]
+
+
 # -- B12: nothing is claimed before every check ---------------------------------------------------
 def test_a_refused_size_claims_nothing_and_the_corrected_rerun_works(run2, tmp_path):
     out = tmp_path / "s"
@@ -286,3 +329,22 @@ def test_no_output_inside_a_checkpoint_or_an_export(run2, tmp_path, command):
         assert cli("export", str(run), "--out", str(pipe)) is None
         assert "is inside an exported pipeline" in (cli("export", str(run), "--out", str(pipe / "sub")) or "")
         assert cli("export", str(run), "--out", str(pipe), "--overwrite") is None
+
+
+def test_a_prompts_jsonl_no_sample_run_wrote_is_never_overwritten(run2, tmp_path):
+    """The generic layout writes OUT/prompts.jsonl: the user's own prompt file there (``--prompts prompts.jsonl
+    -o .``) or any prompts.jsonl in a folder without a sample_run.json is refused, not replaced."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    own = out / "prompts.jsonl"
+    own.write_text('{"prompt": "a red square on the left"}\n')
+    before = _snapshot(out)
+    with pytest.raises(SemrouteError, match=rf"--prompts {own} is the file this run writes its prompt index to"):
+        sample(_base(run2, out, prompts=None, prompts_file=str(own)))
+    with pytest.raises(SemrouteError, match=rf"-o {out} holds a prompts.jsonl that no sample run wrote"):
+        sample(_base(run2, out))
+    assert _snapshot(out) == before
+    # a sample run's own index is rewritten by its rerun, as before
+    again = tmp_path / "again"
+    sample(_base(run2, again))
+    assert sample(_base(run2, again))["images_written"] == 0 and (again / "prompts.jsonl").exists()
