@@ -71,6 +71,14 @@ class FileLock:
     def held(self) -> bool:
         return self._fh is not None
 
+    def check_free(self) -> None:
+        """Raise the refusal now if another process holds the lock (taken and given back at once), so that it
+        comes before minutes of loading a model; ``acquire`` later still decides a race. Without the file
+        nobody holds it (a holder keeps it until it releases), and nothing is created."""
+        if not self.held and self.path.is_file():
+            self.acquire()
+            self.release()
+
     def release(self) -> None:
         if self._fh is None:
             return

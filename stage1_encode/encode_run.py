@@ -207,8 +207,10 @@ class EncodeRun:
             set_storage_options(cfg.storage_options)
         self.proc = proc or process_info()
         self.show = bool(cfg.progress) and self.proc.is_main
-        check_flags(cfg)  # these two before the model loads (seconds to minutes)
+        check_flags(cfg)  # these three before the model loads (seconds to minutes)
         require_local_inputs(cfg.data, cfg.storage_options)
+        if not cfg.estimate:  # a busy --out (``run`` takes its lock)
+            self.proc.run_on_main(lambda: OutputLock(cfg.out).check_free() or True)
 
     # -- the steps -------------------------------------------------------------------------------
     def plan_and_create(self) -> dict:

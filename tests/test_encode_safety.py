@@ -368,6 +368,27 @@ def test_a_second_encode_into_the_same_out_is_refused_while_the_first_runs(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.text.zarr", "m.jsonl"]  # no lock file left beside it
 
 
+def test_a_busy_out_is_refused_before_the_llm_loads(tmp_path, tiny_llama_dir, monkeypatch):
+    """The refusal comes in seconds, not after minutes of loading a 4B LLM; nothing is created."""
+    import semroute.stage1_encode.text as text_mod
+    from semroute.shared.lock import OutputBusy
+
+    def never(*args, **kwargs):
+        raise AssertionError("the LLM was loaded")
+
+    monkeypatch.setattr(text_mod, "load_llm", never)
+    data = write_manifest(tmp_path / "m.jsonl", random_captions(4))
+    out = tmp_path / "c.text.zarr"
+    holder = hold_lock("from semroute.shared.lock import OutputLock", f"OutputLock({str(out)!r})")
+    try:
+        with pytest.raises(OutputBusy, match=rf"--out {out} is being written by another encode process"):
+            encode_text(_text(tiny_llama_dir, data, out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flags, said", [
     ({"overwrite": True, "resume": True}, r"--overwrite deletes .* --resume keeps what it holds: give one of them"),
     ({"overwrite": True, "append": True}, r"--overwrite deletes .* --append keeps what it holds: give one of them"),
