@@ -408,7 +408,7 @@ def sample_cmd(
 
 @app.command("export")
 def export_cmd(
-    run: Annotated[Path, typer.Argument(help="A training run folder.", show_default=False)],
+    run: Annotated[Path, typer.Argument(help="A training run folder, or one of its checkpoint folders.", show_default=False)],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder to write the pipeline to.")],
     ema: Annotated[bool, typer.Option("--ema", help="Export the EMA weights.")] = False,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A specific checkpoint folder (default: the newest).")] = None,
