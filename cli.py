@@ -331,6 +331,7 @@ def train_cmd(
 
       accelerate launch --num_processes 8 cli.py train --text-cache t.zarr --latent-cache l.zarr --fusion depth --preset paper
     """
+    from semroute.shared.distributed import process_info
     from semroute.stage2_train.config import TrainConfig
     from semroute.stage2_train.run_folder import RunFolder
     from semroute.stage2_train.train import train
@@ -349,10 +350,18 @@ def train_cmd(
                             **fields)
     summary = train(cfg, resume=resume, progress=not no_progress)
     last = summary["last"]
-    if last:
-        typer.echo(f"step {summary['step']}: loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s, "
-                   f"{summary['train_seconds']:.0f}s of training")
-    typer.echo(f"checkpoint: {summary['checkpoint']}")
+    if process_info().is_main:  # (every process has the same summary)
+        if last:
+            typer.echo(f"step {summary['step']}: loss {last['loss']:.4f}, {last['samples_per_s']:.1f} samples/s, "
+                       f"{summary['train_seconds']:.0f}s of training")
+        typer.echo(f"checkpoint: {summary['checkpoint']}")
+    if summary["stopped_by"]:  # (Ctrl-C, a scheduler's SIGTERM): the exit status says so, as a shell expects
+        import signal
+
+        if process_info().is_main:
+            typer.echo(f"stopped by {summary['stopped_by']} at step {summary['step']}: continue with --resume "
+                       "latest", err=True)
+        raise typer.Exit(128 + signal.Signals[summary["stopped_by"]])
 
 
 def _interval(text: str | None) -> tuple[str, ...] | None:
@@ -594,8 +603,9 @@ def main() -> None:
         app()
         end_process()
     except SystemExit as done:
-        if done.code in (0, None):
-            end_process()
+        # (128 + a signal's number: train stopped by Ctrl-C or SIGTERM, its checkpoint written: finished too)
+        if done.code in (0, None) or (isinstance(done.code, int) and done.code > 128):
+            end_process(done.code or 0)
         raise
     except SemrouteError as err:
         if os.environ.get("SEMROUTE_TRACEBACK"):

@@ -289,6 +289,9 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
              "short-budget recipe uses them (bench/RESULTS.md, 'Watching a run and the demo recipe')")
     if processes == 1:
         trained = Trainer(tcfg, resume=resume, progress=cfg.progress).train()
+        if trained["stopped_by"]:  # (Ctrl-C: stage2_train/stop.py) not the budget: no marker
+            raise SemrouteError(f"training stopped by {trained['stopped_by']} at step {trained['step']}, its checkpoint "
+                                "written; rerun the same command to go on")
     else:
         launch_training(tcfg, processes, Path(cfg.out) / f"{run_dir.name}.train.yaml", cfg.progress, resume=resume)
         trained = _trained(run_dir)
@@ -334,9 +337,21 @@ def launch_training(tcfg, processes: int, config_file: Path, progress: bool, res
            str(Path(__file__).with_name("cli.py")), "train", "--config", str(config_file),
            *([] if progress else ["--no-progress"]),
            *(["--resume", resume] if resume else [])]
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=die_with_parent())
-    if done.returncode:
-        raise SemrouteError(f"training in {processes} processes failed (exit {done.returncode}; its messages are "
+    child = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=die_with_parent())
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        # The terminal's Ctrl-C reached the training processes too: they stop with a checkpoint (stage2_train/stop.py)
+        _say("Ctrl-C: waiting for the training processes to write their checkpoint (Ctrl-C again stops at once)")
+        try:
+            child.wait()
+        except KeyboardInterrupt:
+            child.kill()
+            raise
+        raise SemrouteError("training stopped by Ctrl-C, its checkpoint written; rerun the same command to go "
+                            "on") from None
+    if code:
+        raise SemrouteError(f"training in {processes} processes failed (exit {code}; its messages are "
                             f"above); rerun the same command to resume it, or train in this process with "
                             f"`--processes 1` and another --out")
 

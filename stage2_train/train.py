@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -32,10 +33,12 @@ from semroute.stage2_train.perf import compile_blocks, dit_train_flops, peak_flo
 from semroute.stage2_train.run_folder import (EMA_MODEL_DIR, MODEL_DIR, RUN_RECORD, TRAIN_STATE, RunFolder,
                                               checkpoint_name, refuse_url_output)
 from semroute.stage2_train.run_lock import RunLock
+from semroute.stage2_train.stop import StopRequest
 from semroute.stage2_train.validation import SampleGrid, ValidationLoss, holdout_split
 
 # Devices whose AdamW runs fused (torch has the fused kernel for both).
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+TIME = "time"  # TimeBudget.check: the budget is spent
 
 
 @dataclass
@@ -346,8 +349,8 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Optimizer steps until ``max_steps`` or the time budget: step, log, validate, checkpoint. Releases
-        the run lock when it ends, however it ends."""
+        """Optimizer steps until ``max_steps``, the time budget or a stop request (Ctrl-C, SIGTERM: ``stop.py``):
+        step, log, validate, checkpoint. Releases the run lock when it ends, however it ends."""
         from tqdm.auto import tqdm
 
         cfg, acc, state = self.cfg, self.accelerator, self.state
@@ -367,22 +370,26 @@ class Trainer:
         elif state.step >= cfg.max_steps and acc.is_main_process:  # (a rerun of the finished run's command)
             print(f"the run is at step {state.step}, its max_steps {cfg.max_steps}: nothing to train; resume with a "
                   "larger --max-steps to go on", file=sys.stderr)
+        stopped = None
         try:
-            while state.step < cfg.max_steps and not budget.spent:
-                window.add(*self.step(feed, samples_log))
-                over_time = budget.check()
-                done = state.step >= cfg.max_steps or over_time
-                budget.show(bar, done)
-                if state.step % cfg.log_every == 0 or done:
-                    window.log()
-                bar.update(1)
-                if self.validation is not None and (state.step % self.validate_every == 0 or done):
-                    window.t0 += self.validate()  # samples/s counts training only
-                if state.step % cfg.checkpoint_every == 0 or done:
-                    window.require_finite()
-                    self.save_checkpoint()
-                if over_time:
-                    break
+            with StopRequest(say=acc.is_main_process) as request:
+                while state.step < cfg.max_steps and not budget.spent:
+                    window.add(*self.step(feed, samples_log))
+                    stopped = budget.check(request.name)
+                    done = state.step >= cfg.max_steps or stopped is not None
+                    budget.show(bar, done)
+                    if state.step % cfg.log_every == 0 or done:
+                        window.log()
+                    bar.update(1)
+                    # (a stop request skips validation: a scheduler's grace period is short)
+                    if self.validation is not None and (state.step % self.validate_every == 0 or done) \
+                            and stopped in (None, TIME):
+                        window.t0 += self.validate()  # samples/s counts training only
+                    if state.step % cfg.checkpoint_every == 0 or done:
+                        window.require_finite()
+                        self.save_checkpoint()
+                    if stopped is not None:
+                        break
         finally:
             feed.close()
             bar.close()
@@ -398,6 +405,7 @@ class Trainer:
         # (not the run's newest folder: a damaged one that --resume latest passed over may be newer)
         latest = self.saved or self.resume_from
         return {"step": state.step, "train_seconds": state.train_seconds, "validation_seconds": state.validation_seconds,
+                "stopped_by": stopped if stopped != TIME else None,
                 "last": window.last, "checkpoint": str(latest) if latest else None}
 
     def step(self, feed, samples_log=None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
@@ -561,15 +569,23 @@ class TimeBudget:
         # A run resumed with its budget spent trains no step (else each resume of a finished run adds one).
         self.spent = cfg.max_minutes is not None and state.train_seconds >= cfg.max_minutes * 60
 
-    def check(self) -> bool:
-        """After a step: whether the budget is spent. Every process must stop at the same step, so they agree
-        on it (a collective, hence only every ``log_every`` steps and at step 1)."""
-        cfg, state = self.cfg, self.state
+    def check(self, signal_name: str | None = None) -> str | None:
+        """After a step: whether to stop here, as ``TIME`` (the budget is spent) or the name of the signal that
+        asked to stop (``stop.StopRequest``); None to go on. Every process must stop at the same step, so under
+        several they agree on it (a collective, hence only every ``log_every`` steps and at step 1); one process
+        stops for a signal at once."""
+        cfg, state, acc = self.cfg, self.state, self.acc
         state.train_seconds = self.base_seconds + time.perf_counter() - self.started
-        if cfg.max_minutes is None or not (state.step % cfg.log_every == 0 or state.step == 1):
-            return False
-        late = float(state.train_seconds >= cfg.max_minutes * 60)
-        return bool(self.acc.reduce(torch.tensor(late, device=self.acc.device), "max").item())
+        if acc.num_processes == 1 and signal_name is not None:
+            return signal_name
+        budgeted = cfg.max_minutes is not None
+        if not (budgeted or acc.num_processes > 1) or not (state.step % cfg.log_every == 0 or state.step == 1):
+            return None
+        late = budgeted and state.train_seconds >= cfg.max_minutes * 60
+        # 100 + the signal's number: some process was asked to stop (all of them stop); 1: late; 0: go on
+        mine = 100 + signal.Signals[signal_name] if signal_name else int(late)
+        verdict = int(acc.reduce(torch.tensor(float(mine), device=acc.device), "max").item())
+        return None if verdict == 0 else TIME if verdict == 1 else signal.Signals(verdict - 100).name
 
     def show(self, bar, done: bool) -> None:
         """Under a time budget the bar ends where the budget runs out at the current pace (the check runs
