@@ -42,6 +42,34 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from semroute import __version__
+
+    def of(package: str) -> str:
+        try:
+            return f"{package} {version(package)}"
+        except PackageNotFoundError:
+            return f"{package} not installed"
+
+    libraries = ", ".join(of(p) for p in ("torch", "transformers", "diffusers", "accelerate"))
+    typer.echo(f"semroute {__version__} ({libraries}; Python {platform.python_version()})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print semroute's version and its libraries' (for a bug report), "
+                                               "then exit.")] = False,
+) -> None:
+    pass
+
+
 # -- options shared by several commands ------------------------------------------------------
 DataArg = Annotated[str, typer.Argument(
     help="The data: a JSON/JSONL manifest; a folder of images with same-named .txt captions; Parquet/CSV tables "

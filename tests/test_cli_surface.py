@@ -88,3 +88,13 @@ def test_launched_training_dies_with_the_demo(tmp_path):
             pytest.fail("the child outlived its SIGKILLed parent")
     finally:
         parent.kill()
+
+
+def test_version_names_semroute_and_the_libraries_it_runs_on():
+    import torch
+
+    from semroute import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.startswith(f"semroute {__version__} (torch {torch.__version__}, transformers ")
