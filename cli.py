@@ -341,6 +341,8 @@ def train_cmd(
 ) -> None:
     """Train the DiT and its routing gates from the two caches (the LLM never runs).
 
+    Ctrl-C or SIGTERM stops with a checkpoint (exit 130 or 143); --resume latest goes on from it.
+
     Examples:
 
       semroute train --text-cache data.text.zarr --latent-cache data.latents.zarr --fusion depth --out runs/depth
