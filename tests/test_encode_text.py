@@ -323,6 +323,7 @@ def test_auto_device_under_several_processes_is_each_process_s_own(tmp_path, mon
         raise _Loaded(device)
 
     monkeypatch.setattr(text_mod, "load_llm", load)
+    monkeypatch.setattr(proc, "broadcast", lambda obj: ("ok", True))  # rank 0's checks before the load passed
     manifest = write_manifest(tmp_path / "m.jsonl", random_captions(2))
     for auto in ("auto", ""):
         with pytest.raises(_Loaded) as got:
