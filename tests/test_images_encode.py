@@ -214,10 +214,11 @@ def test_auto_device_under_several_processes_is_each_process_s_own(tmp_path, dat
 
     own = torch.device("meta")
     monkeypatch.setattr(images_mod, "load_encoder", lambda *a, device, **kw: device)
+    proc = ProcessInfo(1, 2, own)
+    monkeypatch.setattr(proc, "broadcast", lambda obj: ("ok", True))  # rank 0's checks before the load passed
     for auto in ("auto", ""):
         run_ = images_mod.EncodeImagesRun(images_mod.EncodeImagesConfig(
-            data=str(data), out=str(tmp_path / "c.latents.zarr"), vae="pixel", device=auto, progress=False),
-            ProcessInfo(1, 2, own))
+            data=str(data), out=str(tmp_path / "c.latents.zarr"), vae="pixel", device=auto, progress=False), proc)
         assert str(run_._load_encoder()) == str(own), auto
 
 
