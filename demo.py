@@ -405,7 +405,15 @@ def evaluate(cfg: DemoConfig, data: dict, run_dir: Path, out: Path) -> dict:
 
 
 def run_demo(cfg: DemoConfig, llm=None) -> dict:
-    """All four steps; ``llm`` may be passed already loaded (tests)."""
+    """All four steps; ``llm`` may be passed already loaded (tests). Ctrl-C or SIGTERM stops it with one line
+    saying that a rerun goes on (the commands it runs in this process then say nothing of their own)."""
+    from semroute.shared.interrupts import stoppable
+
+    with stoppable(f"what {cfg.out} holds is kept: run the same command to go on where it stopped"):
+        return _run_demo(cfg, llm)
+
+
+def _run_demo(cfg: DemoConfig, llm=None) -> dict:
     from semroute.stage2_train import shape_checker
     from semroute.stage2_train.report import write_report
     from semroute.stage2_train.run_folder import RunFolder

@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 from semroute.shared.distributed import ProcessInfo, process_info
 from semroute.shared.errors import CacheDamaged, SemrouteError
 from semroute.shared.fingerprint import require_match
+from semroute.shared.interrupts import stoppable
 from semroute.shared.lock import OutputLock
 from semroute.shared.integrity import INDEX
 from semroute.shared.remote import STATS, is_url, set_storage_options
@@ -241,13 +242,15 @@ class EncodeRun:
     def run(self) -> dict:
         """The steps in order, the main process holding ``--out``'s lock (shared/lock.py) throughout, so that a
         second encode into the same cache is refused before it plans, creates or deletes anything."""
-        lock = OutputLock(self.cfg.out)
-        if not self.cfg.estimate:
-            self.proc.run_on_main(lambda: bool(lock.acquire()))  # every process raises if it is busy
-        try:
-            return self._run()
-        finally:
-            lock.release()
+        again = "the same --append again" if self.cfg.append else "the same command with --resume"
+        with stoppable(f"the shards written to {self.cfg.out} are kept: run {again} to finish it"):
+            lock = OutputLock(self.cfg.out)  # (removed on the way out, a SIGTERM's too: shared/interrupts.py)
+            if not self.cfg.estimate:
+                self.proc.run_on_main(lambda: bool(lock.acquire()))  # every process raises if it is busy
+            try:
+                return self._run()
+            finally:
+                lock.release()
 
     def _run(self) -> dict:
         proc = self.proc

@@ -28,7 +28,11 @@ the shard alone, every split of units over processes and every resume point give
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 import time
+import traceback
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -444,8 +448,49 @@ def collate_decoded(items):
     return [k for k, _ in ok], pixels, failed
 
 
+def start_batches(loader: torch.utils.data.DataLoader):
+    """``iter(loader)``, with Ctrl-C and SIGTERM held until its decoding processes are started and it is whole.
+
+    A terminal's Ctrl-C reaches every process of its group: a worker caught starting up printed a traceback (from
+    logging's, zarr's or multiprocessing's fork handlers), and the signal reaching this process inside the
+    iterator's constructor left it half-built, its ``__del__`` printing another (no ``_workers`` yet). Both
+    signals are blocked here while the workers are started (a forked or spawned child keeps its parent's signal
+    mask: they never see either), and this process only records them meanwhile (blocking them in this thread is
+    not enough: another thread, the shard writer's say, takes the signal and Python still runs the handler here).
+    Then they are raised again and stop this process alone (shared/interrupts.py), which shuts its workers down
+    (the iterator's ``_shutdown_workers``; a worker whose parent is gone ends by itself). A worker killed by a
+    SIGTERM sent to the whole group would instead fail this process with torch's "DataLoader worker ... is killed
+    by signal" traceback."""
+    if not loader.num_workers or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    held, came = (signal.SIGINT, signal.SIGTERM), []
+    previous = {sig: signal.signal(sig, lambda signum, _: came.append(signum)) for sig in held}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(came):
+            signal.raise_signal(sig)  # to the handlers in force again (Ctrl-C's KeyboardInterrupt, ...)
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is single-threaded Pillow; leave the cores to the others
+    sys.excepthook = _quiet_when_consumer_left
+
+
+def _quiet_when_consumer_left(exc_type, exc, tb) -> None:
+    """A worker hands each batch's memory to the main process through multiprocessing's resource sharer, a server
+    thread in the worker that reports its failures through ``sys.excepthook`` and serves on. A Ctrl-C that stops
+    the main process in the middle of that handshake breaks the connection, and the worker printed the traceback:
+    the main process reports the stop. Anything else is printed as before."""
+    sharer = os.path.join("multiprocessing", "resource_sharer.py")
+    if issubclass(exc_type, (ConnectionError, EOFError)) and any(
+            frame.f_code.co_filename.endswith(sharer) for frame, _ in traceback.walk_tb(tb)):
+        return
+    sys.__excepthook__(exc_type, exc, tb)
 
 
 def default_workers(world_size: int) -> int:
@@ -500,7 +545,7 @@ def _encode_units(writer: LatentCacheWriter, encoder: LatentEncoder, opts: im.Im
     encoded = failed = 0
     t_start = time.perf_counter()
     try:
-        for ks, pixels, failures in loader:
+        for ks, pixels, failures in start_batches(loader):
             u = task_unit[(ks or [f[0] for f in failures])[0]]
             if u not in buffers:
                 bucket = writer.buckets[units[u][0]]

@@ -44,6 +44,7 @@ from diffusers.utils import BaseOutput
 
 from semroute.shared.checks import check_guidance_interval, read_json_object
 from semroute.shared.errors import SemrouteError
+from semroute.shared.interrupts import stoppable
 from semroute.shared.llm import LoadedLLM, load_llm
 from semroute.shared.text_encoder import PromptFormat, TextEncoder
 from semroute.shared.text_store import pad_batch
@@ -508,20 +509,21 @@ def export_pipeline(run: str | Path, out: str | Path, *, ema: bool = False, chec
                             "with --checkpoint, or the checkpoint alone")
     pipe = SemroutePipeline.from_run(source.run.path, ema=ema, checkpoint=checkpoint or source.checkpoint, llm=llm,
                                      device="cpu")
-    for leftover in (tmp, old):  # of an export that crashed: ours, never a user's (hidden, our suffix)
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    try:
-        pipe.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists() and next(final.iterdir(), None) is not None:  # an earlier export, --overwrite given
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    with stoppable(f"nothing was exported to {out} (an earlier export there is kept): run the same command again"):
+        for leftover in (tmp, old):  # of an export that crashed: ours, never a user's (hidden, our suffix)
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        try:
+            pipe.save_pretrained(tmp)
+        except BaseException:  # (a SIGTERM too: shared/interrupts.py)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists() and next(final.iterdir(), None) is not None:  # an earlier export, --overwrite given
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
     return pipe
 
 

@@ -22,6 +22,7 @@ import yaml
 from semroute.shared.checks import read_json_object
 from semroute.shared.errors import SemrouteError
 from semroute.shared.files import write_atomic
+from semroute.shared.interrupts import stoppable
 
 MAX_IMAGES = 12  # routing heatmaps / sample grids shown per run, evenly spaced over training
 
@@ -275,5 +276,6 @@ def write_report(runs: list[str | Path], out: str | Path, *, title: str = "semro
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, page)  # an earlier report stays whole until the new one is
+    with stoppable(f"{out} was not written (an earlier one there is kept whole): run the same command again"):
+        write_atomic(out, page)  # an earlier report stays whole until the new one is
     return out

@@ -7,10 +7,14 @@ Written by the trainer at every checkpoint and by ``semroute routing RUN`` (``ru
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from semroute.shared.files import write_atomic
+from semroute.shared.interrupts import stoppable
 
 SIGMA_GRID = np.linspace(0.0, 1.0, 21)
 
@@ -37,15 +41,17 @@ def routing_table(model) -> dict:
 
 
 def write_csv(table: dict, path: Path) -> None:
-    """Long format: one row per (sigma, block, layer) with its weight."""
-    with open(path, "w", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(["fusion", "sigma", "block", "llm_layer", "weight"])
-        for s, sigma in enumerate(table["sigmas"]):
-            for b in range(table["blocks"]):
-                for l, layer in enumerate(table["layers"]):
-                    out.writerow([table["fusion"], "" if np.isnan(sigma) else f"{sigma:.3f}", b, layer,
-                                  f"{table['weights'][s, b, l]:.6g}"])
+    """Long format: one row per (sigma, block, layer) with its weight. Written whole through a rename: a rerun of
+    ``semroute routing`` stopped midway leaves the earlier file intact."""
+    text = io.StringIO(newline="")
+    out = csv.writer(text)
+    out.writerow(["fusion", "sigma", "block", "llm_layer", "weight"])
+    for s, sigma in enumerate(table["sigmas"]):
+        for b in range(table["blocks"]):
+            for l, layer in enumerate(table["layers"]):
+                out.writerow([table["fusion"], "" if np.isnan(sigma) else f"{sigma:.3f}", b, layer,
+                              f"{table['weights'][s, b, l]:.6g}"])
+    write_atomic(path, text.getvalue())
 
 
 def plot(table: dict, path: Path, title: str = "") -> None:
@@ -82,8 +88,10 @@ def plot(table: dict, path: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_atomic(path, png.getvalue())  # whole, as write_csv's
 
 
 def _layer_ticks(ax, layers: list[int]) -> None:
@@ -98,8 +106,9 @@ def save_routing(model, folder: Path, stem: str, title: str = "") -> tuple[Path,
     folder.mkdir(parents=True, exist_ok=True)
     table = routing_table(model)
     png, csv_path = folder / f"{stem}.png", folder / f"{stem}.csv"
-    plot(table, png, title)
-    write_csv(table, csv_path)
+    with stoppable(f"earlier {png.name} and {csv_path.name} in {folder} are kept whole: run the same command again"):
+        plot(table, png, title)
+        write_csv(table, csv_path)
     return png, csv_path
 
 

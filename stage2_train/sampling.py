@@ -26,6 +26,7 @@ from semroute.shared.checks import check_guidance_interval, check_number, read_j
 from semroute.shared.distributed import process_info
 from semroute.shared.errors import SemrouteError, first_line
 from semroute.shared.files import write_atomic
+from semroute.shared.interrupts import stoppable
 from semroute.shared.llm import resolve_device
 from semroute.stage2_train.config import DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS
 from semroute.stage2_train.prompt_files import (PromptEntry, detect_format, layout_for, prompt_metadata_files,
@@ -280,6 +281,11 @@ def warn_truncated(pipe, entries: list[PromptEntry], shown: int = 5) -> int:
 def sample(cfg: SampleConfig, *, pipe=None) -> dict:
     """Generate every pending image; returns counts and paths. Everything is checked (options, prompts, the
     output folder, the model, the LLM, the image size) before the output folder is claimed."""
+    with stoppable(f"the images written to {cfg.out} are kept: run the same command to sample the rest"):
+        return _sample(cfg, pipe)
+
+
+def _sample(cfg: SampleConfig, pipe) -> dict:
     from tqdm.auto import tqdm
 
     from semroute.stage2_train.pipeline import PromptTruncated
@@ -404,5 +410,5 @@ def write_grid(layout, entries: list[PromptEntry], n: int, path: Path, max_promp
     scale = max(1, 256 // max(w, h))  # small images (the demo's 32 px) are enlarged to be seen
     if scale > 1:
         sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.Resampling.NEAREST)
-    sheet.save(path)
+    save_image(sheet, path)  # whole, through a rename: a rerun stopped here leaves the earlier grid intact
     return path
