@@ -264,14 +264,25 @@ def test_ctrl_c_while_decoding_workers_start(monkeypatch):
     real_event = torch.multiprocessing.Event
     other = threading.Thread(target=threading.Event().wait, args=(30,), daemon=True)
     other.start()
+    # The signal's C handler runs in the thread that takes it, once that thread is scheduled (late on a loaded
+    # machine); it also writes the signal's number to the wake-up fd, so the test can wait for it.
+    woken, wake = os.pipe()
+    os.set_blocking(wake, False)
+    previous_fd = signal.set_wakeup_fd(wake)
 
     def ctrl_c_then_event():  # in the iterator's constructor, before it lists its workers: a Ctrl-C taken by
         signal.pthread_kill(other.ident, signal.SIGINT)  # another thread, its handler run in this one
+        os.read(woken, 1)
         return real_event()
 
     monkeypatch.setattr(torch.multiprocessing, "Event", ctrl_c_then_event)
-    with pytest.raises(KeyboardInterrupt):
-        start_batches(loader)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            start_batches(loader)
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        os.close(woken)
+        os.close(wake)
     gc.collect()
     assert unraisable == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
