@@ -276,16 +276,20 @@ def test_ctrl_c_while_decoding_workers_start(monkeypatch):
         return real_event()
 
     monkeypatch.setattr(torch.multiprocessing, "Event", ctrl_c_then_event)
+    # Ctrl-C's own handler: a job started in the background (`pytest &`) inherits SIGINT ignored, and Python
+    # keeps it so; start_batches gives back whatever was there.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             start_batches(loader)
+        gc.collect()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
+        signal.signal(signal.SIGINT, previous_int)
         signal.set_wakeup_fd(previous_fd)
         os.close(woken)
         os.close(wake)
-    gc.collect()
     assert unraisable == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_decoding_worker_quiet_when_the_main_process_stops_mid_handshake(tmp_path):
