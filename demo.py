@@ -289,7 +289,7 @@ def train_strategy(cfg: DemoConfig, data: dict, fusion: str, run_dir: Path) -> d
              "short-budget recipe uses them (bench/RESULTS.md, 'Watching a run and the demo recipe')")
     if processes == 1:
         trained = Trainer(tcfg, resume=resume, progress=cfg.progress).train()
-        if trained["stopped_by"]:  # (Ctrl-C: stage2_train/stop.py) not the budget: no marker
+        if trained["stopped_by"]:  # (Ctrl-C: shared/interrupts.py) not the budget: no marker
             raise SemrouteError(f"training stopped by {trained['stopped_by']} at step {trained['step']}, its checkpoint "
                                 "written; rerun the same command to go on")
     else:
@@ -341,7 +341,7 @@ def launch_training(tcfg, processes: int, config_file: Path, progress: bool, res
     try:
         code = child.wait()
     except KeyboardInterrupt:
-        # The terminal's Ctrl-C reached the training processes too: they stop with a checkpoint (stage2_train/stop.py)
+        # The terminal's Ctrl-C reached the training processes too: they stop with a checkpoint (shared/interrupts.py)
         _say("Ctrl-C: waiting for the training processes to write their checkpoint (Ctrl-C again stops at once)")
         try:
             child.wait()

@@ -296,8 +296,7 @@ def _sample(cfg: SampleConfig, pipe) -> dict:
     fmt, entries = prompt_entries(cfg)
     layout = layout_for(fmt, cfg.out, n_per_prompt=cfg.n)
     settings = output_settings(cfg, fmt, entries)
-    proc.run_on_main(lambda: check_output(cfg.out, settings))
-    proc.run_on_main(lambda: check_index(layout, cfg.prompts_file))
+    proc.run_on_main(lambda: (check_output(cfg.out, settings), check_index(layout, cfg.prompts_file)))
     mine = layout.pending(entries[proc.rank:: proc.world_size])
     jobs = [(entry, k) for entry in mine for k in range(cfg.n)]
     truncated = 0

@@ -22,6 +22,7 @@ import torch
 from semroute.shared.distributed import process_info
 from semroute.shared.errors import FingerprintMismatch, SemrouteError, first_line
 from semroute.shared.fingerprint import require_match
+from semroute.shared.interrupts import StopRequest
 from semroute.shared.remote import STATS as remote_stats
 from semroute.stage2_train import ranks, resume_settings, routing
 from semroute.stage2_train.config import TrainConfig
@@ -33,7 +34,6 @@ from semroute.stage2_train.perf import compile_blocks, dit_train_flops, peak_flo
 from semroute.stage2_train.run_folder import (EMA_MODEL_DIR, MODEL_DIR, RUN_RECORD, TRAIN_STATE, RunFolder,
                                               checkpoint_name, refuse_url_output)
 from semroute.stage2_train.run_lock import RunLock
-from semroute.stage2_train.stop import StopRequest
 from semroute.stage2_train.validation import SampleGrid, ValidationLoss, holdout_split
 
 # Devices whose AdamW runs fused (torch has the fused kernel for both).
@@ -349,7 +349,7 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Optimizer steps until ``max_steps``, the time budget or a stop request (Ctrl-C, SIGTERM: ``stop.py``):
+        """Optimizer steps until ``max_steps``, the time budget or a stop request (Ctrl-C, SIGTERM: shared/interrupts.py):
         step, log, validate, checkpoint. Releases the run lock when it ends, however it ends."""
         from tqdm.auto import tqdm
 

@@ -1,6 +1,6 @@
 """Ctrl-C or a scheduler's SIGTERM stops a training run with a checkpoint at a step every process agrees on, exits
 128 + the signal's number, and ``--resume latest`` goes on with the losses of an uninterrupted run
-(stage2_train/stop.py)."""
+(shared/interrupts.py, StopRequest)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from semroute.shared.errors import SemrouteError
-from semroute.stage2_train import stop
-from semroute.stage2_train.stop import StopRequest
+from semroute.shared import interrupts
+from semroute.shared.interrupts import StopRequest
 from testkit import CLI, run_cli, teardown_marks
 
 FAST = ["--preset", "tiny", "--fusion", "static", "--batch-size", "8", "--num-workers", "0", "--no-progress",
@@ -101,7 +101,7 @@ def test_a_second_ctrl_c_stops_at_once_but_a_forwarded_copy_or_sigterm_does_not(
         os.kill(os.getpid(), signal.SIGINT)  # at once: a launcher's forwarded copy
         os.kill(os.getpid(), signal.SIGTERM)
         assert request.name == "SIGINT"
-        monkeypatch.setattr(stop, "SAME_REQUEST", 0.0)
+        monkeypatch.setattr(interrupts, "SAME_REQUEST", 0.0)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # (the handler runs between bytecodes)
